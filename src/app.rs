@@ -1,0 +1,562 @@
+//! Application state, the router, and serving with graceful drain.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Request};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+use crate::cache::ResponseCache;
+use crate::chat::service::{ChatService, ChatSettings};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::guard::Guards;
+use crate::hub::Hub;
+use crate::ops::Lifecycle;
+use crate::ops::metrics::Metrics;
+use crate::queue::memory::MemoryQueue;
+use crate::queue::{QueueError, TaskQueue};
+use crate::store::{self, Store};
+use crate::tasks::service::{TaskService, TaskSettings};
+use crate::upstream::{self, Upstreams};
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    /// Every provider and model route.
+    pub upstreams: Arc<Upstreams>,
+    /// Drain and stop signals, checked before new work and watched by running streams.
+    pub lifecycle: Arc<Lifecycle>,
+    pub store: Arc<dyn Store>,
+    /// Sessions and their generations.
+    pub chat: Arc<ChatService>,
+    /// With auth off, requests without a key act as this user.
+    pub local_user: Option<String>,
+    /// Signs WebSocket tokens.
+    pub ws_secret: Arc<[u8]>,
+    /// Prompt jobs and their workers.
+    pub tasks: Arc<TaskService>,
+    pub metrics: Arc<Metrics>,
+    /// Replies to deterministic requests; `None` when turned off.
+    pub cache: Option<Arc<dyn ResponseCache>>,
+    pub guards: Arc<Guards>,
+    /// Identical deterministic requests in flight share one upstream call.
+    pub flights: Arc<crate::chat::flight::Flights>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("task queue: {0}")]
+    Queue(#[from] QueueError),
+}
+
+impl AppState {
+    /// Builds providers and opens (and migrates) the store.
+    pub async fn new(config: Config) -> Result<Self, StartError> {
+        config.validate()?;
+        let metrics = Metrics::new();
+        let upstreams = Arc::new(upstream::from_config(
+            &config.upstream,
+            &config.guards,
+            metrics.clone(),
+        )?);
+        let store = store::open(&config.store).await?;
+        if store.backend() == "sqlite" {
+            // Embedded: this process was the only producer, so nothing still streams.
+            let n = store.interrupt_streaming().await?;
+            if n > 0 {
+                tracing::warn!(
+                    messages = n,
+                    "replies cut by the last shutdown marked interrupted"
+                );
+            }
+        }
+        crate::chat::agent::ensure_default_agent(store.as_ref(), &config.chat.default_model)
+            .await?;
+        let local_user = if config.auth_required() {
+            None
+        } else {
+            Some(store.ensure_user("local").await?.id)
+        };
+        let lifecycle = Arc::new(Lifecycle::new());
+        let hub = Arc::new(Hub::new(
+            config.chat.replay_max_events,
+            config.chat.replay_ttl,
+        ));
+        let streams = Arc::new(crate::guard::streams::StreamLimits::new(
+            config.guards.max_streams,
+            config.guards.max_streams_per_key,
+        ));
+        let flights = Arc::new(crate::chat::flight::Flights::new(
+            hub.clone(),
+            lifecycle.stop_token(),
+        ));
+        let quota = match &config.redis {
+            Some(r) => {
+                crate::guard::quota::Quota::connect(r.url.expose(), &r.prefix, &config.guards)
+                    .await
+                    .map(Arc::new)
+            }
+            None => None,
+        };
+        let chat = Arc::new(ChatService::new(
+            store.clone(),
+            upstreams.clone(),
+            hub.clone(),
+            ChatSettings {
+                history_max_chars: config.chat.history_max_chars,
+                max_message_chars: config.chat.max_message_chars,
+            },
+            lifecycle.stop_token(),
+            streams.clone(),
+            quota.clone().map(|q| q as Arc<dyn crate::chat::TokenMeter>),
+        ));
+        let (queue, recover): (Arc<dyn TaskQueue>, bool) = match &config.redis {
+            Some(r) => (
+                Arc::new(
+                    crate::queue::redis::RedisQueue::connect(
+                        r.url.expose(),
+                        &r.prefix,
+                        config.tasks.reclaim_idle,
+                    )
+                    .await?,
+                ),
+                false,
+            ),
+            // Embedded: the store is the queue's memory across restarts.
+            None => (Arc::new(MemoryQueue::new(config.tasks.queue_max)), true),
+        };
+        let tasks = TaskService::new(
+            store.clone(),
+            upstreams.clone(),
+            hub,
+            queue,
+            TaskSettings {
+                workers: config.tasks.workers,
+                server_id: config.server.server_id.clone(),
+            },
+            lifecycle.drain_token(),
+            lifecycle.stop_token(),
+        );
+        tasks.start(recover).await.map_err(|e| match e {
+            crate::tasks::service::TaskError::Queue(q) => StartError::Queue(q),
+            crate::tasks::service::TaskError::Chat(c) => {
+                StartError::Store(store::StoreError::Backend(c.to_string()))
+            }
+        })?;
+        let cache: Option<Arc<dyn ResponseCache>> = if config.cache.ttl.is_zero() {
+            None
+        } else {
+            let l2: Option<Arc<dyn ResponseCache>> = match &config.redis {
+                Some(r) => match crate::cache::redis::RedisCache::connect(
+                    r.url.expose(),
+                    &r.prefix,
+                    config.cache.ttl,
+                )
+                .await
+                {
+                    Ok(c) => Some(Arc::new(c)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Redis response cache unavailable; in-process cache only");
+                        None
+                    }
+                },
+                None => None,
+            };
+            Some(Arc::new(crate::cache::Tiered::new(
+                crate::cache::memory::MemoryCache::new(config.cache.max_entries, config.cache.ttl),
+                l2,
+            )))
+        };
+        let guards = Arc::new(Guards {
+            config: config.guards.clone(),
+            rate: crate::guard::rate::RateLimits::new(&config.guards),
+            quota,
+            streams: streams.clone(),
+        });
+        let ws_secret: Arc<[u8]> = match &config.server.ws_token_secret {
+            Some(s) => s.expose().as_bytes().into(),
+            None => {
+                let mut key = [0u8; 32];
+                rand::Rng::fill(&mut rand::rng(), &mut key[..]);
+                key.into()
+            }
+        };
+        Ok(Self {
+            config: Arc::new(config),
+            upstreams,
+            lifecycle,
+            store,
+            chat,
+            local_user,
+            ws_secret,
+            tasks,
+            metrics,
+            cache,
+            guards,
+            flights,
+        })
+    }
+
+    /// New generations are refused while draining, so the instance can empty out.
+    pub fn ensure_accepting(&self) -> Result<(), ApiError> {
+        if self.lifecycle.is_draining() {
+            return Err(ApiError::Unavailable {
+                message: "this instance is shutting down; retry on another".into(),
+                code: "draining",
+                retry_after: 1,
+            });
+        }
+        Ok(())
+    }
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.server.max_body_bytes;
+    let trace = TraceLayer::new_for_http()
+        // The span carries method, path and request id only: never headers, so neither
+        // `Authorization` nor a key can reach a log line.
+        .make_span_with(|req: &Request<_>| {
+            let id = req
+                .headers()
+                .get(&REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let route = req
+                .extensions()
+                .get::<axum::extract::MatchedPath>()
+                .map(|p| p.as_str())
+                .unwrap_or("unmatched");
+            tracing::info_span!(
+                "request",
+                method = %req.method(),
+                route,
+                request_id = %id,
+                key_id = tracing::field::Empty,
+            )
+        })
+        .on_response(DefaultOnResponse::new().level(Level::INFO));
+    // hyper refuses a larger head with 431 too, but cannot be set below 8 KiB; this holds
+    // smaller limits to the same answer.
+    let max_head = state.config.guards.max_header_bytes;
+    let head_limit = move |req: Request<axum::body::Body>, next: axum::middleware::Next| async move {
+        let size = req.uri().path_and_query().map_or(0, |p| p.as_str().len())
+            + req
+                .headers()
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>();
+        if size > max_head {
+            return axum::response::IntoResponse::into_response(
+                axum::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            );
+        }
+        next.run(req).await
+    };
+    // Innermost first: admin check, then rate limits and quotas (before anything reaches
+    // the store), CORS outside them so a 429 still carries CORS headers and preflights
+    // are never limited, then metrics, request id and tracing around everything.
+    let routes = Router::new()
+        .merge(crate::http::v1::router())
+        .merge(crate::http::health::router())
+        .merge(crate::http::sessions::router())
+        .merge(crate::http::ws::router())
+        .merge(crate::http::catalog::router())
+        .merge(crate::http::tasks::router())
+        .merge(crate::http::ui::router())
+        .merge(crate::http::ops::router())
+        .fallback(crate::http::not_found)
+        .method_not_allowed_fallback(crate::http::method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::http::ops::guard_admin,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::guard::rate::limit,
+        ))
+        .layer(axum::middleware::from_fn(head_limit));
+    let routes = match crate::guard::cors::layer(
+        &state.config.server.cors_origins,
+        state.config.guards.cors_credentials,
+    ) {
+        Some(cors) => routes.layer(cors),
+        None => routes,
+    };
+    routes
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::http::ops::track,
+        ))
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(trace)
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
+        )
+        .with_state(state)
+}
+
+/// How long streams get to write their final event after the drain window, before the
+/// process exits regardless.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves until `shutdown` resolves, then drains: the listener closes, running streams get
+/// the drain window to finish, and whatever still runs after it ends with an error event.
+pub async fn serve(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    /// Like `axum::serve`: a client that gave up is no reason to stop; running out of file
+    /// descriptors is, for a moment, so connections can close first.
+    async fn accept_error(e: std::io::Error) {
+        use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+        if matches!(
+            e.kind(),
+            ConnectionAborted | ConnectionRefused | ConnectionReset
+        ) {
+            return;
+        }
+        tracing::error!(error = %e, "accept error");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    /// The HTTP/2 prior-knowledge preface; the version sniffing reads until the first byte
+    /// differs from it.
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    /// hyper's header timeout starts only once hyper-util has told HTTP/1 from HTTP/2, and
+    /// that sniffing waits for bytes forever: a client that connects and sends nothing (or
+    /// a slice of the HTTP/2 preface) would hold its connection. This ends such a connection
+    /// after the header timeout; the first byte that settles the version disarms it.
+    struct HeadDeadline<I> {
+        io: I,
+        /// Bytes read so far, while they are still a prefix of the HTTP/2 preface.
+        seen: usize,
+        deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl<I> HeadDeadline<I> {
+        fn new(io: I, timeout: Option<Duration>) -> Self {
+            Self {
+                io,
+                seen: 0,
+                deadline: timeout.map(|t| Box::pin(tokio::time::sleep(t))),
+            }
+        }
+    }
+
+    impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HeadDeadline<I> {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            use std::task::Poll;
+            let this = self.get_mut();
+            let before = buf.filled().len();
+            let polled = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+            let Some(deadline) = this.deadline.as_mut() else {
+                return polled;
+            };
+            match polled {
+                Poll::Ready(Ok(())) => {
+                    for &b in &buf.filled()[before..] {
+                        if H2_PREFACE.get(this.seen) != Some(&b) {
+                            this.deadline = None;
+                            break;
+                        }
+                        this.seen += 1;
+                    }
+                    if this.seen >= H2_PREFACE.len() {
+                        this.deadline = None;
+                    }
+                    Poll::Ready(Ok(()))
+                }
+                Poll::Pending => match deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no request head within the header timeout",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                },
+                other => other,
+            }
+        }
+    }
+
+    impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeadDeadline<I> {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        }
+
+        fn poll_write_vectored(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.io.is_write_vectored()
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        }
+    }
+
+    let lifecycle = state.lifecycle.clone();
+    let drain = state.config.server.drain;
+    let generations = state.chat.tasks().clone();
+    let workers = state.tasks.workers().clone();
+    let closing = CancellationToken::new();
+    let signal = {
+        let (lifecycle, closing) = (lifecycle.clone(), closing.clone());
+        async move {
+            shutdown.await;
+            lifecycle.start_drain();
+            closing.cancel();
+        }
+    };
+    // Our own accept loop instead of `axum::serve`, which cannot bound the request head:
+    // hyper refuses a head over `max_header_bytes` with 431 and drops a client that takes
+    // longer than `header_timeout` to send it (slowloris). HTTP/1.1 and h2c as before.
+    let guards = &state.config.guards;
+    let header_timeout = Some(guards.header_timeout).filter(|t| !t.is_zero());
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        // hyper's floor; smaller limits are held by the router (see `router`).
+        .max_buf_size(guards.max_header_bytes.max(8_192));
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        // WebSockets over HTTP/2 (RFC 8441), as `axum::serve` allows.
+        .enable_connect_protocol()
+        .max_header_list_size(u32::try_from(guards.max_header_bytes).unwrap_or(u32::MAX));
+    let app = router(state);
+    let server = async move {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        tokio::pin!(signal);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        accept_error(e).await;
+                        continue;
+                    }
+                },
+                _ = &mut signal => break,
+            };
+            // Tokens are small writes: without this, Nagle holds each back up to an RTT.
+            let _ = stream.set_nodelay(true);
+            let app = app.clone();
+            let service =
+                hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
+                    app,
+                    move |mut req: Request<hyper::body::Incoming>| {
+                        // What `into_make_service_with_connect_info` provided: the TCP peer,
+                        // for the rate limits' client address.
+                        req.extensions_mut()
+                            .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
+                        req.map(axum::body::Body::new)
+                    },
+                ));
+            let io = hyper_util::rt::TokioIo::new(HeadDeadline::new(stream, header_timeout));
+            let conn = builder
+                .serve_connection_with_upgrades(io, service)
+                .into_owned();
+            // Watched: on shutdown idle connections close, busy ones after their response
+            // (an SSE stream included); upgraded WebSockets are on their own, as before.
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        graceful.shutdown().await;
+        Ok::<(), std::io::Error>(())
+    };
+    tokio::pin!(server);
+
+    tokio::select! {
+        r = &mut server => return r,
+        _ = closing.cancelled() => {}
+    }
+    // Connections and generations whose clients left both get the drain window.
+    generations.close();
+    workers.close();
+    let deadline = tokio::time::Instant::now() + drain;
+    let mut served = None;
+    let drained = async {
+        let r = (&mut server).await;
+        served = Some(r);
+        generations.wait().await;
+        workers.wait().await;
+    };
+    if tokio::time::timeout_at(deadline, drained).await.is_ok() {
+        tracing::info!("drained: every stream and generation finished");
+        return served.unwrap_or(Ok(()));
+    }
+    tracing::warn!(
+        drain_secs = drain.as_secs(),
+        "drain window over: ending streams still running"
+    );
+    lifecycle.stop();
+    let finish = async {
+        let r = match served.take() {
+            Some(r) => r,
+            None => (&mut server).await,
+        };
+        generations.wait().await;
+        workers.wait().await;
+        r
+    };
+    match tokio::time::timeout(STOP_GRACE, finish).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!("connections still open after stop; exiting anyway");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,608 @@
+//! Chat sessions: history, one generation at a time per session, and the generation task
+//! that relays an upstream reply into the hub while persisting it.
+//!
+//! A generation belongs to the session, not to the request that started it: it keeps
+//! running when its clients disconnect (a reload resumes it) until it is done, cancelled,
+//! or out of time, and its final state is always written to the store.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use futures::StreamExt;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::agent::{DEFAULT_AGENT, build_request};
+use super::{ChatRequest, FinishReason, Message, Role, UpstreamEvent, Usage};
+use crate::guard::streams::{Limit, StreamLimits, StreamPermit};
+use crate::hub::{Channel, EventId, EventKind, Hub, SessionFeed};
+use crate::store::{
+    MessageStatus, MessageUpdate, Session, SessionCursor, Store, StoreError, StoredMessage,
+    UsageRecord, new_id, now_millis,
+};
+use crate::upstream::{Target, UpstreamError, Upstreams};
+
+/// Who is asking: every session operation is scoped to this user.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user_id: String,
+    pub key_id: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    /// Missing, or owned by someone else: the two are indistinguishable to the caller.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("a generation is already running in this session")]
+    Busy { generation_id: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("too many streams {}; retry shortly", match .0 { Limit::Instance => "on this instance", Limit::Key => "for this key" })]
+    TooManyStreams(Limit),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, Clone)]
+pub struct ChatSettings {
+    /// Budget of conversation text sent upstream; the oldest messages are left out first.
+    pub history_max_chars: usize,
+    /// Longest accepted user message.
+    pub max_message_chars: usize,
+}
+
+struct Running {
+    generation_id: String,
+    cancel: CancellationToken,
+}
+
+pub struct ChatService {
+    store: Arc<dyn Store>,
+    upstreams: Arc<Upstreams>,
+    hub: Arc<Hub>,
+    settings: ChatSettings,
+    /// The running generation of each session: the one-at-a-time rule and cancellation.
+    running: Arc<DashMap<String, Running>>,
+    /// Every generation task, so shutdown can wait for them.
+    tasks: TaskTracker,
+    /// Fired when the drain window is over: generations still running end as interrupted.
+    stop: CancellationToken,
+    /// A generation holds a stream place of its caller until it ends.
+    streams: Arc<StreamLimits>,
+    /// Tokens-per-minute quotas, when configured.
+    meter: Option<Arc<dyn super::TokenMeter>>,
+}
+
+/// A generation that has been accepted and is running.
+pub struct Started {
+    pub generation_id: String,
+    pub message_id: String,
+    pub user_message_id: String,
+    pub channel: Arc<Channel>,
+}
+
+/// One page of sessions, newest first.
+#[derive(Debug, Serialize)]
+pub struct SessionPage {
+    pub data: Vec<Session>,
+    /// Pass back as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+impl ChatService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        upstreams: Arc<Upstreams>,
+        hub: Arc<Hub>,
+        settings: ChatSettings,
+        stop: CancellationToken,
+        streams: Arc<StreamLimits>,
+        meter: Option<Arc<dyn super::TokenMeter>>,
+    ) -> Self {
+        Self {
+            store,
+            upstreams,
+            hub,
+            settings,
+            running: Arc::new(DashMap::new()),
+            tasks: TaskTracker::new(),
+            stop,
+            streams,
+            meter,
+        }
+    }
+
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    pub fn running_count(&self) -> usize {
+        self.running.len()
+    }
+
+    pub async fn create_session(
+        &self,
+        caller: &Caller,
+        agent: Option<&str>,
+        title: Option<&str>,
+    ) -> Result<Session, ChatError> {
+        if let Some(name) = agent {
+            self.agent(Some(name)).await.map_err(|_| {
+                ChatError::Invalid(format!("agent: no active agent named '{name}'"))
+            })?;
+        }
+        Ok(self
+            .store
+            .create_session(&caller.user_id, agent, title)
+            .await?)
+    }
+
+    pub async fn list_sessions(
+        &self,
+        caller: &Caller,
+        cursor: Option<&str>,
+        limit: u32,
+    ) -> Result<SessionPage, ChatError> {
+        let after = cursor.map(parse_cursor).transpose()?;
+        let limit = limit.clamp(1, 100);
+        let data = self
+            .store
+            .list_sessions(&caller.user_id, after.as_ref(), limit)
+            .await?;
+        let next_cursor = (data.len() == limit as usize)
+            .then(|| data.last().map(|s| format!("{}_{}", s.updated_at, s.id)))
+            .flatten();
+        Ok(SessionPage { data, next_cursor })
+    }
+
+    /// An active agent by name, or the default agent.
+    pub async fn agent(&self, name: Option<&str>) -> Result<crate::store::Agent, ChatError> {
+        let name = name.unwrap_or(DEFAULT_AGENT);
+        self.store
+            .get_agent(name)
+            .await?
+            .filter(|a| a.is_active)
+            .ok_or(ChatError::NotFound("agent"))
+    }
+
+    pub async fn get_session(&self, caller: &Caller, id: &str) -> Result<Session, ChatError> {
+        self.store
+            .get_session(&caller.user_id, id)
+            .await?
+            .ok_or(ChatError::NotFound("session"))
+    }
+
+    pub async fn rename_session(
+        &self,
+        caller: &Caller,
+        id: &str,
+        title: Option<&str>,
+    ) -> Result<Session, ChatError> {
+        self.store
+            .update_session_title(&caller.user_id, id, title)
+            .await?
+            .ok_or(ChatError::NotFound("session"))
+    }
+
+    pub async fn delete_session(&self, caller: &Caller, id: &str) -> Result<(), ChatError> {
+        if !self.store.delete_session(&caller.user_id, id).await? {
+            return Err(ChatError::NotFound("session"));
+        }
+        if let Some((_, r)) = self.running.remove(id) {
+            r.cancel.cancel();
+        }
+        self.hub.remove_session(id);
+        Ok(())
+    }
+
+    pub async fn messages(
+        &self,
+        caller: &Caller,
+        session_id: &str,
+    ) -> Result<Vec<StoredMessage>, ChatError> {
+        self.get_session(caller, session_id).await?;
+        Ok(self.store.list_messages(session_id).await?)
+    }
+
+    /// Stores the user message, then starts the generation in the background. The reply's
+    /// message exists (status `streaming`) before the first token is requested.
+    pub async fn post_message(
+        &self,
+        caller: &Caller,
+        session_id: &str,
+        content: &str,
+    ) -> Result<Started, ChatError> {
+        if content.trim().is_empty() {
+            return Err(ChatError::Invalid("content: must not be empty".into()));
+        }
+        if content.chars().count() > self.settings.max_message_chars {
+            return Err(ChatError::Invalid(format!(
+                "content: longer than {} characters",
+                self.settings.max_message_chars
+            )));
+        }
+        let session = self.get_session(caller, session_id).await?;
+        let permit = self
+            .streams
+            .try_acquire(Some(caller.key_id.as_deref().unwrap_or(&caller.user_id)))
+            .map_err(ChatError::TooManyStreams)?;
+        let generation_id = new_id();
+        let cancel = CancellationToken::new();
+        match self.running.entry(session.id.clone()) {
+            Entry::Occupied(e) => {
+                return Err(ChatError::Busy {
+                    generation_id: e.get().generation_id.clone(),
+                });
+            }
+            Entry::Vacant(e) => {
+                e.insert(Running {
+                    generation_id: generation_id.clone(),
+                    cancel: cancel.clone(),
+                });
+            }
+        }
+        match self
+            .begin(caller, &session, content, &generation_id, cancel, permit)
+            .await
+        {
+            Ok(started) => Ok(started),
+            Err(e) => {
+                self.running
+                    .remove_if(&session.id, |_, r| r.generation_id == generation_id);
+                Err(e)
+            }
+        }
+    }
+
+    async fn begin(
+        &self,
+        caller: &Caller,
+        session: &Session,
+        content: &str,
+        generation_id: &str,
+        cancel: CancellationToken,
+        permit: StreamPermit,
+    ) -> Result<Started, ChatError> {
+        let agent = self.agent(session.agent.as_deref()).await?;
+        let model = agent.model.clone();
+        let chain = self
+            .upstreams
+            .chain_for(
+                &agent.model,
+                agent.provider.as_deref(),
+                &agent.fallback_models,
+            )
+            .map_err(|e| ChatError::Invalid(format!("agent '{}': {e}", agent.name)))?;
+        let now = now_millis();
+        let user_msg = StoredMessage {
+            id: new_id(),
+            session_id: session.id.clone(),
+            role: Role::User,
+            content: content.to_owned(),
+            status: MessageStatus::Complete,
+            generation_id: None,
+            model: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            error: None,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store.insert_message(&user_msg).await?;
+        let history = self.store.list_messages(&session.id).await?;
+        let assistant = StoredMessage {
+            id: new_id(),
+            session_id: session.id.clone(),
+            role: Role::Assistant,
+            content: String::new(),
+            status: MessageStatus::Streaming,
+            generation_id: Some(generation_id.to_owned()),
+            model: Some(model.clone()),
+            prompt_tokens: None,
+            completion_tokens: None,
+            error: None,
+            // After the user message, even within the same millisecond.
+            created_at: now + 1,
+            updated_at: now + 1,
+        };
+        self.store.insert_message(&assistant).await?;
+
+        let request = build_request(
+            self.store.as_ref(),
+            &agent,
+            trim_history(&history, self.settings.history_max_chars),
+        )
+        .await?;
+        let channel = self.hub.create(generation_id, &session.id, &caller.user_id);
+        channel.publish_json(
+            EventKind::Start,
+            &serde_json::json!({
+                "session_id": session.id,
+                "generation_id": generation_id,
+                "message_id": assistant.id,
+                "model": model,
+            }),
+        );
+        let job = Generation {
+            session_id: session.id.clone(),
+            generation_id: generation_id.to_owned(),
+            message_id: assistant.id.clone(),
+            caller: caller.clone(),
+            request,
+            chain,
+            channel: channel.clone(),
+            cancel,
+            _permit: permit,
+        };
+        let deps = GenerationDeps {
+            store: self.store.clone(),
+            upstreams: self.upstreams.clone(),
+            running: self.running.clone(),
+            stop: self.stop.clone(),
+            meter: self.meter.clone(),
+        };
+        self.tasks.spawn(deps.run(job));
+        Ok(Started {
+            generation_id: generation_id.to_owned(),
+            message_id: assistant.id,
+            user_message_id: user_msg.id,
+            channel,
+        })
+    }
+
+    /// Stops the running generation of a session; its partial reply is kept.
+    pub async fn cancel(
+        &self,
+        caller: &Caller,
+        session_id: &str,
+    ) -> Result<Option<String>, ChatError> {
+        self.get_session(caller, session_id).await?;
+        Ok(self.running.get(session_id).map(|r| {
+            r.cancel.cancel();
+            r.generation_id.clone()
+        }))
+    }
+
+    /// The feed of a session's generations, resuming after `last_event_id` when it names a
+    /// generation of this session that is still retained.
+    pub async fn feed(
+        &self,
+        caller: &Caller,
+        session_id: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<SessionFeed, ChatError> {
+        let session = self.get_session(caller, session_id).await?;
+        let resume = last_event_id.and_then(EventId::parse).and_then(|id| {
+            self.hub
+                .get(&id.generation_id)
+                .filter(|ch| ch.session_id == session.id && ch.owner == caller.user_id)
+                .map(|ch| (ch, Some(id.seq)))
+        });
+        Ok(SessionFeed::new(&self.hub, &session.id, resume))
+    }
+
+    /// The feed of a session from the start of one of its generations (the WebSocket
+    /// `chat` op follows the reply it started).
+    pub fn feed_from(&self, channel: Arc<Channel>) -> SessionFeed {
+        let session_id = channel.session_id.clone();
+        SessionFeed::new(&self.hub, &session_id, Some((channel, None)))
+    }
+}
+
+/// Keeps the newest messages that fit the budget, oldest first; the newest one always.
+/// Messages with no text (a failed reply, the placeholder being generated) are left out.
+fn trim_history(messages: &[StoredMessage], max_chars: usize) -> Vec<Message> {
+    let mut kept = Vec::new();
+    let mut used = 0usize;
+    for m in messages.iter().rev() {
+        if m.content.is_empty() || m.status == MessageStatus::Streaming {
+            continue;
+        }
+        let len = m.content.chars().count();
+        if !kept.is_empty() && used + len > max_chars {
+            break;
+        }
+        used += len;
+        kept.push(Message::new(m.role, m.content.clone()));
+    }
+    kept.reverse();
+    kept
+}
+
+fn parse_cursor(s: &str) -> Result<SessionCursor, ChatError> {
+    let bad = || ChatError::Invalid("cursor: not a cursor returned by this API".into());
+    let (t, id) = s.split_once('_').ok_or_else(bad)?;
+    Ok(SessionCursor {
+        updated_at: t.parse().map_err(|_| bad())?,
+        id: id.to_owned(),
+    })
+}
+
+struct Generation {
+    session_id: String,
+    generation_id: String,
+    message_id: String,
+    caller: Caller,
+    request: ChatRequest,
+    chain: Vec<Target>,
+    channel: Arc<Channel>,
+    cancel: CancellationToken,
+    /// Released when the generation ends.
+    _permit: StreamPermit,
+}
+
+struct GenerationDeps {
+    store: Arc<dyn Store>,
+    upstreams: Arc<Upstreams>,
+    running: Arc<DashMap<String, Running>>,
+    stop: CancellationToken,
+    meter: Option<Arc<dyn super::TokenMeter>>,
+}
+
+/// How a generation ended.
+enum Ending {
+    Complete(FinishReason),
+    Cancelled,
+    Failed(UpstreamError),
+    Interrupted,
+}
+
+struct Outcome {
+    text: String,
+    usage: Option<Usage>,
+    provider: String,
+    ending: Ending,
+}
+
+#[derive(Serialize)]
+struct TokenData<'a> {
+    text: &'a str,
+}
+
+impl GenerationDeps {
+    async fn run(self, g: Generation) {
+        let outcome = self.relay(&g).await;
+        let (status, error) = match &outcome.ending {
+            Ending::Complete(_) => (MessageStatus::Complete, None),
+            Ending::Cancelled => (MessageStatus::Cancelled, None),
+            Ending::Failed(e) => (MessageStatus::Failed, Some(e.to_string())),
+            Ending::Interrupted => (MessageStatus::Interrupted, None),
+        };
+        let update = MessageUpdate {
+            content: outcome.text.clone(),
+            status,
+            prompt_tokens: outcome.usage.map(|u| u.prompt_tokens as i64),
+            completion_tokens: outcome.usage.map(|u| u.completion_tokens as i64),
+            error,
+        };
+        // Stored before the final event goes out, so a client that reads history on `done`
+        // sees the final state.
+        if let Err(e) = self.store.update_message(&g.message_id, &update).await {
+            tracing::error!(generation_id = %g.generation_id, error = %e, "cannot store the reply");
+        }
+        if let Some(u) = outcome.usage {
+            let record = UsageRecord {
+                user_id: g.caller.user_id.clone(),
+                key_id: g.caller.key_id.clone(),
+                session_id: Some(g.session_id.clone()),
+                provider: outcome.provider.clone(),
+                model: g.request.model.clone(),
+                prompt_tokens: u.prompt_tokens as i64,
+                completion_tokens: u.completion_tokens as i64,
+                created_at: now_millis(),
+            };
+            if let Err(e) = self.store.record_usage(&record).await {
+                tracing::warn!(error = %e, "cannot record usage");
+            }
+        }
+        // Free the session before the final event, so a client may post its next message
+        // as soon as it sees `done`.
+        self.running
+            .remove_if(&g.session_id, |_, r| r.generation_id == g.generation_id);
+        let ch = &g.channel;
+        if let Some(u) = outcome.usage {
+            ch.publish_json(EventKind::Usage, &u);
+        }
+        match outcome.ending {
+            Ending::Complete(reason) => {
+                ch.publish_json(
+                    EventKind::Done,
+                    &serde_json::json!({"finish_reason": reason.as_str(), "message_id": g.message_id}),
+                );
+            }
+            Ending::Cancelled => {
+                ch.publish_json(
+                    EventKind::Done,
+                    &serde_json::json!({"finish_reason": "cancelled", "message_id": g.message_id}),
+                );
+            }
+            Ending::Failed(e) => {
+                let retryable = e.is_retryable() || matches!(e, UpstreamError::Timeout { .. });
+                ch.publish_json(
+                    EventKind::Error,
+                    &serde_json::json!({"code": e.code(), "message": e.to_string(), "retryable": retryable}),
+                );
+            }
+            Ending::Interrupted => {
+                ch.publish_json(
+                    EventKind::Interrupted,
+                    &serde_json::json!({"reason": "shutdown"}),
+                );
+            }
+        }
+    }
+
+    async fn relay(&self, g: &Generation) -> Outcome {
+        let mut out = Outcome {
+            text: String::new(),
+            usage: None,
+            provider: String::new(),
+            ending: Ending::Interrupted,
+        };
+        let relay = tokio::select! {
+            biased;
+            _ = g.cancel.cancelled() => {
+                out.ending = Ending::Cancelled;
+                return out;
+            }
+            _ = self.stop.cancelled() => return out,
+            r = self.upstreams.open_chain(&g.request, &g.chain) => r,
+        };
+        let relay = match relay {
+            Ok(r) => r,
+            Err(e) => {
+                out.ending = Ending::Failed(e);
+                return out;
+            }
+        };
+        out.provider = relay.provider.clone();
+        let mut events = relay.events;
+        let mut finish = FinishReason::Stop;
+        let meter = match (&self.meter, &g.caller.key_id) {
+            (Some(m), Some(k)) => Some((m.clone(), k.clone())),
+            _ => None,
+        };
+        let mut unmetered = 0u64;
+        loop {
+            tokio::select! {
+                biased;
+                _ = g.cancel.cancelled() => {
+                    out.ending = Ending::Cancelled;
+                    return out;
+                }
+                _ = self.stop.cancelled() => return out,
+                ev = events.next() => match ev {
+                    Some(Ok(UpstreamEvent::Token(t))) => {
+                        g.channel.publish_json(EventKind::Token, &TokenData { text: &t });
+                        out.text.push_str(&t);
+                        unmetered += 1;
+                        if let Some((m, k)) = meter.as_ref().filter(|_| unmetered >= super::METER_EVERY) {
+                            m.add_tokens(k, unmetered).await;
+                            unmetered = 0;
+                        }
+                    }
+                    Some(Ok(UpstreamEvent::Usage(u))) => out.usage = Some(u),
+                    Some(Ok(UpstreamEvent::Finish(r))) => finish = r,
+                    Some(Err(e)) => {
+                        out.ending = Ending::Failed(e);
+                        return out;
+                    }
+                    None => {
+                        if let Some((m, k)) = meter.as_ref().filter(|_| unmetered > 0) {
+                            m.add_tokens(k, unmetered).await;
+                        }
+                        out.ending = Ending::Complete(finish);
+                        return out;
+                    }
+                },
+            }
+        }
+    }
+}

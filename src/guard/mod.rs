@@ -1,0 +1,19 @@
+//! Guards (DESIGN §7): rate limits, cluster-wide quotas, concurrency limits, CORS.
+
+pub mod cors;
+pub mod quota;
+pub mod rate;
+pub mod streams;
+
+use crate::config::GuardConfig;
+
+/// Every guard of one server.
+pub struct Guards {
+    pub config: GuardConfig,
+    /// Per-key (else per-IP) request rates, per route class.
+    pub rate: rate::RateLimits,
+    /// Cluster-wide per-key quotas in Redis; `None` without Redis or without quotas.
+    pub quota: Option<std::sync::Arc<quota::Quota>>,
+    /// Concurrent client streams per instance and per key.
+    pub streams: std::sync::Arc<streams::StreamLimits>,
+}

@@ -1,0 +1,40 @@
+//! HTTP routes. Handlers stay thin: parse, call the domain, pick a response shape.
+
+pub mod auth;
+pub mod catalog;
+pub mod extract;
+pub mod health;
+pub mod ops;
+pub mod sessions;
+pub mod tasks;
+pub mod ui;
+pub mod v1;
+pub mod ws;
+
+use axum::http::{Method, Uri};
+use axum::response::Response;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+
+use crate::app::AppState;
+use crate::error::ApiError;
+
+/// An SSE response counted in `sluice_connections{transport="sse"}` while it is open.
+pub fn sse_response<S>(st: &AppState, events: S) -> Response
+where
+    S: Stream<Item = Bytes> + Send + 'static,
+{
+    let open = st.metrics.connection("sse");
+    crate::transport::sse::response(events.map(move |b| {
+        let _ = &open;
+        b
+    }))
+}
+
+pub async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {}", uri.path()))
+}
+
+pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}

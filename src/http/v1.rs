@@ -1,0 +1,190 @@
+//! The OpenAI-compatible API: any OpenAI SDK pointed at `http://host/v1` is a client.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::auth::Principal;
+use super::extract::ApiJson;
+use crate::app::AppState;
+use crate::cache::{self, CachedReply, ResponseCache};
+use crate::chat::{FinishReason, UpstreamEvent};
+use crate::error::ApiError;
+use crate::transport::openai::{self, CompletionRequest, ResponseMeta};
+use crate::upstream::Relay;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+}
+
+async fn chat_completions(
+    State(st): State<AppState>,
+    who: Principal,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    st.ensure_accepting()?;
+    let (mut chat, opts) = req.into_domain().map_err(ApiError::Unprocessable)?;
+    let permit = st
+        .guards
+        .streams
+        .try_acquire(Some(who.key_id.as_deref().unwrap_or(&who.user_id)))
+        .map_err(|l| ApiError::from(crate::chat::service::ChatError::TooManyStreams(l)))?;
+    let cache_key = match &st.cache {
+        Some(_) if cache::is_cacheable(&chat) => Some(cache::key(&chat)),
+        _ => None,
+    };
+    chat.extra.remove("cache");
+    let relay = match (&st.cache, &cache_key) {
+        (Some(c), Some(k)) => match c.get(k).await {
+            Some(hit) => {
+                st.metrics.cache(true);
+                replay(&chat.model, hit)
+            }
+            None => {
+                st.metrics.cache(false);
+                let open = async {
+                    let relay = st.upstreams.open(&chat).await?;
+                    Ok(record(relay, c.clone(), k.clone()))
+                };
+                st.flights.join(k, &chat.model, open).await?
+            }
+        },
+        _ => st.upstreams.open(&chat).await?,
+    };
+    let relay = match (&st.guards.quota, &who.key_id) {
+        (Some(q), Some(k)) => metered(relay, q.clone(), k.clone()),
+        _ => relay,
+    };
+    let meta = ResponseMeta {
+        id: format!("chatcmpl-{}", uuid::Uuid::now_v7().simple()),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default(),
+        model: chat.model,
+    };
+    if opts.stream {
+        let events = openai::chunk_stream(
+            relay,
+            meta,
+            opts.include_usage,
+            st.config.server.ping_interval,
+            st.lifecycle.stop_token(),
+        );
+        // The stream holds its place until the client or the upstream ends it.
+        Ok(super::sse_response(
+            &st,
+            futures::StreamExt::map(events, move |b| {
+                let _ = &permit;
+                b
+            }),
+        ))
+    } else {
+        let completion = relay.collect().await?;
+        drop(permit);
+        Ok(Json(openai::completion_json(&meta, &completion)).into_response())
+    }
+}
+
+async fn models(State(st): State<AppState>, _who: Principal) -> Json<serde_json::Value> {
+    let data: Vec<_> = st
+        .upstreams
+        .models()
+        .iter()
+        .map(|m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// A cached reply as a stream, so a hit is served exactly like a live reply.
+fn replay(model: &str, hit: CachedReply) -> Relay {
+    let mut events: Vec<Result<UpstreamEvent, crate::upstream::UpstreamError>> = hit
+        .tokens
+        .into_iter()
+        .map(|t| Ok(UpstreamEvent::Token(t)))
+        .collect();
+    events.push(Ok(UpstreamEvent::Finish(FinishReason::parse(
+        &hit.finish_reason,
+    ))));
+    if let Some(u) = hit.usage {
+        events.push(Ok(UpstreamEvent::Usage(u)));
+    }
+    Relay {
+        provider: "cache".into(),
+        model: model.to_owned(),
+        events: Box::pin(futures::stream::iter(events)),
+    }
+}
+
+/// Passes a live reply through and, if it ends well, stores it before the stream ends.
+fn record(relay: Relay, cache: std::sync::Arc<dyn ResponseCache>, key: String) -> Relay {
+    let Relay {
+        provider,
+        model,
+        events,
+    } = relay;
+    let events = Box::pin(async_stream::stream! {
+        let mut events = events;
+        let mut reply = CachedReply { tokens: Vec::new(), finish_reason: "stop".into(), usage: None };
+        while let Some(ev) = futures::StreamExt::next(&mut events).await {
+            match &ev {
+                Ok(UpstreamEvent::Token(t)) => reply.tokens.push(t.clone()),
+                Ok(UpstreamEvent::Finish(r)) => reply.finish_reason = r.as_str().to_owned(),
+                Ok(UpstreamEvent::Usage(u)) => reply.usage = Some(*u),
+                // A failed reply is not cached.
+                Err(_) => {
+                    yield ev;
+                    return;
+                }
+            }
+            yield ev;
+        }
+        cache.put(&key, &reply).await;
+    });
+    Relay {
+        provider,
+        model,
+        events,
+    }
+}
+
+/// Counts the reply's tokens against the key's tokens-per-minute quota as they stream.
+fn metered(
+    relay: Relay,
+    meter: std::sync::Arc<crate::guard::quota::Quota>,
+    key_id: String,
+) -> Relay {
+    let Relay {
+        provider,
+        model,
+        events,
+    } = relay;
+    let events = Box::pin(async_stream::stream! {
+        let mut events = events;
+        let mut unmetered = 0u64;
+        while let Some(ev) = futures::StreamExt::next(&mut events).await {
+            if let Ok(UpstreamEvent::Token(_)) = &ev {
+                unmetered += 1;
+                if unmetered >= crate::chat::METER_EVERY {
+                    meter.add_tokens(&key_id, unmetered).await;
+                    unmetered = 0;
+                }
+            }
+            yield ev;
+        }
+        if unmetered > 0 {
+            meter.add_tokens(&key_id, unmetered).await;
+        }
+    });
+    Relay {
+        provider,
+        model,
+        events,
+    }
+}

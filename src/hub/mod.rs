@@ -1,0 +1,578 @@
+//! The stream hub: one channel per running generation, shared by every subscriber.
+//!
+//! A channel is an append-only log of encoded events (bounded: the oldest are evicted past
+//! `capacity`) plus a `watch` of the latest sequence number. Subscribers hold only a cursor
+//! into the log: a slow subscriber costs no memory of its own — it reads from where it is
+//! when it is ready, which is the "resync from the replay log" of DESIGN §3 — and one whose
+//! cursor has been evicted is told it lagged. The same log serves live fan-out and
+//! `Last-Event-ID` resume, so both see exactly the same events in the same order.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use parking_lot::RwLock;
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// The event types of DESIGN §3 (generations) and §4 (tasks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    Start,
+    Token,
+    Usage,
+    Done,
+    Error,
+    Interrupted,
+    Queued,
+    Running,
+    Progress,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Token => "token",
+            Self::Usage => "usage",
+            Self::Done => "done",
+            Self::Error => "error",
+            Self::Interrupted => "interrupted",
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Progress => "progress",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the event ends its generation or task.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::Done
+                | Self::Error
+                | Self::Interrupted
+                | Self::Succeeded
+                | Self::Failed
+                | Self::Cancelled
+        )
+    }
+}
+
+/// One event, encoded once at publish time for every subscriber.
+#[derive(Debug)]
+pub struct Event {
+    pub seq: u64,
+    pub kind: EventKind,
+    /// The whole SSE frame: `id: <generation>.<seq>\nevent: <kind>\ndata: <json>\n\n`.
+    pub sse: Bytes,
+    /// Where the JSON payload sits inside `sse`, so other transports reuse it uncopied.
+    data_at: (usize, usize),
+    /// End of the `<generation>.<seq>` id, which starts right after `id: `.
+    id_end: usize,
+}
+
+impl Event {
+    fn encode(generation_id: &str, seq: u64, kind: EventKind, data: &[u8]) -> Self {
+        let mut buf = Vec::with_capacity(generation_id.len() + data.len() + 48);
+        buf.extend_from_slice(b"id: ");
+        buf.extend_from_slice(generation_id.as_bytes());
+        buf.push(b'.');
+        buf.extend_from_slice(seq.to_string().as_bytes());
+        let id_end = buf.len();
+        buf.extend_from_slice(b"\nevent: ");
+        buf.extend_from_slice(kind.as_str().as_bytes());
+        buf.extend_from_slice(b"\ndata: ");
+        let start = buf.len();
+        buf.extend_from_slice(data);
+        let end = buf.len();
+        buf.extend_from_slice(b"\n\n");
+        Self {
+            seq,
+            kind,
+            sse: Bytes::from(buf),
+            data_at: (start, end),
+            id_end,
+        }
+    }
+
+    /// The event id, `<generation_id>.<seq>`.
+    pub fn id(&self) -> &str {
+        std::str::from_utf8(&self.sse[4..self.id_end]).unwrap_or_default()
+    }
+
+    /// The JSON payload.
+    pub fn data(&self) -> Bytes {
+        self.sse.slice(self.data_at.0..self.data_at.1)
+    }
+}
+
+/// An event id as clients send it back in `Last-Event-ID`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventId {
+    pub generation_id: String,
+    pub seq: u64,
+}
+
+impl EventId {
+    pub fn parse(s: &str) -> Option<Self> {
+        let (g, seq) = s.trim().rsplit_once('.')?;
+        if g.is_empty() {
+            return None;
+        }
+        Some(Self {
+            generation_id: g.to_owned(),
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+struct Log {
+    events: VecDeque<Arc<Event>>,
+    /// Sequence number of `events[0]`; grows as old events are evicted.
+    first_seq: u64,
+    next_seq: u64,
+    finished_at: Option<Instant>,
+}
+
+/// The channel of one generation.
+pub struct Channel {
+    pub generation_id: String,
+    pub session_id: String,
+    /// Who may subscribe: the owner of the session.
+    pub owner: String,
+    log: RwLock<Log>,
+    capacity: usize,
+    /// Latest published sequence; bumped on every publish and at the end.
+    notify: watch::Sender<u64>,
+    /// Live subscriber count, for admin output and tests.
+    subscribers: AtomicU64,
+    /// Tokens published so far, for admin output.
+    tokens: AtomicU64,
+    created: Instant,
+}
+
+impl Channel {
+    pub fn is_finished(&self) -> bool {
+        self.log.read().finished_at.is_some()
+    }
+
+    /// Number of events held for replay (bounded by the capacity).
+    pub fn retained(&self) -> usize {
+        self.log.read().events.len()
+    }
+
+    pub fn subscriber_count(&self) -> u64 {
+        self.subscribers.load(Ordering::Relaxed)
+    }
+
+    pub fn tokens(&self) -> u64 {
+        self.tokens.load(Ordering::Relaxed)
+    }
+
+    pub fn age(&self) -> Duration {
+        self.created.elapsed()
+    }
+
+    /// Appends an event and wakes every subscriber. Events after a final one are dropped,
+    /// so a generation ends exactly once.
+    pub fn publish(&self, kind: EventKind, data: &[u8]) -> Option<u64> {
+        let seq = {
+            let mut log = self.log.write();
+            if log.finished_at.is_some() {
+                return None;
+            }
+            let seq = log.next_seq;
+            log.next_seq += 1;
+            log.events.push_back(Arc::new(Event::encode(
+                &self.generation_id,
+                seq,
+                kind,
+                data,
+            )));
+            if log.events.len() > self.capacity {
+                log.events.pop_front();
+                log.first_seq += 1;
+            }
+            if kind.is_final() {
+                log.finished_at = Some(Instant::now());
+            }
+            if kind == EventKind::Token {
+                self.tokens.fetch_add(1, Ordering::Relaxed);
+            }
+            seq
+        };
+        self.notify.send_replace(seq);
+        Some(seq)
+    }
+
+    /// Publishes a JSON-serialisable payload.
+    pub fn publish_json<T: Serialize>(&self, kind: EventKind, data: &T) -> Option<u64> {
+        let bytes = serde_json::to_vec(data).unwrap_or_else(|_| b"{}".to_vec());
+        self.publish(kind, &bytes)
+    }
+
+    /// A cursor that will read every event after `after` (or from the start).
+    pub fn subscribe(self: &Arc<Self>, after: Option<u64>) -> Subscription {
+        self.subscribers.fetch_add(1, Ordering::Relaxed);
+        Subscription {
+            channel: self.clone(),
+            next: after.map(|s| s + 1).unwrap_or(0),
+            rx: self.notify.subscribe(),
+        }
+    }
+}
+
+/// Why a subscription stopped yielding events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The generation ended and every event was read.
+    Finished,
+    /// The subscriber fell further behind than the replay log reaches.
+    Lagged,
+}
+
+pub struct Subscription {
+    channel: Arc<Channel>,
+    next: u64,
+    rx: watch::Receiver<u64>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.channel.subscribers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Most events handed out per call, so one subscriber never holds the log lock long.
+const BATCH: usize = 64;
+
+impl Subscription {
+    pub fn channel(&self) -> &Arc<Channel> {
+        &self.channel
+    }
+
+    /// Waits for the next events and appends them to `out` (cleared first). Nothing is
+    /// buffered per subscriber: the events stay in the channel's log until read.
+    pub async fn next_batch(&mut self, out: &mut Vec<Arc<Event>>) -> Result<(), End> {
+        out.clear();
+        loop {
+            // Mark the current version seen *before* reading the log, so a publish that
+            // lands after the read still wakes the wait below.
+            self.rx.borrow_and_update();
+            {
+                let log = self.channel.log.read();
+                if self.next < log.first_seq {
+                    return Err(End::Lagged);
+                }
+                let start = (self.next - log.first_seq) as usize;
+                if start < log.events.len() {
+                    out.extend(log.events.range(start..).take(BATCH).cloned());
+                    self.next += out.len() as u64;
+                    return Ok(());
+                }
+                if log.finished_at.is_some() {
+                    return Err(End::Finished);
+                }
+            }
+            if self.rx.changed().await.is_err() {
+                // The channel is gone; whatever was logged has been read.
+                return Err(End::Finished);
+            }
+        }
+    }
+}
+
+/// Anything that yields batches of hub events: one generation, or a session's feed.
+pub trait EventFeed: Send {
+    fn next_batch(
+        &mut self,
+        out: &mut Vec<Arc<Event>>,
+    ) -> impl std::future::Future<Output = Result<(), End>> + Send;
+}
+
+impl EventFeed for Subscription {
+    async fn next_batch(&mut self, out: &mut Vec<Arc<Event>>) -> Result<(), End> {
+        Subscription::next_batch(self, out).await
+    }
+}
+
+/// Follows a session across its generations: the current one (from a resume point or its
+/// start), then each new one from its first event. Never ends on its own.
+pub struct SessionFeed {
+    session: watch::Receiver<Option<Arc<Channel>>>,
+    current: Option<Subscription>,
+    /// The generation last followed, so a finished one is not replayed again.
+    last_generation: Option<String>,
+}
+
+impl SessionFeed {
+    /// `resume`: a channel of this session and the last sequence the client has (`None`:
+    /// from the channel's start).
+    pub fn new(hub: &Hub, session_id: &str, resume: Option<(Arc<Channel>, Option<u64>)>) -> Self {
+        let mut session = hub.watch_session(session_id);
+        let latest = session.borrow_and_update().clone();
+        let (current, last_generation) = match resume {
+            Some((ch, seq)) => (Some(ch.subscribe(seq)), Some(ch.generation_id.clone())),
+            None => match latest {
+                // A running generation is shown from its start, so a new tab shows all of it.
+                Some(ch) if !ch.is_finished() => {
+                    (Some(ch.subscribe(None)), Some(ch.generation_id.clone()))
+                }
+                Some(ch) => (None, Some(ch.generation_id.clone())),
+                None => (None, None),
+            },
+        };
+        Self {
+            session,
+            current,
+            last_generation,
+        }
+    }
+}
+
+impl EventFeed for SessionFeed {
+    async fn next_batch(&mut self, out: &mut Vec<Arc<Event>>) -> Result<(), End> {
+        loop {
+            if let Some(sub) = &mut self.current {
+                match sub.next_batch(out).await {
+                    Ok(()) => return Ok(()),
+                    Err(End::Lagged) => return Err(End::Lagged),
+                    Err(End::Finished) => self.current = None,
+                }
+            }
+            let latest = self.session.borrow_and_update().clone();
+            if let Some(ch) = latest {
+                if self.last_generation.as_deref() != Some(ch.generation_id.as_str()) {
+                    self.last_generation = Some(ch.generation_id.clone());
+                    self.current = Some(ch.subscribe(None));
+                    continue;
+                }
+            }
+            if self.session.changed().await.is_err() {
+                return Err(End::Finished);
+            }
+        }
+    }
+}
+
+/// Every live and recently finished generation of this instance.
+pub struct Hub {
+    channels: DashMap<String, Arc<Channel>>,
+    /// The latest generation of each session, so a session subscriber can follow the
+    /// next generation without polling.
+    sessions: DashMap<String, watch::Sender<Option<Arc<Channel>>>>,
+    capacity: usize,
+    /// How long a finished generation stays available for resume.
+    retention: Duration,
+    /// Millis since `epoch` of the last sweep of expired channels.
+    last_sweep: AtomicU64,
+    epoch: Instant,
+}
+
+impl Hub {
+    pub fn new(capacity: usize, retention: Duration) -> Self {
+        Self {
+            channels: DashMap::new(),
+            sessions: DashMap::new(),
+            capacity: capacity.max(16),
+            retention,
+            last_sweep: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Creates the channel of a new generation of `session_id`.
+    pub fn create(&self, generation_id: &str, session_id: &str, owner: &str) -> Arc<Channel> {
+        self.sweep();
+        let (notify, _) = watch::channel(0);
+        let channel = Arc::new(Channel {
+            generation_id: generation_id.to_owned(),
+            session_id: session_id.to_owned(),
+            owner: owner.to_owned(),
+            log: RwLock::new(Log {
+                events: VecDeque::with_capacity(64),
+                first_seq: 0,
+                next_seq: 0,
+                finished_at: None,
+            }),
+            capacity: self.capacity,
+            notify,
+            subscribers: AtomicU64::new(0),
+            tokens: AtomicU64::new(0),
+            created: Instant::now(),
+        });
+        self.channels
+            .insert(generation_id.to_owned(), channel.clone());
+        self.sessions
+            .entry(session_id.to_owned())
+            .or_insert_with(|| watch::channel(None).0)
+            .send_replace(Some(channel.clone()));
+        channel
+    }
+
+    pub fn get(&self, generation_id: &str) -> Option<Arc<Channel>> {
+        self.channels.get(generation_id).map(|c| c.clone())
+    }
+
+    /// Follows the latest generation of a session.
+    pub fn watch_session(&self, session_id: &str) -> watch::Receiver<Option<Arc<Channel>>> {
+        self.sessions
+            .entry(session_id.to_owned())
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe()
+    }
+
+    /// Forgets a session's channels (the session was deleted).
+    pub fn remove_session(&self, session_id: &str) {
+        self.channels.retain(|_, c| c.session_id != session_id);
+        if let Some((_, tx)) = self.sessions.remove(session_id) {
+            tx.send_replace(None);
+        }
+    }
+
+    pub fn channels(&self) -> Vec<Arc<Channel>> {
+        self.channels.iter().map(|c| c.clone()).collect()
+    }
+
+    /// Drops channels whose generation ended longer than the retention ago. Runs at most
+    /// once a second, from `create`, so no background task is needed.
+    fn sweep(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last = self.last_sweep.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < 1000
+            || self
+                .last_sweep
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let retention = self.retention;
+        self.channels.retain(|_, c| {
+            c.log
+                .read()
+                .finished_at
+                .is_none_or(|t| t.elapsed() < retention)
+        });
+        let channels = &self.channels;
+        self.sessions.retain(|_, tx| {
+            tx.receiver_count() > 0
+                || tx
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|c| channels.contains_key(&c.generation_id))
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text_of(events: &[Arc<Event>]) -> Vec<u64> {
+        events.iter().map(|e| e.seq).collect()
+    }
+
+    #[tokio::test]
+    async fn subscribers_get_every_event_in_order_then_finish() {
+        let hub = Hub::new(1000, Duration::from_secs(60));
+        let ch = hub.create("g1", "s1", "u");
+        let mut a = ch.subscribe(None);
+        let producer = {
+            let ch = ch.clone();
+            tokio::spawn(async move {
+                for i in 0..500 {
+                    ch.publish_json(
+                        EventKind::Token,
+                        &serde_json::json!({"text": i.to_string()}),
+                    );
+                    if i % 50 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                ch.publish_json(EventKind::Done, &serde_json::json!({}));
+            })
+        };
+        let mut seen = Vec::new();
+        let mut batch = Vec::new();
+        loop {
+            match a.next_batch(&mut batch).await {
+                Ok(()) => seen.extend(text_of(&batch)),
+                Err(End::Finished) => break,
+                Err(End::Lagged) => panic!("lagged"),
+            }
+        }
+        producer.await.unwrap();
+        assert_eq!(seen, (0..=500).collect::<Vec<_>>());
+        // Published after the end: ignored.
+        assert_eq!(ch.publish(EventKind::Token, b"{}"), None);
+    }
+
+    #[tokio::test]
+    async fn resume_reads_exactly_the_rest() {
+        let hub = Hub::new(1000, Duration::from_secs(60));
+        let ch = hub.create("g1", "s1", "u");
+        for _ in 0..10 {
+            ch.publish(EventKind::Token, b"{\"text\":\"x\"}");
+        }
+        ch.publish(EventKind::Done, b"{}");
+        let mut s = ch.subscribe(Some(6));
+        let mut batch = Vec::new();
+        s.next_batch(&mut batch).await.unwrap();
+        assert_eq!(text_of(&batch), vec![7, 8, 9, 10]);
+        assert_eq!(s.next_batch(&mut batch).await, Err(End::Finished));
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_behind_the_log_is_told_it_lagged() {
+        let hub = Hub::new(16, Duration::from_secs(60));
+        let ch = hub.create("g1", "s1", "u");
+        let mut s = ch.subscribe(None);
+        for _ in 0..100 {
+            ch.publish(EventKind::Token, b"{}");
+        }
+        assert_eq!(ch.retained(), 16, "memory stays bounded");
+        let mut batch = Vec::new();
+        assert_eq!(s.next_batch(&mut batch).await, Err(End::Lagged));
+    }
+
+    #[test]
+    fn frames_and_ids() {
+        let e = Event::encode("g7", 3, EventKind::Token, br#"{"text":"a\nb"}"#);
+        assert_eq!(
+            &e.sse[..],
+            b"id: g7.3\nevent: token\ndata: {\"text\":\"a\\nb\"}\n\n"
+        );
+        assert_eq!(&e.data()[..], br#"{"text":"a\nb"}"#);
+        assert_eq!(e.id(), "g7.3");
+        assert_eq!(
+            EventId::parse("g7.3"),
+            Some(EventId {
+                generation_id: "g7".into(),
+                seq: 3
+            })
+        );
+        assert_eq!(EventId::parse("nonsense"), None);
+        assert_eq!(EventId::parse(".3"), None);
+    }
+
+    #[tokio::test]
+    async fn session_watch_follows_new_generations() {
+        let hub = Hub::new(100, Duration::from_secs(60));
+        let mut rx = hub.watch_session("s1");
+        assert!(rx.borrow_and_update().is_none());
+        hub.create("g1", "s1", "u");
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().as_ref().unwrap().generation_id, "g1");
+    }
+}

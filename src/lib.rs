@@ -1,0 +1,19 @@
+//! sluice: a streaming LLM chat server.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod bench;
+pub mod cache;
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod guard;
+pub mod http;
+pub mod hub;
+pub mod mock;
+pub mod ops;
+pub mod queue;
+pub mod store;
+pub mod tasks;
+pub mod transport;
+pub mod upstream;

@@ -1,0 +1,536 @@
+//! `sluice mock-upstream`: a fake OpenAI/Anthropic-compatible LLM server.
+//!
+//! It exists so integration tests, benchmarks and offline UI work have an
+//! upstream that is deterministic ([`token_text`]), fast enough never to be
+//! the bottleneck (zero-delay mode pushes tokens as fast as the socket takes
+//! them), able to misbehave on demand ([`Fault`]), and observable: every
+//! request, connection and stream is counted in [`MockStats`], which tests
+//! wait on through [`MockServer::watch`] instead of sleeping.
+//!
+//! Endpoints:
+//! - `POST /v1/chat/completions` — OpenAI Chat Completions, streamed or not.
+//! - `POST /v1/messages` — Anthropic Messages, streaming only.
+//! - `GET /v1/models` — a single model, `mock`.
+//! - `GET /_mock/stats` — [`MockStats`] as JSON.
+//! - `POST /_mock/reset` — zero the counters and the `fail_times` budgets.
+//!
+//! Every knob of [`MockConfig`] can be overridden per request by headers
+//! (`x-mock-tokens`, `x-mock-first-token-ms`, `x-mock-token-ms`,
+//! `x-mock-fault`, `x-mock-fail-times`, `x-mock-key`) or, winning over the
+//! headers, by a body field `"mock": {"tokens", "first_token_ms",
+//! "token_ms", "fault", "fail_times", "key", "stamp"}`. A fault of `"none"` (or
+//! `null` in the body) switches a process-wide fault off. `stamp: true`
+//! (header `x-mock-stamp: 1`) ends every token's text in
+//! `@<request arrived>@<token sent>`, Unix nanoseconds, for latency
+//! measurements that do not depend on the timer's millisecond ticks.
+
+mod anthropic;
+mod knobs;
+mod listener;
+mod openai;
+mod script;
+mod tokens;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http::{StatusCode, header};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use tokens::{full_reply, token_text};
+
+use knobs::Plan;
+use listener::CountingListener;
+
+/// Chat bodies in load tests can carry long conversations; axum's 2 MiB
+/// default would turn those into spurious 413s.
+const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+/// How long [`MockServer::shutdown`] waits for connections to wind down
+/// before giving up on them, so a wedged client cannot hang a test.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Process-wide defaults; every field can be overridden per request.
+#[derive(Debug, Clone)]
+pub struct MockConfig {
+    /// Length of every reply, so tests know exactly what text to expect.
+    pub tokens: usize,
+    /// Delay before the first token, to simulate time-to-first-token.
+    pub first_token_delay: Duration,
+    /// Delay between tokens, to simulate generation speed.
+    pub token_delay: Duration,
+    /// Misbehaviour applied to chat requests, to exercise error paths.
+    pub fault: Option<Fault>,
+    /// `Retry-After` sent with 429s, to test that clients honour it.
+    pub retry_after_secs: u64,
+    /// Limits the fault to the first N chat requests per key, so a retrying
+    /// client can be shown to recover; `None` faults every request.
+    pub fail_times: Option<u32>,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        Self {
+            tokens: 16,
+            first_token_delay: Duration::ZERO,
+            token_delay: Duration::ZERO,
+            fault: None,
+            retry_after_secs: 1,
+            fail_times: None,
+        }
+    }
+}
+
+/// Command-line / environment configuration of `sluice mock-upstream`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MockArgs {
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, env = "SLUICE_MOCK_ADDR", default_value = "127.0.0.1:9090")]
+    pub addr: String,
+    /// Tokens per reply.
+    #[arg(long, env = "SLUICE_MOCK_TOKENS", default_value_t = 16)]
+    pub tokens: usize,
+    /// Milliseconds before the first token.
+    #[arg(long, env = "SLUICE_MOCK_FIRST_TOKEN_MS", default_value_t = 0)]
+    pub first_token_ms: u64,
+    /// Milliseconds between tokens.
+    #[arg(long, env = "SLUICE_MOCK_TOKEN_MS", default_value_t = 0)]
+    pub token_ms: u64,
+    /// Fault for every chat request: 429, 500, stall_first, stall_mid,
+    /// reset_mid, malformed, error_chunk, endless (or none).
+    #[arg(long, env = "SLUICE_MOCK_FAULT")]
+    pub fault: Option<String>,
+    /// Retry-After seconds sent with 429 responses.
+    #[arg(long, env = "SLUICE_MOCK_RETRY_AFTER_SECS", default_value_t = 1)]
+    pub retry_after_secs: u64,
+    /// Apply the fault only to the first N requests per x-mock-key.
+    #[arg(long, env = "SLUICE_MOCK_FAIL_TIMES")]
+    pub fail_times: Option<u32>,
+}
+
+impl MockArgs {
+    /// The [`MockConfig`] these arguments describe; fails on an unknown
+    /// fault name.
+    pub fn config(&self) -> Result<MockConfig, String> {
+        let fault = match &self.fault {
+            Some(name) => knobs::parse_fault(name)?,
+            None => None,
+        };
+        Ok(MockConfig {
+            tokens: self.tokens,
+            first_token_delay: Duration::from_millis(self.first_token_ms),
+            token_delay: Duration::from_millis(self.token_ms),
+            fault,
+            retry_after_secs: self.retry_after_secs,
+            fail_times: self.fail_times,
+        })
+    }
+}
+
+/// A way for the mock to misbehave. Status faults apply to streamed and
+/// non-streamed requests alike; the others describe the streamed body (see
+/// each variant for what a non-streaming request gets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `429` with `Retry-After: <retry_after_secs>` and an error JSON
+    /// (OpenAI: `{"error":{"type":"rate_limit_error","code":"rate_limited"}}`,
+    /// Anthropic: `{"type":"error","error":{"type":"rate_limit_error"}}`).
+    RateLimit,
+    /// `500` with an error JSON (OpenAI type `server_error`, Anthropic type
+    /// `api_error`).
+    ServerError,
+    /// `200` and headers at once, then no body bytes ever, until the client
+    /// disconnects or the server shuts down. Non-streaming: no response.
+    StallFirst,
+    /// `tokens/2` tokens (after the normal prelude), then silence forever.
+    /// Non-streaming: no response.
+    StallMid,
+    /// `tokens/2` tokens, then the response is aborted without a clean end
+    /// (HTTP/1: connection closed mid chunked body; HTTP/2: RST_STREAM), so
+    /// the client sees an incomplete-body error. Non-streaming: the
+    /// connection is closed before any response bytes.
+    ResetMid,
+    /// `tokens/2` tokens, then one event whose JSON is cut off mid-object,
+    /// then a clean end of body (no `[DONE]` / `message_stop`).
+    /// Non-streaming: `500`.
+    Malformed,
+    /// `tokens/2` tokens, then an in-band error event, then a clean end
+    /// (OpenAI: `data: {"error":{..,"code":"mock_error"}}`, Anthropic:
+    /// `event: error`). Non-streaming: `500`.
+    ErrorChunk,
+    /// Tokens forever (indices keep counting), at least 1 ms apart whatever
+    /// `token_delay` says. Non-streaming: `500`.
+    Endless,
+}
+
+impl Fault {
+    /// The name accepted by [`FromStr`] and the `x-mock-fault` knob.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::RateLimit => "429",
+            Fault::ServerError => "500",
+            Fault::StallFirst => "stall_first",
+            Fault::StallMid => "stall_mid",
+            Fault::ResetMid => "reset_mid",
+            Fault::Malformed => "malformed",
+            Fault::ErrorChunk => "error_chunk",
+            Fault::Endless => "endless",
+        }
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Fault {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "429" => Fault::RateLimit,
+            "500" => Fault::ServerError,
+            "stall_first" => Fault::StallFirst,
+            "stall_mid" => Fault::StallMid,
+            "reset_mid" => Fault::ResetMid,
+            "malformed" => Fault::Malformed,
+            "error_chunk" => Fault::ErrorChunk,
+            "endless" => Fault::Endless,
+            other => {
+                return Err(format!(
+                    "unknown mock fault {other:?}; expected 429, 500, stall_first, \
+                     stall_mid, reset_mid, malformed, error_chunk, endless or none"
+                ));
+            }
+        })
+    }
+}
+
+/// Counters tests use to prove retries, reuse and cancellation.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MockStats {
+    /// Every HTTP request, including stats/reset calls and 404s.
+    pub requests: u64,
+    /// Chat requests (`/v1/chat/completions` and `/v1/messages`), to count
+    /// upstream attempts such as retries.
+    pub chat_requests: u64,
+    /// TCP connections currently open, to prove a client hung up.
+    pub open_connections: u64,
+    /// TCP connections ever accepted, to prove connection reuse.
+    pub total_connections: u64,
+    /// Response bodies currently being streamed.
+    pub active_streams: u64,
+    /// High-water mark of `active_streams`, to check concurrency limits.
+    pub max_active_streams: u64,
+    /// Bodies that reached their scripted end (including scripted faults
+    /// such as `reset_mid` or `malformed`).
+    pub completed_streams: u64,
+    /// Bodies dropped before their end: the client went away or the server
+    /// shut down. This is how tests prove cancellation reached upstream.
+    pub aborted_streams: u64,
+    /// The last chat request body as received, to check what a relay
+    /// forwarded.
+    pub last_request: Option<Value>,
+}
+
+/// State shared by the listener, handlers and body streams of one server.
+pub(crate) struct Shared {
+    config: MockConfig,
+    stats: watch::Sender<MockStats>,
+    /// Requests seen so far per `fail_times` key.
+    fault_counts: Mutex<HashMap<String, u32>>,
+    /// Cancelled at shutdown so stalled and endless bodies end and graceful
+    /// shutdown can complete.
+    cancel: CancellationToken,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    fn new(config: MockConfig) -> Self {
+        Self {
+            config,
+            stats: watch::Sender::new(MockStats::default()),
+            fault_counts: Mutex::new(HashMap::new()),
+            cancel: CancellationToken::new(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Counts a chat request and parses its body; an unparsable body still
+    /// counts, since the client did make the attempt.
+    fn record_chat(&self, body: &[u8]) -> Result<Value, String> {
+        let parsed = serde_json::from_slice::<Value>(body)
+            .map_err(|e| format!("request body is not JSON: {e}"))
+            .and_then(|v| {
+                if v.is_object() {
+                    Ok(v)
+                } else {
+                    Err("request body must be a JSON object".to_owned())
+                }
+            });
+        self.stats.send_modify(|s| {
+            s.chat_requests += 1;
+            if let Ok(v) = &parsed {
+                s.last_request = Some(v.clone());
+            }
+        });
+        parsed
+    }
+
+    fn reset(&self) {
+        self.stats.send_modify(|s| {
+            *s = MockStats {
+                open_connections: s.open_connections,
+                active_streams: s.active_streams,
+                max_active_streams: s.active_streams,
+                ..MockStats::default()
+            };
+        });
+        self.fault_counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+}
+
+/// A mock server running in a background task; dropping it shuts it down.
+pub struct MockServer {
+    /// Where the server listens, for clients that need more than [`url`].
+    ///
+    /// [`url`]: MockServer::url
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl MockServer {
+    /// OpenAI-style base URL, e.g. `http://127.0.0.1:PORT/v1`.
+    pub fn url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> MockStats {
+        self.shared.stats.borrow().clone()
+    }
+
+    /// A receiver that wakes on every counter change; wait on it with
+    /// `wait_for` under a timeout instead of sleeping.
+    pub fn watch(&self) -> watch::Receiver<MockStats> {
+        self.shared.stats.subscribe()
+    }
+
+    /// Stops accepting, ends every open body (clients see an aborted
+    /// response) and waits for connections to close.
+    pub async fn shutdown(mut self) {
+        self.shared.cancel.cancel();
+        if let Some(mut task) = self.task.take() {
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("mock: connections still open after shutdown grace; abandoning");
+                task.abort();
+            }
+        }
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.shared.cancel.cancel();
+    }
+}
+
+/// Starts a mock on `127.0.0.1:0` in a background task.
+pub async fn spawn(config: MockConfig) -> io::Result<MockServer> {
+    let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    let shared = Arc::new(Shared::new(config));
+    let stop = shared.cancel.clone().cancelled_owned();
+    let task = tokio::spawn(serve_shared(listener, Arc::clone(&shared), stop));
+    Ok(MockServer {
+        addr,
+        shared,
+        task: Some(task),
+    })
+}
+
+/// Serves the mock on `listener` (HTTP/1.1 and h2c) until `shutdown`
+/// completes and open connections have wound down.
+pub async fn serve(
+    listener: TcpListener,
+    config: MockConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    serve_shared(listener, Arc::new(Shared::new(config)), shutdown).await
+}
+
+async fn serve_shared(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let cancel = shared.cancel.clone();
+    let signal = async move {
+        shutdown.await;
+        cancel.cancel();
+    };
+    let app = router(Arc::clone(&shared));
+    listener::serve(CountingListener::new(listener, shared), app, signal).await
+}
+
+/// Entry point of `sluice mock-upstream`: binds `args.addr`, prints
+/// `mock-upstream listening on http://ADDR/v1` on stdout and serves until
+/// SIGINT/SIGTERM.
+pub async fn run(args: MockArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let config = args.config()?;
+    let listener = TcpListener::bind(args.addr.as_str()).await?;
+    let addr = listener.local_addr()?;
+    // Scripts wait for this exact line to learn the (possibly ephemeral)
+    // port; stdout is line-buffered, so it is flushed here.
+    println!("mock-upstream listening on http://{addr}/v1");
+    serve(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::warn!("mock: cannot listen for ctrl-c: {err}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!("mock: cannot listen for SIGTERM: {err}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/models", get(models))
+        .route("/_mock/stats", get(stats))
+        .route("/_mock/reset", post(reset))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&shared),
+            count_request,
+        ))
+        .with_state(shared)
+}
+
+async fn count_request(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    shared.stats.send_modify(|s| s.requests += 1);
+    next.run(req).await
+}
+
+async fn models() -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": "mock", "object": "model", "owned_by": "mock"}],
+    }))
+}
+
+async fn stats(State(shared): State<Arc<Shared>>) -> Json<MockStats> {
+    Json(shared.stats.borrow().clone())
+}
+
+async fn reset(State(shared): State<Arc<Shared>>) -> StatusCode {
+    shared.reset();
+    StatusCode::NO_CONTENT
+}
+
+fn sse_response(body: Body) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn shutting_down_response() -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, "mock server shutting down").into_response()
+}
+
+/// Waits as long as streaming `plan` would have taken; `false` if the server
+/// shut down meanwhile.
+async fn generation_delay(shared: &Shared, plan: &Plan) -> bool {
+    let gaps = u32::try_from(plan.tokens.saturating_sub(1)).unwrap_or(u32::MAX);
+    let total = plan
+        .first_token_delay
+        .saturating_add(plan.token_delay.saturating_mul(gaps));
+    if total.is_zero() {
+        return true;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(total) => true,
+        () = shared.cancel.cancelled() => false,
+    }
+}
+
+/// Whitespace-separated words of a message content: a string or an array of
+/// `{"type":"text","text":..}` parts (other parts count nothing).
+fn content_words(content: &Value) -> u64 {
+    let words = |s: &str| s.split_whitespace().count() as u64;
+    match content {
+        Value::String(s) => words(s),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .map(words)
+            .sum(),
+        _ => 0,
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

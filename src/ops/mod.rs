@@ -1,0 +1,7 @@
+//! Operations: lifecycle (drain and shutdown) and health.
+
+pub mod health;
+pub mod lifecycle;
+pub mod metrics;
+
+pub use lifecycle::Lifecycle;

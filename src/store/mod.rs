@@ -1,0 +1,456 @@
+//! Persistence: one trait, two backends — embedded SQLite (the default) and PostgreSQL
+//! (when `DATABASE_URL` is set). Domain code sees only [`Store`].
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::chat::Role;
+use crate::config::StoreConfig;
+
+pub mod cli;
+mod codec;
+pub mod postgres;
+pub mod sqlite;
+
+/// Milliseconds since the Unix epoch; the one time representation of both backends.
+pub type Millis = i64;
+
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// A new sortable id (UUID v7, simple form): ids sort by creation time.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or the pool has no connection to give in time.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A uniqueness rule was violated.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("store error: {0}")]
+    Backend(String),
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct User {
+    pub id: String,
+    pub name: String,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ApiKey {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    /// The first characters of the key, so a user can tell keys apart; never the key.
+    pub prefix: String,
+    pub is_admin: bool,
+    pub created_at: Millis,
+    pub revoked_at: Option<Millis>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Session {
+    pub id: String,
+    pub user_id: String,
+    pub agent: Option<String>,
+    pub title: Option<String>,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageStatus {
+    Complete,
+    Streaming,
+    Cancelled,
+    Failed,
+    Interrupted,
+}
+
+impl MessageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::Streaming => "streaming",
+            Self::Cancelled => "cancelled",
+            Self::Failed => "failed",
+            Self::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "complete" => Self::Complete,
+            "streaming" => Self::Streaming,
+            "cancelled" => Self::Cancelled,
+            "failed" => Self::Failed,
+            "interrupted" => Self::Interrupted,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StoredMessage {
+    pub id: String,
+    pub session_id: String,
+    pub role: Role,
+    pub content: String,
+    pub status: MessageStatus,
+    /// The generation that produced an assistant message.
+    pub generation_id: Option<String>,
+    pub model: Option<String>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub error: Option<String>,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+/// The final (or periodic) state of an assistant message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageUpdate {
+    pub content: String,
+    pub status: MessageStatus,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRecord {
+    pub user_id: String,
+    pub key_id: Option<String>,
+    pub session_id: Option<String>,
+    pub provider: String,
+    pub model: String,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub created_at: Millis,
+}
+
+/// Position in the newest-first session list: sessions strictly after it are returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionCursor {
+    pub updated_at: Millis,
+    pub id: String,
+}
+
+/// A named model configuration used by sessions and tasks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Agent {
+    pub id: String,
+    pub name: String,
+    /// Provider to prefer; `None` routes by model name.
+    pub provider: Option<String>,
+    pub model: String,
+    pub system_prompt: Option<String>,
+    pub temperature: Option<f64>,
+    pub max_tokens: Option<i64>,
+    /// Models tried in order when `model` fails before its first token.
+    pub fallback_models: Vec<String>,
+    /// Whether the top knowledge-base hits for the user's message join the system prompt.
+    pub knowledge: bool,
+    pub is_active: bool,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+/// A named prompt template with `{{variable}}` placeholders, bound to an agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Scene {
+    pub id: String,
+    pub name: String,
+    pub agent: String,
+    pub template: String,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KnowledgeDoc {
+    pub id: String,
+    pub title: String,
+    pub content: String,
+    pub tags: Vec<String>,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct KnowledgeHit {
+    pub id: String,
+    pub title: String,
+    /// A short excerpt around the matched terms.
+    pub snippet: String,
+    pub tags: Vec<String>,
+    /// Higher is better; comparable within one search only.
+    pub score: f64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => Self::Queued,
+            "running" => Self::Running,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// An asynchronous prompt job.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Task {
+    pub id: String,
+    pub user_id: String,
+    pub key_id: Option<String>,
+    pub agent: String,
+    pub scene: Option<String>,
+    /// The request as JSON text (`{"messages":[…]}`), kept so a restart can run it.
+    pub input: String,
+    pub status: TaskStatus,
+    pub result: Option<String>,
+    pub error: Option<String>,
+    pub progress_tokens: i64,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+}
+
+fn unsupported<T>() -> Result<T, StoreError> {
+    Err(StoreError::Backend("not supported by this store".into()))
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `"sqlite"` or `"postgres"`, for health output.
+    fn backend(&self) -> &'static str;
+    /// A round trip to the database, for readiness.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The user with this name, created if missing.
+    async fn ensure_user(&self, name: &str) -> Result<User, StoreError>;
+    async fn create_api_key(
+        &self,
+        user_id: &str,
+        name: &str,
+        key_hash: &[u8; 32],
+        prefix: &str,
+        is_admin: bool,
+    ) -> Result<ApiKey, StoreError>;
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
+    /// Revokes the active keys whose id or name is `id_or_name`; returns how many.
+    async fn revoke_api_key(&self, id_or_name: &str) -> Result<u64, StoreError>;
+    /// The active (not revoked) key with this SHA-256.
+    async fn find_api_key(&self, key_hash: &[u8; 32]) -> Result<Option<ApiKey>, StoreError>;
+
+    async fn create_session(
+        &self,
+        user_id: &str,
+        agent: Option<&str>,
+        title: Option<&str>,
+    ) -> Result<Session, StoreError>;
+    /// Newest first by `(updated_at, id)` descending.
+    async fn list_sessions(
+        &self,
+        user_id: &str,
+        after: Option<&SessionCursor>,
+        limit: u32,
+    ) -> Result<Vec<Session>, StoreError>;
+    /// `None` when it does not exist or belongs to another user.
+    async fn get_session(&self, user_id: &str, id: &str) -> Result<Option<Session>, StoreError>;
+    /// Deletes the session and its messages; `false` when not found for this user.
+    async fn delete_session(&self, user_id: &str, id: &str) -> Result<bool, StoreError>;
+    async fn update_session_title(
+        &self,
+        user_id: &str,
+        id: &str,
+        title: Option<&str>,
+    ) -> Result<Option<Session>, StoreError>;
+
+    /// Oldest first.
+    async fn list_messages(&self, session_id: &str) -> Result<Vec<StoredMessage>, StoreError>;
+    /// Also moves the session's `updated_at` to the message's.
+    async fn insert_message(&self, m: &StoredMessage) -> Result<(), StoreError>;
+    async fn update_message(&self, id: &str, u: &MessageUpdate) -> Result<(), StoreError>;
+    /// Marks every message still `streaming` as `interrupted`: after a restart of an embedded
+    /// instance, nothing can still be producing them.
+    async fn interrupt_streaming(&self) -> Result<u64, StoreError>;
+
+    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError>;
+
+    // Agents: names are unique; `create` of a taken name is a Conflict.
+    async fn create_agent(&self, _a: &Agent) -> Result<(), StoreError> {
+        unsupported()
+    }
+    /// Replaces the agent with `a.name`; `false` when there is none.
+    async fn update_agent(&self, _a: &Agent) -> Result<bool, StoreError> {
+        unsupported()
+    }
+    async fn get_agent(&self, _name: &str) -> Result<Option<Agent>, StoreError> {
+        unsupported()
+    }
+    /// By name.
+    async fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
+        unsupported()
+    }
+    async fn delete_agent(&self, _name: &str) -> Result<bool, StoreError> {
+        unsupported()
+    }
+
+    // Scenes: as agents.
+    async fn create_scene(&self, _s: &Scene) -> Result<(), StoreError> {
+        unsupported()
+    }
+    async fn update_scene(&self, _s: &Scene) -> Result<bool, StoreError> {
+        unsupported()
+    }
+    async fn get_scene(&self, _name: &str) -> Result<Option<Scene>, StoreError> {
+        unsupported()
+    }
+    async fn list_scenes(&self) -> Result<Vec<Scene>, StoreError> {
+        unsupported()
+    }
+    async fn delete_scene(&self, _name: &str) -> Result<bool, StoreError> {
+        unsupported()
+    }
+
+    // Knowledge base with full-text search.
+    async fn add_knowledge(&self, _d: &KnowledgeDoc) -> Result<(), StoreError> {
+        unsupported()
+    }
+    /// Best first. A document whose title matches the query ranks above one that only
+    /// mentions it. Any user text is a valid query (it is never parsed as search syntax).
+    async fn search_knowledge(
+        &self,
+        _query: &str,
+        _limit: u32,
+    ) -> Result<Vec<KnowledgeHit>, StoreError> {
+        unsupported()
+    }
+
+    // Tasks.
+    async fn create_task(&self, _t: &Task) -> Result<(), StoreError> {
+        unsupported()
+    }
+    /// `user_id: None` reads any user's task (workers); `Some` only that user's.
+    async fn get_task(
+        &self,
+        _user_id: Option<&str>,
+        _id: &str,
+    ) -> Result<Option<Task>, StoreError> {
+        unsupported()
+    }
+    /// Atomically moves a `queued` or `running` task to `running` (a reclaimed task was
+    /// left `running` by a worker that died) and sets `started_at`; `None` when the task
+    /// is missing or already final, so it must not run.
+    async fn claim_task(&self, _id: &str, _now: Millis) -> Result<Option<Task>, StoreError> {
+        unsupported()
+    }
+    async fn set_task_progress(&self, _id: &str, _tokens: i64) -> Result<(), StoreError> {
+        unsupported()
+    }
+    /// Moves a `running` task to a final status; `false` when it was not running (already
+    /// finished or cancelled), so a task completes exactly once.
+    async fn finish_task(
+        &self,
+        _id: &str,
+        _status: TaskStatus,
+        _result: Option<&str>,
+        _error: Option<&str>,
+        _now: Millis,
+    ) -> Result<bool, StoreError> {
+        unsupported()
+    }
+    /// Cancels a `queued` or `running` task of this user; returns its status before, or
+    /// `None` when not found for this user. A final task is left as it is.
+    async fn cancel_task(
+        &self,
+        _user_id: &str,
+        _id: &str,
+        _now: Millis,
+    ) -> Result<Option<TaskStatus>, StoreError> {
+        unsupported()
+    }
+    /// `queued` and `running` tasks, oldest first (an embedded restart runs them again).
+    async fn list_unfinished_tasks(&self) -> Result<Vec<Task>, StoreError> {
+        unsupported()
+    }
+    /// 1-based place among queued tasks by creation time; `None` unless queued.
+    async fn task_position(&self, _id: &str) -> Result<Option<u64>, StoreError> {
+        unsupported()
+    }
+    async fn count_queued_tasks(&self) -> Result<u64, StoreError> {
+        unsupported()
+    }
+
+    /// Token usage per key and model recorded in `[from, to)`.
+    async fn usage_summary(&self, _from: Millis, _to: Millis) -> Result<Vec<UsageRow>, StoreError> {
+        unsupported()
+    }
+
+    /// Connection pool occupancy, for backends that pool connections.
+    fn pool_state(&self) -> Option<PoolState> {
+        None
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct UsageRow {
+    pub key_id: Option<String>,
+    pub model: String,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+}
+
+pub use postgres::PoolState;
+
+/// Opens the configured backend and applies its migrations.
+pub async fn open(cfg: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match &cfg.database_url {
+        Some(url) => Arc::new(postgres::PgStore::connect(url.expose(), cfg).await?),
+        None => Arc::new(sqlite::SqliteStore::open(cfg).await?),
+    })
+}

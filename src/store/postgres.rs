@@ -1,0 +1,1167 @@
+//! PostgreSQL store: a bb8 pool of tokio-postgres connections.
+//!
+//! Everything about where the data lives comes from the URL, `options` included, so
+//! `?options=-c%20search_path%3Dtenant` puts every table, and the migration history, in
+//! that schema for both the pool and the migration connection.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bb8::{ErrorSink, PooledConnection, RunError};
+use bb8_postgres::PostgresConnectionManager;
+use parking_lot::Mutex;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Config, NoTls, Row};
+
+use super::codec::{
+    BadValue, brief, check_final, json_list, parse_json_list, parse_role, role_str, search_terms,
+};
+use super::{
+    Agent, ApiKey, KnowledgeDoc, KnowledgeHit, MessageStatus, MessageUpdate, Millis, Scene,
+    Session, SessionCursor, Store, StoreError, StoredMessage, Task, TaskStatus, UsageRecord,
+    UsageRow, User, new_id, now_millis,
+};
+use crate::config::StoreConfig;
+
+mod embedded {
+    refinery::embed_migrations!("migrations/postgres");
+}
+
+type Manager = PostgresConnectionManager<NoTls>;
+
+pub struct PgStore {
+    pool: bb8::Pool<Manager>,
+    acquire_timeout: Duration,
+    /// Why the pool last failed to connect: bb8 reports only "timed out" to the caller.
+    last_connect_error: LastError,
+    applied: Vec<String>,
+}
+
+/// Pool size and use, for metrics and readiness output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolState {
+    pub max: u32,
+    pub open: u32,
+    pub idle: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+struct LastError(Arc<Mutex<Option<(Instant, String)>>>);
+
+impl ErrorSink<tokio_postgres::Error> for LastError {
+    fn sink(&self, e: tokio_postgres::Error) {
+        tracing::warn!(error = %e, "postgres connection failed");
+        *self.0.lock() = Some((Instant::now(), e.to_string()));
+    }
+
+    fn boxed_clone(&self) -> Box<dyn ErrorSink<tokio_postgres::Error>> {
+        Box::new(self.clone())
+    }
+}
+
+impl PgStore {
+    /// Applies pending migrations on a connection of its own, then builds the pool.
+    /// Fails when the database cannot be reached, so a bad `DATABASE_URL` stops the start.
+    pub async fn connect(url: &str, cfg: &StoreConfig) -> Result<Self, StoreError> {
+        // The parse error never echoes the URL, which may hold a password.
+        let mut pg: Config = url
+            .parse()
+            .map_err(|e| StoreError::Backend(format!("invalid DATABASE_URL: {e}")))?;
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(cfg.acquire_timeout);
+        }
+        if pg.get_application_name().is_none() {
+            pg.application_name("sluice");
+        }
+        let applied = migrate(&pg).await?;
+        if !applied.is_empty() {
+            tracing::info!(migrations = ?applied, "postgres store migrated");
+        }
+        let sink = LastError::default();
+        let pool = bb8::Pool::builder()
+            .max_size(cfg.pool_size.max(1))
+            .connection_timeout(cfg.acquire_timeout)
+            .max_lifetime(Some(cfg.max_lifetime))
+            .error_sink(Box::new(sink.clone()))
+            .build(PostgresConnectionManager::new(pg, NoTls))
+            .await?;
+        Ok(Self {
+            pool,
+            acquire_timeout: cfg.acquire_timeout,
+            last_connect_error: sink,
+            applied,
+        })
+    }
+
+    /// Migrations this `connect` applied (empty when the schema was already current).
+    pub fn applied_migrations(&self) -> &[String] {
+        &self.applied
+    }
+
+    pub fn pool_state(&self) -> PoolState {
+        let s = self.pool.state();
+        PoolState {
+            max: self.pool.config().max_size,
+            open: s.connections,
+            idle: s.idle_connections,
+        }
+    }
+
+    async fn conn(&self) -> Result<PooledConnection<'_, Manager>, StoreError> {
+        self.pool.get().await.map_err(|e| match e {
+            RunError::User(e) => e.into(),
+            RunError::TimedOut => {
+                let mut msg = format!(
+                    "no database connection within {:?} ({} open, pool max {})",
+                    self.acquire_timeout,
+                    self.pool.state().connections,
+                    self.pool.config().max_size
+                );
+                // Only a recent failure explains this timeout; an old one would mislead.
+                if let Some((at, err)) = &*self.last_connect_error.0.lock()
+                    && at.elapsed() <= self.acquire_timeout * 2
+                {
+                    msg.push_str(": ");
+                    msg.push_str(err);
+                }
+                StoreError::Unavailable(msg)
+            }
+        })
+    }
+}
+
+/// Runs the embedded migrations. Instances starting together would race to apply the same
+/// migration, so they take turns on an advisory lock named after the target schema (per
+/// schema, so isolated test schemas do not wait on each other). The lock is session-level
+/// and goes away with the connection, even if this process dies half-way.
+async fn migrate(pg: &Config) -> Result<Vec<String>, StoreError> {
+    let (mut client, connection) = pg.connect(NoTls).await?;
+    let driver = tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "postgres migration connection failed");
+        }
+    });
+    let result = async {
+        client
+            .batch_execute(
+                "SELECT pg_advisory_lock(hashtext('sluice.migrate.' || coalesce(current_schema(), '')))",
+            )
+            .await?;
+        let report = embedded::migrations::runner()
+            .run_async(&mut client)
+            .await
+            .map_err(migration_error)?;
+        Ok(report
+            .applied_migrations()
+            .iter()
+            .map(|m| m.to_string())
+            .collect())
+    }
+    .await;
+    drop(client);
+    let _ = driver.await;
+    result
+}
+
+/// refinery's own message for a database error is only "db error"; the cause says more,
+/// and says whether the database or the migration is at fault.
+fn migration_error(e: refinery::Error) -> StoreError {
+    let step = brief(&e);
+    let cause =
+        std::error::Error::source(&e).and_then(|s| s.downcast_ref::<tokio_postgres::Error>());
+    match cause.map(classify) {
+        Some(StoreError::Unavailable(m)) => {
+            StoreError::Unavailable(format!("migrating postgres: {m}"))
+        }
+        Some(StoreError::Backend(m) | StoreError::Conflict(m) | StoreError::NotFound(m)) => {
+            StoreError::Backend(format!("migrating postgres: {step}: {m}"))
+        }
+        None => StoreError::Backend(format!("migrating postgres: {step}")),
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        classify(&e)
+    }
+}
+
+fn classify(e: &tokio_postgres::Error) -> StoreError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
+        if *code == SqlState::UNIQUE_VIOLATION {
+            return StoreError::Conflict(match db.constraint() {
+                Some(c) => format!("{} ({c})", db.message()),
+                None => db.message().to_owned(),
+            });
+        }
+        if *code == SqlState::FOREIGN_KEY_VIOLATION {
+            return StoreError::NotFound(format!("referenced row: {}", db.message()));
+        }
+        // Connection exceptions, insufficient resources, operator intervention
+        // (shutdown, recovery): the database, not the query, is the problem.
+        return match &code.code()[..2] {
+            "08" | "53" | "57" => {
+                StoreError::Unavailable(format!("{}: {}", code.code(), db.message()))
+            }
+            _ => StoreError::Backend(format!("{}: {}", code.code(), db.message())),
+        };
+    }
+    // Not from the server: the socket failed, closed or timed out, or a value did not
+    // convert. Only the last is this query's fault.
+    let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+    if e.is_closed() || io || e.to_string().contains("timeout") {
+        return StoreError::Unavailable(e.to_string());
+    }
+    StoreError::Backend(e.to_string())
+}
+
+fn user_row(r: &Row) -> Result<User, StoreError> {
+    Ok(User {
+        id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        created_at: r.try_get(2)?,
+    })
+}
+
+fn key_row(r: &Row) -> Result<ApiKey, StoreError> {
+    Ok(ApiKey {
+        id: r.try_get(0)?,
+        user_id: r.try_get(1)?,
+        name: r.try_get(2)?,
+        prefix: r.try_get(3)?,
+        is_admin: r.try_get(4)?,
+        created_at: r.try_get(5)?,
+        revoked_at: r.try_get(6)?,
+    })
+}
+
+fn session_row(r: &Row) -> Result<Session, StoreError> {
+    Ok(Session {
+        id: r.try_get(0)?,
+        user_id: r.try_get(1)?,
+        agent: r.try_get(2)?,
+        title: r.try_get(3)?,
+        created_at: r.try_get(4)?,
+        updated_at: r.try_get(5)?,
+    })
+}
+
+fn message_row(r: &Row) -> Result<StoredMessage, StoreError> {
+    let bad = |column, value: &str| {
+        StoreError::Backend(
+            BadValue {
+                column,
+                value: value.to_owned(),
+            }
+            .to_string(),
+        )
+    };
+    let role: &str = r.try_get(2)?;
+    let status: &str = r.try_get(4)?;
+    Ok(StoredMessage {
+        id: r.try_get(0)?,
+        session_id: r.try_get(1)?,
+        role: parse_role(role).ok_or_else(|| bad("messages.role", role))?,
+        content: r.try_get(3)?,
+        status: MessageStatus::parse(status).ok_or_else(|| bad("messages.status", status))?,
+        generation_id: r.try_get(5)?,
+        model: r.try_get(6)?,
+        prompt_tokens: r.try_get(7)?,
+        completion_tokens: r.try_get(8)?,
+        error: r.try_get(9)?,
+        created_at: r.try_get(10)?,
+        updated_at: r.try_get(11)?,
+    })
+}
+
+fn bad(e: BadValue) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn agent_row(r: &Row) -> Result<Agent, StoreError> {
+    Ok(Agent {
+        id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        provider: r.try_get(2)?,
+        model: r.try_get(3)?,
+        system_prompt: r.try_get(4)?,
+        temperature: r.try_get(5)?,
+        max_tokens: r.try_get(6)?,
+        fallback_models: parse_json_list("agents.fallback_models", r.try_get(7)?).map_err(bad)?,
+        knowledge: r.try_get(8)?,
+        is_active: r.try_get(9)?,
+        created_at: r.try_get(10)?,
+        updated_at: r.try_get(11)?,
+    })
+}
+
+fn scene_row(r: &Row) -> Result<Scene, StoreError> {
+    Ok(Scene {
+        id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        agent: r.try_get(2)?,
+        template: r.try_get(3)?,
+        created_at: r.try_get(4)?,
+        updated_at: r.try_get(5)?,
+    })
+}
+
+fn task_status(s: &str) -> Result<TaskStatus, StoreError> {
+    TaskStatus::parse(s).ok_or_else(|| {
+        bad(BadValue {
+            column: "tasks.status",
+            value: s.to_owned(),
+        })
+    })
+}
+
+fn task_row(r: &Row) -> Result<Task, StoreError> {
+    Ok(Task {
+        id: r.try_get(0)?,
+        user_id: r.try_get(1)?,
+        key_id: r.try_get(2)?,
+        agent: r.try_get(3)?,
+        scene: r.try_get(4)?,
+        input: r.try_get(5)?,
+        status: task_status(r.try_get(6)?)?,
+        result: r.try_get(7)?,
+        error: r.try_get(8)?,
+        progress_tokens: r.try_get(9)?,
+        created_at: r.try_get(10)?,
+        started_at: r.try_get(11)?,
+        finished_at: r.try_get(12)?,
+    })
+}
+
+fn hit_row(r: &Row) -> Result<KnowledgeHit, StoreError> {
+    Ok(KnowledgeHit {
+        id: r.try_get(0)?,
+        title: r.try_get(1)?,
+        snippet: r.try_get(2)?,
+        tags: parse_json_list("knowledge_docs.tags", r.try_get(3)?).map_err(bad)?,
+        score: r.try_get(4)?,
+    })
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.conn().await?.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    async fn ensure_user(&self, name: &str) -> Result<User, StoreError> {
+        let c = self.conn().await?;
+        // Two statements, not one CTE: a CTE's SELECT cannot see a row that a concurrent
+        // transaction committed while its INSERT waited on the conflict.
+        c.execute(
+            "INSERT INTO users (id, name, created_at) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO NOTHING",
+            &[&new_id(), &name, &now_millis()],
+        )
+        .await?;
+        let row = c
+            .query_one(
+                "SELECT id, name, created_at FROM users WHERE name = $1",
+                &[&name],
+            )
+            .await?;
+        user_row(&row)
+    }
+
+    async fn create_api_key(
+        &self,
+        user_id: &str,
+        name: &str,
+        key_hash: &[u8; 32],
+        prefix: &str,
+        is_admin: bool,
+    ) -> Result<ApiKey, StoreError> {
+        let key = ApiKey {
+            id: new_id(),
+            user_id: user_id.to_owned(),
+            name: name.to_owned(),
+            prefix: prefix.to_owned(),
+            is_admin,
+            created_at: now_millis(),
+            revoked_at: None,
+        };
+        self.conn()
+            .await?
+            .execute(
+                "INSERT INTO api_keys (id, user_id, name, key_hash, prefix, is_admin, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &key.id,
+                    &key.user_id,
+                    &key.name,
+                    &key_hash.as_slice(),
+                    &key.prefix,
+                    &key.is_admin,
+                    &key.created_at,
+                ],
+            )
+            .await?;
+        Ok(key)
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        let rows = self
+            .conn()
+            .await?
+            .query(
+                "SELECT id, user_id, name, prefix, is_admin, created_at, revoked_at
+                 FROM api_keys ORDER BY created_at, id",
+                &[],
+            )
+            .await?;
+        rows.iter().map(key_row).collect()
+    }
+
+    async fn revoke_api_key(&self, id_or_name: &str) -> Result<u64, StoreError> {
+        let n = self
+            .conn()
+            .await?
+            .execute(
+                "UPDATE api_keys SET revoked_at = $2
+                 WHERE (id = $1 OR name = $1) AND revoked_at IS NULL",
+                &[&id_or_name, &now_millis()],
+            )
+            .await?;
+        Ok(n)
+    }
+
+    async fn find_api_key(&self, key_hash: &[u8; 32]) -> Result<Option<ApiKey>, StoreError> {
+        let row = self
+            .conn()
+            .await?
+            .query_opt(
+                "SELECT id, user_id, name, prefix, is_admin, created_at, revoked_at
+                 FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+                &[&key_hash.as_slice()],
+            )
+            .await?;
+        row.as_ref().map(key_row).transpose()
+    }
+
+    async fn create_session(
+        &self,
+        user_id: &str,
+        agent: Option<&str>,
+        title: Option<&str>,
+    ) -> Result<Session, StoreError> {
+        let now = now_millis();
+        let session = Session {
+            id: new_id(),
+            user_id: user_id.to_owned(),
+            agent: agent.map(str::to_owned),
+            title: title.map(str::to_owned),
+            created_at: now,
+            updated_at: now,
+        };
+        self.conn()
+            .await?
+            .execute(
+                "INSERT INTO sessions (id, user_id, agent, title, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &session.id,
+                    &session.user_id,
+                    &session.agent,
+                    &session.title,
+                    &session.created_at,
+                    &session.updated_at,
+                ],
+            )
+            .await?;
+        Ok(session)
+    }
+
+    async fn list_sessions(
+        &self,
+        user_id: &str,
+        after: Option<&SessionCursor>,
+        limit: u32,
+    ) -> Result<Vec<Session>, StoreError> {
+        let c = self.conn().await?;
+        let limit = i64::from(limit);
+        let rows = match after {
+            None => {
+                c.query(
+                    "SELECT id, user_id, agent, title, created_at, updated_at
+                     FROM sessions WHERE user_id = $1
+                     ORDER BY updated_at DESC, id DESC LIMIT $2",
+                    &[&user_id, &limit],
+                )
+                .await?
+            }
+            // The row comparison matches the index order, so this is an index range scan.
+            Some(cur) => {
+                c.query(
+                    "SELECT id, user_id, agent, title, created_at, updated_at
+                     FROM sessions WHERE user_id = $1 AND (updated_at, id) < ($2, $3)
+                     ORDER BY updated_at DESC, id DESC LIMIT $4",
+                    &[&user_id, &cur.updated_at, &cur.id, &limit],
+                )
+                .await?
+            }
+        };
+        rows.iter().map(session_row).collect()
+    }
+
+    async fn get_session(&self, user_id: &str, id: &str) -> Result<Option<Session>, StoreError> {
+        let row = self
+            .conn()
+            .await?
+            .query_opt(
+                "SELECT id, user_id, agent, title, created_at, updated_at
+                 FROM sessions WHERE id = $1 AND user_id = $2",
+                &[&id, &user_id],
+            )
+            .await?;
+        row.as_ref().map(session_row).transpose()
+    }
+
+    async fn delete_session(&self, user_id: &str, id: &str) -> Result<bool, StoreError> {
+        // Messages go with it through `ON DELETE CASCADE`.
+        let n = self
+            .conn()
+            .await?
+            .execute(
+                "DELETE FROM sessions WHERE id = $1 AND user_id = $2",
+                &[&id, &user_id],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn update_session_title(
+        &self,
+        user_id: &str,
+        id: &str,
+        title: Option<&str>,
+    ) -> Result<Option<Session>, StoreError> {
+        let row = self
+            .conn()
+            .await?
+            .query_opt(
+                "UPDATE sessions SET title = $3 WHERE id = $1 AND user_id = $2
+                 RETURNING id, user_id, agent, title, created_at, updated_at",
+                &[&id, &user_id, &title],
+            )
+            .await?;
+        row.as_ref().map(session_row).transpose()
+    }
+
+    async fn list_messages(&self, session_id: &str) -> Result<Vec<StoredMessage>, StoreError> {
+        let rows = self
+            .conn()
+            .await?
+            .query(
+                "SELECT id, session_id, role, content, status, generation_id, model,
+                        prompt_tokens, completion_tokens, error, created_at, updated_at
+                 FROM messages WHERE session_id = $1 ORDER BY created_at, id",
+                &[&session_id],
+            )
+            .await?;
+        rows.iter().map(message_row).collect()
+    }
+
+    async fn insert_message(&self, m: &StoredMessage) -> Result<(), StoreError> {
+        // One statement is one transaction, and one round trip instead of four.
+        self.conn()
+            .await?
+            .execute(
+                "WITH m AS (
+                     INSERT INTO messages (id, session_id, role, content, status, generation_id,
+                         model, prompt_tokens, completion_tokens, error, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                     RETURNING session_id, updated_at
+                 )
+                 UPDATE sessions SET updated_at = m.updated_at FROM m WHERE sessions.id = m.session_id",
+                &[
+                    &m.id,
+                    &m.session_id,
+                    &role_str(m.role),
+                    &m.content,
+                    &m.status.as_str(),
+                    &m.generation_id,
+                    &m.model,
+                    &m.prompt_tokens,
+                    &m.completion_tokens,
+                    &m.error,
+                    &m.created_at,
+                    &m.updated_at,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn update_message(&self, id: &str, u: &MessageUpdate) -> Result<(), StoreError> {
+        let n = self
+            .conn()
+            .await?
+            .execute(
+                "UPDATE messages SET content = $2, status = $3, prompt_tokens = $4,
+                     completion_tokens = $5, error = $6, updated_at = $7
+                 WHERE id = $1",
+                &[
+                    &id,
+                    &u.content,
+                    &u.status.as_str(),
+                    &u.prompt_tokens,
+                    &u.completion_tokens,
+                    &u.error,
+                    &now_millis(),
+                ],
+            )
+            .await?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("message {id}")));
+        }
+        Ok(())
+    }
+
+    async fn interrupt_streaming(&self) -> Result<u64, StoreError> {
+        let n = self
+            .conn()
+            .await?
+            .execute(
+                "UPDATE messages SET status = 'interrupted', updated_at = $1
+                 WHERE status = 'streaming'",
+                &[&now_millis()],
+            )
+            .await?;
+        Ok(n)
+    }
+
+    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError> {
+        self.conn()
+            .await?
+            .execute(
+                "INSERT INTO usage_records (id, user_id, key_id, session_id, provider, model,
+                     prompt_tokens, completion_tokens, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                &[
+                    &new_id(),
+                    &r.user_id,
+                    &r.key_id,
+                    &r.session_id,
+                    &r.provider,
+                    &r.model,
+                    &r.prompt_tokens,
+                    &r.completion_tokens,
+                    &r.created_at,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn create_agent(&self, a: &Agent) -> Result<(), StoreError> {
+        let fallback = json_list(&a.fallback_models)?;
+        self.conn()
+            .await?
+            .execute(
+                "INSERT INTO agents (id, name, provider, model, system_prompt, temperature,
+                     max_tokens, fallback_models, knowledge, is_active, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                &[
+                    &a.id,
+                    &a.name,
+                    &a.provider,
+                    &a.model,
+                    &a.system_prompt,
+                    &a.temperature,
+                    &a.max_tokens,
+                    &fallback,
+                    &a.knowledge,
+                    &a.is_active,
+                    &a.created_at,
+                    &a.updated_at,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn update_agent(&self, a: &Agent) -> Result<bool, StoreError> {
+        let fallback = json_list(&a.fallback_models)?;
+        // The row keeps its id and created_at: the name is the agent's identity here.
+        let n = self
+            .conn()
+            .await?
+            .execute(
+                "UPDATE agents SET provider = $2, model = $3, system_prompt = $4,
+                     temperature = $5, max_tokens = $6, fallback_models = $7,
+                     knowledge = $8, is_active = $9, updated_at = $10
+                 WHERE name = $1",
+                &[
+                    &a.name,
+                    &a.provider,
+                    &a.model,
+                    &a.system_prompt,
+                    &a.temperature,
+                    &a.max_tokens,
+                    &fallback,
+                    &a.knowledge,
+                    &a.is_active,
+                    &a.updated_at,
+                ],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn get_agent(&self, name: &str) -> Result<Option<Agent>, StoreError> {
+        let row = self
+            .conn()
+            .await?
+            .query_opt(
+                "SELECT id, name, provider, model, system_prompt, temperature, max_tokens,
+                        fallback_models, knowledge, is_active, created_at, updated_at
+                 FROM agents WHERE name = $1",
+                &[&name],
+            )
+            .await?;
+        row.as_ref().map(agent_row).transpose()
+    }
+
+    async fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
+        // COLLATE "C": byte order, as SQLite sorts, whatever the database's locale.
+        let rows = self
+            .conn()
+            .await?
+            .query(
+                "SELECT id, name, provider, model, system_prompt, temperature, max_tokens,
+                        fallback_models, knowledge, is_active, created_at, updated_at
+                 FROM agents ORDER BY name COLLATE \"C\"",
+                &[],
+            )
+            .await?;
+        rows.iter().map(agent_row).collect()
+    }
+
+    async fn delete_agent(&self, name: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .await?
+            .execute("DELETE FROM agents WHERE name = $1", &[&name])
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn create_scene(&self, s: &Scene) -> Result<(), StoreError> {
+        self.conn()
+            .await?
+            .execute(
+                "INSERT INTO scenes (id, name, agent, template, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &s.id,
+                    &s.name,
+                    &s.agent,
+                    &s.template,
+                    &s.created_at,
+                    &s.updated_at,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn update_scene(&self, s: &Scene) -> Result<bool, StoreError> {
+        // As agents: id and created_at stay.
+        let n = self
+            .conn()
+            .await?
+            .execute(
+                "UPDATE scenes SET agent = $2, template = $3, updated_at = $4 WHERE name = $1",
+                &[&s.name, &s.agent, &s.template, &s.updated_at],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn get_scene(&self, name: &str) -> Result<Option<Scene>, StoreError> {
+        let row = self
+            .conn()
+            .await?
+            .query_opt(
+                "SELECT id, name, agent, template, created_at, updated_at
+                 FROM scenes WHERE name = $1",
+                &[&name],
+            )
+            .await?;
+        row.as_ref().map(scene_row).transpose()
+    }
+
+    async fn list_scenes(&self) -> Result<Vec<Scene>, StoreError> {
+        let rows = self
+            .conn()
+            .await?
+            .query(
+                "SELECT id, name, agent, template, created_at, updated_at
+                 FROM scenes ORDER BY name COLLATE \"C\"",
+                &[],
+            )
+            .await?;
+        rows.iter().map(scene_row).collect()
+    }
+
+    async fn delete_scene(&self, name: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .await?
+            .execute("DELETE FROM scenes WHERE name = $1", &[&name])
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn add_knowledge(&self, d: &KnowledgeDoc) -> Result<(), StoreError> {
+        let tags = json_list(&d.tags)?;
+        // `search` is a generated column: PostgreSQL indexes the row itself.
+        self.conn()
+            .await?
+            .execute(
+                "INSERT INTO knowledge_docs (id, title, content, tags, created_at)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[&d.id, &d.title, &d.content, &tags, &d.created_at],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn search_knowledge(
+        &self,
+        query: &str,
+        limit: u32,
+    ) -> Result<Vec<KnowledgeHit>, StoreError> {
+        let terms = search_terms(query);
+        if terms.is_empty() || limit == 0 {
+            return Ok(Vec::new());
+        }
+        // plainto_tsquery reads the words as plain text (stemmed, stop words dropped) and
+        // joins them with AND; its output, in the server's own quoting, has ' & ' only as
+        // that operator (lexemes hold no spaces), so swapping it for ' | ' matches any
+        // word. ts_rank weighs the title (A) above tags (B) above body text (C). The
+        // headline, the costly part, is computed for the returned rows only; a document
+        // without content falls back to its title.
+        let rows = self
+            .conn()
+            .await?
+            .query(
+                "WITH q AS (
+                     SELECT replace(plainto_tsquery('english', $1)::TEXT, ' & ', ' | ')::TSQUERY AS q
+                 ), hits AS (
+                     SELECT d.id, d.title, d.content, d.tags, d.created_at,
+                            ts_rank(d.search, q.q)::FLOAT8 AS score, q.q
+                     FROM knowledge_docs d, q
+                     WHERE d.search @@ q.q
+                     ORDER BY score DESC, d.created_at, d.id
+                     LIMIT $2
+                 )
+                 SELECT id, title,
+                        coalesce(nullif(ts_headline('english', content, q,
+                            'MaxFragments=1, MaxWords=24, MinWords=12, StartSel=\"\", StopSel=\"\"'),
+                            ''), title),
+                        tags, score
+                 FROM hits ORDER BY score DESC, created_at, id",
+                &[&terms.join(" "), &i64::from(limit)],
+            )
+            .await?;
+        rows.iter().map(hit_row).collect()
+    }
+
+    async fn create_task(&self, t: &Task) -> Result<(), StoreError> {
+        self.conn()
+            .await?
+            .execute(
+                "INSERT INTO tasks (id, user_id, key_id, agent, scene, input, status, result,
+                     error, progress_tokens, created_at, started_at, finished_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                &[
+                    &t.id,
+                    &t.user_id,
+                    &t.key_id,
+                    &t.agent,
+                    &t.scene,
+                    &t.input,
+                    &t.status.as_str(),
+                    &t.result,
+                    &t.error,
+                    &t.progress_tokens,
+                    &t.created_at,
+                    &t.started_at,
+                    &t.finished_at,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn get_task(&self, user_id: Option<&str>, id: &str) -> Result<Option<Task>, StoreError> {
+        let row = self
+            .conn()
+            .await?
+            .query_opt(
+                "SELECT id, user_id, key_id, agent, scene, input, status, result, error,
+                        progress_tokens, created_at, started_at, finished_at
+                 FROM tasks WHERE id = $1 AND ($2::TEXT IS NULL OR user_id = $2)",
+                &[&id, &user_id],
+            )
+            .await?;
+        row.as_ref().map(task_row).transpose()
+    }
+
+    async fn claim_task(&self, id: &str, now: Millis) -> Result<Option<Task>, StoreError> {
+        // One statement: a concurrent finish or cancel either commits first (and the
+        // re-checked status no longer matches) or waits for this one.
+        let row = self
+            .conn()
+            .await?
+            .query_opt(
+                "UPDATE tasks SET status = 'running', started_at = $2
+                 WHERE id = $1 AND status IN ('queued', 'running')
+                 RETURNING id, user_id, key_id, agent, scene, input, status, result, error,
+                           progress_tokens, created_at, started_at, finished_at",
+                &[&id, &now],
+            )
+            .await?;
+        row.as_ref().map(task_row).transpose()
+    }
+
+    async fn set_task_progress(&self, id: &str, tokens: i64) -> Result<(), StoreError> {
+        // Only while running: a late write of a worker that lost the task (cancelled,
+        // finished elsewhere) must not change a settled record.
+        self.conn()
+            .await?
+            .execute(
+                "UPDATE tasks SET progress_tokens = $2 WHERE id = $1 AND status = 'running'",
+                &[&id, &tokens],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn finish_task(
+        &self,
+        id: &str,
+        status: TaskStatus,
+        result: Option<&str>,
+        error: Option<&str>,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        check_final(status)?;
+        let n = self
+            .conn()
+            .await?
+            .execute(
+                "UPDATE tasks SET status = $2, result = $3, error = $4, finished_at = $5
+                 WHERE id = $1 AND status = 'running'",
+                &[&id, &status.as_str(), &result, &error, &now],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn cancel_task(
+        &self,
+        user_id: &str,
+        id: &str,
+        now: Millis,
+    ) -> Result<Option<TaskStatus>, StoreError> {
+        // The status before is the answer, and UPDATE … RETURNING gives the one after: the
+        // row is locked as it is read, so no finish can slip in between. Dropping the
+        // transaction on an early return (or a cancelled caller) rolls it back.
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await?;
+        let Some(row) = tx
+            .query_opt(
+                "SELECT status FROM tasks WHERE id = $1 AND user_id = $2 FOR UPDATE",
+                &[&id, &user_id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let before = task_status(row.try_get(0)?)?;
+        if !before.is_final() {
+            tx.execute(
+                "UPDATE tasks SET status = 'cancelled', finished_at = $2 WHERE id = $1",
+                &[&id, &now],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Some(before))
+    }
+
+    async fn list_unfinished_tasks(&self) -> Result<Vec<Task>, StoreError> {
+        let rows = self
+            .conn()
+            .await?
+            .query(
+                "SELECT id, user_id, key_id, agent, scene, input, status, result, error,
+                        progress_tokens, created_at, started_at, finished_at
+                 FROM tasks WHERE status IN ('queued', 'running')
+                 ORDER BY created_at, id",
+                &[],
+            )
+            .await?;
+        rows.iter().map(task_row).collect()
+    }
+
+    async fn task_position(&self, id: &str) -> Result<Option<u64>, StoreError> {
+        // `id` breaks ties between tasks created in the same millisecond, so positions
+        // are distinct; the count is a range scan of tasks_status_created.
+        let row = self
+            .conn()
+            .await?
+            .query_opt(
+                "SELECT (SELECT count(*) FROM tasks q
+                         WHERE q.status = 'queued'
+                           AND (q.created_at, q.id) <= (t.created_at, t.id))
+                 FROM tasks t WHERE t.id = $1 AND t.status = 'queued'",
+                &[&id],
+            )
+            .await?;
+        let n: Option<i64> = row.map(|r| r.try_get(0)).transpose()?;
+        Ok(n.map(|n| n.max(0) as u64))
+    }
+
+    async fn count_queued_tasks(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn()
+            .await?
+            .query_one("SELECT count(*) FROM tasks WHERE status = 'queued'", &[])
+            .await?
+            .try_get(0)?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn usage_summary(&self, from: Millis, to: Millis) -> Result<Vec<UsageRow>, StoreError> {
+        let rows = self
+            .conn()
+            .await?
+            .query(
+                "SELECT key_id, model, count(*), coalesce(sum(prompt_tokens), 0)::bigint, \
+                 coalesce(sum(completion_tokens), 0)::bigint FROM usage_records \
+                 WHERE created_at >= $1 AND created_at < $2 \
+                 GROUP BY key_id, model ORDER BY key_id, model",
+                &[&from, &to],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageRow {
+                    key_id: r.try_get(0)?,
+                    model: r.try_get(1)?,
+                    requests: r.try_get(2)?,
+                    prompt_tokens: r.try_get(3)?,
+                    completion_tokens: r.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    fn pool_state(&self) -> Option<super::PoolState> {
+        Some(PgStore::pool_state(self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store in a schema of its own on the test server (see tests/common/db.rs), dropped
+    /// at the end by the caller.
+    async fn scratch(
+        pool_size: u32,
+        acquire_timeout: Duration,
+    ) -> (PgStore, tokio_postgres::Client, String) {
+        let server = std::env::var("SLUICE_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let (admin, conn) = tokio_postgres::connect(&server, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let schema = format!(
+            "sluice_t_{}_{:016x}",
+            now_millis() / 1000,
+            rand::random::<u64>()
+        );
+        admin
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+        let url = format!("{server}?options=-c%20search_path%3D{schema}");
+        let cfg = StoreConfig {
+            pool_size,
+            acquire_timeout,
+            ..StoreConfig::default()
+        };
+        (PgStore::connect(&url, &cfg).await.unwrap(), admin, schema)
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_pool_is_unavailable_not_stuck() {
+        let (store, admin, schema) = scratch(1, Duration::from_millis(200)).await;
+        let held = store.pool.get().await.unwrap();
+        let err = store.ping().await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert_eq!(store.pool_state().max, 1);
+        drop(held);
+        store.ping().await.unwrap();
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_unavailable() {
+        let cfg = StoreConfig {
+            acquire_timeout: Duration::from_secs(2),
+            ..StoreConfig::default()
+        };
+        let err = PgStore::connect("postgres://postgres@127.0.0.1:1/test", &cfg)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_migration_says_why() {
+        let server = std::env::var("SLUICE_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let url = format!("{server}?options=-c%20search_path%3Dsluice_no_such_schema");
+        let err = PgStore::connect(&url, &StoreConfig::default())
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+        assert!(
+            err.to_string().contains("no schema has been selected"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_url_does_not_echo_the_password() {
+        let err = PgStore::connect(
+            "postgres://u:hunter2@h/db?sslmode=bogus",
+            &StoreConfig::default(),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+}

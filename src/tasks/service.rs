@@ -1,0 +1,476 @@
+//! Tasks: creation, the worker pool, progress events, cancellation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Delivery, QueueError, TaskQueue};
+use crate::chat::agent::{DEFAULT_AGENT, build_request, render};
+use crate::chat::service::{Caller, ChatError};
+use crate::chat::{Message, Role, UpstreamEvent};
+use crate::hub::{Channel, EventId, EventKind, Hub, Subscription};
+use crate::store::{Agent, Store, StoreError, Task, TaskStatus, new_id, now_millis};
+use crate::upstream::Upstreams;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error(transparent)]
+    Chat(#[from] ChatError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+impl From<StoreError> for TaskError {
+    fn from(e: StoreError) -> Self {
+        Self::Chat(ChatError::Store(e))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TaskSettings {
+    pub workers: usize,
+    /// Instance name + worker number make each worker's consumer name in the queue.
+    pub server_id: String,
+}
+
+/// What `GET /api/tasks/{id}` shows.
+#[derive(Debug, Serialize)]
+pub struct TaskView {
+    pub id: String,
+    pub status: TaskStatus,
+    pub agent: String,
+    pub scene: Option<String>,
+    /// 1-based place in the queue while queued.
+    pub position: Option<u64>,
+    pub progress: Progress,
+    pub result: Option<String>,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Progress {
+    pub tokens: i64,
+}
+
+pub struct TaskService {
+    store: Arc<dyn Store>,
+    upstreams: Arc<Upstreams>,
+    hub: Arc<Hub>,
+    queue: Arc<dyn TaskQueue>,
+    settings: TaskSettings,
+    /// Cancellation of the tasks running on this instance.
+    running: Arc<DashMap<String, CancellationToken>>,
+    /// The worker loops.
+    workers: TaskTracker,
+    /// Fired when draining starts: workers stop taking tasks.
+    drain: CancellationToken,
+    /// Fired when the drain window is over: running tasks are abandoned unacknowledged,
+    /// so the queue delivers them again (to another instance, or after the restart).
+    stop: CancellationToken,
+}
+
+/// Emit a progress event at most every this many tokens, so a fast stream does not flood
+/// watchers with one event per token.
+const PROGRESS_EVERY: i64 = 16;
+
+/// How long a worker waits on the queue before checking for shutdown again.
+const POP_WAIT: Duration = Duration::from_secs(2);
+
+impl TaskService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        upstreams: Arc<Upstreams>,
+        hub: Arc<Hub>,
+        queue: Arc<dyn TaskQueue>,
+        settings: TaskSettings,
+        drain: CancellationToken,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            upstreams,
+            hub,
+            queue,
+            settings,
+            running: Arc::new(DashMap::new()),
+            workers: TaskTracker::new(),
+            drain,
+            stop,
+        })
+    }
+
+    pub fn workers(&self) -> &TaskTracker {
+        &self.workers
+    }
+
+    pub fn queue(&self) -> &Arc<dyn TaskQueue> {
+        &self.queue
+    }
+
+    /// Queues again what a previous run of an embedded instance left unfinished, then
+    /// starts the workers.
+    pub async fn start(self: &Arc<Self>, recover: bool) -> Result<(), TaskError> {
+        if recover {
+            let pending = self.store.list_unfinished_tasks().await?;
+            if !pending.is_empty() {
+                tracing::info!(tasks = pending.len(), "queueing tasks left by the last run");
+            }
+            for t in pending {
+                self.channel(&t);
+                self.queue.push(&t.id).await?;
+            }
+        }
+        for n in 0..self.settings.workers {
+            let this = self.clone();
+            let consumer = format!("{}-{n}", self.settings.server_id);
+            self.workers.spawn(async move { this.work(consumer).await });
+        }
+        Ok(())
+    }
+
+    fn channel(&self, t: &Task) -> Arc<Channel> {
+        self.hub.get(&t.id).unwrap_or_else(|| {
+            self.hub
+                .create(&t.id, &format!("task:{}", t.id), &t.user_id)
+        })
+    }
+
+    /// A task from a scene: its template filled with `variables` becomes the user message.
+    pub async fn create_from_scene(
+        &self,
+        caller: &Caller,
+        scene: &str,
+        variables: &Map<String, Value>,
+    ) -> Result<Task, TaskError> {
+        let scene = self
+            .store
+            .get_scene(scene)
+            .await?
+            .ok_or(ChatError::NotFound("scene"))?;
+        let prompt = render(&scene.template, variables).map_err(ChatError::Invalid)?;
+        self.create(
+            caller,
+            Some(&scene.agent),
+            Some(&scene.name),
+            vec![Message::new(Role::User, prompt)],
+        )
+        .await
+    }
+
+    pub async fn create(
+        &self,
+        caller: &Caller,
+        agent: Option<&str>,
+        scene: Option<&str>,
+        messages: Vec<Message>,
+    ) -> Result<Task, TaskError> {
+        if messages.is_empty() {
+            return Err(
+                ChatError::Invalid("messages: must contain at least one message".into()).into(),
+            );
+        }
+        let agent = self.agent(agent).await?;
+        let now = now_millis();
+        let task = Task {
+            id: new_id(),
+            user_id: caller.user_id.clone(),
+            key_id: caller.key_id.clone(),
+            agent: agent.name.clone(),
+            scene: scene.map(str::to_owned),
+            input: json!({ "messages": messages }).to_string(),
+            status: TaskStatus::Queued,
+            result: None,
+            error: None,
+            progress_tokens: 0,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+        };
+        self.store.create_task(&task).await?;
+        let channel = self.channel(&task);
+        if let Err(e) = self.queue.push(&task.id).await {
+            let msg = e.to_string();
+            // `finish_task` only moves running tasks: claim first, so the task is recorded
+            // as failed rather than left queued for a restart to run.
+            if let Ok(Some(_)) = self.store.claim_task(&task.id, now_millis()).await {
+                self.store
+                    .finish_task(&task.id, TaskStatus::Failed, None, Some(&msg), now_millis())
+                    .await
+                    .ok();
+            }
+            channel.publish_json(EventKind::Failed, &json!({"error": msg}));
+            return Err(e.into());
+        }
+        let position = self.store.task_position(&task.id).await?.unwrap_or(1);
+        channel.publish_json(EventKind::Queued, &json!({ "position": position }));
+        Ok(task)
+    }
+
+    async fn agent(&self, name: Option<&str>) -> Result<Agent, TaskError> {
+        let name = name.unwrap_or(DEFAULT_AGENT);
+        self.store
+            .get_agent(name)
+            .await?
+            .filter(|a| a.is_active)
+            .ok_or_else(|| {
+                ChatError::Invalid(format!("agent: no active agent named '{name}'")).into()
+            })
+    }
+
+    pub async fn get(&self, caller: &Caller, id: &str) -> Result<TaskView, TaskError> {
+        let t = self
+            .store
+            .get_task(Some(&caller.user_id), id)
+            .await?
+            .ok_or(ChatError::NotFound("task"))?;
+        let position = if t.status == TaskStatus::Queued {
+            self.store.task_position(&t.id).await?
+        } else {
+            None
+        };
+        Ok(TaskView {
+            id: t.id,
+            status: t.status,
+            agent: t.agent,
+            scene: t.scene,
+            position,
+            progress: Progress {
+                tokens: t.progress_tokens,
+            },
+            result: t.result,
+            error: t.error,
+            created_at: t.created_at,
+            started_at: t.started_at,
+            finished_at: t.finished_at,
+        })
+    }
+
+    /// Cancels a queued or running task; a running one stops its upstream request.
+    pub async fn cancel(&self, caller: &Caller, id: &str) -> Result<TaskStatus, TaskError> {
+        let before = self
+            .store
+            .cancel_task(&caller.user_id, id, now_millis())
+            .await?
+            .ok_or(ChatError::NotFound("task"))?;
+        if !before.is_final() {
+            if let Some(token) = self.running.get(id) {
+                token.cancel();
+            }
+            if let Some(ch) = self.hub.get(id) {
+                ch.publish_json(EventKind::Cancelled, &json!({}));
+            }
+        }
+        Ok(before)
+    }
+
+    /// The task's events from after `last_event_id` (or its start). A task this instance
+    /// has no log for (finished before a restart) yields its final state.
+    pub async fn events(
+        &self,
+        caller: &Caller,
+        id: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<Subscription, TaskError> {
+        let t = self
+            .store
+            .get_task(Some(&caller.user_id), id)
+            .await?
+            .ok_or(ChatError::NotFound("task"))?;
+        let after = last_event_id
+            .and_then(EventId::parse)
+            .filter(|e| e.generation_id == t.id)
+            .map(|e| e.seq);
+        let channel = match self.hub.get(&t.id) {
+            Some(ch) => ch,
+            None => {
+                let ch = self.channel(&t);
+                publish_final(&ch, &t);
+                ch
+            }
+        };
+        Ok(channel.subscribe(after))
+    }
+
+    /// Waits for the task to end (for `?sync=true`).
+    pub async fn wait(&self, caller: &Caller, id: &str) -> Result<TaskView, TaskError> {
+        let mut sub = self.events(caller, id, None).await?;
+        let mut batch = Vec::new();
+        while sub.next_batch(&mut batch).await.is_ok() {}
+        self.get(caller, id).await
+    }
+
+    async fn work(self: Arc<Self>, consumer: String) {
+        loop {
+            let delivery = tokio::select! {
+                _ = self.drain.cancelled() => return,
+                d = self.queue.pop(&consumer, POP_WAIT) => d,
+            };
+            match delivery {
+                Ok(Some(d)) => self.run(&d, &consumer).await,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "task queue unavailable; retrying");
+                    tokio::select! {
+                        _ = self.drain.cancelled() => return,
+                        _ = tokio::time::sleep(POP_WAIT) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run(&self, d: &Delivery, consumer: &str) {
+        let task = match self.store.claim_task(&d.task_id, now_millis()).await {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                // Finished or cancelled meanwhile: nothing to run.
+                self.queue.ack(d).await.ok();
+                return;
+            }
+            Err(e) => {
+                // Left unacknowledged: the queue delivers it again.
+                tracing::warn!(task_id = %d.task_id, error = %e, "cannot claim task");
+                return;
+            }
+        };
+        let cancel = CancellationToken::new();
+        self.running.insert(task.id.clone(), cancel.clone());
+        let channel = self.channel(&task);
+        channel.publish_json(EventKind::Running, &json!({}));
+        // Keeps the delivery ours while the task runs longer than the reclaim time.
+        let heartbeat = async {
+            let Some(every) = self.queue.reclaim_after().map(|r| r / 3) else {
+                return std::future::pending().await;
+            };
+            let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+            loop {
+                tick.tick().await;
+                if let Err(e) = self.queue.keep_alive(d, consumer).await {
+                    tracing::warn!(task_id = %d.task_id, error = %e, "cannot extend the task's delivery");
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => Err(None),
+            never = heartbeat => never,
+            _ = self.stop.cancelled() => {
+                // Not finished: left running and unacknowledged, so it runs again.
+                self.running.remove(&task.id);
+                return;
+            }
+            r = self.generate(&task, &channel) => r.map_err(Some),
+        };
+        self.running.remove(&task.id);
+        let now = now_millis();
+        let finished = match &outcome {
+            Ok(text) => {
+                self.store
+                    .finish_task(&task.id, TaskStatus::Succeeded, Some(text), None, now)
+                    .await
+            }
+            Err(Some(e)) => {
+                self.store
+                    .finish_task(&task.id, TaskStatus::Failed, None, Some(e), now)
+                    .await
+            }
+            // Cancelled: the store was updated by `cancel`.
+            Err(None) => Ok(false),
+        };
+        match finished {
+            Ok(true) => match outcome {
+                Ok(text) => {
+                    channel.publish_json(EventKind::Succeeded, &json!({ "result": text }));
+                }
+                Err(Some(e)) => {
+                    channel.publish_json(EventKind::Failed, &json!({ "error": e }));
+                }
+                Err(None) => {}
+            },
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(task_id = %task.id, error = %e, "cannot store the task result");
+                return;
+            }
+        }
+        self.queue.ack(d).await.ok();
+    }
+
+    /// Runs the task's request upstream; the reply text, or why it failed.
+    async fn generate(&self, task: &Task, channel: &Channel) -> Result<String, String> {
+        #[derive(serde::Deserialize)]
+        struct Input {
+            messages: Vec<Message>,
+        }
+        let input: Input =
+            serde_json::from_str(&task.input).map_err(|e| format!("unreadable task input: {e}"))?;
+        let agent = self
+            .store
+            .get_agent(&task.agent)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("agent '{}' no longer exists", task.agent))?;
+        let req = build_request(self.store.as_ref(), &agent, input.messages)
+            .await
+            .map_err(|e| e.to_string())?;
+        let chain = self
+            .upstreams
+            .chain_for(
+                &agent.model,
+                agent.provider.as_deref(),
+                &agent.fallback_models,
+            )
+            .map_err(|e| e.to_string())?;
+        let relay = self
+            .upstreams
+            .open_chain(&req, &chain)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut events = relay.events;
+        let mut text = String::new();
+        let mut tokens = 0i64;
+        while let Some(ev) = events.next().await {
+            match ev.map_err(|e| e.to_string())? {
+                UpstreamEvent::Token(t) => {
+                    text.push_str(&t);
+                    tokens += 1;
+                    if tokens % PROGRESS_EVERY == 0 {
+                        channel.publish_json(EventKind::Progress, &json!({ "tokens": tokens }));
+                        self.store.set_task_progress(&task.id, tokens).await.ok();
+                    }
+                }
+                UpstreamEvent::Usage(_) | UpstreamEvent::Finish(_) => {}
+            }
+        }
+        channel.publish_json(EventKind::Progress, &json!({ "tokens": tokens }));
+        self.store.set_task_progress(&task.id, tokens).await.ok();
+        Ok(text)
+    }
+}
+
+/// The final event of a task known only from the store.
+fn publish_final(ch: &Channel, t: &Task) {
+    match t.status {
+        TaskStatus::Succeeded => {
+            ch.publish_json(EventKind::Succeeded, &json!({ "result": t.result }));
+        }
+        TaskStatus::Failed => {
+            ch.publish_json(EventKind::Failed, &json!({ "error": t.error }));
+        }
+        TaskStatus::Cancelled => {
+            ch.publish_json(EventKind::Cancelled, &json!({}));
+        }
+        TaskStatus::Queued | TaskStatus::Running => {
+            ch.publish_json(EventKind::Queued, &json!({ "position": Value::Null }));
+        }
+    }
+}

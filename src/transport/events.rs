@@ -1,0 +1,54 @@
+//! Hub events over SSE (DESIGN §3): `retry:` first, every event with its id, `: ping`
+//! comments while nothing happens, and `error {code:"lagged"}` for a subscriber that fell
+//! behind the replay log — it can resume from its last id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio_util::sync::CancellationToken;
+
+use super::sse::PING;
+use crate::hub::{End, Event, EventFeed};
+
+/// Browsers' `EventSource` waits this long before reconnecting with `Last-Event-ID`.
+const RETRY: Bytes = Bytes::from_static(b"retry: 2000\n\n");
+
+const LAGGED: Bytes = Bytes::from_static(
+    b"event: error\ndata: {\"code\":\"lagged\",\"message\":\"this client fell behind the stream; reconnect with Last-Event-ID to resume\",\"retryable\":true}\n\n",
+);
+
+/// Frames a feed as SSE. Ends when the feed ends, when it lags, or at `stop` (the drain
+/// window is over): the client then reconnects, on another instance behind a proxy.
+pub fn sse<F: EventFeed + 'static>(
+    mut feed: F,
+    ping_every: Duration,
+    stop: CancellationToken,
+) -> impl Stream<Item = Bytes> + Send + 'static {
+    async_stream::stream! {
+        yield RETRY;
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch: Vec<Arc<Event>> = Vec::with_capacity(64);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                r = feed.next_batch(&mut batch) => match r {
+                    Ok(()) => {
+                        for e in batch.drain(..) {
+                            yield e.sse.clone();
+                        }
+                    }
+                    Err(End::Finished) => return,
+                    Err(End::Lagged) => {
+                        yield LAGGED;
+                        return;
+                    }
+                },
+                _ = ping.tick() => yield PING,
+            }
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Adapters between client sockets and the relay: each turns upstream events into one
+//! wire format.
+
+pub mod events;
+pub mod openai;
+pub mod sse;
+pub mod ws;

@@ -1,0 +1,465 @@
+//! The WebSocket protocol of DESIGN §4: JSON text frames, many topics per connection.
+//!
+//! The connection loop is written against a generic `Sink`/`Stream` of messages, so it is
+//! tested with channels as well as over real sockets. It is an adapter over the same hub
+//! feeds as SSE: a topic's events are the SSE events, reframed as
+//! `{"topic","id","event","data"}`.
+//!
+//! Backpressure: every outgoing frame goes through one bounded queue drained by a writer
+//! task. A client that stops reading blocks the writer; the queue fills; the connection is
+//! closed with a reason. Nothing is buffered beyond the queue, and other connections are
+//! not affected.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use bytes::Bytes;
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::chat::service::{Caller, ChatError, ChatService};
+use crate::hub::{End, Event, EventFeed};
+use crate::tasks::service::{TaskError, TaskService};
+
+#[derive(Debug, Clone)]
+pub struct WsSettings {
+    /// Interval of server pings; also how often silence is checked.
+    pub ping_every: Duration,
+    /// A peer silent (no frame, no pong) for this long is closed.
+    pub idle_timeout: Duration,
+    /// Largest text message accepted; larger closes with 1009.
+    pub max_message: usize,
+    /// Outgoing frames queued per connection before it counts as not reading.
+    pub queue: usize,
+}
+
+impl Default for WsSettings {
+    fn default() -> Self {
+        Self {
+            ping_every: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            max_message: 64 * 1024,
+            queue: 1024,
+        }
+    }
+}
+
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const UNSUPPORTED: u16 = 1003;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const RESTART: u16 = 1012;
+}
+
+/// What the connection loop needs from the rest of the server.
+pub struct WsContext {
+    pub chat: Arc<ChatService>,
+    pub tasks: Arc<TaskService>,
+    pub caller: Caller,
+    pub settings: WsSettings,
+    /// Fired when the drain window is over: clients are told to reconnect elsewhere.
+    pub stop: CancellationToken,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+enum ClientOp {
+    Chat {
+        session_id: String,
+        content: String,
+    },
+    Subscribe {
+        topic: String,
+        #[serde(default)]
+        last_event_id: Option<String>,
+    },
+    Unsubscribe {
+        topic: String,
+    },
+    Cancel {
+        session_id: String,
+    },
+    Ping,
+}
+
+const OPS: [&str; 5] = ["chat", "subscribe", "unsubscribe", "cancel", "ping"];
+
+fn error_frame(code: &str, message: &str, topic: Option<&str>) -> Message {
+    let mut v = serde_json::json!({"op": "error", "code": code, "message": message});
+    if let Some(t) = topic {
+        v["topic"] = Value::String(t.to_owned());
+    }
+    Message::Text(v.to_string().into())
+}
+
+/// `{"topic","id","event","data"}` with the event's JSON payload spliced in unparsed.
+fn event_frame(topic_json: &[u8], e: &Event) -> Message {
+    let data = e.data();
+    let mut buf = Vec::with_capacity(topic_json.len() + data.len() + 64);
+    buf.extend_from_slice(b"{\"topic\":");
+    buf.extend_from_slice(topic_json);
+    buf.extend_from_slice(b",\"id\":\"");
+    buf.extend_from_slice(e.id().as_bytes());
+    buf.extend_from_slice(b"\",\"event\":\"");
+    buf.extend_from_slice(e.kind.as_str().as_bytes());
+    buf.extend_from_slice(b"\",\"data\":");
+    buf.extend_from_slice(&data);
+    buf.push(b'}');
+    text(Bytes::from(buf))
+}
+
+fn text(b: Bytes) -> Message {
+    // Everything framed here is built from JSON, which is UTF-8.
+    Message::Text(Utf8Bytes::try_from(b).unwrap_or_else(|_| Utf8Bytes::from_static("{}")))
+}
+
+fn close_msg(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }))
+}
+
+/// Serves one connection until either side ends it.
+pub async fn serve<W, R, E>(write: W, mut read: R, ctx: WsContext)
+where
+    W: Sink<Message> + Unpin + Send + 'static,
+    W::Error: Send,
+    R: Stream<Item = Result<Message, E>> + Unpin + Send,
+{
+    let (out, out_rx) = mpsc::channel::<Message>(ctx.settings.queue.max(8));
+    let (close_tx, close_rx) = oneshot::channel::<Message>();
+    // A close frame may wait behind frames a paused client has not read yet; it gets as
+    // long as an idle peer would, so a client that resumes reading learns why it was cut.
+    let grace = ctx.settings.idle_timeout;
+    let mut writer = tokio::spawn(write_loop(write, out_rx, close_rx, grace, ctx.stop.clone()));
+    // Tripped by anyone who finds the queue full.
+    let overflow = CancellationToken::new();
+    let mut conn = Conn {
+        ctx: &ctx,
+        out: out.clone(),
+        overflow: overflow.clone(),
+        topics: HashMap::new(),
+        forwarders: JoinSet::new(),
+    };
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + ctx.settings.ping_every,
+        ctx.settings.ping_every,
+    );
+    let mut last_seen = Instant::now();
+    let closing = loop {
+        tokio::select! {
+            biased;
+            _ = ctx.stop.cancelled() => break Some(close_msg(close::RESTART, "server restarting; reconnect and resume")),
+            _ = overflow.cancelled() => break Some(close_msg(close::POLICY, "send queue full: the client is not reading")),
+            _ = &mut writer => break None,
+            msg = read.next() => match msg {
+                Some(Ok(Message::Text(t))) => {
+                    last_seen = Instant::now();
+                    if t.len() > ctx.settings.max_message {
+                        break Some(close_msg(close::TOO_BIG, "message larger than 64 KiB"));
+                    }
+                    conn.handle(t.as_str()).await;
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    break Some(close_msg(close::UNSUPPORTED, "binary frames are not supported; send JSON text"));
+                }
+                // Pings are answered by the WebSocket layer; any frame proves the peer alive.
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => last_seen = Instant::now(),
+                Some(Ok(Message::Close(_))) | None => break Some(close_msg(close::NORMAL, "bye")),
+                Some(Err(_)) => break Some(close_msg(close::TOO_BIG, "invalid or oversized frame")),
+            },
+            _ = ping.tick() => {
+                if last_seen.elapsed() >= ctx.settings.idle_timeout {
+                    break Some(close_msg(close::GOING_AWAY, "no traffic from the client; closing"));
+                }
+                conn.send(Message::Ping(Bytes::new()));
+            }
+        }
+    };
+    // The close request goes first: the writer prefers it to anything still queued, and
+    // must not mistake the queue closing below for the end of the connection.
+    if let Some(frame) = closing {
+        let _ = close_tx.send(frame);
+    }
+    conn.forwarders.abort_all();
+    drop(conn);
+    drop(out);
+    // Bounded: the writer ends within `grace` of the close, or at stop.
+    let _ = writer.await;
+}
+
+/// Drains the queue into the socket; on a close request, sends it (even when a send is
+/// stuck on a client that does not read) and ends.
+async fn write_loop<W>(
+    mut write: W,
+    mut rx: mpsc::Receiver<Message>,
+    mut close: oneshot::Receiver<Message>,
+    grace: Duration,
+    stop: CancellationToken,
+) where
+    W: Sink<Message> + Unpin,
+{
+    let frame = loop {
+        tokio::select! {
+            biased;
+            frame = &mut close => break frame.ok(),
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break None };
+                tokio::select! {
+                    biased;
+                    // A send stuck on a full socket is abandoned; the frame is already in
+                    // the WebSocket layer's buffer, so framing stays intact.
+                    frame = &mut close => break frame.ok(),
+                    r = write.send(msg) => if r.is_err() { return },
+                }
+            }
+        }
+    };
+    if let Some(frame) = frame {
+        tokio::select! {
+            _ = tokio::time::timeout(grace, write.send(frame)) => {}
+            _ = stop.cancelled() => {}
+        }
+    }
+}
+
+struct Conn<'a> {
+    ctx: &'a WsContext,
+    out: mpsc::Sender<Message>,
+    overflow: CancellationToken,
+    topics: HashMap<String, AbortHandle>,
+    forwarders: JoinSet<()>,
+}
+
+impl Conn<'_> {
+    fn send(&self, m: Message) {
+        if self.out.try_send(m).is_err() {
+            self.overflow.cancel();
+        }
+    }
+
+    async fn handle(&mut self, text: &str) {
+        let value: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                return self.send(error_frame(
+                    "bad_request",
+                    &format!("invalid JSON: {e}"),
+                    None,
+                ));
+            }
+        };
+        let Some(op) = value.get("op").and_then(Value::as_str) else {
+            return self.send(error_frame("bad_request", "missing \"op\"", None));
+        };
+        if !OPS.contains(&op) {
+            return self.send(error_frame(
+                "unknown_op",
+                &format!("unknown op '{op}'; expected one of {}", OPS.join(", ")),
+                None,
+            ));
+        }
+        let op: ClientOp = match serde_json::from_value(value) {
+            Ok(op) => op,
+            Err(e) => return self.send(error_frame("bad_request", &e.to_string(), None)),
+        };
+        match op {
+            ClientOp::Ping => self.send(Message::Text(Utf8Bytes::from_static("{\"op\":\"pong\"}"))),
+            ClientOp::Subscribe {
+                topic,
+                last_event_id,
+            } => self.subscribe(topic, last_event_id).await,
+            ClientOp::Unsubscribe { topic } => match self.topics.remove(&topic) {
+                Some(h) => h.abort(),
+                None => self.send(error_frame(
+                    "not_subscribed",
+                    "not subscribed to this topic",
+                    Some(&topic),
+                )),
+            },
+            ClientOp::Chat {
+                session_id,
+                content,
+            } => self.chat(session_id, content).await,
+            ClientOp::Cancel { session_id } => {
+                let topic = format!("session:{session_id}");
+                if let Err(e) = self.ctx.chat.cancel(&self.ctx.caller, &session_id).await {
+                    self.chat_error(e, &topic);
+                }
+            }
+        }
+    }
+
+    fn chat_error(&self, e: ChatError, topic: &str) {
+        let (code, msg) = match &e {
+            ChatError::NotFound(_) => ("not_found", e.to_string()),
+            ChatError::Busy { .. } => ("generation_running", e.to_string()),
+            ChatError::Invalid(m) => ("invalid_request", m.clone()),
+            ChatError::TooManyStreams(_) => ("too_many_streams", e.to_string()),
+            ChatError::Store(_) => ("unavailable", "the store is unavailable; retry".to_owned()),
+        };
+        self.send(error_frame(code, &msg, Some(topic)));
+    }
+
+    async fn subscribe(&mut self, topic: String, last_event_id: Option<String>) {
+        if self.topics.get(&topic).is_some_and(|h| !h.is_finished()) {
+            return self.send(error_frame(
+                "already_subscribed",
+                "already subscribed to this topic",
+                Some(&topic),
+            ));
+        }
+        if let Some(task_id) = topic.strip_prefix("task:") {
+            return match self
+                .ctx
+                .tasks
+                .events(&self.ctx.caller, task_id, last_event_id.as_deref())
+                .await
+            {
+                Ok(sub) => self.forward(topic, sub),
+                Err(TaskError::Chat(e)) => self.chat_error(e, &topic),
+                Err(TaskError::Queue(e)) => {
+                    self.send(error_frame("unavailable", &e.to_string(), Some(&topic)))
+                }
+            };
+        }
+        let Some(session_id) = topic.strip_prefix("session:") else {
+            return self.send(error_frame("not_found", "unknown topic", Some(&topic)));
+        };
+        match self
+            .ctx
+            .chat
+            .feed(&self.ctx.caller, session_id, last_event_id.as_deref())
+            .await
+        {
+            Ok(feed) => self.forward(topic, feed),
+            Err(e) => self.chat_error(e, &topic),
+        }
+    }
+
+    async fn chat(&mut self, session_id: String, content: String) {
+        let topic = format!("session:{session_id}");
+        match self
+            .ctx
+            .chat
+            .post_message(&self.ctx.caller, &session_id, &content)
+            .await
+        {
+            // A subscribed session's feed picks the new generation up by itself.
+            Ok(started) => {
+                if self.topics.get(&topic).is_none_or(|h| h.is_finished()) {
+                    let feed = self.ctx.chat.feed_from(started.channel);
+                    self.forward(topic, feed);
+                }
+            }
+            Err(e) => self.chat_error(e, &topic),
+        }
+    }
+
+    /// Relays a feed's events to the queue until the feed ends or the queue is full.
+    fn forward<F: EventFeed + 'static>(&mut self, topic: String, mut feed: F) {
+        let out = self.out.clone();
+        let overflow = self.overflow.clone();
+        let topic_json = serde_json::to_vec(&topic).unwrap_or_default();
+        let t = topic.clone();
+        let handle = self.forwarders.spawn(async move {
+            let mut batch = Vec::with_capacity(64);
+            loop {
+                match feed.next_batch(&mut batch).await {
+                    Ok(()) => {
+                        for e in batch.drain(..) {
+                            if out.try_send(event_frame(&topic_json, &e)).is_err() {
+                                overflow.cancel();
+                                return;
+                            }
+                        }
+                    }
+                    Err(End::Finished) => return,
+                    Err(End::Lagged) => {
+                        let _ = out.try_send(error_frame(
+                            "lagged",
+                            "this client fell behind the stream; subscribe again with last_event_id",
+                            Some(&t),
+                        ));
+                        return;
+                    }
+                }
+            }
+        });
+        self.topics.insert(topic, handle);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::channel::mpsc as fmpsc;
+
+    /// The loop over plain channels: no socket, no server.
+    async fn harness() -> (
+        fmpsc::UnboundedSender<Result<Message, std::convert::Infallible>>,
+        fmpsc::UnboundedReceiver<Message>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let mut cfg = crate::config::Config::default();
+        cfg.store.data_dir = tempfile::tempdir().unwrap().keep();
+        let st = crate::app::AppState::new(cfg).await.unwrap();
+        let (to_server, from_client) = fmpsc::unbounded();
+        let (to_client, from_server) = fmpsc::unbounded::<Message>();
+        let ctx = WsContext {
+            chat: st.chat.clone(),
+            tasks: st.tasks.clone(),
+            caller: Caller {
+                user_id: st.local_user.clone().unwrap(),
+                key_id: None,
+            },
+            settings: WsSettings::default(),
+            stop: CancellationToken::new(),
+        };
+        let task = tokio::spawn(serve(to_client, from_client, ctx));
+        (to_server, from_server, task)
+    }
+
+    fn json_of(m: Message) -> Value {
+        match m {
+            Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
+            other => panic!("not text: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn ping_errors_and_close_over_channels() {
+        let (tx, mut rx, task) = harness().await;
+        tx.unbounded_send(Ok(Message::Text("{\"op\":\"ping\"}".into())))
+            .unwrap();
+        assert_eq!(
+            json_of(rx.next().await.unwrap()),
+            serde_json::json!({"op": "pong"})
+        );
+        tx.unbounded_send(Ok(Message::Text("nope".into()))).unwrap();
+        assert_eq!(json_of(rx.next().await.unwrap())["code"], "bad_request");
+        tx.unbounded_send(Ok(Message::Text(
+            "{\"op\":\"subscribe\",\"topic\":\"session:missing\"}".into(),
+        )))
+        .unwrap();
+        let v = json_of(rx.next().await.unwrap());
+        assert_eq!(v["code"], "not_found");
+        assert_eq!(v["topic"], "session:missing");
+        tx.unbounded_send(Ok(Message::Binary(Bytes::from_static(b"x"))))
+            .unwrap();
+        match rx.next().await.unwrap() {
+            Message::Close(Some(f)) => assert_eq!(f.code, close::UNSUPPORTED),
+            other => panic!("expected close, got {other:?}"),
+        }
+        task.await.unwrap();
+    }
+}

@@ -1,0 +1,659 @@
+//! Model → provider routing, retries before the first token, fallback, and the timeouts
+//! every generation runs under.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use rand::Rng;
+use tokio::time::{Instant, Sleep};
+
+use super::breaker::{Breaker, BreakerSettings};
+use super::{EventStream, Provider, TimeoutKind, UpstreamError};
+use crate::chat::{ChatRequest, UpstreamEvent};
+use crate::ops::metrics::{Metrics, StreamGuard};
+
+/// Per-generation time limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// From sending the request to the first token (response head included).
+    pub first_token: Duration,
+    /// Longest silence allowed between two events once tokens flow.
+    pub idle: Duration,
+    /// Longest a whole generation may run.
+    pub total: Duration,
+}
+
+/// Retries of one provider before its first token.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Tries per provider, the first included; 1 disables retries.
+    pub max_attempts: u32,
+    pub base: Duration,
+    pub factor: f64,
+    /// Cap of one backoff; a `Retry-After` longer than this is not waited for.
+    pub max: Duration,
+}
+
+impl RetryPolicy {
+    /// Exponential backoff with equal jitter: half the step is fixed, half random, so a
+    /// burst of clients that failed together does not retry together.
+    pub fn backoff(&self, retry: u32) -> Duration {
+        let exp = self.factor.powi(retry.saturating_sub(1) as i32);
+        let step = self.base.mul_f64(exp).min(self.max);
+        let half = step / 2;
+        let jitter = rand::rng().random_range(0.0..=1.0);
+        half + half.mul_f64(jitter)
+    }
+}
+
+/// One step of a model's provider chain.
+#[derive(Clone)]
+pub struct Target {
+    pub provider: Arc<dyn Provider>,
+    /// The model name to send upstream; `None` sends the name the client asked for.
+    pub model: Option<String>,
+}
+
+/// Which models a provider serves when no alias names them.
+#[derive(Debug, Clone)]
+pub enum ModelMatch {
+    Any,
+    Listed(Vec<String>),
+}
+
+/// Targets that send "the requested name" are pinned to `model`, so a fallback model is
+/// sent as itself rather than as the primary's name.
+fn pin_model(chain: Vec<Target>, model: &str) -> Vec<Target> {
+    chain
+        .into_iter()
+        .map(|t| Target {
+            model: Some(t.model.unwrap_or_else(|| model.to_owned())),
+            provider: t.provider,
+        })
+        .collect()
+}
+
+/// `pattern` is a model name, or a prefix ending in `*`.
+fn matches_model(pattern: &str, model: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => model.starts_with(prefix),
+        None => pattern == model,
+    }
+}
+
+/// A model as listed by `GET /v1/models`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    pub id: String,
+    pub owned_by: String,
+}
+
+/// Every configured provider, and how models map to them.
+/// Health and capacity of one provider.
+struct ProviderLimits {
+    breaker: Breaker,
+    /// Upstream calls at once; `None` for the built-in demo.
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+pub struct Upstreams {
+    /// Tokens, time to first token, errors and open streams of every upstream.
+    metrics: Arc<Metrics>,
+    limits: HashMap<String, Arc<ProviderLimits>>,
+    concurrency: usize,
+    queue_wait: Duration,
+    breaker: BreakerSettings,
+    providers: Vec<(Arc<dyn Provider>, ModelMatch)>,
+    aliases: HashMap<String, Vec<Target>>,
+    listed: Vec<ModelInfo>,
+    timeouts: Timeouts,
+    retry: RetryPolicy,
+}
+
+/// A generation that an upstream accepted, wrapped in the configured timeouts.
+pub struct Relay {
+    /// The provider that accepted the request (after any fallback).
+    pub provider: String,
+    /// The model name that provider was asked for.
+    pub model: String,
+    pub events: EventStream,
+}
+
+/// A whole reply, for clients that asked for no stream.
+#[derive(Debug, Clone, Default)]
+pub struct Completion {
+    pub text: String,
+    pub finish: Option<crate::chat::FinishReason>,
+    pub usage: Option<crate::chat::Usage>,
+}
+
+impl Relay {
+    /// Reads the generation to its end.
+    pub async fn collect(mut self) -> Result<Completion, UpstreamError> {
+        let mut out = Completion::default();
+        while let Some(ev) = self.events.next().await {
+            match ev? {
+                UpstreamEvent::Token(t) => out.text.push_str(&t),
+                UpstreamEvent::Finish(r) => out.finish = Some(r),
+                UpstreamEvent::Usage(u) => out.usage = Some(u),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Upstreams {
+    pub fn new(timeouts: Timeouts, retry: RetryPolicy, metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            limits: HashMap::new(),
+            concurrency: usize::MAX >> 4,
+            queue_wait: Duration::from_secs(5),
+            breaker: BreakerSettings {
+                failures_to_open: 5,
+                open_for: Duration::from_secs(30),
+                successes_to_close: 3,
+            },
+            providers: Vec::new(),
+            aliases: HashMap::new(),
+            listed: Vec::new(),
+            timeouts,
+            retry,
+        }
+    }
+
+    /// Per-provider concurrency, queue wait and breaker; set before adding providers.
+    pub fn set_limits(
+        &mut self,
+        concurrency: usize,
+        queue_wait: Duration,
+        breaker: BreakerSettings,
+    ) {
+        self.concurrency = concurrency;
+        self.queue_wait = queue_wait;
+        self.breaker = breaker;
+    }
+
+    /// Each provider's circuit: `closed`, `half_open` or `open`.
+    pub fn circuit_states(&self) -> Vec<(String, &'static str)> {
+        self.providers
+            .iter()
+            .map(|(p, _)| {
+                let state = self
+                    .limits
+                    .get(p.name())
+                    .map(|l| l.breaker.state())
+                    .unwrap_or("closed");
+                (p.name().to_owned(), state)
+            })
+            .collect()
+    }
+
+    pub fn add_provider(&mut self, provider: Arc<dyn Provider>, models: ModelMatch, label: &str) {
+        let slots = (provider.name() != super::demo::Demo::NAME)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(self.concurrency)));
+        self.limits.insert(
+            provider.name().to_owned(),
+            Arc::new(ProviderLimits {
+                breaker: Breaker::new(self.breaker),
+                slots,
+            }),
+        );
+        if let ModelMatch::Listed(names) = &models {
+            for name in names.iter().filter(|n| !n.ends_with('*')) {
+                self.list_model(name, label);
+            }
+        }
+        self.providers.push((provider, models));
+    }
+
+    pub fn add_alias(&mut self, name: String, chain: Vec<Target>) {
+        self.list_model(&name, "sluice");
+        self.aliases.insert(name, chain);
+    }
+
+    /// Adds a model to `GET /v1/models`.
+    pub fn list_model(&mut self, id: &str, owner: &str) {
+        if !self.listed.iter().any(|m| m.id == id) {
+            self.listed.push(ModelInfo {
+                id: id.to_owned(),
+                owned_by: owner.to_owned(),
+            });
+        }
+    }
+
+    pub fn provider(&self, name: &str) -> Option<Arc<dyn Provider>> {
+        self.providers
+            .iter()
+            .find(|(p, _)| p.name() == name)
+            .map(|(p, _)| p.clone())
+    }
+
+    pub fn models(&self) -> &[ModelInfo] {
+        &self.listed
+    }
+
+    pub fn provider_names(&self) -> Vec<String> {
+        self.providers
+            .iter()
+            .map(|(p, _)| p.name().to_owned())
+            .collect()
+    }
+
+    /// The provider chain for `model`: an alias's chain, else the first provider that lists
+    /// the model or accepts any.
+    pub fn resolve(&self, model: &str) -> Result<Vec<Target>, UpstreamError> {
+        if let Some(chain) = self.aliases.get(model) {
+            return Ok(chain.clone());
+        }
+        self.providers
+            .iter()
+            .find(|(_, m)| match m {
+                ModelMatch::Any => true,
+                ModelMatch::Listed(names) => names.iter().any(|n| matches_model(n, model)),
+            })
+            .map(|(p, _)| {
+                vec![Target {
+                    provider: p.clone(),
+                    model: None,
+                }]
+            })
+            .ok_or_else(|| UpstreamError::UnknownModel(model.to_owned()))
+    }
+
+    /// Starts a generation: walks the model's chain, retrying each provider on connect
+    /// errors, 429 and 5xx with backoff, and returns the first stream an upstream accepts.
+    /// Once this returns, nothing is retried: the caller may already have sent tokens.
+    pub async fn open(&self, req: &ChatRequest) -> Result<Relay, UpstreamError> {
+        let chain = self.resolve(&req.model)?;
+        self.open_chain(req, &chain).await
+    }
+
+    /// The chain of an agent: its model (on its provider, when it names one), then each of
+    /// its fallback models, each resolved as usual.
+    pub fn chain_for(
+        &self,
+        model: &str,
+        provider: Option<&str>,
+        fallbacks: &[String],
+    ) -> Result<Vec<Target>, UpstreamError> {
+        let mut chain = match provider.and_then(|p| self.provider(p)) {
+            Some(p) => vec![Target {
+                provider: p,
+                model: Some(model.to_owned()),
+            }],
+            None => pin_model(self.resolve(model)?, model),
+        };
+        for m in fallbacks {
+            if let Ok(more) = self.resolve(m) {
+                chain.extend(pin_model(more, m));
+            }
+        }
+        Ok(chain)
+    }
+
+    /// [`Upstreams::open`] over an explicit chain.
+    pub async fn open_chain(
+        &self,
+        req: &ChatRequest,
+        chain: &[Target],
+    ) -> Result<Relay, UpstreamError> {
+        let started = Instant::now();
+        let total_deadline = started + self.timeouts.total;
+        let mut last_err = None;
+        for target in chain {
+            let model = target.model.as_deref().unwrap_or(&req.model);
+            let name = target.provider.name();
+            let Some(limits) = self.limits.get(name).cloned() else {
+                continue;
+            };
+            if !limits.breaker.allow() {
+                tracing::debug!(provider = name, "circuit open: skipping provider");
+                last_err = Some(UpstreamError::CircuitOpen {
+                    provider: name.to_owned(),
+                    retry_after: limits.breaker.retry_after(),
+                });
+                continue;
+            }
+            let permit = match &limits.slots {
+                None => None,
+                Some(slots) => {
+                    match tokio::time::timeout(self.queue_wait, slots.clone().acquire_owned()).await
+                    {
+                        Ok(Ok(p)) => Some(p),
+                        _ => {
+                            self.metrics.upstream_error(name, "upstream_busy");
+                            last_err = Some(UpstreamError::Busy {
+                                provider: name.to_owned(),
+                            });
+                            continue;
+                        }
+                    }
+                }
+            };
+            match self
+                .open_one(target.provider.as_ref(), req, model, &limits)
+                .await
+            {
+                Ok((events, attempt_start)) => {
+                    limits.breaker.success();
+                    let first_deadline = attempt_start + self.timeouts.first_token;
+                    return Ok(Relay {
+                        provider: target.provider.name().to_owned(),
+                        model: model.to_owned(),
+                        events: Box::pin(
+                            Guarded::new(
+                                events,
+                                target.provider.name(),
+                                first_deadline,
+                                self.timeouts.idle,
+                                total_deadline,
+                            )
+                            .observed(&self.metrics, model, attempt_start)
+                            .limited(limits, permit),
+                        ),
+                    });
+                }
+                Err(err) => {
+                    let fall_back = err.may_fall_back();
+                    tracing::warn!(provider = target.provider.name(), model, error = %err, fall_back, "upstream failed before the first token");
+                    last_err = Some(err);
+                    if !fall_back {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| UpstreamError::UnknownModel(req.model.clone())))
+    }
+
+    async fn open_one(
+        &self,
+        provider: &dyn Provider,
+        req: &ChatRequest,
+        model: &str,
+        limits: &ProviderLimits,
+    ) -> Result<(EventStream, Instant), UpstreamError> {
+        let mut attempt = 1;
+        loop {
+            let attempt_start = Instant::now();
+            let result =
+                match tokio::time::timeout(self.timeouts.first_token, provider.open(req, model))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(UpstreamError::Timeout {
+                        provider: provider.name().to_owned(),
+                        kind: TimeoutKind::FirstToken,
+                    }),
+                };
+            let err = match result {
+                Ok(events) => return Ok((events, attempt_start)),
+                Err(err) => err,
+            };
+            // Every failed attempt counts, retried or not.
+            self.metrics.upstream_error(provider.name(), err.code());
+            if err.is_provider_failure() && limits.breaker.failure() {
+                tracing::warn!(
+                    provider = provider.name(),
+                    "circuit opened after repeated failures"
+                );
+                return Err(err);
+            }
+            if !err.is_retryable() || attempt >= self.retry.max_attempts {
+                return Err(err);
+            }
+            let delay = match &err {
+                UpstreamError::Status {
+                    retry_after: Some(after),
+                    ..
+                } => {
+                    if *after > self.retry.max {
+                        // Waiting longer than the cap would hold the client hostage; let the
+                        // caller fall back or pass the 429 and its Retry-After on.
+                        return Err(err);
+                    }
+                    *after
+                }
+                _ => self.retry.backoff(attempt),
+            };
+            tracing::info!(provider = provider.name(), attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying upstream");
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+}
+
+/// Applies the first-token, idle and total timeouts to an upstream stream. A hand-written
+/// stream rather than a `timeout()` per item so each token only resets one timer.
+struct Guarded {
+    inner: EventStream,
+    provider: Arc<str>,
+    idle: Duration,
+    silence: Pin<Box<Sleep>>,
+    total: Pin<Box<Sleep>>,
+    seen_token: bool,
+    done: bool,
+    observer: Option<Observer>,
+    /// The provider's breaker hears of failures mid-stream too.
+    limits: Option<Arc<ProviderLimits>>,
+    /// The provider slot this stream holds until it ends.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// What a stream reports to metrics and logs as it goes, and once at its end.
+struct Observer {
+    metrics: Arc<Metrics>,
+    model: String,
+    started: Instant,
+    ttft: Option<Duration>,
+    tokens: u64,
+    outcome: &'static str,
+    _open: StreamGuard,
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let Some(o) = &self.observer {
+            let outcome = if self.done { o.outcome } else { "cancelled" };
+            tracing::info!(
+                provider = %self.provider,
+                model = %o.model,
+                ttft_ms = o.ttft.map(|t| t.as_millis() as u64),
+                tokens = o.tokens,
+                outcome,
+                "upstream call"
+            );
+        }
+    }
+}
+
+impl Guarded {
+    fn observed(mut self, metrics: &Arc<Metrics>, model: &str, started: Instant) -> Self {
+        self.observer = Some(Observer {
+            metrics: metrics.clone(),
+            model: model.to_owned(),
+            started,
+            ttft: None,
+            tokens: 0,
+            outcome: "complete",
+            _open: metrics.upstream_stream(),
+        });
+        self
+    }
+
+    fn new(
+        inner: EventStream,
+        provider: &str,
+        first_deadline: Instant,
+        idle: Duration,
+        total_deadline: Instant,
+    ) -> Self {
+        Self {
+            inner,
+            provider: provider.into(),
+            idle,
+            silence: Box::pin(tokio::time::sleep_until(first_deadline.min(total_deadline))),
+            total: Box::pin(tokio::time::sleep_until(total_deadline)),
+            seen_token: false,
+            done: false,
+            observer: None,
+            limits: None,
+            _permit: None,
+        }
+    }
+
+    fn limited(
+        mut self,
+        limits: Arc<ProviderLimits>,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Self {
+        self.limits = Some(limits);
+        self._permit = permit;
+        self
+    }
+
+    fn fail(&mut self, kind: TimeoutKind) -> Poll<Option<Result<UpstreamEvent, UpstreamError>>> {
+        self.done = true;
+        let err = UpstreamError::Timeout {
+            provider: self.provider.to_string(),
+            kind,
+        };
+        self.observe_error(&err);
+        Poll::Ready(Some(Err(err)))
+    }
+
+    fn observe_error(&mut self, err: &UpstreamError) {
+        if let Some(l) = &self.limits {
+            if err.is_provider_failure() && l.breaker.failure() {
+                tracing::warn!(provider = %self.provider, "circuit opened after repeated failures");
+            }
+        }
+        let provider = self.provider.clone();
+        if let Some(o) = &mut self.observer {
+            o.outcome = "failed";
+            o.metrics.upstream_error(&provider, err.code());
+        }
+    }
+}
+
+impl Stream for Guarded {
+    type Item = Result<UpstreamEvent, UpstreamError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(event))) => {
+                if matches!(event, UpstreamEvent::Token(_) | UpstreamEvent::Finish(_)) {
+                    self.seen_token = true;
+                }
+                let this = &mut *self;
+                if let (UpstreamEvent::Token(_), Some(o)) = (&event, &mut this.observer) {
+                    o.tokens += 1;
+                    o.metrics.token();
+                    if o.ttft.is_none() {
+                        let ttft = o.started.elapsed();
+                        o.ttft = Some(ttft);
+                        o.metrics.upstream_ttft(&this.provider, ttft);
+                    }
+                }
+                let next = Instant::now() + self.idle;
+                self.silence.as_mut().reset(next);
+                Poll::Ready(Some(Ok(event)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                self.done = true;
+                self.observe_error(&err);
+                Poll::Ready(Some(Err(err)))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if self.total.as_mut().poll(cx).is_ready() {
+                    return self.fail(TimeoutKind::Total);
+                }
+                if self.silence.as_mut().poll(cx).is_ready() {
+                    let kind = if self.seen_token {
+                        TimeoutKind::Idle
+                    } else {
+                        TimeoutKind::FirstToken
+                    };
+                    return self.fail(kind);
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let p = RetryPolicy {
+            max_attempts: 3,
+            base: Duration::from_secs(1),
+            factor: 2.0,
+            max: Duration::from_secs(10),
+        };
+        for _ in 0..100 {
+            let d1 = p.backoff(1);
+            assert!(d1 >= Duration::from_millis(500) && d1 <= Duration::from_secs(1));
+            let d2 = p.backoff(2);
+            assert!(d2 >= Duration::from_secs(1) && d2 <= Duration::from_secs(2));
+            let d9 = p.backoff(9);
+            assert!(d9 >= Duration::from_secs(5) && d9 <= Duration::from_secs(10));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_before_first_token_is_a_first_token_timeout() {
+        let inner: EventStream = Box::pin(futures::stream::pending());
+        let now = Instant::now();
+        let mut g = Guarded::new(
+            inner,
+            "p",
+            now + Duration::from_millis(100),
+            Duration::from_secs(5),
+            now + Duration::from_secs(60),
+        );
+        match g.next().await {
+            Some(Err(UpstreamError::Timeout { kind, .. })) => {
+                assert_eq!(kind, TimeoutKind::FirstToken)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(g.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_after_a_token_is_an_idle_timeout() {
+        let inner: EventStream = Box::pin(
+            futures::stream::iter(vec![Ok(UpstreamEvent::Token("a".into()))])
+                .chain(futures::stream::pending()),
+        );
+        let now = Instant::now();
+        let mut g = Guarded::new(
+            inner,
+            "p",
+            now + Duration::from_millis(100),
+            Duration::from_secs(1),
+            now + Duration::from_secs(60),
+        );
+        assert!(matches!(g.next().await, Some(Ok(UpstreamEvent::Token(_)))));
+        match g.next().await {
+            Some(Err(UpstreamError::Timeout { kind, .. })) => assert_eq!(kind, TimeoutKind::Idle),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,603 @@
+//! Shared plumbing for HTTP upstreams: one pooled client per provider, SSE decoding and the
+//! mapping of transport failures to [`UpstreamError`].
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use eventsource_stream::Event;
+use futures::{Stream, StreamExt};
+
+use super::UpstreamError;
+
+/// Longest error body read from a failed upstream response; the rest is not needed to
+/// explain the failure and must not be buffered without bound.
+const MAX_ERROR_BODY: usize = 16 * 1024;
+
+/// Flow-control windows of h2c upstream connections; see [`client`].
+const H2_CONNECTION_WINDOW: u32 = 64 << 20;
+const H2_STREAM_WINDOW: u32 = 2 << 20;
+
+/// Settings for the pooled HTTP client of one provider.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub connect_timeout: Duration,
+    /// Speak HTTP/2 without TLS negotiation (h2c): one connection carries many streams.
+    pub http2_prior_knowledge: bool,
+}
+
+pub fn client(opts: &ClientOptions) -> Result<reqwest::Client, reqwest::Error> {
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(opts.connect_timeout)
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(4096)
+        .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")));
+    if opts.http2_prior_knowledge {
+        b = b
+            .http2_prior_knowledge()
+            // h2 charges every buffered DATA frame under 256 bytes against a budget of half
+            // the connection window, and tears the whole connection down ("too_many_data_frames",
+            // ENHANCE_YOUR_CALM) when it runs out. A token is exactly such a frame: with the
+            // adaptive window's 64 KiB start, 1,000 multiplexed streams one token behind
+            // killed every stream on the connection. A fixed 64 MiB window gives a 32 MiB
+            // budget, a lag of about a million tokens; it is also the most one upstream
+            // connection can make sluice buffer.
+            .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .http2_initial_stream_window_size(H2_STREAM_WINDOW)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .http2_keep_alive_while_idle(true);
+    }
+    b.build()
+}
+
+/// Maps a failure to send a request or read its head.
+pub fn send_error(provider: &str, err: reqwest::Error) -> UpstreamError {
+    UpstreamError::Connect {
+        provider: provider.to_owned(),
+        message: error_chain(&err),
+    }
+}
+
+/// Reads a non-success response into an error, keeping the upstream's own message and its
+/// `Retry-After` so a 429 can be honoured and passed on.
+pub async fn status_error(provider: &str, resp: reqwest::Response) -> UpstreamError {
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let mut body = Vec::new();
+    let mut chunks = resp.bytes_stream();
+    while let Some(Ok(chunk)) = chunks.next().await {
+        let room = MAX_ERROR_BODY - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= MAX_ERROR_BODY {
+            break;
+        }
+    }
+    let message = error_message(&body).unwrap_or_else(|| {
+        let text = String::from_utf8_lossy(&body);
+        let text = text.trim();
+        if text.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            text.chars().take(300).collect()
+        }
+    });
+    UpstreamError::Status {
+        provider: provider.to_owned(),
+        status,
+        message,
+        retry_after,
+    }
+}
+
+/// The message of an error body in OpenAI's (`{"error":{"message"}}`) or Anthropic's
+/// (`{"type":"error","error":{"message"}}`) shape, or a plain `{"message"}`.
+pub fn error_message(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let err = v.get("error").unwrap_or(&v);
+    err.get("message")
+        .and_then(|m| m.as_str())
+        .or_else(|| err.as_str())
+        .map(str::to_owned)
+}
+
+/// Decodes an upstream body as Server-Sent Events: CR, LF and CRLF line ends, comments, a
+/// leading BOM, and events or UTF-8 sequences split across network chunks.
+pub fn events(
+    provider: String,
+    resp: reqwest::Response,
+) -> impl Stream<Item = Result<Event, UpstreamError>> + Send + 'static {
+    decode(provider, resp.bytes_stream())
+}
+
+/// [`events`] over any byte stream, so the decoding is testable without a socket.
+pub fn decode<S, B, E>(
+    provider: String,
+    body: S,
+) -> impl Stream<Item = Result<Event, UpstreamError>> + Send + 'static
+where
+    S: Stream<Item = Result<B, E>> + Send + 'static,
+    B: AsRef<[u8]>,
+    E: std::error::Error + Send + 'static,
+{
+    Decode {
+        body: SseBody::new(provider.clone(), body),
+        provider,
+    }
+}
+
+/// An upstream body being read into an [`SseParser`]: the part of decoding shared by
+/// [`decode`], which hands out owned [`Event`]s, and the providers' relay paths, which read
+/// each event in place and allocate nothing for it.
+pub struct SseBody<S> {
+    body: Pin<Box<S>>,
+    parser: SseParser,
+    provider: String,
+    ended: bool,
+}
+
+/// What [`SseBody::poll_event`] found.
+pub enum Polled<'a> {
+    Event(SseEvent<'a>),
+    Failed(UpstreamError),
+    End,
+}
+
+impl<S, B, E> SseBody<S>
+where
+    S: Stream<Item = Result<B, E>>,
+    B: AsRef<[u8]>,
+    E: std::error::Error,
+{
+    pub fn new(provider: String, body: S) -> Self {
+        Self {
+            body: Box::pin(body),
+            parser: SseParser::default(),
+            provider,
+            ended: false,
+        }
+    }
+
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    /// The next complete event, reading the body as far as needed. After `Failed` or `End`
+    /// the body is not read again.
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Polled<'_>> {
+        loop {
+            if self.parser.has_event() {
+                break;
+            }
+            if self.ended {
+                return Poll::Ready(Polled::End);
+            }
+            match self.body.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => self.parser.push(chunk.as_ref()),
+                Poll::Ready(Some(Err(e))) => {
+                    self.ended = true;
+                    return Poll::Ready(Polled::Failed(UpstreamError::Transport {
+                        provider: self.provider.clone(),
+                        message: error_chain(&e),
+                    }));
+                }
+                Poll::Ready(None) => {
+                    // An event not closed by a blank line before EOF is incomplete, and
+                    // dropped, as browsers do.
+                    self.ended = true;
+                    return Poll::Ready(Polled::End);
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match self.parser.next_event() {
+            Some(ev) => Poll::Ready(Polled::Event(ev)),
+            None => Poll::Ready(Polled::End),
+        }
+    }
+}
+
+struct Decode<S> {
+    body: SseBody<S>,
+    provider: String,
+}
+
+impl<S, B, E> Stream for Decode<S>
+where
+    S: Stream<Item = Result<B, E>>,
+    B: AsRef<[u8]>,
+    E: std::error::Error,
+{
+    type Item = Result<Event, UpstreamError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let ev = match this.body.poll_event(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Polled::End) => return Poll::Ready(None),
+            Poll::Ready(Polled::Failed(e)) => return Poll::Ready(Some(Err(e))),
+            Poll::Ready(Polled::Event(ev)) => ev,
+        };
+        let text = |b: &[u8]| {
+            std::str::from_utf8(b)
+                .map(str::to_owned)
+                .map_err(|e| UpstreamError::Malformed {
+                    provider: this.provider.clone(),
+                    message: format!("invalid UTF-8: {e}"),
+                })
+        };
+        let owned = (|| {
+            Ok(Event {
+                event: if ev.event.is_empty() {
+                    "message".to_owned()
+                } else {
+                    text(ev.event)?
+                },
+                data: text(ev.data)?,
+                id: text(ev.id)?,
+                retry: ev.retry,
+            })
+        })();
+        Poll::Ready(Some(owned))
+    }
+}
+
+/// One Server-Sent Event, borrowed from the parser until the next call to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SseEvent<'a> {
+    /// The `event:` field; empty for the default type, `message`.
+    pub event: &'a [u8],
+    /// The `data:` lines, joined with `\n`.
+    pub data: &'a [u8],
+    /// The last event id seen so far on the stream (it carries over, as the spec says).
+    pub id: &'a [u8],
+    pub retry: Option<Duration>,
+}
+
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// The index of the first CR or LF. Eight bytes at a time: this scan is most of what
+/// parsing costs, and a byte loop over a 200-byte event was a tenth of sluice's
+/// instructions per relayed token.
+fn find_line_end(hay: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_le_bytes([1; 8]);
+    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
+    // The high bit of each zero byte of `v` is set; bits above the first zero byte may
+    // be set spuriously, which the lowest-bit search below never reads.
+    let zeros = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
+    let mut chunks = hay.chunks_exact(8);
+    let mut at = 0;
+    for chunk in &mut chunks {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        let v = u64::from_le_bytes(word);
+        let hits = zeros(v ^ (ONES * u64::from(b'\n'))) | zeros(v ^ (ONES * u64::from(b'\r')));
+        if hits != 0 {
+            return Some(at + (hits.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| b == b'\n' || b == b'\r')
+        .map(|i| at + i)
+}
+
+/// An incremental Server-Sent Events parser (the WHATWG algorithm) over raw bytes.
+///
+/// It replaces eventsource-stream on the relay path, which copied the unparsed rest of its
+/// buffer once per line and allocated four strings per event. Here every buffer is reused:
+/// after warm-up an event costs a copy of its bytes and no allocation. Bytes are not
+/// checked for UTF-8 here; the event's consumer does that where it reads text.
+#[derive(Debug, Default)]
+pub struct SseParser {
+    /// Received bytes; `buf[pos..]` is not parsed yet.
+    buf: Vec<u8>,
+    pos: usize,
+    /// Bytes of `buf[pos..]` known to hold no line end, so a long line arriving in small
+    /// pieces is scanned once.
+    scanned: usize,
+    /// The stream's first bytes were checked for a byte order mark.
+    started: bool,
+    /// The last line ended with a CR that was the last byte received; an LF right after
+    /// it completes that CRLF rather than ending an empty line.
+    after_cr: bool,
+    data: Vec<u8>,
+    /// At least one `data` field was seen, even an empty one: such an event is dispatched.
+    has_data: bool,
+    event: Vec<u8>,
+    id: Vec<u8>,
+    retry: Option<Duration>,
+    /// An event was handed out; its fields are cleared before parsing on.
+    dispatched: bool,
+    /// A complete event is waiting in `data`, `event`, `id` and `retry`.
+    ready: bool,
+}
+
+impl SseParser {
+    /// Appends received bytes.
+    pub fn push(&mut self, chunk: &[u8]) {
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        } else if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// Whether [`next_event`](Self::next_event) will return an event; parses as far as
+    /// needed to know.
+    pub fn has_event(&mut self) -> bool {
+        if !self.ready {
+            self.ready = self.parse();
+        }
+        self.ready
+    }
+
+    /// The next complete event, if the bytes pushed so far hold one.
+    pub fn next_event(&mut self) -> Option<SseEvent<'_>> {
+        if !self.has_event() {
+            return None;
+        }
+        self.ready = false;
+        self.dispatched = true;
+        Some(SseEvent {
+            event: &self.event,
+            data: &self.data,
+            id: &self.id,
+            retry: self.retry,
+        })
+    }
+
+    /// Parses lines until an event is complete (`true`) or the bytes run out (`false`).
+    fn parse(&mut self) -> bool {
+        if self.dispatched {
+            self.dispatched = false;
+            self.reset_event();
+        }
+        if !self.started {
+            let rest = &self.buf[self.pos..];
+            if rest.len() < BOM.len() && BOM.starts_with(rest) {
+                // Too short to tell a BOM from data yet.
+                return false;
+            }
+            if rest.starts_with(BOM) {
+                self.pos += BOM.len();
+            }
+            self.started = true;
+        }
+        loop {
+            if self.after_cr && self.pos < self.buf.len() {
+                self.after_cr = false;
+                if self.buf[self.pos] == b'\n' {
+                    self.pos += 1;
+                }
+            }
+            let from = self.pos + self.scanned;
+            let Some(off) = find_line_end(&self.buf[from..]) else {
+                self.scanned = self.buf.len() - self.pos;
+                return false;
+            };
+            let end = from + off;
+            let mut next = end + 1;
+            if self.buf[end] == b'\r' {
+                match self.buf.get(next) {
+                    Some(b'\n') => next += 1,
+                    Some(_) => {}
+                    None => self.after_cr = true,
+                }
+            }
+            let start = self.pos;
+            self.pos = next;
+            self.scanned = 0;
+            if self.line(start, end) {
+                return true;
+            }
+        }
+    }
+
+    /// Handles the line `buf[start..end]`; `true` when it completed an event.
+    fn line(&mut self, start: usize, end: usize) -> bool {
+        let line = &self.buf[start..end];
+        if line.is_empty() {
+            if self.has_data {
+                return true;
+            }
+            // A blank line with no data ends nothing, but clears the event type.
+            self.reset_event();
+            return false;
+        }
+        if line[0] == b':' {
+            return false;
+        }
+        let (name, value) = match line.iter().position(|&b| b == b':') {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &[][..]),
+        };
+        match name {
+            b"data" => {
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(value);
+                self.has_data = true;
+            }
+            b"event" => {
+                self.event.clear();
+                self.event.extend_from_slice(value);
+            }
+            // An id with a NUL is ignored, as the spec says.
+            b"id" if !value.contains(&0) => {
+                self.id.clear();
+                self.id.extend_from_slice(value);
+            }
+            b"retry" => {
+                if let Some(ms) = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
+                    self.retry = Some(Duration::from_millis(ms));
+                }
+            }
+            _ => {}
+        }
+        false
+    }
+
+    fn reset_event(&mut self) {
+        self.data.clear();
+        self.has_data = false;
+        self.event.clear();
+        self.retry = None;
+    }
+}
+
+/// reqwest's top-level message is often just "error sending request"; the cause chain says
+/// what actually happened (refused, reset, incomplete body).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every event of `raw` fed in pieces of `piece` bytes, as (event, data, id, retry).
+    fn parse(raw: &[u8], piece: usize) -> Vec<(String, String, String, Option<u64>)> {
+        let mut p = SseParser::default();
+        let mut out = Vec::new();
+        for c in raw.chunks(piece) {
+            p.push(c);
+            while let Some(ev) = p.next_event() {
+                let s = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
+                out.push((
+                    s(ev.event),
+                    s(ev.data),
+                    s(ev.id),
+                    ev.retry.map(|d| d.as_millis() as u64),
+                ));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn parser_follows_the_spec_at_every_split() {
+        let raw = concat!(
+            "\u{feff}: comment\n",
+            "data: one\n\n",
+            "event: custom\nid: 42\ndata:two\ndata:  lines\nretry: 1500\n\n",
+            "data\n\n",
+            "event: dropped\n\n",
+            "data: id carries over\nignored: field\n\n",
+            "id: bad\u{0}id\nretry: x\ndata: héllo 🦀\r\n\r\n",
+            "data: cr\r\rdata: tail never ends",
+        );
+        let want = vec![
+            ("".into(), "one".into(), "".into(), None),
+            (
+                "custom".into(),
+                "two\n lines".into(),
+                "42".into(),
+                Some(1500),
+            ),
+            ("".into(), "".into(), "42".into(), None),
+            ("".into(), "id carries over".into(), "42".into(), None),
+            ("".into(), "héllo 🦀".into(), "42".into(), None),
+            ("".into(), "cr".into(), "42".into(), None),
+        ];
+        for piece in 1..=raw.len() {
+            assert_eq!(parse(raw.as_bytes(), piece), want, "pieces of {piece}");
+        }
+    }
+
+    #[test]
+    fn line_ends_are_found_at_every_offset() {
+        for len in 0..40 {
+            for at in 0..=len {
+                for end in [b'\n', b'\r'] {
+                    // Bytes just around the searched values, and 0x80, to trip the word trick.
+                    let mut hay: Vec<u8> = (0..len)
+                        .map(|i| [0x0B, 0x0C, 0x09, 0x0E, 0x80, 0x8A, 0x8D, b'a'][i % 8])
+                        .collect();
+                    if at < len {
+                        hay[at] = end;
+                        hay.extend_from_slice(b"\n\r");
+                    }
+                    let want = hay.iter().position(|&b| b == b'\n' || b == b'\r');
+                    assert_eq!(find_line_end(&hay), want, "{hay:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn crlf_split_between_chunks_is_one_line_end() {
+        let mut p = SseParser::default();
+        p.push(b"data: a\r");
+        assert!(p.next_event().is_none());
+        p.push(b"\n\r");
+        assert_eq!(p.next_event().map(|e| e.data.to_vec()), Some(b"a".to_vec()));
+        p.push(b"\ndata: b\n\n");
+        assert_eq!(p.next_event().map(|e| e.data.to_vec()), Some(b"b".to_vec()));
+        assert!(p.next_event().is_none());
+    }
+
+    #[tokio::test]
+    async fn decode_keeps_eventsource_events() {
+        let chunks: Vec<Result<&[u8], std::io::Error>> =
+            vec![Ok(b"event: ping\ndata: {}\n\nda"), Ok(b"ta: x\n\n")];
+        let got: Vec<_> = decode("p".into(), futures::stream::iter(chunks))
+            .collect()
+            .await;
+        assert_eq!(
+            got,
+            vec![
+                Ok(Event {
+                    event: "ping".into(),
+                    data: "{}".into(),
+                    ..Event::default()
+                }),
+                Ok(Event {
+                    event: "message".into(),
+                    data: "x".into(),
+                    ..Event::default()
+                }),
+            ]
+        );
+    }
+
+    #[test]
+    fn error_messages_of_both_shapes() {
+        assert_eq!(
+            error_message(br#"{"error":{"message":"slow down","type":"rate_limit"}}"#).as_deref(),
+            Some("slow down")
+        );
+        assert_eq!(
+            error_message(
+                br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#
+            )
+            .as_deref(),
+            Some("Overloaded")
+        );
+        assert_eq!(error_message(b"<html>"), None);
+    }
+}

@@ -1,0 +1,176 @@
+//! Shared harness: the real server on 127.0.0.1:0 in front of the real mock upstream.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod db;
+pub mod proxy;
+
+use std::time::Duration;
+
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::Value;
+use sluice::config::{Config, ProviderConfig};
+use sluice::mock::{MockConfig, MockServer, MockStats};
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound for anything a test waits on; generous because CI machines are shared.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    pub url: String,
+    /// The server's state, for driving its lifecycle (drain) directly.
+    pub state: sluice::app::AppState,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> Self {
+        let state = sluice::app::AppState::new(config)
+            .await
+            .expect("valid config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            sluice::app::serve(st, listener, async move { s.cancelled().await }).await
+        });
+        Self {
+            url,
+            state,
+            stop,
+            task,
+        }
+    }
+
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(WAIT, self.task).await;
+    }
+
+    pub fn chat_url(&self) -> String {
+        format!("{}/v1/chat/completions", self.url)
+    }
+}
+
+/// Embedded defaults with a store of its own in a fresh temp dir.
+pub fn base_config() -> Config {
+    let mut c = Config::default();
+    c.store.data_dir = tempfile::tempdir().unwrap().keep();
+    // Tests make many requests from one client; the guard tests turn limits on themselves.
+    c.guards.rate_chat_per_min = 0;
+    c.guards.rate_api_per_min = 0;
+    c.guards.rate_admin_per_min = 0;
+    c.guards.provider_concurrency = 1_000;
+    c
+}
+
+/// A config whose only provider is the mock, with retries fast enough for tests.
+pub fn config_for(mock: &MockServer) -> Config {
+    let mut c = base_config();
+    c.upstream.providers = vec![ProviderConfig::openai("mock", &mock.url(), None)];
+    c.upstream.retry.base = Duration::from_millis(10);
+    c.upstream.retry.max = Duration::from_millis(1500);
+    c.upstream.timeouts.first_token = Duration::from_secs(5);
+    c.upstream.timeouts.idle = Duration::from_secs(5);
+    c
+}
+
+pub async fn mock(config: MockConfig) -> MockServer {
+    sluice::mock::spawn(config)
+        .await
+        .expect("mock upstream starts")
+}
+
+pub async fn mock_and_server() -> (MockServer, TestServer) {
+    let m = mock(MockConfig::default()).await;
+    let s = TestServer::start(config_for(&m)).await;
+    (m, s)
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().build().unwrap()
+}
+
+/// A chat request body; `knobs` go to the mock upstream through sluice's pass-through.
+pub fn body(stream: bool, knobs: Value) -> Value {
+    serde_json::json!({
+        "model": "mock-model",
+        "stream": stream,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "hello there"}],
+        "mock": knobs,
+    })
+}
+
+pub async fn post(url: &str, body: &Value) -> reqwest::Response {
+    client().post(url).json(body).send().await.unwrap()
+}
+
+/// What an OpenAI SDK would make of a chat.completion.chunk stream.
+#[derive(Debug, Default)]
+pub struct StreamResult {
+    pub chunks: Vec<Value>,
+    pub text: String,
+    pub done: bool,
+    pub error: Option<Value>,
+    pub usage: Option<Value>,
+    pub finish_reason: Option<String>,
+}
+
+pub async fn read_stream(resp: reqwest::Response) -> StreamResult {
+    let mut out = StreamResult::default();
+    let mut events = resp.bytes_stream().eventsource();
+    while let Some(ev) = tokio::time::timeout(WAIT, events.next())
+        .await
+        .expect("stream stalled")
+    {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => panic!("client-side stream error: {e}"),
+        };
+        if ev.data == "[DONE]" {
+            assert!(!out.done, "[DONE] twice");
+            out.done = true;
+            continue;
+        }
+        assert!(!out.done, "data after [DONE]");
+        let v: Value = serde_json::from_str(&ev.data).expect("every event is JSON");
+        absorb(&mut out, v);
+    }
+    out
+}
+
+pub fn absorb(out: &mut StreamResult, v: Value) {
+    if let Some(err) = v.get("error") {
+        assert!(out.error.is_none(), "two error events");
+        out.error = Some(err.clone());
+    }
+    if let Some(choice) = v["choices"].get(0) {
+        if let Some(t) = choice["delta"]["content"].as_str() {
+            out.text.push_str(t);
+        }
+        if let Some(r) = choice["finish_reason"].as_str() {
+            out.finish_reason = Some(r.to_owned());
+        }
+    }
+    if v.get("usage").is_some_and(|u| !u.is_null()) {
+        out.usage = Some(v["usage"].clone());
+    }
+    out.chunks.push(v);
+}
+
+/// Waits until the mock's stats satisfy `pred`, failing after `within`.
+pub async fn wait_stats(
+    mock: &MockServer,
+    within: Duration,
+    pred: impl Fn(&MockStats) -> bool,
+) -> MockStats {
+    let mut rx = mock.watch();
+    match tokio::time::timeout(within, rx.wait_for(|s| pred(s))).await {
+        Ok(Ok(s)) => s.clone(),
+        _ => panic!("mock stats never matched; last: {:?}", mock.stats()),
+    }
+}

@@ -1,0 +1,566 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+//! Guards (DESIGN §7) as a client sees them: rate limits per key and per IP, cluster-wide
+//! quotas in Redis, input limits (body, content type, JSON, schema, request head, slow
+//! heads) and CORS.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+use sluice::config::{AuthMode, Config, RedisConfig, Secret};
+use sluice::mock::{MockConfig, MockServer, full_reply};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+fn redis_url() -> String {
+    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Deletes every Redis key under a test's prefix when dropped.
+struct RedisPrefix(String);
+
+impl RedisPrefix {
+    fn new() -> Self {
+        Self(format!("sluice-guards-{}", uuid::Uuid::new_v4().simple()))
+    }
+}
+
+impl Drop for RedisPrefix {
+    fn drop(&mut self) {
+        let Ok(mut conn) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) else {
+            return;
+        };
+        let mut cursor = 0u64;
+        loop {
+            let Ok((next, keys)): Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}:*", self.0))
+                .arg("COUNT")
+                .arg(1000)
+                .query(&mut conn)
+            else {
+                return;
+            };
+            if !keys.is_empty() {
+                let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query(&mut conn);
+            }
+            if next == 0 {
+                return;
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// The current quota window (minute) by the Redis clock, which the quota script uses.
+async fn redis_minute() -> u64 {
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (secs, _): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    secs / 60
+}
+
+async fn new_key(state: &sluice::app::AppState, user: &str) -> (String, String) {
+    let key = format!("sk-test-{}", uuid::Uuid::new_v4().simple());
+    let store = &state.store;
+    let u = store.ensure_user(user).await.unwrap();
+    let k = store
+        .create_api_key(
+            &u.id,
+            user,
+            &sluice::store::cli::hash_key(&key),
+            &key[..12],
+            false,
+        )
+        .await
+        .unwrap();
+    (key, k.id)
+}
+
+fn keyed_config(mock: &MockServer) -> Config {
+    let mut cfg = config_for(mock);
+    cfg.chat.auth = AuthMode::Required;
+    cfg
+}
+
+async fn chat(url: &str, key: Option<&str>, xff: Option<&str>) -> reqwest::Response {
+    let mut req = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body(false, json!({"tokens": 2})));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    if let Some(x) = xff {
+        req = req.header("x-forwarded-for", x);
+    }
+    req.send().await.unwrap()
+}
+
+/// Status, `Retry-After` and the error code of a refused request.
+async fn refusal(resp: reqwest::Response) -> (u16, Option<u64>, String) {
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    let v: Value = resp.json().await.unwrap();
+    (
+        status,
+        retry,
+        v["error"]["code"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+async fn metric(url: &str, name: &str) -> f64 {
+    let text = client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_key_over_its_rate_gets_429_and_other_keys_do_not() {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = keyed_config(&mock);
+    cfg.guards.rate_chat_per_min = 6;
+    cfg.guards.rate_burst = 3;
+    let server = TestServer::start(cfg).await;
+    let (alice, _) = new_key(&server.state, "alice").await;
+    let (bob, _) = new_key(&server.state, "bob").await;
+    let before = metric(&server.url, "sluice_rate_limited_total").await;
+
+    for i in 0..3 {
+        let r = chat(&server.url, Some(&alice), None).await;
+        assert_eq!(r.status(), 200, "request {i} is within the burst");
+    }
+    let (status, retry, code) = refusal(chat(&server.url, Some(&alice), None).await).await;
+    assert_eq!(status, 429);
+    // 6/min: one request every 10 s.
+    assert!(matches!(retry, Some(1..=10)), "Retry-After {retry:?}");
+    assert_eq!(code, "rate_limited");
+
+    let r = chat(&server.url, Some(&bob), None).await;
+    assert_eq!(r.status(), 200, "another key has its own budget");
+    // Other classes keep their own budgets (and health is never limited).
+    let r = client()
+        .get(format!("{}/v1/models", server.url))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for _ in 0..10 {
+        let r = client()
+            .get(format!("{}/health", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(
+        metric(&server.url, "sluice_rate_limited_total").await,
+        before + 1.0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn forwarded_for_is_believed_only_from_trusted_proxies() {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.guards.rate_chat_per_min = 6;
+    cfg.guards.rate_burst = 3;
+
+    // The test client is not a trusted proxy: its X-Forwarded-For is its own invention.
+    let direct = TestServer::start(cfg.clone()).await;
+    for i in 0..3 {
+        let xff = format!("198.51.100.{i}");
+        let r = chat(&direct.url, None, Some(&xff)).await;
+        assert_eq!(r.status(), 200);
+    }
+    let (status, retry, code) = refusal(chat(&direct.url, None, Some("198.51.100.99")).await).await;
+    assert_eq!((status, code.as_str()), (429, "rate_limited"));
+    assert!(retry.unwrap() >= 1);
+    direct.shutdown().await;
+
+    // Behind a trusted proxy (127.0.0.1 here), each forwarded address is its own client.
+    cfg.guards.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    let proxied = TestServer::start(cfg).await;
+    for i in 0..6 {
+        let xff = format!("6.6.6.6, 198.51.100.{i}");
+        let r = chat(&proxied.url, None, Some(&xff)).await;
+        assert_eq!(r.status(), 200, "client {i}");
+    }
+    // …and one of them still has its limit, whatever it writes on the left.
+    for i in 0..2 {
+        let xff = format!("7.7.7.{i}, 198.51.100.0");
+        assert_eq!(chat(&proxied.url, None, Some(&xff)).await.status(), 200);
+    }
+    let (status, _, _) = refusal(chat(&proxied.url, None, Some("198.51.100.0")).await).await;
+    assert_eq!(status, 429);
+    proxied.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_instances_share_one_quota_in_redis() {
+    let prefix = RedisPrefix::new();
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = keyed_config(&mock);
+    cfg.redis = Some(RedisConfig {
+        url: Secret::new(redis_url()),
+        prefix: prefix.0.clone(),
+    });
+    cfg.guards.quota_rpm = 5;
+    // One cluster: one store (as PostgreSQL would be), so a key has one id everywhere.
+    let a = TestServer::start(cfg.clone()).await;
+    let b = TestServer::start(cfg).await;
+    // Windows are fixed minutes: a run that straddles two is repeated with a fresh key.
+    let mut checked = false;
+    for _ in 0..2 {
+        let (key, _) = new_key(&a.state, "alice").await;
+        let minute = redis_minute().await;
+        let mut statuses = Vec::new();
+        for server in [&a, &a, &a, &b, &b] {
+            statuses.push(chat(&server.url, Some(&key), None).await.status().as_u16());
+        }
+        let sixth = refusal(chat(&b.url, Some(&key), None).await).await;
+        let seventh = refusal(chat(&a.url, Some(&key), None).await).await;
+        if redis_minute().await != minute {
+            continue;
+        }
+        assert_eq!(statuses, [200; 5]);
+        let (status, retry, code) = sixth;
+        assert_eq!((status, code.as_str()), (429, "quota_exceeded"));
+        assert!(matches!(retry, Some(1..=60)), "Retry-After {retry:?}");
+        assert_eq!(seventh.0, 429, "the other instance refuses too");
+        checked = true;
+        break;
+    }
+    assert!(checked, "two runs straddled a minute boundary");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_key_past_its_token_quota_is_refused_on_its_next_request() {
+    let prefix = RedisPrefix::new();
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = keyed_config(&mock);
+    cfg.redis = Some(RedisConfig {
+        url: Secret::new(redis_url()),
+        prefix: prefix.0.clone(),
+    });
+    cfg.guards.quota_tpm = 1_000;
+    let server = TestServer::start(cfg).await;
+    let quota = server
+        .state
+        .guards
+        .quota
+        .as_ref()
+        .expect("quota configured");
+    let (other, _) = new_key(&server.state, "bob").await;
+    let mut checked = false;
+    for _ in 0..2 {
+        let (key, key_id) = new_key(&server.state, "alice").await;
+        let minute = redis_minute().await;
+        let first = chat(&server.url, Some(&key), None).await.status();
+        quota.add_tokens(&key_id, 1_001).await;
+        let next = refusal(chat(&server.url, Some(&key), None).await).await;
+        if redis_minute().await != minute {
+            continue;
+        }
+        assert_eq!(first, 200);
+        let (status, retry, code) = next;
+        assert_eq!((status, code.as_str()), (429, "quota_exceeded"));
+        assert!(retry.unwrap() >= 1);
+        checked = true;
+        break;
+    }
+    assert!(checked, "two runs straddled a minute boundary");
+    assert_eq!(chat(&server.url, Some(&other), None).await.status(), 200);
+    server.shutdown().await;
+}
+
+/// A server whose quota Redis cannot be reached. `AppState::new` would refuse the URL
+/// for the task queue, so the quota is put in after it.
+async fn unreachable_quota_server(mock: &MockServer, fail_open: bool) -> (Served, String) {
+    let mut cfg = keyed_config(mock);
+    cfg.guards.quota_rpm = 100;
+    cfg.guards.quota_fail_open = fail_open;
+    let mut state = sluice::app::AppState::new(cfg.clone()).await.unwrap();
+    let quota =
+        sluice::guard::quota::Quota::connect("redis://127.0.0.1:1", "unused", &cfg.guards).await;
+    assert!(
+        quota.is_some(),
+        "a quota is configured even while Redis is down"
+    );
+    state.guards = Arc::new(sluice::guard::Guards {
+        config: cfg.guards.clone(),
+        rate: sluice::guard::rate::RateLimits::new(&cfg.guards),
+        quota: quota.map(Arc::new),
+        streams: state.guards.streams.clone(),
+    });
+    let (key, _) = new_key(&state, "alice").await;
+    (Served::start(state).await, key)
+}
+
+struct Served {
+    url: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Served {
+    async fn start(state: sluice::app::AppState) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            sluice::app::serve(state, listener, async move { s.cancelled().await }).await
+        });
+        Self { url, stop, task }
+    }
+
+    async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(WAIT, self.task).await;
+    }
+}
+
+#[tokio::test]
+async fn unreachable_quota_redis_fails_open_or_closed_as_configured() {
+    let mock = mock(MockConfig::default()).await;
+
+    let (open, key) = unreachable_quota_server(&mock, true).await;
+    let started = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(chat(&open.url, Some(&key), None).await.status(), 200);
+    }
+    assert!(
+        started.elapsed() < WAIT,
+        "an unreachable Redis costs bounded time"
+    );
+    open.shutdown().await;
+
+    let (closed, key) = unreachable_quota_server(&mock, false).await;
+    let (status, retry, code) = refusal(chat(&closed.url, Some(&key), None).await).await;
+    assert_eq!((status, code.as_str()), (503, "quota_unavailable"));
+    assert_eq!(retry, Some(1));
+    // Routes without a quota are unaffected.
+    let r = client()
+        .get(format!("{}/v1/models", closed.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    closed.shutdown().await;
+}
+
+/// Writes `head` on a raw connection and reads until the server closes it.
+async fn raw_exchange(url: &str, head: &[u8]) -> (String, Duration) {
+    let addr = url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    s.write_all(head).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("the server never closed the connection")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    (
+        String::from_utf8_lossy(&got).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test]
+async fn input_limits_answer_with_their_status() {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.server.max_body_bytes = 4_096;
+    cfg.guards.max_header_bytes = 2_048;
+    let server = TestServer::start(cfg).await;
+    let url = server.chat_url();
+    let c = client();
+    let cases = [
+        (
+            "body too large",
+            c.post(&url).json(&json!({"model": "mock-model", "messages": [{"role": "user", "content": "x".repeat(8_000)}]})),
+            413,
+        ),
+        (
+            "text/plain",
+            c.post(&url).header("content-type", "text/plain").body("{}"),
+            415,
+        ),
+        (
+            "invalid JSON",
+            c.post(&url)
+                .header("content-type", "application/json")
+                .body("{\"model\":"),
+            400,
+        ),
+        (
+            "schema",
+            c.post(&url).json(&json!({"model": "mock-model", "messages": "hi"})),
+            422,
+        ),
+        (
+            "header over the limit",
+            c.post(&url)
+                .header("x-padding", "p".repeat(4_000))
+                .json(&body(false, json!({}))),
+            431,
+        ),
+    ];
+    for (what, req, status) in cases {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{what}");
+    }
+    // A head past hyper's own buffer is refused before any routing.
+    let head = format!(
+        "GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: {}\r\n\r\n",
+        "p".repeat(64 * 1024)
+    );
+    let (resp, _) = raw_exchange(&server.url, head.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "got {resp:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_request_heads_are_cut_off_and_the_server_stays_healthy() {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.guards.header_timeout = Duration::from_millis(300);
+    let server = TestServer::start(cfg).await;
+
+    // Half a request head, then nothing.
+    let (resp, took) = raw_exchange(
+        &server.url,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Ty",
+    )
+    .await;
+    assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+    assert!(took < WAIT);
+    assert!(!resp.contains("200 OK"), "got {resp:?}");
+    // Nothing at all (before HTTP/1 and HTTP/2 can be told apart).
+    let (_, took) = raw_exchange(&server.url, b"").await;
+    assert!(took >= Duration::from_millis(250) && took < WAIT);
+    // A slice of the HTTP/2 preface.
+    let (_, took) = raw_exchange(&server.url, b"PRI * HTT").await;
+    assert!(took >= Duration::from_millis(250) && took < WAIT);
+
+    let r = client()
+        .get(format!("{}/health", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let out = read_stream(post(&server.chat_url(), &body(true, json!({"tokens": 5}))).await).await;
+    assert!(out.done);
+    assert_eq!(out.text, full_reply(5));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn cors_allows_listed_origins_only() {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.server.cors_origins = vec!["https://chat.example.com/".into()];
+    let server = TestServer::start(cfg).await;
+    let preflight = |origin: &str| {
+        client()
+            .request(reqwest::Method::OPTIONS, server.chat_url())
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type",
+            )
+            .send()
+    };
+
+    let r = preflight("https://chat.example.com").await.unwrap();
+    assert!(r.status().is_success());
+    let h = r.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://chat.example.com");
+    let methods = h["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for m in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+        assert!(methods.contains(m), "{methods}");
+    }
+    let headers = h["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    for name in ["authorization", "content-type", "last-event-id"] {
+        assert!(headers.contains(name), "{headers}");
+    }
+    assert!(h.get("access-control-allow-credentials").is_none());
+
+    // The actual request carries the exposed headers.
+    let r = client()
+        .get(format!("{}/v1/models", server.url))
+        .header("origin", "https://chat.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let exposed = r.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(exposed.contains("retry-after") && exposed.contains("x-request-id"));
+
+    let r = preflight("https://evil.example.net").await.unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    let r = client()
+        .get(format!("{}/v1/models", server.url))
+        .header("origin", "https://evil.example.net")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    server.shutdown().await;
+
+    // No origins configured: no CORS headers at all.
+    let server = TestServer::start(config_for(&mock)).await;
+    let r = client()
+        .request(reqwest::Method::OPTIONS, server.chat_url())
+        .header("origin", "https://chat.example.com")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        !r.headers()
+            .keys()
+            .any(|k| k.as_str().starts_with("access-control-"))
+    );
+    server.shutdown().await;
+}

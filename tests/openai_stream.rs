@@ -1,0 +1,729 @@
+//! The OpenAI-compatible API in front of the mock upstream: streaming, faults, retries,
+//! timeouts, cancellation and request validation, as a client sees them and as the
+//! upstream saw them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use sluice::mock::{MockConfig, full_reply};
+
+#[tokio::test]
+async fn tokens_arrive_one_by_one_before_upstream_finishes() {
+    let (mock, server) = mock_and_server().await;
+    let resp = post(
+        &server.chat_url(),
+        &body(true, json!({"tokens": 8, "token_ms": 150})),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut events = resp.bytes_stream().eventsource();
+    let mut text = String::new();
+    let mut contents = 0;
+    while let Some(Ok(ev)) = tokio::time::timeout(WAIT, events.next()).await.unwrap() {
+        if ev.data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(&ev.data).unwrap();
+        if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            if t.is_empty() {
+                continue;
+            }
+            contents += 1;
+            text.push_str(t);
+            if contents == 1 {
+                // The upstream is still generating: nothing was held back for it to finish.
+                let s = mock.stats();
+                assert_eq!(
+                    s.completed_streams, 0,
+                    "first token arrived after the upstream finished"
+                );
+                assert_eq!(s.active_streams, 1);
+            }
+        }
+    }
+    assert_eq!(contents, 8, "one chunk per upstream token");
+    assert_eq!(text, full_reply(8));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn stream_and_non_stream_replies_match() {
+    let (mock, server) = mock_and_server().await;
+    let streamed =
+        read_stream(post(&server.chat_url(), &body(true, json!({"tokens": 20}))).await).await;
+    assert!(streamed.done);
+    assert!(streamed.error.is_none());
+    assert_eq!(streamed.finish_reason.as_deref(), Some("stop"));
+
+    let resp = post(&server.chat_url(), &body(false, json!({"tokens": 20}))).await;
+    assert_eq!(resp.status(), 200);
+    let whole: Value = resp.json().await.unwrap();
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(
+        whole["choices"][0]["message"]["content"],
+        streamed.text.as_str()
+    );
+    assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(whole["choices"][0]["finish_reason"], "stop");
+    assert_eq!(streamed.text, full_reply(20));
+    let usage = streamed
+        .usage
+        .expect("usage chunk when include_usage is set");
+    assert_eq!(whole["usage"], usage);
+    assert_eq!(usage["completion_tokens"], 20);
+    // sluice always asks the upstream for usage, whatever the client asked.
+    let upstream_saw = mock.stats().last_request.unwrap();
+    assert_eq!(upstream_saw["stream_options"]["include_usage"], true);
+    assert_eq!(upstream_saw["stream"], true);
+    assert_eq!(upstream_saw["model"], "mock-model");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn usage_chunk_only_when_asked() {
+    let (_mock, server) = mock_and_server().await;
+    let mut b = body(true, json!({"tokens": 3}));
+    b.as_object_mut().unwrap().remove("stream_options");
+    let r = read_stream(post(&server.chat_url(), &b).await).await;
+    assert!(r.done);
+    assert!(r.usage.is_none());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn stream_headers_disable_buffering_and_compression() {
+    let (_mock, server) = mock_and_server().await;
+    let resp = client()
+        .post(server.chat_url())
+        .header("accept-encoding", "gzip, br")
+        .json(&body(true, json!({"tokens": 2})))
+        .send()
+        .await
+        .unwrap();
+    let h = resp.headers();
+    assert_eq!(h["content-type"], "text/event-stream");
+    assert_eq!(h["cache-control"], "no-cache");
+    assert_eq!(h["x-accel-buffering"], "no");
+    assert!(h.get("content-encoding").is_none());
+    assert!(h.get("x-request-id").is_some());
+    read_stream(resp).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn pings_while_waiting_for_the_first_token() {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.server.ping_interval = Duration::from_millis(50);
+    let server = TestServer::start(cfg).await;
+    let resp = post(
+        &server.chat_url(),
+        &body(true, json!({"tokens": 2, "first_token_ms": 600})),
+    )
+    .await;
+    let mut raw = String::new();
+    let mut bytes = resp.bytes_stream();
+    while let Some(chunk) = tokio::time::timeout(WAIT, bytes.next()).await.unwrap() {
+        raw.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    // Token chunks are the only ones whose delta starts with content (the first has a role).
+    let first_token = raw.find(r#""delta":{"content":"#).expect("a token");
+    let first_ping = raw.find(": ping\n\n").expect("a ping comment");
+    assert!(
+        first_ping < first_token,
+        "ping came after the first token:\n{raw}"
+    );
+    assert!(raw.ends_with("data: [DONE]\n\n"));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn rate_limit_before_first_token_is_retried_then_succeeds() {
+    let (mock, server) = mock_and_server().await;
+    let r = read_stream(
+        post(
+            &server.chat_url(),
+            &body(
+                true,
+                json!({"tokens": 4, "fault": "429", "fail_times": 2, "key": "a"}),
+            ),
+        )
+        .await,
+    )
+    .await;
+    assert!(r.done, "{r:?}");
+    assert_eq!(r.text, full_reply(4));
+    assert_eq!(mock.stats().chat_requests, 3, "two 429s, then the success");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_then_succeed() {
+    let (mock, server) = mock_and_server().await;
+    let resp = post(
+        &server.chat_url(),
+        &body(
+            false,
+            json!({"tokens": 4, "fault": "500", "fail_times": 1, "key": "b"}),
+        ),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], full_reply(4));
+    assert_eq!(mock.stats().chat_requests, 2);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn persistent_rate_limit_fails_with_429_and_retry_after() {
+    let (mock, server) = mock_and_server().await;
+    let resp = post(&server.chat_url(), &body(true, json!({"fault": "429"}))).await;
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().get("retry-after").is_some());
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert!(v["error"]["message"].is_string());
+    assert_eq!(mock.stats().chat_requests, 3, "default of 3 tries");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn persistent_server_error_fails_with_502() {
+    let (mock, server) = mock_and_server().await;
+    let resp = post(&server.chat_url(), &body(true, json!({"fault": "500"}))).await;
+    assert_eq!(resp.status(), 502);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstream_error");
+    assert_eq!(mock.stats().chat_requests, 3);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let mock = mock(MockConfig {
+        retry_after_secs: 1,
+        ..Default::default()
+    })
+    .await;
+    let server = TestServer::start(config_for(&mock)).await;
+    let started = Instant::now();
+    let resp = post(
+        &server.chat_url(),
+        &body(
+            false,
+            json!({"tokens": 2, "fault": "429", "fail_times": 1, "key": "ra"}),
+        ),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    // Backoff alone is 10 ms here; only Retry-After explains a wait of a second.
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(mock.stats().chat_requests, 2);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_retried_then_502() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut cfg = base_config();
+    cfg.upstream.providers = vec![sluice::config::ProviderConfig::openai(
+        "down",
+        &format!("http://127.0.0.1:{port}/v1"),
+        None,
+    )];
+    cfg.upstream.retry.base = Duration::from_millis(10);
+    let server = TestServer::start(cfg).await;
+    let resp = post(&server.chat_url(), &body(true, json!({}))).await;
+    assert_eq!(resp.status(), 502);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstream_unreachable");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_retry_after_the_first_token() {
+    for fault in ["reset_mid", "error_chunk", "malformed", "stall_mid"] {
+        let mock = mock(MockConfig::default()).await;
+        let mut cfg = config_for(&mock);
+        cfg.upstream.timeouts.idle = Duration::from_millis(300);
+        let server = TestServer::start(cfg).await;
+        let r = read_stream(
+            post(
+                &server.chat_url(),
+                &body(true, json!({"tokens": 10, "fault": fault})),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(
+            r.text,
+            full_reply(5),
+            "{fault}: the tokens before the failure arrive"
+        );
+        assert!(!r.done, "{fault}: a failed stream must not end with [DONE]");
+        let err = r
+            .error
+            .unwrap_or_else(|| panic!("{fault}: no in-band error"));
+        let expected_code = match fault {
+            "reset_mid" => "upstream_disconnected",
+            "error_chunk" => "upstream_error",
+            "malformed" => "upstream_malformed",
+            _ => "idle_timeout",
+        };
+        assert_eq!(err["code"], expected_code, "{fault}: {err}");
+        assert!(err["message"].is_string());
+        if fault == "error_chunk" {
+            assert!(
+                err["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("mock in-band error")
+            );
+        }
+        assert_eq!(
+            mock.stats().chat_requests,
+            1,
+            "{fault}: retried after the first token"
+        );
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn first_token_timeout() {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.upstream.timeouts.first_token = Duration::from_millis(300);
+    let server = TestServer::start(cfg).await;
+
+    let r = read_stream(
+        post(
+            &server.chat_url(),
+            &body(true, json!({"fault": "stall_first"})),
+        )
+        .await,
+    )
+    .await;
+    assert!(!r.done);
+    assert_eq!(r.text, "");
+    assert_eq!(r.error.unwrap()["code"], "first_token_timeout");
+
+    let resp = post(
+        &server.chat_url(),
+        &body(false, json!({"fault": "stall_first"})),
+    )
+    .await;
+    assert_eq!(resp.status(), 504);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "first_token_timeout");
+    assert_eq!(v["error"]["type"], "timeout_error");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_disconnect_closes_the_upstream_within_a_second() {
+    let (mock, server) = mock_and_server().await;
+    let resp = post(
+        &server.chat_url(),
+        &body(true, json!({"fault": "endless", "token_ms": 5})),
+    )
+    .await;
+    let mut events = resp.bytes_stream().eventsource();
+    for _ in 0..3 {
+        events.next().await.unwrap().unwrap();
+    }
+    assert_eq!(mock.stats().active_streams, 1);
+    drop(events);
+    let s = wait_stats(&mock, Duration::from_secs(1), |s| s.active_streams == 0).await;
+    assert_eq!(s.aborted_streams, 1);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn fallback_to_the_next_provider_of_a_model() {
+    let broken = mock(MockConfig {
+        fault: Some(sluice::mock::Fault::ServerError),
+        ..Default::default()
+    })
+    .await;
+    let good = mock(MockConfig::default()).await;
+    let mut cfg = base_config();
+    cfg.upstream.retry.base = Duration::from_millis(5);
+    cfg.upstream.providers = vec![
+        sluice::config::ProviderConfig::openai("broken", &broken.url(), None),
+        sluice::config::ProviderConfig::openai("good", &good.url(), None),
+    ];
+    cfg.upstream.models = vec![sluice::config::ModelRoute {
+        name: "smart".into(),
+        targets: vec!["broken:big".into(), "good:small".into()],
+    }];
+    let server = TestServer::start(cfg).await;
+    let mut b = body(true, json!({"tokens": 3}));
+    b["model"] = json!("smart");
+    let r = read_stream(post(&server.chat_url(), &b).await).await;
+    assert!(r.done);
+    assert_eq!(r.text, full_reply(3));
+    assert_eq!(broken.stats().chat_requests, 3);
+    assert_eq!(good.stats().chat_requests, 1);
+    assert_eq!(good.stats().last_request.unwrap()["model"], "small");
+    assert_eq!(
+        r.chunks[0]["model"], "smart",
+        "the client sees the name it asked for"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn anthropic_stream_is_translated() {
+    // Anthropic takes no unknown body fields, so the knobs are the mock's process defaults.
+    let mock = mock(MockConfig {
+        tokens: 6,
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = base_config();
+    cfg.upstream.providers = vec![sluice::config::ProviderConfig {
+        name: "claude".into(),
+        kind: sluice::config::ProviderKind::Anthropic,
+        base_url: Some(mock.url()),
+        base_urls: vec![],
+        api_key: Some(sluice::config::Secret::new("test-key")),
+        api_key_env: None,
+        models: vec!["claude-*".into()],
+        http2: false,
+    }];
+    let server = TestServer::start(cfg).await;
+    let mut b = body(true, json!({"tokens": 6}));
+    b["model"] = json!("claude-test");
+    b["messages"] = json!([
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "one two three"}
+    ]);
+    let r = read_stream(post(&server.chat_url(), &b).await).await;
+    assert!(r.done, "{r:?}");
+    assert_eq!(r.text, full_reply(6));
+    assert_eq!(r.finish_reason.as_deref(), Some("stop"));
+    assert_eq!(r.usage.unwrap()["completion_tokens"], 6);
+    let saw = mock.stats().last_request.unwrap();
+    assert_eq!(saw["system"], "be brief");
+    assert_eq!(saw["messages"][0]["role"], "user");
+    assert_eq!(saw["stream"], true);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn recorded_anthropic_fixture_relays_through_the_api() {
+    // A minimal upstream replaying a recorded Messages API stream in small pieces.
+    let fixture = include_str!("fixtures/anthropic_stream.txt");
+    let app = axum::Router::new().route(
+        "/v1/messages",
+        axum::routing::post(move || async move {
+            let pieces: Vec<Result<bytes::Bytes, std::io::Error>> = fixture
+                .as_bytes()
+                .chunks(7)
+                .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+                .collect();
+            axum::response::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(axum::body::Body::from_stream(futures::stream::iter(pieces)))
+                .unwrap()
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut cfg = base_config();
+    cfg.upstream.providers = vec![sluice::config::ProviderConfig {
+        name: "claude".into(),
+        kind: sluice::config::ProviderKind::Anthropic,
+        base_url: Some(format!("http://{addr}/v1")),
+        base_urls: vec![],
+        api_key: None,
+        api_key_env: None,
+        models: vec![],
+        http2: false,
+    }];
+    let server = TestServer::start(cfg).await;
+    let mut b = body(true, json!(null));
+    b["model"] = json!("claude-sonnet-4-5");
+    let r = read_stream(post(&server.chat_url(), &b).await).await;
+    assert!(r.done);
+    assert_eq!(r.text, "Hello! How can I help you today? Ça va — 世界 🦀");
+    assert_eq!(
+        r.usage.unwrap(),
+        json!({"prompt_tokens": 12, "completion_tokens": 15, "total_tokens": 27})
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_get_the_right_4xx() {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.server.max_body_bytes = 4096;
+    cfg.upstream.providers[0].models = vec!["mock-model".into()];
+    let server = TestServer::start(cfg).await;
+    let url = server.chat_url();
+    let c = client();
+
+    let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
+        ("no content type", c.post(&url).body("{}"), 415, "unsupported_media_type"),
+        ("text/plain", c.post(&url).header("content-type", "text/plain").body("{}"), 415, "unsupported_media_type"),
+        ("broken JSON", c.post(&url).header("content-type", "application/json").body("{\"model\":"), 400, "invalid_json"),
+        ("trailing garbage", c.post(&url).header("content-type", "application/json").body(r#"{"model":"m","messages":[]} x"#), 400, "invalid_json"),
+        ("missing messages", c.post(&url).json(&json!({"model": "mock-model"})), 422, "invalid_request"),
+        ("wrong role", c.post(&url).json(&json!({"model": "mock-model", "messages": [{"role": "robot", "content": "x"}]})), 422, "invalid_request"),
+        ("wrong type", c.post(&url).json(&json!({"model": "mock-model", "messages": "hi"})), 422, "invalid_request"),
+        ("empty messages", c.post(&url).json(&json!({"model": "mock-model", "messages": []})), 422, "invalid_request"),
+        ("n > 1", c.post(&url).json(&json!({"model": "mock-model", "n": 2, "messages": [{"role": "user", "content": "x"}]})), 422, "invalid_request"),
+        ("temperature", c.post(&url).json(&json!({"model": "mock-model", "temperature": 9, "messages": [{"role": "user", "content": "x"}]})), 422, "invalid_request"),
+        ("too large", c.post(&url).json(&json!({"model": "mock-model", "messages": [{"role": "user", "content": "x".repeat(10_000)}]})), 413, "payload_too_large"),
+        ("unknown model", c.post(&url).json(&json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]})), 404, "model_not_found"),
+        ("wrong method", c.get(&url), 405, "method_not_allowed"),
+        ("unknown route", c.post(format!("{}/v1/nothing", server.url)).json(&json!({})), 404, "not_found"),
+    ];
+    for (name, req, status, code) in cases {
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{name}");
+        let v: Value = resp
+            .json()
+            .await
+            .unwrap_or_else(|_| panic!("{name}: JSON error body"));
+        assert_eq!(v["error"]["code"], code, "{name}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{name}"
+        );
+        assert!(v["error"]["type"].is_string(), "{name}");
+    }
+    let v: Value = c
+        .post(&url)
+        .json(&json!({"model": "mock-model", "messages": [{"role": "robot", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("messages[0].role"),
+        "{v}"
+    );
+    assert_eq!(
+        mock.stats().chat_requests,
+        0,
+        "no bad request reached the upstream"
+    );
+    // Still healthy afterwards.
+    let ok = read_stream(post(&url, &body(true, json!({"tokens": 2}))).await).await;
+    assert!(ok.done);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn models_and_health() {
+    let (_mock, server) = mock_and_server().await;
+    let v: Value = client()
+        .get(format!("{}/v1/models", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["object"], "list");
+    assert!(
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "demo")
+    );
+    let h: Value = client()
+        .get(format!("{}/health", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["status"], "ok");
+    assert!(h["server_id"].is_string());
+    assert!(h["version"].is_string());
+    assert!(h["uptime_s"].is_u64());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn demo_provider_answers_with_zero_configuration() {
+    let mut cfg = base_config();
+    cfg.upstream.demo.first_token = Duration::from_millis(1);
+    cfg.upstream.demo.between_tokens = Duration::from_millis(1);
+    let server = TestServer::start(cfg).await;
+    let mut b = body(true, json!(null));
+    b["model"] = json!("gpt-4o-mini");
+    let r = read_stream(post(&server.chat_url(), &b).await).await;
+    assert!(r.done);
+    assert!(r.text.contains("demo"));
+    assert!(r.chunks.len() > 10, "streamed in many chunks");
+    server.shutdown().await;
+}
+
+/// An upstream that always answers `status` and counts what it got.
+async fn fixed_status_upstream(
+    status: u16,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move || {
+            let h = h.clone();
+            async move {
+                h.fetch_add(1, Ordering::SeqCst);
+                (
+                    axum::http::StatusCode::from_u16(status).unwrap(),
+                    axum::Json(json!({"error": {"message": format!("upstream says {status}"), "type": "x"}})),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/v1"), hits)
+}
+
+#[tokio::test]
+async fn other_4xx_are_never_retried() {
+    for (upstream, client_sees) in [(400, 400), (401, 502), (403, 502), (404, 404), (422, 422)] {
+        let (url, hits) = fixed_status_upstream(upstream).await;
+        let mut cfg = base_config();
+        cfg.upstream.retry.base = Duration::from_millis(5);
+        cfg.upstream.providers = vec![sluice::config::ProviderConfig::openai("u", &url, None)];
+        let server = TestServer::start(cfg).await;
+        let resp = post(&server.chat_url(), &body(true, json!({}))).await;
+        assert_eq!(resp.status().as_u16(), client_sees, "upstream {upstream}");
+        let v: Value = resp.json().await.unwrap();
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("upstream says {upstream}")),
+            "{v}"
+        );
+        assert_eq!(
+            hits.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "upstream {upstream} retried"
+        );
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn total_time_limit_ends_a_never_ending_stream() {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.upstream.timeouts.total = Duration::from_millis(400);
+    let server = TestServer::start(cfg).await;
+    let r = read_stream(
+        post(
+            &server.chat_url(),
+            &body(true, json!({"fault": "endless", "token_ms": 10})),
+        )
+        .await,
+    )
+    .await;
+    assert!(!r.done);
+    assert!(!r.text.is_empty());
+    assert_eq!(r.error.unwrap()["code"], "total_timeout");
+    wait_stats(&mock, Duration::from_secs(1), |s| s.active_streams == 0).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn draining_refuses_new_generations_with_503() {
+    let (_mock, server) = mock_and_server().await;
+    // A keep-alive connection opened before the drain, as a client of a proxy would hold.
+    let c = client();
+    let ready = c
+        .get(format!("{}/health/ready", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    server.state.lifecycle.start_drain();
+    let resp = c
+        .post(server.chat_url())
+        .json(&body(true, json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().get("retry-after").is_some());
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "draining");
+    let ready = c
+        .get(format!("{}/health/ready", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let live: Value = c
+        .get(format!("{}/health", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(live["status"], "draining");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn http2_upstream_carries_many_streams_on_one_connection() {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.upstream.providers[0].http2 = true;
+    let server = TestServer::start(cfg).await;
+    let runs = (0..20).map(|_| {
+        let url = server.chat_url();
+        async move {
+            read_stream(post(&url, &body(true, json!({"tokens": 5, "token_ms": 20}))).await).await
+        }
+    });
+    for r in futures::future::join_all(runs).await {
+        assert!(r.done);
+        assert_eq!(r.text, full_reply(5));
+    }
+    assert_eq!(
+        mock.stats().total_connections,
+        1,
+        "h2c multiplexes every stream"
+    );
+    server.shutdown().await;
+}

@@ -1,0 +1,245 @@
+//! The real binary: configuration errors before binding, and SIGTERM draining.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use sluice::mock::{MockConfig, full_reply};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+struct Proc {
+    child: Child,
+    url: String,
+    lines: tokio::sync::mpsc::Receiver<String>,
+}
+
+/// Starts `sluice` on an ephemeral port and waits for its "listening" line.
+async fn start(envs: &[(&str, String)]) -> Proc {
+    start_in(&tempfile::tempdir().unwrap().keep(), envs).await
+}
+
+/// Same, in `dir` (where the embedded store lives).
+async fn start_in(dir: &std::path::Path, envs: &[(&str, String)]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SLUICE_ADDR", "127.0.0.1:0")
+        .env("SLUICE_LOG", "info")
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, mut lines) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(async move {
+        let mut r = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = r.next_line().await {
+            if tx.send(line).await.is_err() {
+                break;
+            }
+        }
+    });
+    let url = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.recv().await {
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                // Text or JSON log line: the URL ends at the first character a URL lacks here.
+                return rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || ":/.".contains(*c))
+                    .collect::<String>();
+            }
+        }
+        panic!("sluice exited before listening");
+    })
+    .await
+    .expect("sluice did not start");
+    Proc { child, url, lines }
+}
+
+impl Proc {
+    async fn wait_line(&mut self, needle: &str) {
+        tokio::time::timeout(WAIT, async {
+            while let Some(line) = self.lines.recv().await {
+                if line.contains(needle) {
+                    return;
+                }
+            }
+            panic!("output ended before '{needle}'");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no '{needle}' line"))
+    }
+
+    fn sigterm(&self) {
+        let pid = self.child.id().unwrap().to_string();
+        let st = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    async fn exit_code(mut self) -> i32 {
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("sluice did not exit")
+            .unwrap()
+            .code()
+            .expect("exited by signal")
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_a_running_stream_to_its_end_then_exits_zero() {
+    let mock = mock(MockConfig::default()).await;
+    let mut p = start(&[
+        ("OPENAI_BASE_URL", mock.url()),
+        ("SLUICE_DRAIN_SECS", "30".into()),
+    ])
+    .await;
+    let url = format!("{}/v1/chat/completions", p.url);
+    let resp = post(&url, &body(true, json!({"tokens": 12, "token_ms": 100}))).await;
+    assert_eq!(resp.status(), 200);
+    let reader = tokio::spawn(read_stream(resp));
+    wait_stats(&mock, WAIT, |s| s.active_streams == 1).await;
+
+    p.sigterm();
+    p.wait_line("draining").await;
+    // New connections are refused while the running stream finishes.
+    let refused = tokio::time::timeout(WAIT, async {
+        loop {
+            match client().get(format!("{}/health", p.url)).send().await {
+                Err(e) if e.is_connect() => return,
+                _ => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "listener still accepting after SIGTERM");
+
+    let r = reader.await.unwrap();
+    assert!(r.done, "the stream was cut: {r:?}");
+    assert_eq!(r.text, full_reply(12));
+    assert_eq!(p.exit_code().await, 0);
+}
+
+#[tokio::test]
+async fn streams_past_the_drain_window_end_with_an_error_event() {
+    let mock = mock(MockConfig::default()).await;
+    let p = start(&[
+        ("OPENAI_BASE_URL", mock.url()),
+        ("SLUICE_DRAIN_SECS", "1".into()),
+    ])
+    .await;
+    let url = format!("{}/v1/chat/completions", p.url);
+    let resp = post(
+        &url,
+        &body(true, json!({"fault": "endless", "token_ms": 20})),
+    )
+    .await;
+    let reader = tokio::spawn(read_stream(resp));
+    wait_stats(&mock, WAIT, |s| s.active_streams == 1).await;
+    p.sigterm();
+    let r = reader.await.unwrap();
+    assert!(!r.done);
+    assert_eq!(r.error.unwrap()["code"], "server_shutting_down");
+    assert!(!r.text.is_empty());
+    assert_eq!(p.exit_code().await, 0);
+    wait_stats(&mock, Duration::from_secs(2), |s| s.active_streams == 0).await;
+}
+
+#[tokio::test]
+async fn invalid_configuration_is_refused_before_binding_with_the_setting_named() {
+    for (var, value) in [
+        ("SLUICE_ADDR", "not-an-address"),
+        ("SLUICE_DRAIN_SECS", "soon"),
+        ("OPENAI_BASE_URL", "ftp://example"),
+        ("SLUICE_CONFIG", "/nonexistent/sluice.toml"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .env_clear()
+            .env(var, value)
+            .current_dir(tempfile::tempdir().unwrap().keep())
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{var}={value} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(var), "{var}: message does not name it: {err}");
+    }
+}
+
+#[tokio::test]
+async fn json_logs_carry_request_ids_and_never_secrets() {
+    let mock = mock(MockConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap().keep();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .env_clear()
+        .args(["keys", "create", "--name", "logger"])
+        .current_dir(&dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("sk-"), "{key}");
+    let mut p = start_in(
+        &dir,
+        &[
+            ("OPENAI_BASE_URL", mock.url()),
+            ("OPENAI_API_KEY", "sk-upstream-secret-4242".into()),
+            ("SLUICE_LOG_FORMAT", "json".into()),
+            ("RUST_LOG", "trace".into()),
+        ],
+    )
+    .await;
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", p.url))
+        .bearer_auth(&key)
+        .header("x-request-id", "req-test-1")
+        .json(&body(true, json!({"tokens": 3})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "req-test-1");
+    assert!(read_stream(resp).await.done);
+    assert!(
+        mock.stats().last_request.is_some(),
+        "the request went upstream"
+    );
+    p.sigterm();
+    let mut lines = Vec::new();
+    while let Ok(Some(line)) = tokio::time::timeout(WAIT, p.lines.recv()).await {
+        lines.push(line);
+    }
+    assert_eq!(p.exit_code().await, 0);
+    let mut saw_request_id = false;
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        saw_request_id |= line.contains("req-test-1") && v.is_object();
+        assert!(
+            !line.contains("sk-client-secret-1717"),
+            "client key logged: {line}"
+        );
+        assert!(
+            !line.contains("sk-upstream-secret-4242"),
+            "upstream key logged: {line}"
+        );
+        assert!(
+            !line.to_ascii_lowercase().contains("bearer"),
+            "authorization logged: {line}"
+        );
+    }
+    assert!(saw_request_id, "no log line carries the request id");
+}

@@ -1,0 +1,1382 @@
+//! The chat UI in a real browser: headless Chromium driven over WebDriver (fantoccini and
+//! Debian's chromedriver) against the real server and the mock upstream.
+//!
+//! One chromedriver serves the whole file, so it runs as one test that plays every scenario
+//! (a few at a time, each with its own server and browsers) and reports each by name.
+//! Screenshots of the main views go to `target/ui-screenshots/`; a failing scenario also
+//! leaves `FAILED-<scenario>-<n>.png` there.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use fantoccini::{Client, ClientBuilder, Locator};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use sluice::config::{AuthMode, Config, ProviderConfig};
+use sluice::mock::{Fault, MockConfig, MockServer, full_reply};
+use tokio_util::sync::CancellationToken;
+
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Browsers running at once: a headless Chromium wants most of a core while it starts.
+const PARALLEL: usize = 3;
+/// Upper bound for anything the browser is waited on for.
+const UI_WAIT: Duration = Duration::from_secs(15);
+/// A scenario that takes longer than this is stuck; it fails instead of hanging the run.
+const SCENARIO_LIMIT: Duration = Duration::from_secs(50);
+/// For a failure screenshot and closing a browser.
+const CLEANUP: Duration = Duration::from_secs(5);
+/// Between two looks at the DOM when a wait is not about catching intermediate states.
+const POLL: Duration = Duration::from_millis(25);
+
+// WebDriver key codes. Modifiers toggle: SHIFT, ENTER, SHIFT is Shift+Enter.
+const ENTER: &str = "\u{e007}";
+const SHIFT: &str = "\u{e008}";
+const ESCAPE: &str = "\u{e00c}";
+
+/// Script lines that put the last reply as the page shows it (text, status, the words
+/// under it, the error box) in `reply`; a macro so `concat!` can build on it.
+macro_rules! last_reply {
+    () => {
+        "const m = [...document.querySelectorAll('#messages .msg.assistant')].pop();
+         const err = m?.querySelector('.msg-error');
+         const reply = m ? {
+           text: m.querySelector('.body').textContent,
+           status: m.dataset.status,
+           meta: m.querySelector('.meta').textContent,
+           error: err.hidden ? null : err.textContent,
+         } : {text: null, status: null};"
+    };
+}
+
+const LAST_REPLY_JS: &str = concat!(last_reply!(), "return reply;");
+
+type Scenario = fn(Arc<Ctx>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+macro_rules! scenarios {
+    ($($name:ident),* $(,)?) => {
+        vec![$((stringify!($name), (|ctx| Box::pin($name(ctx))) as Scenario)),*]
+    };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chat_ui_end_to_end_in_chromium() {
+    let driver = Arc::new(Driver::start().await);
+    std::fs::create_dir_all(shots_dir()).unwrap();
+    for f in std::fs::read_dir(shots_dir()).unwrap().flatten() {
+        if f.file_name().to_string_lossy().starts_with("FAILED-") {
+            let _ = std::fs::remove_file(f.path());
+        }
+    }
+    let all = scenarios![
+        reply_streams_token_by_token,
+        stop_button_and_escape_stop_the_reply,
+        reload_mid_reply_completes_exactly_once,
+        network_drop_mid_reply_resumes_without_a_gap,
+        two_windows_show_the_same_reply_live,
+        markup_in_replies_renders_as_text,
+        task_progress_and_result_over_websocket,
+        admin_view_for_admin_keys_only,
+        phone_width_layout,
+        upstream_failure_shows_plain_words_and_retries,
+        demo_provider_out_of_the_box,
+    ];
+    // SLUICE_UI_ONLY=name,name plays only the scenarios whose names contain one of those.
+    let only = std::env::var("SLUICE_UI_ONLY").unwrap_or_default();
+    let all: Vec<_> = all
+        .into_iter()
+        .filter(|(name, _)| only.is_empty() || only.split(',').any(|o| name.contains(o.trim())))
+        .collect();
+    let started = Instant::now();
+    let results: Vec<(&str, Result<(), String>, Duration)> = futures::stream::iter(all)
+        .map(|(name, scenario)| play(driver.clone(), name, scenario))
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    if let Ok(d) = Arc::try_unwrap(driver) {
+        d.stop().await;
+    }
+    let mut failed = Vec::new();
+    for (name, result, took) in &results {
+        match result {
+            Ok(()) => println!("ok      {name} ({took:.1?})"),
+            Err(e) => {
+                println!("FAILED  {name} ({took:.1?}): {e}");
+                failed.push(format!("{name}: {e}"));
+            }
+        }
+    }
+    println!(
+        "{} scenarios in {:.1?}; screenshots in {}",
+        results.len(),
+        started.elapsed(),
+        shots_dir().display()
+    );
+    assert!(
+        failed.is_empty(),
+        "UI scenarios failed:\n{}",
+        failed.join("\n")
+    );
+}
+
+/// The files themselves, without a browser: strict headers, revalidation, JSON 404s, and
+/// nothing loaded from elsewhere (the binary must work offline).
+#[tokio::test]
+async fn ui_files_are_served_embedded_with_strict_headers() {
+    let server = TestServer::start(base_config()).await;
+    let get = |path: &str, etag: Option<&str>| {
+        let mut r = client().get(format!("{}{path}", server.url));
+        if let Some(e) = etag {
+            r = r.header("if-none-match", e);
+        }
+        r.send()
+    };
+    let index = get("/", None).await.unwrap();
+    assert_eq!(index.status(), 200);
+    let h = index.headers().clone();
+    assert_eq!(h["content-type"], "text/html; charset=utf-8");
+    assert_eq!(h["cache-control"], "no-cache");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    let csp = h["content-security-policy"].to_str().unwrap();
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+    ] {
+        assert!(csp.contains(directive), "{csp}");
+    }
+    assert!(
+        !csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"),
+        "{csp}"
+    );
+    let html = index.text().await.unwrap();
+    assert!(html.contains(r#"<script type="module" src="/ui/js/app.js"></script>"#));
+    assert_eq!(html.matches("<script").count(), 1, "no inline script");
+    let etag = h["etag"].to_str().unwrap().to_owned();
+    assert_eq!(get("/", Some(&etag)).await.unwrap().status(), 304);
+
+    let js = get("/ui/js/chat.js", None).await.unwrap();
+    assert_eq!(js.status(), 200);
+    assert_eq!(
+        js.headers()["content-type"],
+        "text/javascript; charset=utf-8"
+    );
+    for missing in ["/ui/nope.js", "/ui/README.md", "/ui/..%2fCargo.toml"] {
+        let r = get(missing, None).await.unwrap();
+        assert_eq!(r.status(), 404, "{missing}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "not_found", "{missing}");
+    }
+
+    // Nothing in static/ loads from another origin.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("static");
+    let mut files = vec![root.join("index.html"), root.join("app.css")];
+    files.extend(
+        std::fs::read_dir(root.join("js"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path()),
+    );
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for external in [
+            "src=\"http",
+            "href=\"http",
+            "url(http",
+            "from 'http",
+            "from \"http",
+            "//cdn",
+        ] {
+            assert!(
+                !text.contains(external),
+                "{} loads {external}…",
+                f.display()
+            );
+        }
+    }
+    server.shutdown().await;
+}
+
+/// Runs one scenario in its own task, so a panic fails that scenario only, then closes
+/// every browser it opened (after a screenshot if it failed).
+async fn play(
+    driver: Arc<Driver>,
+    name: &'static str,
+    scenario: Scenario,
+) -> (&'static str, Result<(), String>, Duration) {
+    let t = Instant::now();
+    let ctx = Arc::new(Ctx {
+        driver,
+        browsers: Mutex::new(Vec::new()),
+    });
+    let task = tokio::spawn(scenario(ctx.clone()));
+    let abort = task.abort_handle();
+    let result = match tokio::time::timeout(SCENARIO_LIMIT, task).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if e.is_panic() => {
+            let p = e.into_panic();
+            Err(p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "panicked".into()))
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => {
+            abort.abort();
+            Err(format!("did not finish within {SCENARIO_LIMIT:?}"))
+        }
+    };
+    // Bounded: a page that hangs (a script in a loop) must not hang the whole run.
+    let browsers = std::mem::take(&mut *ctx.browsers.lock().unwrap());
+    for (i, b) in browsers.into_iter().enumerate() {
+        if result.is_err() {
+            if let Ok(Ok(png)) = tokio::time::timeout(CLEANUP, b.screenshot()).await {
+                let _ = std::fs::write(shots_dir().join(format!("FAILED-{name}-{i}.png")), png);
+            }
+        }
+        let _ = tokio::time::timeout(CLEANUP, b.close()).await;
+    }
+    (name, result, t.elapsed())
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------------------
+
+/// Sign in (a wrong key is refused), send with Enter (Shift+Enter is a new line), watch the
+/// reply grow in the DOM, see usage and time to first token; then rename and delete the
+/// chat in the sidebar.
+async fn reply_streams_token_by_token(ctx: Arc<Ctx>) {
+    let n = 30;
+    let (_mock, server) = env(
+        MockConfig {
+            tokens: n,
+            first_token_delay: Duration::from_millis(150),
+            token_delay: Duration::from_millis(60),
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let key = new_key(&server, "alice", false).await;
+    let c = ctx.browser().await;
+    c.goto(&format!("{}/", server.url)).await.unwrap();
+    let input = wait_css(&c, "#signin:not([hidden]) #signin-key").await;
+    screenshot(&c, "signin").await;
+    input.send_keys("sk-not-a-key").await.unwrap();
+    click(&c, "#signin-submit").await;
+    let refused = wait_css(&c, "#signin-error:not([hidden])").await;
+    assert!(
+        refused.text().await.unwrap().contains("not accepted"),
+        "a wrong key is refused in plain words"
+    );
+    sign_in(&c, &server.url, &key).await;
+    wait_css(&c, "#chat-empty:not([hidden]) #agent").await;
+
+    type_into(
+        &c,
+        "#input",
+        &format!("First line{SHIFT}{ENTER}{SHIFT}second line{ENTER}"),
+    )
+    .await;
+    let full = full_reply(n);
+    let seen = watch_reply(&c, &full).await;
+    let partial: Vec<&String> = seen
+        .iter()
+        .filter(|t| !t.is_empty() && t.len() < full.len())
+        .collect();
+    assert!(
+        partial.len() >= 3,
+        "the reply should appear progressively; intermediate states seen: {partial:?}"
+    );
+    assert_eq!(seen.last().unwrap().trim_end(), full.trim_end());
+    assert_eq!(
+        texts(&c, "#messages .msg.user .body").await,
+        vec!["First line\nsecond line"],
+        "Shift+Enter made a new line and Enter sent"
+    );
+    let meta = wait_js(
+        &c,
+        "usage and time to first token under the reply",
+        "const m = document.querySelector('#messages .msg.assistant .meta');
+         return m && m.querySelector('.usage') && m.querySelector('.ttft') ? m.textContent : null;",
+        Value::is_string,
+    )
+    .await;
+    let meta = meta.as_str().unwrap();
+    assert!(meta.contains(&format!("{n} tokens")), "usage shown: {meta}");
+    assert!(meta.contains("first token"), "TTFT shown: {meta}");
+    wait_js(
+        &c,
+        "the chat in the sidebar, titled by its first line",
+        "return [...document.querySelectorAll('#sessions .session-title')].map(e => e.textContent);",
+        |v| v == &json!(["First line"]),
+    )
+    .await;
+    screenshot(&c, "chat").await;
+
+    // Rename in place (the old title starts selected, so typing replaces it; WebDriver's
+    // clear would blur the field, which saves), Enter saves; the header follows.
+    click(&c, "#sessions .session-rename").await;
+    type_into(
+        &c,
+        "#sessions .session-rename-input",
+        &format!("Lisbon trip{ENTER}"),
+    )
+    .await;
+    wait_js(
+        &c,
+        "the renamed chat",
+        "return [document.querySelector('#sessions .session-title')?.textContent,
+                 document.querySelector('#view-title .title-text')?.textContent];",
+        |v| v == &json!(["Lisbon trip", "Lisbon trip"]),
+    )
+    .await;
+
+    // Delete takes a second click to confirm.
+    click(&c, "#sessions .session-delete").await;
+    click(&c, "#sessions .session-delete.confirm").await;
+    wait_js(
+        &c,
+        "the chat gone from the sidebar and a new chat open",
+        "return [document.querySelector('#sessions')?.textContent, location.hash];",
+        |v| v == &json!(["No chats yet.", "#/new"]),
+    )
+    .await;
+    let left: Value = client()
+        .get(format!("{}/api/sessions", server.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        left["data"],
+        json!([]),
+        "the session was deleted on the server"
+    );
+    ctx.finish(server).await;
+}
+
+/// The Stop button ends a reply mid-way, keeping exactly the text shown; Esc does the same.
+async fn stop_button_and_escape_stop_the_reply(ctx: Arc<Ctx>) {
+    let n = 400;
+    let (_mock, server) = env(
+        MockConfig {
+            tokens: n,
+            token_delay: Duration::from_millis(30),
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let key = new_key(&server, "bob", false).await;
+    let c = ctx.browser().await;
+    sign_in(&c, &server.url, &key).await;
+    let full = full_reply(n);
+
+    type_into(&c, "#input", &format!("Tell me a long story{ENTER}")).await;
+    wait_reply_longer_than(&c, 20).await;
+    click(&c, "#stop").await;
+    let stopped = wait_js(&c, "the reply marked stopped", LAST_REPLY_JS, |v| {
+        v["status"] == "cancelled" && v["meta"].as_str().unwrap_or("").contains("Stopped")
+    })
+    .await;
+    let shown = stopped["text"].as_str().unwrap().to_owned();
+    assert!(
+        !shown.is_empty() && shown.len() < full.len() && full.starts_with(&shown),
+        "the stopped reply keeps a part of the text: {shown:?}"
+    );
+    wait_css(&c, "#send:not([hidden])").await;
+    let session = session_id(&c).await;
+    let stored = messages(&server, &key, &session).await;
+    let reply = stored.last().unwrap();
+    assert_eq!(reply["status"], "cancelled");
+    assert_eq!(
+        reply["content"].as_str().unwrap(),
+        shown,
+        "the server kept exactly the text the page shows"
+    );
+
+    type_into(&c, "#input", &format!("Another one{ENTER}")).await;
+    wait_js(&c, "the second reply streaming", LAST_REPLY_JS, |v| {
+        v["status"] == "streaming" && v["text"].as_str().is_some_and(|t| t.len() > 10)
+    })
+    .await;
+    type_into(&c, "#input", ESCAPE).await;
+    wait_js(&c, "Esc to stop the reply", LAST_REPLY_JS, |v| {
+        v["status"] == "cancelled"
+    })
+    .await;
+    assert_eq!(
+        texts(&c, "#messages .msg.assistant").await.len(),
+        2,
+        "both replies stay in the conversation"
+    );
+    ctx.finish(server).await;
+}
+
+/// A reload in the middle of a reply resumes from the last event id: the reply completes
+/// once, with no gap and no repeated word.
+async fn reload_mid_reply_completes_exactly_once(ctx: Arc<Ctx>) {
+    let n = 45;
+    let (_mock, server) = env(
+        MockConfig {
+            tokens: n,
+            token_delay: Duration::from_millis(50),
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let key = new_key(&server, "carol", false).await;
+    let c = ctx.browser().await;
+    sign_in(&c, &server.url, &key).await;
+    type_into(&c, "#input", &format!("Hello{ENTER}")).await;
+    wait_reply_longer_than(&c, 15).await;
+    let snapshot = wait_js(
+        &c,
+        "a resume point in sessionStorage",
+        "const k = Object.keys(sessionStorage).find(k => k.startsWith('sluice.resume.'));
+         return k ? JSON.parse(sessionStorage.getItem(k)) : null;",
+        |v| v["lastId"].is_string(),
+    )
+    .await;
+    c.refresh().await.unwrap();
+    let full = full_reply(n);
+    let seen = watch_reply(&c, &full).await;
+    assert_eq!(seen.last().unwrap().trim_end(), full.trim_end());
+    assert!(
+        seen.iter().any(|t| t.len() < full.len()),
+        "the reload happened before the reply ended (snapshot {snapshot})"
+    );
+    assert_eq!(texts(&c, "#messages .msg.assistant").await.len(), 1);
+    assert_eq!(texts(&c, "#messages .msg.user").await.len(), 1);
+    let left = js(
+        &c,
+        "return Object.keys(sessionStorage).filter(k => k.startsWith('sluice.resume.')).length;",
+    )
+    .await;
+    assert_eq!(
+        left,
+        json!(0),
+        "the resume point is dropped once the reply is done"
+    );
+    ctx.finish(server).await;
+}
+
+/// The network drops mid-reply (every connection through a proxy is cut): the page says
+/// it is reconnecting, resumes from the last event id and completes the reply with no gap
+/// and no repeated word.
+async fn network_drop_mid_reply_resumes_without_a_gap(ctx: Arc<Ctx>) {
+    let n = 60;
+    let (_mock, server) = env(
+        MockConfig {
+            tokens: n,
+            token_delay: Duration::from_millis(50),
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let key = new_key(&server, "ivan", false).await;
+    let proxy = CutProxy::start(&server.url).await;
+    let c = ctx.browser().await;
+    sign_in(&c, &proxy.url, &key).await;
+    type_into(&c, "#input", &format!("Hello{ENTER}")).await;
+    wait_reply_longer_than(&c, 20).await;
+    proxy.cut();
+
+    let full = full_reply(n);
+    let script = concat!(
+        last_reply!(),
+        "const conn = document.querySelector('#conn');
+         return {...reply, conn: conn.hidden ? '' : conn.textContent};"
+    );
+    let mut seen: Vec<String> = Vec::new();
+    let mut reconnecting = false;
+    let deadline = Instant::now() + UI_WAIT;
+    loop {
+        let v = js(&c, script).await;
+        reconnecting |= v["conn"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("Reconnecting"));
+        let text = v["text"].as_str().unwrap_or_default();
+        assert!(
+            full.starts_with(text),
+            "not a prefix of the reply: {text:?}"
+        );
+        assert!(
+            text.len() >= seen.last().map_or(0, String::len),
+            "the reply went back: it restarted instead of resuming"
+        );
+        if seen.last().map(String::as_str) != Some(text) {
+            seen.push(text.to_owned());
+        }
+        if v["status"] == "complete" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reply never completed: {seen:?}"
+        );
+    }
+    assert!(reconnecting, "the page said it was reconnecting");
+    assert_eq!(seen.last().unwrap().trim_end(), full.trim_end());
+    assert_eq!(texts(&c, "#messages .msg.assistant").await.len(), 1);
+    assert!(proxy.cuts() >= 1, "connections were cut");
+    ctx.finish(server).await;
+}
+
+/// Two windows on one session: a reply sent from one shows live in the other, with the
+/// same text.
+async fn two_windows_show_the_same_reply_live(ctx: Arc<Ctx>) {
+    let n = 40;
+    let (_mock, server) = env(
+        MockConfig {
+            tokens: n,
+            token_delay: Duration::from_millis(50),
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let key = new_key(&server, "dave", false).await;
+    let (a, b) = tokio::join!(ctx.browser(), ctx.browser());
+    tokio::join!(
+        sign_in(&a, &server.url, &key),
+        sign_in(&b, &server.url, &key)
+    );
+    let full = full_reply(n);
+    type_into(&a, "#input", &format!("First{ENTER}")).await;
+    watch_reply(&a, &full).await;
+    let session = session_id(&a).await;
+
+    b.goto(&format!("{}/#/chat/{session}", server.url))
+        .await
+        .unwrap();
+    wait_js(&b, "the first reply in window B", LAST_REPLY_JS, |v| {
+        v["status"] == "complete"
+    })
+    .await;
+    type_into(&a, "#input", &format!("Second{ENTER}")).await;
+    // B never sent anything: it must show A's reply as it streams.
+    let (seen_a, seen_b) =
+        tokio::join!(watch_second_reply(&a, &full), watch_second_reply(&b, &full));
+    assert!(
+        seen_b.iter().any(|t| !t.is_empty() && t.len() < full.len()),
+        "window B showed the reply live, not only at the end: {seen_b:?}"
+    );
+    assert_eq!(
+        seen_a.last(),
+        seen_b.last(),
+        "both windows show the same text"
+    );
+    assert_eq!(seen_b.last().unwrap().trim_end(), full.trim_end());
+    let users = wait_js(
+        &b,
+        "A's message in window B",
+        "return [...document.querySelectorAll('#messages .msg.user .body')].map(e => e.textContent);",
+        |v| v == &json!(["First", "Second"]),
+    )
+    .await;
+    assert_eq!(users, json!(["First", "Second"]));
+    wait_js(
+        &b,
+        "the chat in window B's sidebar",
+        "return [...document.querySelectorAll('#sessions .session-title')].map(e => e.textContent);",
+        |v| v == &json!(["First"]),
+    )
+    .await;
+    screenshot(&b, "two-windows").await;
+    ctx.finish(server).await;
+}
+
+/// Model output with `<script>`, `<img onerror>` and a `javascript:` link renders as text;
+/// Markdown (code blocks, bold, inline code) still renders.
+async fn markup_in_replies_renders_as_text(ctx: Arc<Ctx>) {
+    let upstream = markup_upstream().await;
+    let mut cfg = base_config();
+    cfg.upstream.providers = vec![ProviderConfig::openai("markup", &upstream, None)];
+    cfg.chat.auth = AuthMode::Required;
+    cfg.chat.default_model = "markup-model".into();
+    let server = TestServer::start(cfg).await;
+    let key = new_key(&server, "erin", false).await;
+    let c = ctx.browser().await;
+    sign_in(&c, &server.url, &key).await;
+    type_into(&c, "#input", &format!("Show me some HTML{ENTER}")).await;
+    wait_js(&c, "the reply", LAST_REPLY_JS, |v| {
+        v["status"] == "complete"
+    })
+    .await;
+
+    let r = js(
+        &c,
+        "const m = document.querySelector('#messages');
+         return {
+           text: m.querySelector('.msg.assistant .body p').textContent,
+           injected: m.querySelectorAll('script, img, iframe, b, i, [onerror]').length,
+           badLinks: [...m.querySelectorAll('a')].filter(a => !/^https?:$/.test(a.protocol)).length,
+           code: m.querySelector('.code pre code')?.textContent,
+           strong: m.querySelector('.body strong')?.textContent,
+           inline: m.querySelector('.body p > code')?.textContent,
+           pwned: window.__pwned ?? null,
+         };",
+    )
+    .await;
+    assert_eq!(
+        r["text"],
+        "Look: <script>window.__pwned = 1</script> and <img src=x onerror=\"window.__pwned = 2\"> \
+         and a link and <b>not bold</b>.",
+        "markup shows as the characters the model sent"
+    );
+    assert_eq!(r["injected"], 0, "no element was created from model output");
+    assert_eq!(r["badLinks"], 0, "no javascript: link");
+    assert_eq!(r["pwned"], Value::Null, "no script ran");
+    assert_eq!(r["code"], "<script>alert(1)</script>");
+    assert_eq!(r["strong"], "done");
+    assert_eq!(r["inline"], "<i>code</i>");
+    screenshot(&c, "markup-as-text").await;
+    ctx.finish(server).await;
+}
+
+/// With auth off the page opens straight in. Run a scene with variables; the task's
+/// progress shows live over the WebSocket, then its result.
+async fn task_progress_and_result_over_websocket(ctx: Arc<Ctx>) {
+    let n = 64;
+    let (_mock, server) = env(
+        MockConfig {
+            tokens: n,
+            first_token_delay: Duration::from_millis(100),
+            token_delay: Duration::from_millis(25),
+            ..Default::default()
+        },
+        |c| c.chat.auth = AuthMode::Off,
+    )
+    .await;
+    let created = client()
+        .post(format!("{}/api/scenes", server.url))
+        .json(&json!({"name": "brief", "agent": "default", "template": "Explain {{topic}} to {{audience}}."}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let c = ctx.browser().await;
+    c.goto(&format!("{}/#/tasks", server.url)).await.unwrap();
+    wait_css(&c, "#shell:not([hidden])").await;
+    assert!(
+        !c.find(Locator::Css("#signin"))
+            .await
+            .unwrap()
+            .is_displayed()
+            .await
+            .unwrap(),
+        "no sign-in when auth is off"
+    );
+    wait_css(&c, "#scene option[value=brief]").await;
+    type_into(&c, "input[data-var=topic]", "tides").await;
+    type_into(&c, "input[data-var=audience]", "children").await;
+    click(&c, "#run-task").await;
+
+    let mut states: Vec<Value> = Vec::new();
+    let deadline = Instant::now() + UI_WAIT;
+    loop {
+        let s = js(
+            &c,
+            "const t = document.querySelector('#task-list .task');
+             return t ? {status: t.dataset.status, tokens: t.querySelector('.task-tokens').textContent,
+                         result: t.querySelector('.task-result').textContent} : null;",
+        )
+        .await;
+        if !s.is_null() && states.last() != Some(&s) {
+            states.push(s.clone());
+        }
+        if s["status"] == "succeeded" || s["status"] == "failed" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the task never ended: {states:?}"
+        );
+    }
+    assert!(
+        states.iter().any(|s| s["status"] == "running"
+            && s["tokens"].as_str().is_some_and(|t| t.ends_with(" tokens"))),
+        "progress showed while the task ran: {states:?}"
+    );
+    let last = states.last().unwrap();
+    assert_eq!(last["status"], "succeeded");
+    assert_eq!(
+        last["result"].as_str().unwrap().trim_end(),
+        full_reply(n).trim_end()
+    );
+    let timeline = texts(&c, "#task-list .task .timeline li").await;
+    assert!(timeline.iter().any(|t| t == "Running"), "{timeline:?}");
+    assert!(
+        timeline.iter().any(|t| t.starts_with("Progress: ")),
+        "{timeline:?}"
+    );
+    assert_eq!(timeline.last().map(String::as_str), Some("Succeeded"));
+    screenshot(&c, "tasks").await;
+    ctx.finish(server).await;
+}
+
+/// An admin key sees health, readiness, metrics, streams and the cache; a user key is
+/// refused in plain words and has no Admin tab.
+async fn admin_view_for_admin_keys_only(ctx: Arc<Ctx>) {
+    let (_mock, server) = env(
+        MockConfig {
+            tokens: 400,
+            token_delay: Duration::from_millis(20),
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let admin = new_key(&server, "ops", true).await;
+    let user = new_key(&server, "frank", false).await;
+    let (a, u) = tokio::join!(ctx.browser(), ctx.browser());
+    tokio::join!(
+        sign_in(&a, &server.url, &admin),
+        sign_in(&u, &server.url, &user)
+    );
+    // A reply streaming, for the admin to see.
+    type_into(&u, "#input", &format!("Keep talking{ENTER}")).await;
+    wait_reply_longer_than(&u, 10).await;
+    let streaming = session_id(&u).await;
+
+    click(&a, "#nav-admin").await;
+    wait_js(
+        &a,
+        "health and readiness",
+        "return [document.querySelector('#admin-health .badge')?.textContent,
+                 document.querySelector('#admin-ready .badge')?.textContent];",
+        |v| v == &json!(["ok", "ready"]),
+    )
+    .await;
+    // Metrics and streams: figures, or a plain note where the server lacks the endpoint.
+    let streams = wait_js(
+        &a,
+        "the metrics and the running stream",
+        "return document.querySelector('#admin-metrics .tile, #admin-metrics .unavailable')
+             ? document.querySelector('#admin-streams tbody, #admin-streams .unavailable')?.textContent
+             : null;",
+        |v| v.is_string(),
+    )
+    .await;
+    let streams = streams.as_str().unwrap();
+    assert!(
+        streams.contains("does not provide") || streams.contains(&streaming[..8]),
+        "the running reply is listed: {streams}"
+    );
+    screenshot(&a, "admin").await;
+    click(&a, "#cache-clear").await;
+    wait_js(
+        &a,
+        "the cache clear outcome",
+        "return document.querySelector('#admin-cache [role=status]').textContent;",
+        |v| {
+            v.as_str()
+                .is_some_and(|t| t.starts_with("Cleared") || t.contains("no cache"))
+        },
+    )
+    .await;
+
+    assert!(
+        !u.find(Locator::Css("#nav-admin"))
+            .await
+            .unwrap()
+            .is_displayed()
+            .await
+            .unwrap(),
+        "no Admin tab for a user key"
+    );
+    u.goto(&format!("{}/#/admin", server.url)).await.unwrap();
+    let refused = wait_css(&u, "#admin-refused").await;
+    assert!(
+        refused.text().await.unwrap().contains("needs an admin key"),
+        "the admin view is refused in plain words"
+    );
+    let stopped = client()
+        .post(format!("{}/api/sessions/{streaming}/cancel", server.url))
+        .bearer_auth(&user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stopped.status(), 200);
+    ctx.finish(server).await;
+}
+
+/// At 390 px wide the sidebar becomes a drawer behind a menu button and nothing overflows.
+async fn phone_width_layout(ctx: Arc<Ctx>) {
+    let n = 24;
+    let (_mock, server) = env(
+        MockConfig {
+            tokens: n,
+            token_delay: Duration::from_millis(5),
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let key = new_key(&server, "gina", false).await;
+    let c = ctx.sized_browser(390, 844).await;
+    sign_in(&c, &server.url, &key).await;
+    let width = js(&c, "return window.innerWidth;").await;
+    assert!(
+        width.as_u64().unwrap() <= 400,
+        "the window is phone-sized: {width}"
+    );
+    type_into(&c, "#input", &format!("Hi from a phone{ENTER}")).await;
+    wait_js(&c, "the reply", LAST_REPLY_JS, |v| {
+        v["status"] == "complete"
+    })
+    .await;
+    let layout = js(
+        &c,
+        "return {overflow: document.documentElement.scrollWidth > window.innerWidth,
+                 sidebarRight: document.querySelector('#sidebar').getBoundingClientRect().right,
+                 composerRight: document.querySelector('#composer').getBoundingClientRect().right};",
+    )
+    .await;
+    assert_eq!(
+        layout["overflow"], false,
+        "no horizontal scrolling: {layout}"
+    );
+    assert!(layout["sidebarRight"].as_f64().unwrap() <= 0.0, "{layout}");
+    assert!(
+        layout["composerRight"].as_f64().unwrap() <= width.as_f64().unwrap(),
+        "{layout}"
+    );
+    screenshot(&c, "phone-chat").await;
+    click(&c, "#menu").await;
+    wait_js(
+        &c,
+        "the drawer open",
+        "return document.querySelector('#sidebar').getBoundingClientRect().left;",
+        |v| v.as_f64().is_some_and(|x| x >= 0.0),
+    )
+    .await;
+    screenshot(&c, "phone-menu").await;
+    c.active_element()
+        .await
+        .unwrap()
+        .send_keys(ESCAPE)
+        .await
+        .unwrap();
+    wait_js(
+        &c,
+        "Esc to close the drawer",
+        "return document.querySelector('#sidebar').getBoundingClientRect().right;",
+        |v| v.as_f64().is_some_and(|x| x <= 0.0),
+    )
+    .await;
+    ctx.finish(server).await;
+}
+
+/// An upstream failure shows in plain words with a Retry button, and the retry succeeds.
+async fn upstream_failure_shows_plain_words_and_retries(ctx: Arc<Ctx>) {
+    let n = 12;
+    let (_mock, server) = env(
+        MockConfig {
+            tokens: n,
+            fault: Some(Fault::ServerError),
+            fail_times: Some(1),
+            ..Default::default()
+        },
+        |c| c.upstream.retry.max_attempts = 1,
+    )
+    .await;
+    let key = new_key(&server, "hal", false).await;
+    let c = ctx.browser().await;
+    sign_in(&c, &server.url, &key).await;
+    type_into(&c, "#input", &format!("Hello{ENTER}")).await;
+    let failed = wait_js(&c, "the failed reply", LAST_REPLY_JS, |v| {
+        v["status"] == "failed"
+    })
+    .await;
+    let words = failed["error"].as_str().unwrap();
+    assert!(
+        words.contains("model provider"),
+        "the failure is in plain words: {words}"
+    );
+    screenshot(&c, "error-retry").await;
+    click(&c, "#messages .msg-error .retry").await;
+    wait_js(&c, "the retried reply", LAST_REPLY_JS, |v| {
+        v["status"] == "complete"
+    })
+    .await;
+    let replies = js(
+        &c,
+        "return [...document.querySelectorAll('#messages .msg.assistant')].map(m => m.dataset.status);",
+    )
+    .await;
+    assert_eq!(replies, json!(["failed", "complete"]));
+    let last = js(&c, LAST_REPLY_JS).await;
+    assert_eq!(
+        last["text"].as_str().unwrap().trim_end(),
+        full_reply(n).trim_end()
+    );
+    ctx.finish(server).await;
+}
+
+/// No configuration at all: the demo provider answers and the page opens without a key
+/// (loopback). Its screenshot is the one in the README.
+async fn demo_provider_out_of_the_box(ctx: Arc<Ctx>) {
+    let mut cfg = base_config();
+    cfg.upstream.demo.first_token = Duration::from_millis(100);
+    cfg.upstream.demo.between_tokens = Duration::from_millis(15);
+    let server = TestServer::start(cfg).await;
+    for title in ["Rust lifetimes, explained", "Trip to Lisbon"] {
+        let r = client()
+            .post(format!("{}/api/sessions", server.url))
+            .json(&json!({ "title": title }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let c = ctx.browser().await;
+    c.goto(&format!("{}/", server.url)).await.unwrap();
+    wait_css(&c, "#shell:not([hidden]) #chat-empty:not([hidden])").await;
+    for (i, question) in [
+        "What can sluice do for my chat app?",
+        "And how do I connect a real model?",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        type_into(&c, "#input", &format!("{question}{ENTER}")).await;
+        let done = wait_js(&c, "the demo reply", LAST_REPLY_JS, |v| {
+            v["status"] == "complete" && v["text"].as_str().is_some_and(|t| t.contains(question))
+        })
+        .await;
+        assert!(
+            done["text"]
+                .as_str()
+                .unwrap()
+                .starts_with("Hello from sluice's built-in demo model."),
+            "reply {i}: {done}"
+        );
+    }
+    wait_js(
+        &c,
+        "three chats in the sidebar, newest first",
+        "return [...document.querySelectorAll('#sessions .session-title')].map(e => e.textContent);",
+        |v| {
+            v == &json!([
+                "What can sluice do for my chat app?",
+                "Trip to Lisbon",
+                "Rust lifetimes, explained"
+            ])
+        },
+    )
+    .await;
+    screenshot(&c, "demo-chat").await;
+    ctx.finish(server).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Harness: chromedriver, servers, and the UI's moves
+// ---------------------------------------------------------------------------------------
+
+struct Driver {
+    url: String,
+    child: tokio::process::Child,
+}
+
+impl Driver {
+    async fn start() -> Self {
+        for bin in [CHROMEDRIVER, CHROMIUM] {
+            assert!(
+                Path::new(bin).exists(),
+                "{bin} is missing: the UI tests drive Debian's chromium with chromium-driver. \
+                 Run scripts/test.sh, which installs them (or: sudo apt-get install chromium chromium-driver)."
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = tokio::process::Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromedriver starts");
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + UI_WAIT;
+        loop {
+            let up = client().get(format!("{url}/status")).send().await;
+            if up.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver never answered on {url}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+        Self { url, child }
+    }
+
+    async fn browser(&self, width: u32, height: u32) -> Client {
+        let mut options = json!({
+            "binary": CHROMIUM,
+            "args": [
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                format!("--window-size={width},{height}"),
+            ],
+        });
+        // Chromium will not make a window narrower than 500 px; a phone's viewport comes
+        // from device emulation instead.
+        if width < 500 {
+            options["mobileEmulation"] = json!({
+                "deviceMetrics": {"width": width, "height": height, "pixelRatio": 2}
+            });
+        }
+        let mut caps = serde_json::Map::new();
+        caps.insert("goog:chromeOptions".into(), options);
+        ClientBuilder::rustls()
+            .expect("TLS setup for the WebDriver client")
+            .capabilities(caps)
+            .connect(&self.url)
+            .await
+            .expect("a Chromium session starts")
+    }
+
+    /// chromedriver's own shutdown ends its browsers too; a kill is the fallback.
+    async fn stop(mut self) {
+        let _ = client().get(format!("{}/shutdown", self.url)).send().await;
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+struct Ctx {
+    driver: Arc<Driver>,
+    /// Every browser a scenario opened, closed by the runner whatever happened.
+    browsers: Mutex<Vec<Client>>,
+}
+
+impl Ctx {
+    /// Closes the browsers first: their open streams would otherwise hold the server's
+    /// graceful shutdown for its whole drain window.
+    async fn finish(&self, server: TestServer) {
+        let browsers = std::mem::take(&mut *self.browsers.lock().unwrap());
+        for b in browsers {
+            let _ = tokio::time::timeout(CLEANUP, b.close()).await;
+        }
+        server.shutdown().await;
+    }
+
+    async fn browser(&self) -> Client {
+        self.sized_browser(1280, 900).await
+    }
+
+    async fn sized_browser(&self, width: u32, height: u32) -> Client {
+        let c = self.driver.browser(width, height).await;
+        self.browsers.lock().unwrap().push(c.clone());
+        c
+    }
+}
+
+fn shots_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ui-screenshots")
+}
+
+async fn screenshot(c: &Client, name: &str) {
+    let png = c.screenshot().await.unwrap();
+    std::fs::write(shots_dir().join(format!("{name}.png")), png).unwrap();
+}
+
+/// The mock upstream and the real server in front of it, keys required.
+async fn env(mock_cfg: MockConfig, tweak: impl FnOnce(&mut Config)) -> (MockServer, TestServer) {
+    let mock = mock(mock_cfg).await;
+    let mut cfg = config_for(&mock);
+    cfg.chat.auth = AuthMode::Required;
+    cfg.chat.default_model = "mock-model".into();
+    tweak(&mut cfg);
+    let server = TestServer::start(cfg).await;
+    (mock, server)
+}
+
+async fn new_key(server: &TestServer, user: &str, admin: bool) -> String {
+    let key = format!("sk-test-{}", uuid::Uuid::new_v4().simple());
+    let store = &server.state.store;
+    let u = store.ensure_user(user).await.unwrap();
+    store
+        .create_api_key(
+            &u.id,
+            user,
+            &sluice::store::cli::hash_key(&key),
+            &key[..12],
+            admin,
+        )
+        .await
+        .unwrap();
+    key
+}
+
+async fn messages(server: &TestServer, key: &str, session: &str) -> Vec<Value> {
+    let v: Value = client()
+        .get(format!("{}/api/sessions/{session}/messages", server.url))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["data"].as_array().unwrap().clone()
+}
+
+/// A TCP proxy in front of the server whose open connections can all be cut at once: a
+/// network drop, as the browser sees it. New connections go through as before.
+struct CutProxy {
+    url: String,
+    live: Arc<Mutex<CancellationToken>>,
+    cuts: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CutProxy {
+    async fn start(target: &str) -> Self {
+        let target = target.trim_start_matches("http://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let live = Arc::new(Mutex::new(CancellationToken::new()));
+        let tokens = live.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let cut = tokens.lock().unwrap().clone();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = cut.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Self {
+            url,
+            live,
+            cuts: Arc::default(),
+        }
+    }
+
+    fn cut(&self) {
+        let mut live = self.live.lock().unwrap();
+        live.cancel();
+        *live = CancellationToken::new();
+        self.cuts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn cuts(&self) -> usize {
+        self.cuts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The reply a model "wrote" with markup in it, for the injection test.
+const MARKUP_REPLY: &str = "Look: <script>window.__pwned = 1</script> and \
+    <img src=x onerror=\"window.__pwned = 2\"> and [a link](javascript:window.__pwned=3) \
+    and <b>not bold</b>.\n\n```html\n<script>alert(1)</script>\n```\n\n**done** `<i>code</i>`";
+
+/// A tiny OpenAI-compatible upstream that streams [`MARKUP_REPLY`] in 4-character pieces,
+/// so tags arrive split across tokens.
+async fn markup_upstream() -> String {
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|| async {
+            let chunk = |delta: Value, finish: Value| {
+                let c = json!({
+                    "id": "chatcmpl-markup", "object": "chat.completion.chunk", "created": 0,
+                    "model": "markup-model",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                });
+                format!("data: {c}\n\n")
+            };
+            let chars: Vec<char> = MARKUP_REPLY.chars().collect();
+            let mut body = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
+            for piece in chars.chunks(4) {
+                let text: String = piece.iter().collect();
+                body += &chunk(json!({"content": text}), Value::Null);
+            }
+            body += &chunk(json!({}), json!("stop"));
+            body += "data: [DONE]\n\n";
+            ([("content-type", "text/event-stream")], body)
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/v1")
+}
+
+async fn js(c: &Client, script: &str) -> Value {
+    c.execute(script, vec![])
+        .await
+        .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
+}
+
+/// Evaluates `script` until `done` holds for its value, failing after [`UI_WAIT`].
+async fn wait_js(c: &Client, what: &str, script: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + UI_WAIT;
+    loop {
+        let v = js(c, script).await;
+        if done(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last seen: {v}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn wait_css(c: &Client, css: &str) -> fantoccini::elements::Element {
+    c.wait()
+        .at_most(UI_WAIT)
+        .every(POLL)
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css} never appeared: {e}"))
+}
+
+/// Finds `css` and acts on it; if the page re-rendered it in between (a stale element),
+/// finds it again, as a user's second look would.
+async fn act<F, Fut>(c: &Client, css: &str, what: F)
+where
+    F: Fn(fantoccini::elements::Element) -> Fut,
+    Fut: Future<Output = Result<(), fantoccini::error::CmdError>>,
+{
+    let deadline = Instant::now() + UI_WAIT;
+    loop {
+        match what(wait_css(c, css).await).await {
+            Ok(()) => return,
+            Err(fantoccini::error::CmdError::Standard(e))
+                if e.error == fantoccini::error::ErrorStatus::StaleElementReference
+                    && Instant::now() < deadline => {}
+            Err(e) => panic!("{css}: {e}"),
+        }
+    }
+}
+
+async fn click(c: &Client, css: &str) {
+    act(c, css, |e| async move { e.click().await }).await;
+}
+
+async fn type_into(c: &Client, css: &str, keys: &str) {
+    act(c, css, |e| async move { e.send_keys(keys).await }).await;
+}
+
+async fn texts(c: &Client, css: &str) -> Vec<String> {
+    let v = js(
+        c,
+        &format!("return [...document.querySelectorAll({css:?})].map(e => e.textContent);"),
+    )
+    .await;
+    serde_json::from_value(v).unwrap()
+}
+
+async fn sign_in(c: &Client, base: &str, key: &str) {
+    c.goto(&format!("{base}/")).await.unwrap();
+    type_into(c, "#signin:not([hidden]) #signin-key", key).await;
+    click(c, "#signin-submit").await;
+    wait_css(c, "#shell:not([hidden])").await;
+}
+
+async fn session_id(c: &Client) -> String {
+    let hash = wait_js(c, "a chat in the address", "return location.hash;", |v| {
+        v.as_str().is_some_and(|h| h.starts_with("#/chat/"))
+    })
+    .await;
+    hash.as_str().unwrap()["#/chat/".len()..].to_owned()
+}
+
+async fn wait_reply_longer_than(c: &Client, chars: usize) {
+    wait_js(c, "part of the reply", LAST_REPLY_JS, |v| {
+        v["status"] == "streaming" && v["text"].as_str().is_some_and(|t| t.len() > chars)
+    })
+    .await;
+}
+
+/// Watches the last reply until it completes, as fast as the browser answers (to catch the
+/// intermediate states), checking that every state is a prefix of the full reply: no gap,
+/// no repeated word, nothing the model did not send. Returns the distinct states.
+async fn watch_reply(c: &Client, full: &str) -> Vec<String> {
+    watch(c, full, LAST_REPLY_JS).await
+}
+
+/// Like [`watch_reply`] for the second reply of the conversation.
+async fn watch_second_reply(c: &Client, full: &str) -> Vec<String> {
+    let script = LAST_REPLY_JS.replace(
+        "[...document.querySelectorAll('#messages .msg.assistant')].pop()",
+        "document.querySelectorAll('#messages .msg.assistant')[1]",
+    );
+    assert_ne!(
+        script, LAST_REPLY_JS,
+        "the selector to replace is in the script"
+    );
+    watch(c, full, &script).await
+}
+
+async fn watch(c: &Client, full: &str, script: &str) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = Instant::now() + UI_WAIT;
+    loop {
+        let v = js(c, script).await;
+        if let Some(text) = v["text"].as_str() {
+            assert!(
+                full.starts_with(text),
+                "the page shows text that is not a prefix of the reply: {text:?}"
+            );
+            let before = seen.last().map_or(0, String::len);
+            assert!(
+                text.len() >= before,
+                "the reply went back from {before} to {} characters: it restarted instead of resuming",
+                text.len()
+            );
+            if seen.last().map(String::as_str) != Some(text) {
+                seen.push(text.to_owned());
+            }
+            if v["status"] == "complete" {
+                return seen;
+            }
+            assert!(
+                v["status"] == "streaming",
+                "the reply ended as {}: {v}",
+                v["status"]
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reply never completed; states seen: {seen:?}"
+        );
+    }
+}

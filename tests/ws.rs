@@ -1,0 +1,506 @@
+//! The WebSocket transport with a real tokio-tungstenite client against the real server.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use eventsource_stream::Eventsource;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use sluice::config::AuthMode;
+use sluice::mock::{MockConfig, MockServer, full_reply};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Bytes, Message};
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Env {
+    mock: MockServer,
+    server: TestServer,
+    key: String,
+}
+
+async fn env(mock_cfg: MockConfig, tweak: impl FnOnce(&mut sluice::config::Config)) -> Env {
+    let mock = mock(mock_cfg).await;
+    let mut cfg = config_for(&mock);
+    cfg.chat.auth = AuthMode::Required;
+    cfg.chat.default_model = "mock-model".into();
+    tweak(&mut cfg);
+    let server = TestServer::start(cfg).await;
+    let key = new_key(&server, "alice").await;
+    Env { mock, server, key }
+}
+
+async fn new_key(server: &TestServer, user: &str) -> String {
+    let key = format!("sk-test-{}", uuid::Uuid::new_v4().simple());
+    let store = &server.state.store;
+    let u = store.ensure_user(user).await.unwrap();
+    store
+        .create_api_key(
+            &u.id,
+            user,
+            &sluice::store::cli::hash_key(&key),
+            &key[..12],
+            false,
+        )
+        .await
+        .unwrap();
+    key
+}
+
+impl Env {
+    fn ws_url(&self) -> String {
+        format!("{}/ws", self.server.url.replace("http://", "ws://"))
+    }
+
+    async fn connect_as(&self, key: &str) -> Ws {
+        let mut req = self.ws_url().into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        tokio_tungstenite::connect_async(req).await.unwrap().0
+    }
+
+    async fn connect(&self) -> Ws {
+        self.connect_as(&self.key).await
+    }
+
+    async fn new_session(&self) -> String {
+        let r = client()
+            .post(format!("{}/api/sessions", self.server.url))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+/// The next JSON text frame (pings and pongs are skipped).
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("no frame")
+            .expect("closed")
+            .unwrap();
+        match m {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+/// Events of `topic` until a final one.
+async fn events_until_final(ws: &mut Ws, topic: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    loop {
+        let v = next_json(ws).await;
+        assert_eq!(v["topic"], topic, "{v}");
+        let last = matches!(v["event"].as_str(), Some("done" | "error" | "interrupted"));
+        out.push(v);
+        if last {
+            return out;
+        }
+    }
+}
+
+fn text(events: &[Value]) -> String {
+    events
+        .iter()
+        .filter(|e| e["event"] == "token")
+        .map(|e| e["data"]["text"].as_str().unwrap())
+        .collect()
+}
+
+async fn close_code(ws: &mut Ws) -> (CloseCode, String) {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("not closed")
+        {
+            Some(Ok(Message::Close(Some(f)))) => return (f.code, f.reason.to_string()),
+            Some(Ok(_)) => continue,
+            other => panic!("connection ended without a close frame: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn chat_over_ws_streams_token_by_token() {
+    let e = env(
+        MockConfig {
+            tokens: 10,
+            token_delay: Duration::from_millis(20),
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let s = e.new_session().await;
+    let mut ws = e.connect().await;
+    send(
+        &mut ws,
+        json!({"op": "chat", "session_id": s, "content": "hi"}),
+    )
+    .await;
+    let events = events_until_final(&mut ws, &format!("session:{s}")).await;
+    assert_eq!(events[0]["event"], "start");
+    assert_eq!(events.last().unwrap()["event"], "done");
+    assert_eq!(
+        events.iter().filter(|e| e["event"] == "token").count(),
+        10,
+        "one frame per token"
+    );
+    assert_eq!(text(&events), full_reply(10));
+    send(&mut ws, json!({"op": "ping"})).await;
+    assert_eq!(next_json(&mut ws).await, json!({"op": "pong"}));
+    e.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sse_and_ws_watchers_see_identical_event_sequences() {
+    let e = env(
+        MockConfig {
+            tokens: 25,
+            token_delay: Duration::from_millis(10),
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let s = e.new_session().await;
+    let mut ws = e.connect().await;
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "topic": format!("session:{s}")}),
+    )
+    .await;
+    let sse = client()
+        .get(format!("{}/api/sessions/{s}/stream", e.server.url))
+        .bearer_auth(&e.key)
+        .send()
+        .await
+        .unwrap();
+    // Both are subscribed before the reply starts (the SSE head has arrived).
+    let r = client()
+        .post(format!("{}/api/sessions/{s}/messages", e.server.url))
+        .bearer_auth(&e.key)
+        .json(&json!({"content": "go"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let ws_events = events_until_final(&mut ws, &format!("session:{s}")).await;
+    let mut sse_events = Vec::new();
+    let mut stream = sse.bytes_stream().eventsource();
+    while let Some(ev) = tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
+        let ev = ev.unwrap();
+        let data: Value = serde_json::from_str(&ev.data).unwrap();
+        let last = ev.event == "done";
+        sse_events.push(json!({"id": ev.id, "event": ev.event, "data": data}));
+        if last {
+            break;
+        }
+    }
+    let ws_view: Vec<Value> = ws_events
+        .iter()
+        .map(|v| json!({"id": v["id"], "event": v["event"], "data": v["data"]}))
+        .collect();
+    assert_eq!(ws_view, sse_events);
+    assert_eq!(text(&ws_events), full_reply(25));
+    e.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn resume_over_ws_yields_exactly_the_rest() {
+    let e = env(
+        MockConfig {
+            tokens: 20,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let s = e.new_session().await;
+    let topic = format!("session:{s}");
+    let mut ws = e.connect().await;
+    send(
+        &mut ws,
+        json!({"op": "chat", "session_id": s, "content": "hi"}),
+    )
+    .await;
+    let all = events_until_final(&mut ws, &topic).await;
+    drop(ws);
+    let mut ws = e.connect().await;
+    let cut = all[6]["id"].as_str().unwrap();
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "topic": topic, "last_event_id": cut}),
+    )
+    .await;
+    let rest = events_until_final(&mut ws, &topic).await;
+    assert_eq!(rest, all[7..].to_vec());
+    let mut joined = all[..7].to_vec();
+    joined.extend(rest);
+    assert_eq!(text(&joined), full_reply(20));
+    e.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn errors_keep_the_connection_open() {
+    let e = env(MockConfig::default(), |_| {}).await;
+    let mut ws = e.connect().await;
+    ws.send(Message::Text("{not json".into())).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["code"], "bad_request");
+    send(&mut ws, json!({"op": "dance"})).await;
+    let v = next_json(&mut ws).await;
+    assert_eq!(v["op"], "error");
+    assert_eq!(v["code"], "unknown_op");
+    send(&mut ws, json!({"op": "subscribe"})).await;
+    assert_eq!(next_json(&mut ws).await["code"], "bad_request");
+    send(&mut ws, json!({"op": "ping"})).await;
+    assert_eq!(next_json(&mut ws).await["op"], "pong");
+    e.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn another_users_topic_is_not_found() {
+    let e = env(
+        MockConfig {
+            tokens: 3,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let s = e.new_session().await;
+    let mallory = new_key(&e.server, "mallory").await;
+    let mut ws = e.connect_as(&mallory).await;
+    for op in [
+        json!({"op": "subscribe", "topic": format!("session:{s}")}),
+        json!({"op": "subscribe", "topic": format!("session:{s}"), "last_event_id": "x.1"}),
+        json!({"op": "chat", "session_id": s, "content": "x"}),
+        json!({"op": "cancel", "session_id": s}),
+        json!({"op": "subscribe", "topic": "task:nope"}),
+    ] {
+        send(&mut ws, op).await;
+        let v = next_json(&mut ws).await;
+        assert_eq!(v["op"], "error");
+        assert_eq!(v["code"], "not_found", "{v}");
+    }
+    e.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_message_closes_1009_and_binary_closes_1003() {
+    let e = env(MockConfig::default(), |_| {}).await;
+    let mut ws = e.connect().await;
+    let big = json!({"op": "ping", "pad": "x".repeat(70 * 1024)}).to_string();
+    ws.send(Message::Text(big.into())).await.unwrap();
+    assert_eq!(close_code(&mut ws).await.0, CloseCode::Size);
+    let mut ws = e.connect().await;
+    ws.send(Message::Binary(Bytes::from_static(b"\x00\x01")))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut ws).await.0, CloseCode::Unsupported);
+    e.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_peer_that_never_answers_pings_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = env(MockConfig::default(), |c| {
+        c.server.ws.ping_every = Duration::from_millis(100);
+        c.server.ws.idle_timeout = Duration::from_millis(400);
+    })
+    .await;
+    // A raw socket: a WebSocket library would answer pings while reading.
+    let addr = e.server.url.trim_start_matches("http://").to_owned();
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let handshake = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        e.key
+    );
+    sock.write_all(handshake.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    // Until the server hangs up on us.
+    tokio::time::timeout(WAIT, sock.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(got.starts_with(b"HTTP/1.1 101"));
+    let frames = &got[head_end..];
+    assert!(frames.contains(&0x89), "the server pinged");
+    let close_at = frames
+        .iter()
+        .rposition(|b| *b == 0x88)
+        .expect("a close frame");
+    let code = u16::from_be_bytes([frames[close_at + 2], frames[close_at + 3]]);
+    assert_eq!(code, 1001);
+    e.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_and_others_are_unaffected() {
+    let e = env(
+        MockConfig {
+            tokens: 60_000,
+            ..Default::default()
+        },
+        |c| {
+            c.server.ws.queue = 64;
+            c.chat.replay_max_events = 200_000;
+        },
+    )
+    .await;
+    let s = e.new_session().await;
+    let topic = format!("session:{s}");
+    // A paused client with a small receive buffer: the socket fills fast.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = e.server.url.trim_start_matches("http://").parse().unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    let mut req = e.ws_url().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", e.key).parse().unwrap(),
+    );
+    let (mut paused, _) =
+        tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+    send(&mut paused, json!({"op": "subscribe", "topic": topic})).await;
+
+    let mut reader = e.connect().await;
+    send(
+        &mut reader,
+        json!({"op": "chat", "session_id": s, "content": "flood"}),
+    )
+    .await;
+    let events = events_until_final(&mut reader, &topic).await;
+    assert_eq!(events.last().unwrap()["event"], "done");
+    assert_eq!(text(&events).len(), full_reply(60_000).len());
+
+    // The paused client was cut off with a reason once its queue filled.
+    let (code, reason) = close_code(&mut paused).await;
+    assert_eq!(code, CloseCode::Policy);
+    assert!(reason.contains("not reading"), "{reason}");
+    drop(e.mock);
+    e.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_origin_is_refused_and_tokens_authenticate_browsers() {
+    let e = env(MockConfig::default(), |c| {
+        c.server.cors_origins = vec!["https://chat.example.com".into()];
+    })
+    .await;
+    let mut req = e.ws_url().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", e.key).parse().unwrap(),
+    );
+    req.headers_mut()
+        .insert("origin", "https://evil.example".parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),
+        other => panic!("expected 403, got {other:?}"),
+    }
+
+    // A browser on an allowed origin: no header, a short-lived token instead.
+    let t: Value = client()
+        .post(format!("{}/api/ws-token", e.server.url))
+        .bearer_auth(&e.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = t["token"].as_str().unwrap();
+    let mut req = format!("{}?token={token}", e.ws_url())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("origin", "https://chat.example.com".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    send(&mut ws, json!({"op": "ping"})).await;
+    assert_eq!(next_json(&mut ws).await["op"], "pong");
+
+    let req = format!("{}?token=forged.deadbeef", e.ws_url())
+        .into_client_request()
+        .unwrap();
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!("expected 401, got {other:?}"),
+    }
+    let req = e.ws_url().into_client_request().unwrap();
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!("expected 401 without a key, got {other:?}"),
+    }
+    e.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn task_progress_arrives_over_ws_until_succeeded() {
+    let e = env(
+        MockConfig {
+            tokens: 50,
+            token_delay: Duration::from_millis(5),
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let r = client()
+        .post(format!("{}/api/tasks", e.server.url))
+        .bearer_auth(&e.key)
+        .json(&json!({"messages": [{"role": "user", "content": "work"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let topic = format!("task:{id}");
+    let mut ws = e.connect().await;
+    send(&mut ws, json!({"op": "subscribe", "topic": topic})).await;
+    let mut kinds = Vec::new();
+    let result = loop {
+        let v = next_json(&mut ws).await;
+        assert_eq!(v["topic"], topic.as_str(), "{v}");
+        let kind = v["event"].as_str().unwrap().to_owned();
+        kinds.push(kind.clone());
+        if kind == "succeeded" {
+            break v["data"]["result"].clone();
+        }
+        assert_ne!(kind, "failed", "{v}");
+    };
+    assert_eq!(kinds[0], "queued");
+    assert!(kinds.contains(&"running".to_owned()));
+    assert!(kinds.contains(&"progress".to_owned()));
+    assert_eq!(result, full_reply(50));
+    e.server.shutdown().await;
+}
