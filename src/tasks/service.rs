@@ -197,6 +197,10 @@ impl TaskService {
         };
         self.store.create_task(&task).await?;
         let channel = self.channel(&task);
+        // `queued` goes out before the push: a worker may pick the task up at once, and its
+        // `running` must never come before `queued` in the task's event log.
+        let position = self.store.task_position(&task.id).await?.unwrap_or(1);
+        channel.publish_json(EventKind::Queued, &json!({ "position": position }));
         if let Err(e) = self.queue.push(&task.id).await {
             let msg = e.to_string();
             // `finish_task` only moves running tasks: claim first, so the task is recorded
@@ -210,8 +214,6 @@ impl TaskService {
             channel.publish_json(EventKind::Failed, &json!({"error": msg}));
             return Err(e.into());
         }
-        let position = self.store.task_position(&task.id).await?.unwrap_or(1);
-        channel.publish_json(EventKind::Queued, &json!({ "position": position }));
         Ok(task)
     }
 
