@@ -77,7 +77,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             providers = ?state.upstreams.provider_names(),
             "listening on http://{local}"
         );
-        sluice::app::serve(state, listener, shutdown_signal()).await?;
+        let systemd = sluice::ops::systemd::serving(&state, local);
+        sluice::app::serve(state, listener, systemd.stopping_on(shutdown_signal())).await?;
+        systemd.finish().await;
         tracing::info!("stopped");
         Ok(())
     })

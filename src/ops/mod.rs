@@ -3,5 +3,6 @@
 pub mod health;
 pub mod lifecycle;
 pub mod metrics;
+pub mod systemd;
 
 pub use lifecycle::Lifecycle;
