@@ -16,7 +16,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::cache::ResponseCache;
-use crate::chat::service::{ChatService, ChatSettings};
+use crate::chat::service::{ChatParts, ChatService, ChatSettings};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::guard::Guards;
@@ -27,6 +27,8 @@ use crate::queue::memory::MemoryQueue;
 use crate::queue::{QueueError, TaskQueue};
 use crate::store::{self, Store};
 use crate::tasks::service::{TaskService, TaskSettings};
+use crate::cluster::redis::RedisBus;
+use crate::cluster::{Bus, LocalBus};
 use crate::upstream::{self, Upstreams};
 
 /// Shared by every handler; cheap to clone.
@@ -52,6 +54,8 @@ pub struct AppState {
     pub guards: Arc<Guards>,
     /// Identical deterministic requests in flight share one upstream call.
     pub flights: Arc<crate::chat::flight::Flights>,
+    /// Shares generations with the other instances.
+    pub bus: Arc<dyn Bus>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +66,8 @@ pub enum StartError {
     Store(#[from] store::StoreError),
     #[error("task queue: {0}")]
     Queue(#[from] QueueError),
+    #[error("cluster bus (Redis): {0}")]
+    Bus(String),
 }
 
 impl AppState {
@@ -113,18 +119,38 @@ impl AppState {
             }
             None => None,
         };
-        let chat = Arc::new(ChatService::new(
-            store.clone(),
-            upstreams.clone(),
-            hub.clone(),
-            ChatSettings {
+        let bus: Arc<dyn Bus> = match &config.redis {
+            Some(r) => Arc::new(
+                RedisBus::connect(
+                    crate::cluster::redis::Settings {
+                        url: r.url.expose().to_owned(),
+                        prefix: r.prefix.clone(),
+                        server_id: config.server.server_id.clone(),
+                        replay_ttl: config.chat.replay_ttl,
+                        replay_max_events: config.chat.replay_max_events,
+                    },
+                    hub.clone(),
+                    store.clone(),
+                    lifecycle.stop_token(),
+                )
+                .await
+                .map_err(|e| StartError::Bus(e.to_string()))?,
+            ),
+            None => Arc::new(LocalBus),
+        };
+        let chat = Arc::new(ChatService::new(ChatParts {
+            store: store.clone(),
+            upstreams: upstreams.clone(),
+            hub: hub.clone(),
+            settings: ChatSettings {
                 history_max_chars: config.chat.history_max_chars,
                 max_message_chars: config.chat.max_message_chars,
             },
-            lifecycle.stop_token(),
-            streams.clone(),
-            quota.clone().map(|q| q as Arc<dyn crate::chat::TokenMeter>),
-        ));
+            stop: lifecycle.stop_token(),
+            streams: streams.clone(),
+            meter: quota.clone().map(|q| q as Arc<dyn crate::chat::TokenMeter>),
+            bus: bus.clone(),
+        }));
         let (queue, recover): (Arc<dyn TaskQueue>, bool) = match &config.redis {
             Some(r) => (
                 Arc::new(
@@ -209,7 +235,19 @@ impl AppState {
             cache,
             guards,
             flights,
+            bus,
         })
+    }
+
+    /// When streams of sessions leave this instance: with other instances sharing them,
+    /// as soon as draining starts (clients resume elsewhere while the generation goes on
+    /// here); alone, at the end of the drain window.
+    pub fn handoff_token(&self) -> CancellationToken {
+        if self.bus.is_shared() {
+            self.lifecycle.drain_token()
+        } else {
+            self.lifecycle.stop_token()
+        }
     }
 
     /// New generations are refused while draining, so the instance can empty out.
@@ -321,6 +359,17 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Serves until `shutdown` resolves, then drains: the listener closes, running streams get
 /// the drain window to finish, and whatever still runs after it ends with an error event.
 pub async fn serve(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let bus = state.bus.clone();
+    let served = serve_until_drained(state, listener, shutdown).await;
+    bus.shutdown().await;
+    served
+}
+
+async fn serve_until_drained(
     state: AppState,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,

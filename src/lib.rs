@@ -5,6 +5,7 @@ pub mod app;
 pub mod bench;
 pub mod cache;
 pub mod chat;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod guard;

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use super::agent::{DEFAULT_AGENT, build_request};
 use super::{ChatRequest, FinishReason, Message, Role, UpstreamEvent, Usage};
+use crate::cluster::Bus;
 use crate::guard::streams::{Limit, StreamLimits, StreamPermit};
 use crate::hub::{Channel, EventId, EventKind, Hub, SessionFeed};
 use crate::store::{
@@ -74,6 +75,8 @@ pub struct ChatService {
     streams: Arc<StreamLimits>,
     /// Tokens-per-minute quotas, when configured.
     meter: Option<Arc<dyn super::TokenMeter>>,
+    /// Carries generations to and from other instances.
+    bus: Arc<dyn Bus>,
 }
 
 /// A generation that has been accepted and is running.
@@ -92,26 +95,32 @@ pub struct SessionPage {
     pub next_cursor: Option<String>,
 }
 
+/// What a [`ChatService`] is built from.
+pub struct ChatParts {
+    pub store: Arc<dyn Store>,
+    pub upstreams: Arc<Upstreams>,
+    pub hub: Arc<Hub>,
+    pub settings: ChatSettings,
+    /// Fired when the drain window is over.
+    pub stop: CancellationToken,
+    pub streams: Arc<StreamLimits>,
+    pub meter: Option<Arc<dyn super::TokenMeter>>,
+    pub bus: Arc<dyn Bus>,
+}
+
 impl ChatService {
-    pub fn new(
-        store: Arc<dyn Store>,
-        upstreams: Arc<Upstreams>,
-        hub: Arc<Hub>,
-        settings: ChatSettings,
-        stop: CancellationToken,
-        streams: Arc<StreamLimits>,
-        meter: Option<Arc<dyn super::TokenMeter>>,
-    ) -> Self {
+    pub fn new(p: ChatParts) -> Self {
         Self {
-            store,
-            upstreams,
-            hub,
-            settings,
+            store: p.store,
+            upstreams: p.upstreams,
+            hub: p.hub,
+            settings: p.settings,
             running: Arc::new(DashMap::new()),
             tasks: TaskTracker::new(),
-            stop,
-            streams,
-            meter,
+            stop: p.stop,
+            streams: p.streams,
+            meter: p.meter,
+            bus: p.bus,
         }
     }
 
@@ -349,6 +358,8 @@ impl ChatService {
             meter: self.meter.clone(),
         };
         self.tasks.spawn(deps.run(job));
+        // Tracked with the generation, so shutdown waits until its last event left too.
+        self.tasks.spawn(self.bus.export(channel.clone()));
         Ok(Started {
             generation_id: generation_id.to_owned(),
             message_id: assistant.id,
@@ -379,13 +390,22 @@ impl ChatService {
         last_event_id: Option<&str>,
     ) -> Result<SessionFeed, ChatError> {
         let session = self.get_session(caller, session_id).await?;
-        let resume = last_event_id.and_then(EventId::parse).and_then(|id| {
-            self.hub
-                .get(&id.generation_id)
-                .filter(|ch| ch.session_id == session.id && ch.owner == caller.user_id)
-                .map(|ch| (ch, Some(id.seq)))
-        });
-        Ok(SessionFeed::new(&self.hub, &session.id, resume))
+        // Following first: a generation running on another instance is then in the hub,
+        // and nothing published while the resume point is looked up is missed.
+        let follow = self.bus.follow(&session.id).await;
+        let resume = match last_event_id.and_then(EventId::parse) {
+            Some(id) => {
+                let channel = match self.hub.get(&id.generation_id) {
+                    Some(ch) => Some(ch),
+                    None => self.bus.fetch(&id.generation_id).await,
+                };
+                channel
+                    .filter(|ch| ch.session_id == session.id && ch.owner == caller.user_id)
+                    .map(|ch| (ch, Some(id.seq)))
+            }
+            None => None,
+        };
+        Ok(SessionFeed::new(&self.hub, &session.id, resume).holding(follow))
     }
 
     /// The feed of a session from the start of one of its generations (the WebSocket

@@ -22,6 +22,7 @@ async fn ready(State(st): State<AppState>) -> impl IntoResponse {
         &st.lifecycle,
         st.store.as_ref(),
         st.tasks.queue().as_ref(),
+        st.bus.status(),
         st.upstreams.circuit_states(),
     )
     .await;

@@ -163,7 +163,7 @@ async fn post_message(
             events::sse(
                 sub,
                 st.config.server.ping_interval,
-                st.lifecycle.stop_token(),
+                st.handoff_token(),
             ),
         ));
     }
@@ -193,7 +193,7 @@ async fn stream(
         events::sse(
             feed,
             st.config.server.ping_interval,
-            st.lifecycle.stop_token(),
+            st.handoff_token(),
         ),
     ))
 }

@@ -79,7 +79,7 @@ async fn upgrade(
         tasks: st.tasks.clone(),
         caller: who.caller(),
         settings,
-        stop: st.lifecycle.stop_token(),
+        stop: st.handoff_token(),
     };
     Ok(ws
         // Frames up to 1 MiB are read so an oversized message gets a clean 1009 close;

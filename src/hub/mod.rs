@@ -54,6 +54,24 @@ impl EventKind {
         }
     }
 
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "start" => Self::Start,
+            "token" => Self::Token,
+            "usage" => Self::Usage,
+            "done" => Self::Done,
+            "error" => Self::Error,
+            "interrupted" => Self::Interrupted,
+            "queued" => Self::Queued,
+            "running" => Self::Running,
+            "progress" => Self::Progress,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            _ => return None,
+        })
+    }
+
     /// Whether the event ends its generation or task.
     pub fn is_final(self) -> bool {
         matches!(
@@ -150,6 +168,11 @@ pub struct Channel {
     pub session_id: String,
     /// Who may subscribe: the owner of the session.
     pub owner: String,
+    /// A copy of a generation running on another instance, fed by the cluster bus.
+    pub remote: bool,
+    /// First sequence number of the log: 0, or for a remote copy the oldest event the
+    /// replay log still held when the copy was made.
+    origin: u64,
     log: RwLock<Log>,
     capacity: usize,
     /// Latest published sequence; bumped on every publish and at the end.
@@ -215,6 +238,32 @@ impl Channel {
         Some(seq)
     }
 
+    /// Sequence number the next event will get.
+    pub fn next_seq(&self) -> u64 {
+        self.log.read().next_seq
+    }
+
+    /// Appends an event produced elsewhere with its own sequence number (a remote copy).
+    /// Events already held are ignored, so redelivery is harmless; one past a gap is
+    /// refused, and the caller fetches the missing ones first.
+    pub fn apply(&self, seq: u64, kind: EventKind, data: &[u8]) -> Applied {
+        {
+            let log = self.log.read();
+            if seq < log.next_seq || log.finished_at.is_some() {
+                return Applied::Duplicate;
+            }
+            if seq > log.next_seq {
+                return Applied::Gap {
+                    expected: log.next_seq,
+                };
+            }
+        }
+        match self.publish(kind, data) {
+            Some(_) => Applied::Appended,
+            None => Applied::Duplicate,
+        }
+    }
+
     /// Publishes a JSON-serialisable payload.
     pub fn publish_json<T: Serialize>(&self, kind: EventKind, data: &T) -> Option<u64> {
         let bytes = serde_json::to_vec(data).unwrap_or_else(|_| b"{}".to_vec());
@@ -226,10 +275,18 @@ impl Channel {
         self.subscribers.fetch_add(1, Ordering::Relaxed);
         Subscription {
             channel: self.clone(),
-            next: after.map(|s| s + 1).unwrap_or(0),
+            next: after.map(|s| s + 1).unwrap_or(self.origin),
             rx: self.notify.subscribe(),
         }
     }
+}
+
+/// What [`Channel::apply`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Appended,
+    Duplicate,
+    Gap { expected: u64 },
 }
 
 /// Why a subscription stopped yielding events.
@@ -313,6 +370,8 @@ pub struct SessionFeed {
     current: Option<Subscription>,
     /// The generation last followed, so a finished one is not replayed again.
     last_generation: Option<String>,
+    /// Kept alive as long as the feed: the cluster bus's interest in this session.
+    _hold: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl SessionFeed {
@@ -336,7 +395,14 @@ impl SessionFeed {
             session,
             current,
             last_generation,
+            _hold: None,
         }
+    }
+
+    /// Keeps `guard` alive until the feed is dropped.
+    pub fn holding(mut self, guard: Box<dyn std::any::Any + Send + Sync>) -> Self {
+        self._hold = Some(guard);
+        self
     }
 }
 
@@ -394,23 +460,7 @@ impl Hub {
     /// Creates the channel of a new generation of `session_id`.
     pub fn create(&self, generation_id: &str, session_id: &str, owner: &str) -> Arc<Channel> {
         self.sweep();
-        let (notify, _) = watch::channel(0);
-        let channel = Arc::new(Channel {
-            generation_id: generation_id.to_owned(),
-            session_id: session_id.to_owned(),
-            owner: owner.to_owned(),
-            log: RwLock::new(Log {
-                events: VecDeque::with_capacity(64),
-                first_seq: 0,
-                next_seq: 0,
-                finished_at: None,
-            }),
-            capacity: self.capacity,
-            notify,
-            subscribers: AtomicU64::new(0),
-            tokens: AtomicU64::new(0),
-            created: Instant::now(),
-        });
+        let channel = self.new_channel(generation_id, session_id, owner, false, 0);
         self.channels
             .insert(generation_id.to_owned(), channel.clone());
         self.sessions
@@ -418,6 +468,76 @@ impl Hub {
             .or_insert_with(|| watch::channel(None).0)
             .send_replace(Some(channel.clone()));
         channel
+    }
+
+    /// The local copy of a generation running on another instance, created on first use.
+    /// Its log starts at `first_seq` (the oldest event the replay log still holds). It
+    /// becomes the session's latest generation only if it is newer than the one known:
+    /// generation ids sort by creation time.
+    pub fn mirror(
+        &self,
+        generation_id: &str,
+        session_id: &str,
+        owner: &str,
+        first_seq: u64,
+    ) -> Arc<Channel> {
+        self.sweep();
+        let channel = match self.channels.entry(generation_id.to_owned()) {
+            dashmap::mapref::entry::Entry::Occupied(e) => return e.get().clone(),
+            dashmap::mapref::entry::Entry::Vacant(e) => e
+                .insert(self.new_channel(generation_id, session_id, owner, true, first_seq))
+                .clone(),
+        };
+        self.sessions
+            .entry(session_id.to_owned())
+            .or_insert_with(|| watch::channel(None).0)
+            .send_if_modified(|latest| {
+                if latest
+                    .as_ref()
+                    .is_some_and(|c| c.generation_id.as_str() >= generation_id)
+                {
+                    return false;
+                }
+                *latest = Some(channel.clone());
+                true
+            });
+        channel
+    }
+
+    /// Forgets the unfinished remote copies of a session's generations: nothing feeds them
+    /// once the instance stops following the session.
+    pub fn drop_mirrors(&self, session_id: &str) {
+        self.channels
+            .retain(|_, c| !(c.remote && c.session_id == session_id && !c.is_finished()));
+    }
+
+    fn new_channel(
+        &self,
+        generation_id: &str,
+        session_id: &str,
+        owner: &str,
+        remote: bool,
+        first_seq: u64,
+    ) -> Arc<Channel> {
+        let (notify, _) = watch::channel(0);
+        Arc::new(Channel {
+            generation_id: generation_id.to_owned(),
+            session_id: session_id.to_owned(),
+            owner: owner.to_owned(),
+            remote,
+            origin: first_seq,
+            log: RwLock::new(Log {
+                events: VecDeque::with_capacity(64),
+                first_seq,
+                next_seq: first_seq,
+                finished_at: None,
+            }),
+            capacity: self.capacity,
+            notify,
+            subscribers: AtomicU64::new(0),
+            tokens: AtomicU64::new(0),
+            created: Instant::now(),
+        })
     }
 
     pub fn get(&self, generation_id: &str) -> Option<Arc<Channel>> {

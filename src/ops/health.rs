@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::Lifecycle;
+use crate::cluster::BusStatus;
 use crate::queue::TaskQueue;
 use crate::store::Store;
 
@@ -25,6 +26,9 @@ pub struct Readiness {
     /// Present in cluster mode.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<Dependency>,
+    /// How generations are shared with other instances; `ok: false` while the Redis
+    /// subscription is being re-established (local streams keep working meanwhile).
+    pub bus: BusStatus,
     pub providers: Vec<Provider>,
 }
 
@@ -83,6 +87,7 @@ pub async fn readiness(
     lifecycle: &Lifecycle,
     store: &dyn Store,
     queue: &dyn TaskQueue,
+    bus: BusStatus,
     providers: Vec<(String, &'static str)>,
 ) -> Readiness {
     let redis = async {
@@ -95,10 +100,11 @@ pub async fn readiness(
     let (store, redis) = tokio::join!(probe(store.backend(), store.ping()), redis);
     let draining = lifecycle.is_draining();
     Readiness {
-        ready: !draining && store.ok && redis.as_ref().is_none_or(|r| r.ok),
+        ready: !draining && store.ok && redis.as_ref().is_none_or(|r| r.ok) && bus.ok,
         draining,
         store,
         redis,
+        bus,
         providers: providers
             .into_iter()
             .map(|(name, circuit)| Provider { name, circuit })

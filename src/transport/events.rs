@@ -19,8 +19,14 @@ const LAGGED: Bytes = Bytes::from_static(
     b"event: error\ndata: {\"code\":\"lagged\",\"message\":\"this client fell behind the stream; reconnect with Last-Event-ID to resume\",\"retryable\":true}\n\n",
 );
 
-/// Frames a feed as SSE. Ends when the feed ends, when it lags, or at `stop` (the drain
-/// window is over): the client then reconnects, on another instance behind a proxy.
+/// Sent when the instance stops serving the stream (it is restarting): reconnect soon,
+/// with `Last-Event-ID`, and land on another instance.
+const RECONNECT: Bytes = Bytes::from_static(
+    b"retry: 250\nevent: reconnect\ndata: {\"reason\":\"restarting\",\"message\":\"this instance is restarting; reconnect with Last-Event-ID to resume\"}\n\n",
+);
+
+/// Frames a feed as SSE. Ends when the feed ends, when it lags, or at `stop` (this instance
+/// is going away): the client is told to reconnect, on another instance behind a proxy.
 pub fn sse<F: EventFeed + 'static>(
     mut feed: F,
     ping_every: Duration,
@@ -34,7 +40,10 @@ pub fn sse<F: EventFeed + 'static>(
         loop {
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => {
+                    yield RECONNECT;
+                    return;
+                }
                 r = feed.next_batch(&mut batch) => match r {
                     Ok(()) => {
                         for e in batch.drain(..) {
