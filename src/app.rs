@@ -7,16 +7,19 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderName, Request};
+use axum::http::{HeaderName, HeaderValue, Request};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::cache::ResponseCache;
 use crate::chat::service::{ChatParts, ChatService, ChatSettings};
+use crate::cluster::redis::RedisBus;
+use crate::cluster::{Bus, LocalBus};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::guard::Guards;
@@ -27,8 +30,6 @@ use crate::queue::memory::MemoryQueue;
 use crate::queue::{QueueError, TaskQueue};
 use crate::store::{self, Store};
 use crate::tasks::service::{TaskService, TaskSettings};
-use crate::cluster::redis::RedisBus;
-use crate::cluster::{Bus, LocalBus};
 use crate::upstream::{self, Upstreams};
 
 /// Shared by every handler; cheap to clone.
@@ -264,6 +265,7 @@ impl AppState {
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const INSTANCE: HeaderName = HeaderName::from_static("x-sluice-instance");
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.server.max_body_bytes;
@@ -347,7 +349,14 @@ pub fn router(state: AppState) -> Router {
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
                 .layer(trace)
-                .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                // Which instance answered: behind a load balancer, for following a
+                // session's stickiness and for reading the right instance's logs.
+                .layer(SetResponseHeaderLayer::overriding(
+                    INSTANCE,
+                    HeaderValue::from_str(&state.config.server.server_id)
+                        .unwrap_or(HeaderValue::from_static("sluice")),
+                )),
         )
         .with_state(state)
 }

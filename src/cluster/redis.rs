@@ -89,6 +89,12 @@ struct Inner {
     stop: CancellationToken,
 }
 
+enum Written {
+    All,
+    /// The generation's Stream was gone: nothing of this batch was written.
+    LogLost,
+}
+
 /// A published batch of one generation's events.
 #[derive(Serialize, Deserialize)]
 struct Wire {
@@ -281,7 +287,15 @@ async fn export(inner: Arc<Inner>, channel: Arc<Channel>) {
         let mut tries_after_stop = 0;
         loop {
             match inner.write(&channel, &pending, first).await {
-                Ok(()) => break,
+                Ok(Written::All) => break,
+                Ok(Written::LogLost) => {
+                    // Redis restarted without its data: write the whole log again, so
+                    // replay and late watchers still get every event.
+                    tracing::warn!(generation_id = %gid, "replay log lost by Redis; exporting again from the start");
+                    sub = channel.subscribe(None);
+                    first = true;
+                    continue 'batches;
+                }
                 Err(e) => {
                     tracing::warn!(generation_id = %gid, error = %e, "cannot export events; retrying");
                     if inner.stop.is_cancelled() {
@@ -323,8 +337,14 @@ impl Inner {
     }
 
     /// One round trip: the events into the Stream, then published; the first batch also
-    /// records the generation (meta, the session's latest, the lease).
-    async fn write(&self, ch: &Channel, events: &[Arc<Event>], first: bool) -> Result<(), String> {
+    /// records the generation (meta, the session's latest, the lease). Later batches add
+    /// to the Stream only if it exists (`NOMKSTREAM`): a missing one means Redis lost it.
+    async fn write(
+        &self,
+        ch: &Channel,
+        events: &[Arc<Event>],
+        first: bool,
+    ) -> Result<Written, String> {
         let gid = &ch.generation_id;
         let stream = self.key("gen", gid);
         let mut pipe = redis::pipe();
@@ -350,22 +370,27 @@ impl Inner {
             .ignore()
             .set_ex(self.key("cur", &ch.session_id), gid, self.ttl_secs)
             .ignore()
-            .zadd(self.key("live", ""), gid, now_ms() + LEASE.as_millis() as u64)
+            .zadd(
+                self.key("live", ""),
+                gid,
+                now_ms() + LEASE.as_millis() as u64,
+            )
             .ignore();
         }
         let mut finished = false;
         for e in events {
-            pipe.cmd("XADD")
-                .arg(&stream)
-                .arg("MAXLEN")
+            let xadd = pipe.cmd("XADD").arg(&stream);
+            if !first {
+                xadd.arg("NOMKSTREAM");
+            }
+            xadd.arg("MAXLEN")
                 .arg("~")
                 .arg(self.max_events)
                 .arg(format!("{}-1", e.seq))
                 .arg("k")
                 .arg(e.kind.as_str())
                 .arg("d")
-                .arg(&e.data()[..])
-                .ignore();
+                .arg(&e.data()[..]);
             finished |= e.kind.is_final();
         }
         pipe.expire(&stream, self.ttl_secs as i64).ignore();
@@ -375,7 +400,13 @@ impl Inner {
         for msg in self.messages(ch, events) {
             pipe.publish(self.key("ch", &ch.session_id), msg).ignore();
         }
-        timeout(pipe.query_async::<()>(&mut self.conn.clone())).await
+        // Only the XADDs answer: each with its id, or nil when the Stream was missing.
+        let ids: Vec<Value> = timeout(pipe.query_async(&mut self.conn.clone())).await?;
+        Ok(if ids.iter().any(|v| matches!(v, Value::Nil)) {
+            Written::LogLost
+        } else {
+            Written::All
+        })
     }
 
     /// Splits a batch into published messages of bounded size.
@@ -699,27 +730,26 @@ fn entry(id: &redis::streams::StreamId) -> Option<(u64, EventKind, Vec<u8>)> {
 async fn subscriber(inner: Arc<Inner>, cancel: CancellationToken) {
     let mut backoff = BACKOFF_START;
     while !cancel.is_cancelled() {
-        let pubsub = match tokio::time::timeout(CONNECT_TIMEOUT, inner.client.get_async_pubsub())
-            .await
-        {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                inner.set_down(e.to_string());
-                if !pause(backoff, &cancel).await {
-                    return;
+        let pubsub =
+            match tokio::time::timeout(CONNECT_TIMEOUT, inner.client.get_async_pubsub()).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    inner.set_down(e.to_string());
+                    if !pause(backoff, &cancel).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                continue;
-            }
-            Err(_) => {
-                inner.set_down("Redis did not answer in time".into());
-                if !pause(backoff, &cancel).await {
-                    return;
+                Err(_) => {
+                    inner.set_down("Redis did not answer in time".into());
+                    if !pause(backoff, &cancel).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                continue;
-            }
-        };
+            };
         let (mut sink, mut messages) = pubsub.split();
         let channels: Vec<String> = inner
             .interest
@@ -786,7 +816,12 @@ async fn leases(inner: Arc<Inner>, cancel: CancellationToken) {
             let mut pipe = redis::pipe();
             for g in &mine {
                 // XX: a lease already taken as lost is not revived.
-                pipe.cmd("ZADD").arg(&live).arg("XX").arg(expiry).arg(g).ignore();
+                pipe.cmd("ZADD")
+                    .arg(&live)
+                    .arg("XX")
+                    .arg(expiry)
+                    .arg(g)
+                    .ignore();
             }
             if let Err(e) = timeout(pipe.query_async::<()>(&mut inner.conn.clone())).await {
                 tracing::warn!(error = %e, "cannot renew generation leases");
