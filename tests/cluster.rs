@@ -1,0 +1,700 @@
+//! Several real `sluice` processes sharing PostgreSQL and Redis, and nginx in front: live
+//! fan-out and resume across instances, a lost owner, a Redis restart, and draining.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::db::{self, Backend, TestDb};
+use common::*;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use sluice::mock::{MockConfig, MockServer, full_reply};
+use tokio::process::{Child, Command};
+
+/// Longer than `WAIT`: a lease must expire, or a Redis come back.
+const SLOW_WAIT: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One event as a client sees it.
+#[derive(Debug, Clone, PartialEq)]
+struct Ev {
+    id: String,
+    event: String,
+    data: Value,
+}
+
+struct Instance {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Instance {
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// N instances of the real binary on one PostgreSQL schema and one Redis key prefix.
+struct Cluster {
+    _db: TestDb,
+    env: Vec<(String, String)>,
+    instances: Vec<Instance>,
+    dir: tempfile::TempDir,
+    nginx: Option<(Child, u16)>,
+}
+
+impl Cluster {
+    async fn start(n: usize, mock: &MockServer, redis_url: &str) -> Self {
+        let db = db::fresh(Backend::Postgres).await;
+        let prefix = format!("sluice-test-{}", sluice::store::new_id());
+        let env = vec![
+            ("DATABASE_URL".into(), db.database_url().unwrap().to_owned()),
+            ("REDIS_URL".into(), redis_url.to_owned()),
+            ("SLUICE_REDIS_PREFIX".into(), prefix),
+            ("OPENAI_BASE_URL".into(), mock.url()),
+            ("SLUICE_DEFAULT_MODEL".into(), "mock-model".into()),
+            ("SLUICE_DRAIN_SECS".into(), "30".into()),
+            ("SLUICE_RATE_CHAT_PER_MIN".into(), "0".into()),
+            ("SLUICE_RATE_API_PER_MIN".into(), "0".into()),
+            ("SLUICE_LOG".into(), "info".into()),
+        ];
+        let mut c = Self {
+            _db: db,
+            env,
+            instances: (0..n)
+                .map(|_| Instance {
+                    port: free_port(),
+                    child: None,
+                })
+                .collect(),
+            dir: tempfile::tempdir().unwrap(),
+            nginx: None,
+        };
+        for i in 0..n {
+            c.start_instance(i).await;
+        }
+        c
+    }
+
+    fn url(&self, i: usize) -> String {
+        self.instances[i].url()
+    }
+
+    async fn start_instance(&mut self, i: usize) {
+        let port = self.instances[i].port;
+        let log = std::fs::File::create(self.dir.path().join(format!("{port}.log"))).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("SLUICE_ADDR", format!("127.0.0.1:{port}"))
+            .env("SLUICE_SERVER_ID", format!("sluice-{port}"))
+            .current_dir(self.dir.path())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.instances[i].child = Some(cmd.spawn().unwrap());
+        self.wait_ready(i, WAIT).await;
+    }
+
+    /// Polls `/health/ready` until it answers 200.
+    async fn wait_ready(&self, i: usize, within: Duration) {
+        let url = format!("{}/health/ready", self.url(i));
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(r) = client().get(&url).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("instance {i} not ready: {}", self.log(i));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log(&self, i: usize) -> String {
+        let port = self.instances[i].port;
+        std::fs::read_to_string(self.dir.path().join(format!("{port}.log"))).unwrap_or_default()
+    }
+
+    fn signal(&self, i: usize, sig: &str) {
+        let pid = self.instances[i].child.as_ref().unwrap().id().unwrap();
+        let st = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    async fn exit_code(&mut self, i: usize, within: Duration) -> Option<i32> {
+        let mut child = self.instances[i].child.take().unwrap();
+        tokio::time::timeout(within, child.wait())
+            .await
+            .expect("instance did not exit")
+            .unwrap()
+            .code()
+    }
+
+    /// nginx in front, with the shipped `nginx/sluice.conf` rendered for these ports.
+    async fn start_nginx(&mut self) -> String {
+        let port = free_port();
+        let ports: Vec<String> = self.instances.iter().map(|i| i.port.to_string()).collect();
+        let dir = self.dir.path().join("nginx");
+        let out = std::process::Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh"))
+            .arg("nginx-conf")
+            .arg(&dir)
+            .env("CLUSTER_PORTS", ports.join(" "))
+            .env("CLUSTER_NGINX_PORT", port.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cluster.sh nginx-conf: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let nginx = which_nginx();
+        let child = Command::new(nginx)
+            .args(["-p"])
+            .arg(&dir)
+            .args(["-c"])
+            .arg(dir.join("nginx.conf"))
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.nginx = Some((child, port));
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + WAIT;
+        while client()
+            .get(format!("{url}/health"))
+            .send()
+            .await
+            .map_or(true, |r| r.status() != 200)
+        {
+            assert!(Instant::now() < deadline, "nginx did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        url
+    }
+}
+
+fn which_nginx() -> String {
+    for p in ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"] {
+        if std::path::Path::new(p).exists() {
+            return p.to_owned();
+        }
+    }
+    panic!("nginx is not installed; scripts/test.sh installs it");
+}
+
+async fn new_session(base: &str) -> String {
+    let r = client()
+        .post(format!("{base}/api/sessions"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn post_message(base: &str, session: &str, sse: bool) -> reqwest::Response {
+    let mut req = client()
+        .post(format!("{base}/api/sessions/{session}/messages"))
+        .json(&json!({"content": "tell me about tides"}));
+    if sse {
+        req = req.header("accept", "text/event-stream");
+    }
+    let r = req.send().await.unwrap();
+    assert!(r.status().is_success(), "{:?}", r.text().await);
+    r
+}
+
+async fn watch(base: &str, session: &str, last_event_id: Option<&str>) -> reqwest::Response {
+    let mut req = client().get(format!("{base}/api/sessions/{session}/stream"));
+    if let Some(id) = last_event_id {
+        req = req.header("last-event-id", id);
+    }
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r
+}
+
+/// Reads events until one ends a generation (or the stream ends), passing each to `seen`.
+async fn read_until_final(
+    resp: reqwest::Response,
+    within: Duration,
+    mut seen: impl FnMut(&Ev),
+) -> Vec<Ev> {
+    let mut out = Vec::new();
+    let mut events = resp.bytes_stream().eventsource();
+    let _ = tokio::time::timeout(within, async {
+        while let Some(Ok(e)) = events.next().await {
+            let ev = Ev {
+                id: e.id.clone(),
+                event: e.event.clone(),
+                data: serde_json::from_str(&e.data).unwrap_or(Value::Null),
+            };
+            seen(&ev);
+            let last = matches!(
+                ev.event.as_str(),
+                "done" | "error" | "interrupted" | "reconnect"
+            );
+            out.push(ev);
+            if last {
+                break;
+            }
+        }
+    })
+    .await;
+    out
+}
+
+fn text_of(events: &[Ev]) -> String {
+    events
+        .iter()
+        .filter(|e| e.event == "token")
+        .map(|e| e.data["text"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn messages(base: &str, session: &str) -> Vec<Value> {
+    let v: Value = client()
+        .get(format!("{base}/api/sessions/{session}/messages"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["data"].as_array().cloned().unwrap_or_default()
+}
+
+fn last_assistant(messages: &[Value]) -> Value {
+    messages
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "assistant")
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+async fn redis_cmd(url: &str, args: &[&str]) -> redis::Value {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(&mut conn).await.unwrap()
+}
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+
+#[tokio::test]
+async fn a_generation_on_one_instance_is_watched_live_and_resumed_on_the_others() {
+    let mock = mock(MockConfig {
+        tokens: 40,
+        token_delay: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
+    let c = Cluster::start(3, &mock, REDIS).await;
+    let s = new_session(&c.url(0)).await;
+
+    // B and C follow the session before anything runs on A.
+    let b = tokio::spawn(read_until_final(
+        watch(&c.url(1), &s, None).await,
+        WAIT,
+        |_| {},
+    ));
+    let cc = tokio::spawn(read_until_final(
+        watch(&c.url(2), &s, None).await,
+        WAIT,
+        |_| {},
+    ));
+    let a = read_until_final(post_message(&c.url(0), &s, true).await, WAIT, |_| {}).await;
+    let (b, cc) = (b.await.unwrap(), cc.await.unwrap());
+
+    assert_eq!(a.last().unwrap().event, "done", "{a:?}");
+    assert_eq!(text_of(&a), full_reply(40));
+    assert_eq!(a, b, "B saw another sequence than A");
+    assert_eq!(a, cc, "C saw another sequence than A");
+
+    // Resume on C with an id A handed out: exactly the rest.
+    let from = &a[5];
+    let rest = read_until_final(watch(&c.url(2), &s, Some(&from.id)).await, WAIT, |_| {}).await;
+    assert_eq!(rest, a[6..].to_vec());
+
+    // The reply is stored once, complete, whichever instance is asked.
+    for i in 0..3 {
+        let m = last_assistant(&messages(&c.url(i), &s).await);
+        assert_eq!(m["status"], "complete");
+        assert_eq!(m["content"], full_reply(40));
+    }
+}
+
+#[tokio::test]
+async fn a_watcher_joining_mid_stream_elsewhere_gets_it_from_the_start() {
+    let mock = mock(MockConfig {
+        tokens: 60,
+        token_delay: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
+    let c = Cluster::start(2, &mock, REDIS).await;
+    let s = new_session(&c.url(0)).await;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let a = tokio::spawn({
+        let url = c.url(0);
+        let s = s.clone();
+        async move {
+            read_until_final(post_message(&url, &s, true).await, WAIT, move |e| {
+                if e.event == "token" {
+                    let _ = tx.try_send(());
+                }
+            })
+            .await
+        }
+    });
+    for _ in 0..10 {
+        rx.recv().await.unwrap();
+    }
+    let b = read_until_final(watch(&c.url(1), &s, None).await, WAIT, |_| {}).await;
+    let a = a.await.unwrap();
+    assert_eq!(text_of(&b), full_reply(60));
+    assert_eq!(a, b);
+}
+
+#[tokio::test]
+async fn watchers_elsewhere_get_interrupted_when_the_owner_is_killed() {
+    let mock = mock(MockConfig {
+        tokens: 2000,
+        token_delay: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
+    let c = Cluster::start(2, &mock, REDIS).await;
+    let s = new_session(&c.url(0)).await;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+    let b = tokio::spawn(read_until_final(
+        watch(&c.url(1), &s, None).await,
+        SLOW_WAIT,
+        move |e| {
+            if e.event == "token" {
+                let _ = tx.try_send(());
+            }
+        },
+    ));
+    post_message(&c.url(0), &s, false).await;
+    for _ in 0..5 {
+        rx.recv().await.unwrap();
+    }
+    c.signal(0, "-KILL");
+    let killed = Instant::now();
+    let b = b.await.unwrap();
+    let last = b.last().unwrap();
+    assert_eq!(last.event, "interrupted", "{:?}", &b[b.len().saturating_sub(3)..]);
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "interrupted only after {:?}",
+        killed.elapsed()
+    );
+    // The session is not left streaming: the reply is stored with what was produced.
+    let m = last_assistant(&messages(&c.url(1), &s).await);
+    assert_eq!(m["status"], "interrupted");
+    assert_eq!(m["content"].as_str().unwrap(), text_of(&b));
+}
+
+/// A Redis server of the test's own, so it can be restarted without disturbing others.
+struct OwnRedis {
+    port: u16,
+    child: Child,
+}
+
+impl OwnRedis {
+    async fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server");
+        let r = Self { port, child };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(c) = redis::Client::open(r.url()) {
+                if let Ok(Ok(mut conn)) = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    c.get_multiplexed_async_connection(),
+                )
+                .await
+                {
+                    if redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .is_ok()
+                    {
+                        return r;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn kill(mut self) -> u16 {
+        self.child.kill().await.unwrap();
+        self.port
+    }
+}
+
+async fn numsub(url: &str, channel: &str) -> i64 {
+    match redis_cmd(url, &["PUBSUB", "NUMSUB", channel]).await {
+        redis::Value::Array(v) => match v.get(1) {
+            Some(redis::Value::Int(n)) => *n,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+#[tokio::test]
+async fn after_a_redis_restart_instances_resubscribe_and_fan_out_again() {
+    let mock = mock(MockConfig {
+        tokens: 120,
+        token_delay: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
+    let redis = OwnRedis::start(free_port()).await;
+    let redis_url = redis.url();
+    let c = Cluster::start(2, &mock, &redis_url).await;
+    let prefix = c
+        .env
+        .iter()
+        .find(|(k, _)| k == "SLUICE_REDIS_PREFIX")
+        .unwrap()
+        .1
+        .clone();
+    let s = new_session(&c.url(0)).await;
+    let channel = format!("{prefix}:ch:{s}");
+
+    // B watches the session over one long-lived stream.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Ev>(1024);
+    let watcher = tokio::spawn({
+        let url = c.url(1);
+        let s = s.clone();
+        async move {
+            let resp = watch(&url, &s, None).await;
+            let mut events = resp.bytes_stream().eventsource();
+            while let Some(Ok(e)) = events.next().await {
+                let ev = Ev {
+                    id: e.id,
+                    event: e.event,
+                    data: serde_json::from_str(&e.data).unwrap_or(Value::Null),
+                };
+                if tx.send(ev).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    while numsub(&redis_url, &channel).await != 1 {
+        assert!(Instant::now() < deadline, "B never subscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Redis goes away mid-stream and comes back empty.
+    post_message(&c.url(0), &s, false).await;
+    let mut first: Vec<Ev> = Vec::new();
+    while first.iter().filter(|e| e.event == "token").count() < 10 {
+        first.push(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap());
+    }
+    let port = redis.kill().await;
+    let redis = OwnRedis::start(port).await;
+    let deadline = Instant::now() + SLOW_WAIT;
+    while numsub(&redis_url, &channel).await != 1 {
+        assert!(Instant::now() < deadline, "B never re-subscribed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.wait_ready(0, SLOW_WAIT).await;
+    c.wait_ready(1, SLOW_WAIT).await;
+
+    // The generation that straddled the restart reaches B whole.
+    loop {
+        let e = tokio::time::timeout(SLOW_WAIT, rx.recv()).await.unwrap().unwrap();
+        let end = e.event == "done";
+        first.push(e);
+        if end {
+            break;
+        }
+    }
+    assert_eq!(text_of(&first), full_reply(120), "{first:?}");
+
+    // A new generation fans out again, without restarting anything.
+    post_message(&c.url(0), &s, false).await;
+    let mut second = Vec::new();
+    loop {
+        let e = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+        let end = e.event == "done";
+        second.push(e);
+        if end {
+            break;
+        }
+    }
+    assert_eq!(second[0].event, "start");
+    assert_eq!(text_of(&second), full_reply(120));
+    watcher.abort();
+    drop(redis);
+}
+
+#[tokio::test]
+async fn through_nginx_tokens_arrive_one_by_one() {
+    let mock = mock(MockConfig {
+        tokens: 30,
+        token_delay: Duration::from_millis(50),
+        ..Default::default()
+    })
+    .await;
+    let mut c = Cluster::start(3, &mock, REDIS).await;
+    let front = c.start_nginx().await;
+    let s = new_session(&front).await;
+    let started = Instant::now();
+    let mut arrivals = Vec::new();
+    let events = read_until_final(post_message(&front, &s, true).await, WAIT, |e| {
+        if e.event == "token" {
+            arrivals.push(started.elapsed());
+        }
+    })
+    .await;
+    assert_eq!(text_of(&events), full_reply(30));
+    // 30 tokens 50 ms apart take about 1.5 s to produce; unbuffered, the first arrives
+    // long before the last.
+    let (first, last) = (arrivals[0], *arrivals.last().unwrap());
+    assert!(
+        last - first > Duration::from_millis(1000),
+        "buffered: first {first:?}, last {last:?}"
+    );
+
+    // The OpenAI-compatible stream too.
+    let started = Instant::now();
+    let resp = client()
+        .post(format!("{front}/v1/chat/completions"))
+        .json(&body(true, json!({"tokens": 30, "token_ms": 50})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut chunks = resp.bytes_stream().eventsource();
+    let mut times = Vec::new();
+    while let Some(Ok(e)) = chunks.next().await {
+        if e.data == "[DONE]" {
+            break;
+        }
+        times.push(started.elapsed());
+    }
+    assert!(times.len() >= 30);
+    assert!(*times.last().unwrap() - times[0] > Duration::from_millis(1000));
+}
+
+#[tokio::test]
+async fn a_draining_instance_hands_its_clients_to_another_and_finishes_the_reply() {
+    let mock = mock(MockConfig {
+        tokens: 150,
+        token_delay: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
+    let mut c = Cluster::start(3, &mock, REDIS).await;
+    let front = c.start_nginx().await;
+    let s = new_session(&front).await;
+
+    // The session's traffic sticks to one instance: find it.
+    let owner = client()
+        .get(format!("{front}/api/sessions/{s}"))
+        .send()
+        .await
+        .unwrap()
+        .headers()
+        .get("x-sluice-instance")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let ports: HashMap<String, usize> = c
+        .instances
+        .iter()
+        .enumerate()
+        .map(|(i, inst)| (format!("sluice-{}", inst.port), i))
+        .collect();
+    let owner = ports[&owner];
+
+    let watcher = watch(&front, &s, None).await;
+    post_message(&front, &s, false).await;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+    let first = tokio::spawn(read_until_final(watcher, WAIT, move |e| {
+        if e.event == "token" {
+            let _ = tx.try_send(());
+        }
+    }));
+    for _ in 0..10 {
+        rx.recv().await.unwrap();
+    }
+    c.signal(owner, "-TERM");
+    let mut seen = first.await.unwrap();
+    assert_eq!(seen.last().unwrap().event, "reconnect", "{seen:?}");
+    seen.pop();
+
+    // What EventSource does: reconnect with the last id; nginx sends it elsewhere.
+    let last = seen.last().unwrap().id.clone();
+    let resumed = watch(&front, &s, Some(&last)).await;
+    let answered_by = resumed.headers()["x-sluice-instance"].to_str().unwrap().to_owned();
+    assert_ne!(ports[&answered_by], owner);
+    let rest = read_until_final(resumed, WAIT, |_| {}).await;
+    seen.extend(rest);
+    assert_eq!(seen.last().unwrap().event, "done");
+    let seqs: Vec<u64> = seen
+        .iter()
+        .map(|e| e.id.rsplit_once('.').unwrap().1.parse().unwrap())
+        .collect();
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "a gap or a repeat");
+    assert_eq!(text_of(&seen), full_reply(150));
+
+    // The draining owner finished the generation, stored it, and exited cleanly.
+    assert_eq!(c.exit_code(owner, SLOW_WAIT).await, Some(0));
+    let m = last_assistant(&messages(&front, &s).await);
+    assert_eq!(m["status"], "complete");
+    assert_eq!(m["content"], full_reply(150));
+}
