@@ -82,7 +82,7 @@ fn resolve(shared: &Shared, knobs: Knobs) -> Plan {
             .token_ms
             .map_or(config.token_delay, Duration::from_millis),
         fault,
-        stamp: knobs.stamp.unwrap_or(false).then(unix_ns),
+        stamp: knobs.stamp.unwrap_or(config.stamp).then(unix_ns),
     }
 }
 

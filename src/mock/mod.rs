@@ -22,7 +22,9 @@
 //! `null` in the body) switches a process-wide fault off. `stamp: true`
 //! (header `x-mock-stamp: 1`) ends every token's text in
 //! `@<request arrived>@<token sent>`, Unix nanoseconds, for latency
-//! measurements that do not depend on the timer's millisecond ticks.
+//! measurements that do not depend on the timer's millisecond ticks;
+//! `--stamp` (`SLUICE_MOCK_STAMP`) does it for every request that does not
+//! say `stamp: false`.
 
 mod anthropic;
 mod knobs;
@@ -86,6 +88,10 @@ pub struct MockConfig {
     /// Limits the fault to the first N chat requests per key, so a retrying
     /// client can be shown to recover; `None` faults every request.
     pub fail_times: Option<u32>,
+    /// Stamps every streamed token with when it left (see the `stamp` knob) even when the
+    /// request does not ask: requests that sluice builds itself, such as a chat
+    /// session's, carry no knobs, and the fan-out benchmark times them this way.
+    pub stamp: bool,
 }
 
 impl Default for MockConfig {
@@ -97,6 +103,7 @@ impl Default for MockConfig {
             fault: None,
             retry_after_secs: 1,
             fail_times: None,
+            stamp: false,
         }
     }
 }
@@ -126,6 +133,10 @@ pub struct MockArgs {
     /// Apply the fault only to the first N requests per x-mock-key.
     #[arg(long, env = "SLUICE_MOCK_FAIL_TIMES")]
     pub fail_times: Option<u32>,
+    /// Stamp every streamed token with its request's arrival and its own departure time
+    /// (`@<ns>@<ns>` at the end of its text), as the per-request `stamp` knob does.
+    #[arg(long, env = "SLUICE_MOCK_STAMP")]
+    pub stamp: bool,
 }
 
 impl MockArgs {
@@ -143,6 +154,7 @@ impl MockArgs {
             fault,
             retry_after_secs: self.retry_after_secs,
             fail_times: self.fail_times,
+            stamp: self.stamp,
         })
     }
 }

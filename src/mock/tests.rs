@@ -903,3 +903,45 @@ async fn anthropic_faults_and_non_stream() {
     assert_eq!(body["error"]["type"], "invalid_request_error");
     assert_eq!(server.stats().chat_requests, 5);
 }
+
+#[tokio::test]
+async fn process_wide_stamp_marks_every_token_unless_a_request_opts_out() {
+    let server = spawn(MockConfig {
+        tokens: 3,
+        stamp: true,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let before = super::knobs::unix_ns();
+    let text = chat(&server, json!({"stream": true}))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let after = super::knobs::unix_ns();
+    let tokens: Vec<String> = json_events(&parse_sse(&text))
+        .iter()
+        .filter_map(|c| {
+            c.pointer("/choices/0/delta/content")
+                .and_then(Value::as_str)
+        })
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(tokens.len(), 3, "{text}");
+    for (i, t) in tokens.iter().enumerate() {
+        let (word, stamps) = t.trim_end().split_once('@').expect("stamped");
+        assert_eq!(word, token_text(i).trim_end());
+        let (arrived, sent) = stamps.split_once('@').expect("two stamps");
+        let (arrived, sent): (u128, u128) = (arrived.parse().unwrap(), sent.parse().unwrap());
+        assert!(before <= arrived && arrived <= sent && sent <= after, "{t}");
+    }
+    // A request's own knob wins over the process-wide setting.
+    let text = chat(&server, json!({"stream": true, "mock": {"stamp": false}}))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(openai_text(&json_events(&parse_sse(&text))), full_reply(3));
+}
