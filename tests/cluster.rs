@@ -698,3 +698,114 @@ async fn a_draining_instance_hands_its_clients_to_another_and_finishes_the_reply
     assert_eq!(m["status"], "complete");
     assert_eq!(m["content"], full_reply(150));
 }
+
+/// A client of one session through nginx, as a browser UI behaves: posts a message and
+/// reads its stream; when told to reconnect (or cut off), resumes with the last id.
+/// Returns every generation's events.
+async fn converse(front: String, session: String, generations: usize) -> Vec<Vec<Ev>> {
+    let mut all = Vec::new();
+    for _ in 0..generations {
+        // A 503 (the instance just started draining) or a refused connection: try again.
+        let first = tokio::time::timeout(SLOW_WAIT, async {
+            loop {
+                let r = client()
+                    .post(format!("{front}/api/sessions/{session}/messages"))
+                    .header("accept", "text/event-stream")
+                    .json(&json!({"content": "tell me about tides"}))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 200 => return r,
+                    Ok(r) => assert!(
+                        r.status() == 503 || r.status() == 502,
+                        "{}: {:?}",
+                        r.status(),
+                        r.text().await
+                    ),
+                    Err(_) => {}
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("no instance accepted the message");
+        let mut events = read_until_final(first, SLOW_WAIT, |_| {}).await;
+        while events.last().map(|e| e.event.as_str()) != Some("done") {
+            assert!(
+                matches!(events.last().map(|e| e.event.as_str()), Some("reconnect") | None),
+                "{:?}",
+                events.last()
+            );
+            if events.last().is_some_and(|e| e.event == "reconnect") {
+                events.pop();
+            }
+            let last = events.last().expect("nothing before the cut").id.clone();
+            let resumed = tokio::time::timeout(SLOW_WAIT, async {
+                loop {
+                    if let Ok(r) = client()
+                        .get(format!("{front}/api/sessions/{session}/stream"))
+                        .header("last-event-id", &last)
+                        .send()
+                        .await
+                    {
+                        if r.status() == 200 {
+                            return r;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .expect("could not resume");
+            events.extend(read_until_final(resumed, SLOW_WAIT, |_| {}).await);
+        }
+        all.push(events);
+    }
+    all
+}
+
+#[tokio::test]
+async fn a_rolling_restart_under_load_loses_no_token() {
+    let mock = mock(MockConfig {
+        tokens: 100,
+        token_delay: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
+    let mut c = Cluster::start(3, &mock, REDIS).await;
+    let front = c.start_nginx().await;
+    let mut clients = Vec::new();
+    let mut sessions = Vec::new();
+    for _ in 0..6 {
+        let s = new_session(&front).await;
+        sessions.push(s.clone());
+        clients.push(tokio::spawn(converse(front.clone(), s, 4)));
+    }
+    wait_stats(&mock, WAIT, |s| s.active_streams >= 6).await;
+    for i in 0..3 {
+        c.signal(i, "-TERM");
+        assert_eq!(c.exit_code(i, SLOW_WAIT).await, Some(0), "{}", c.log(i));
+        c.start_instance(i).await;
+    }
+    for (s, client) in sessions.iter().zip(clients) {
+        let generations = client.await.unwrap();
+        for events in &generations {
+            let seqs: Vec<u64> = events
+                .iter()
+                .map(|e| e.id.rsplit_once('.').unwrap().1.parse().unwrap())
+                .collect();
+            assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "a gap or a repeat");
+            assert_eq!(text_of(events), full_reply(100));
+        }
+        let stored: Vec<Value> = messages(&front, s)
+            .await
+            .into_iter()
+            .filter(|m| m["role"] == "assistant")
+            .collect();
+        assert_eq!(stored.len(), 4);
+        for m in stored {
+            assert_eq!(m["status"], "complete");
+            assert_eq!(m["content"], full_reply(100));
+        }
+    }
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{FutureExt, Stream};
 use tokio_util::sync::CancellationToken;
 
 use super::sse::PING;
@@ -41,6 +41,13 @@ pub fn sse<F: EventFeed + 'static>(
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => {
+                    // What is already in the log goes out first, so the client holds an
+                    // id to resume from even when the stop came right after it connected.
+                    while let Some(Ok(())) = feed.next_batch(&mut batch).now_or_never() {
+                        for e in batch.drain(..) {
+                            yield e.sse.clone();
+                        }
+                    }
                     yield RECONNECT;
                     return;
                 }
