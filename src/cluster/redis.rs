@@ -397,7 +397,7 @@ impl Inner {
         if finished {
             pipe.zrem(self.key("live", ""), gid).ignore();
         }
-        for msg in self.messages(ch, events) {
+        for msg in messages(&self.server_id, ch, events) {
             pipe.publish(self.key("ch", &ch.session_id), msg).ignore();
         }
         // Only the XADDs answer: each with its id, or nil when the Stream was missing.
@@ -407,47 +407,6 @@ impl Inner {
         } else {
             Written::All
         })
-    }
-
-    /// Splits a batch into published messages of bounded size.
-    fn messages(&self, ch: &Channel, events: &[Arc<Event>]) -> Vec<String> {
-        let wire = |e: Vec<(u64, String, String)>, upto: Option<u64>| Wire {
-            g: ch.generation_id.clone(),
-            s: ch.session_id.clone(),
-            o: ch.owner.clone(),
-            i: self.server_id.clone(),
-            e,
-            upto,
-        };
-        let mut out = Vec::new();
-        let mut part = Vec::new();
-        let mut size = 0;
-        let flush = |part: &mut Vec<(u64, String, String)>, out: &mut Vec<String>| {
-            if !part.is_empty() {
-                out.extend(serde_json::to_string(&wire(std::mem::take(part), None)).ok());
-            }
-        };
-        for e in events {
-            let data = e.data();
-            if data.len() > MAX_MESSAGE {
-                flush(&mut part, &mut out);
-                size = 0;
-                out.extend(serde_json::to_string(&wire(Vec::new(), Some(e.seq))).ok());
-                continue;
-            }
-            if size + data.len() > MAX_MESSAGE {
-                flush(&mut part, &mut out);
-                size = 0;
-            }
-            size += data.len() + 32;
-            part.push((
-                e.seq,
-                e.kind.as_str().to_owned(),
-                String::from_utf8_lossy(&data).into_owned(),
-            ));
-        }
-        flush(&mut part, &mut out);
-        out
     }
 
     /// The last entry of a generation's Stream: its sequence and kind.
@@ -712,6 +671,48 @@ impl Inner {
     }
 }
 
+/// Splits a batch into published messages of at most about [`MAX_MESSAGE`] bytes; an
+/// event bigger than that goes as a reference to the Stream.
+fn messages(server_id: &str, ch: &Channel, events: &[Arc<Event>]) -> Vec<String> {
+    let wire = |e: Vec<(u64, String, String)>, upto: Option<u64>| Wire {
+        g: ch.generation_id.clone(),
+        s: ch.session_id.clone(),
+        o: ch.owner.clone(),
+        i: server_id.to_owned(),
+        e,
+        upto,
+    };
+    let mut out = Vec::new();
+    let mut part = Vec::new();
+    let mut size = 0;
+    let flush = |part: &mut Vec<(u64, String, String)>, out: &mut Vec<String>| {
+        if !part.is_empty() {
+            out.extend(serde_json::to_string(&wire(std::mem::take(part), None)).ok());
+        }
+    };
+    for e in events {
+        let data = e.data();
+        if data.len() > MAX_MESSAGE {
+            flush(&mut part, &mut out);
+            size = 0;
+            out.extend(serde_json::to_string(&wire(Vec::new(), Some(e.seq))).ok());
+            continue;
+        }
+        if size + data.len() > MAX_MESSAGE {
+            flush(&mut part, &mut out);
+            size = 0;
+        }
+        size += data.len() + 32;
+        part.push((
+            e.seq,
+            e.kind.as_str().to_owned(),
+            String::from_utf8_lossy(&data).into_owned(),
+        ));
+    }
+    flush(&mut part, &mut out);
+    out
+}
+
 /// `(seq, kind, data)` of a Stream entry with id `<seq>-1`.
 fn entry(id: &redis::streams::StreamId) -> Option<(u64, EventKind, Vec<u8>)> {
     let seq = id.id.split_once('-')?.0.parse().ok()?;
@@ -847,5 +848,52 @@ async fn leases(inner: Arc<Inner>, cancel: CancellationToken) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn big_batches_and_big_events_are_never_one_huge_message() {
+        let hub = Hub::new(10_000, Duration::from_secs(60));
+        let ch = hub.create("g", "s", "u");
+        let small = serde_json::json!({"text": "x".repeat(100)});
+        for _ in 0..500 {
+            ch.publish_json(EventKind::Token, &small);
+        }
+        let huge = serde_json::json!({"text": "y".repeat(100_000)});
+        ch.publish_json(EventKind::Token, &huge);
+        ch.publish_json(EventKind::Done, &serde_json::json!({}));
+        let mut sub = ch.subscribe(None);
+        let mut events = Vec::new();
+        let mut batch = Vec::new();
+        while sub.now_batch(&mut batch) {
+            events.append(&mut batch);
+        }
+        assert_eq!(events.len(), 502);
+
+        let out = messages("i", &ch, &events);
+        assert!(out.len() > 3);
+        assert!(
+            out.iter().all(|m| m.len() < 2 * MAX_MESSAGE),
+            "a message too big"
+        );
+        let wires: Vec<Wire> = out
+            .iter()
+            .map(|m| serde_json::from_str(m).unwrap())
+            .collect();
+        // Every event once, in order; the huge one by reference.
+        let mut seqs = Vec::new();
+        for w in &wires {
+            if let Some(upto) = w.upto {
+                assert!(w.e.is_empty());
+                seqs.push(upto);
+            }
+            seqs.extend(w.e.iter().map(|e| e.0));
+        }
+        assert_eq!(seqs, (0..502).collect::<Vec<u64>>());
+        assert_eq!(wires.iter().filter(|w| w.upto == Some(500)).count(), 1);
     }
 }

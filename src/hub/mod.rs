@@ -314,6 +314,12 @@ impl Drop for Subscription {
 const BATCH: usize = 64;
 
 impl Subscription {
+    /// The events available now, without waiting; false when there were none.
+    pub fn now_batch(&mut self, out: &mut Vec<Arc<Event>>) -> bool {
+        use futures::FutureExt;
+        matches!(self.next_batch(out).now_or_never(), Some(Ok(())))
+    }
+
     pub fn channel(&self) -> &Arc<Channel> {
         &self.channel
     }
@@ -694,5 +700,43 @@ mod tests {
         hub.create("g1", "s1", "u");
         rx.changed().await.unwrap();
         assert_eq!(rx.borrow_and_update().as_ref().unwrap().generation_id, "g1");
+    }
+
+    #[tokio::test]
+    async fn a_remote_copy_takes_events_once_in_order_and_reports_gaps() {
+        let hub = Hub::new(1000, Duration::from_secs(60));
+        let ch = hub.mirror("g2", "s", "u", 5);
+        assert!(ch.remote);
+        assert_eq!(
+            ch.apply(6, EventKind::Token, b"{}"),
+            Applied::Gap { expected: 5 }
+        );
+        assert_eq!(ch.apply(5, EventKind::Start, b"{}"), Applied::Appended);
+        assert_eq!(ch.apply(5, EventKind::Start, b"{}"), Applied::Duplicate);
+        assert_eq!(
+            ch.apply(6, EventKind::Token, b"{\"text\":\"a\"}"),
+            Applied::Appended
+        );
+        assert_eq!(ch.apply(7, EventKind::Done, b"{}"), Applied::Appended);
+        assert_eq!(ch.apply(8, EventKind::Token, b"{}"), Applied::Duplicate);
+        // Same id encoding as the instance that produced them.
+        let mut sub = ch.subscribe(None);
+        let mut batch = Vec::new();
+        assert!(sub.now_batch(&mut batch));
+        let ids: Vec<&str> = batch.iter().map(|e| e.id()).collect();
+        assert_eq!(ids, ["g2.5", "g2.6", "g2.7"]);
+        // The same generation is one copy, however many times it is asked for.
+        assert!(Arc::ptr_eq(&ch, &hub.mirror("g2", "s", "u", 0)));
+    }
+
+    #[tokio::test]
+    async fn an_older_remote_generation_does_not_replace_the_sessions_latest() {
+        let hub = Hub::new(1000, Duration::from_secs(60));
+        let rx = hub.watch_session("s");
+        hub.mirror("0002", "s", "u", 0);
+        hub.mirror("0001", "s", "u", 0);
+        assert_eq!(rx.borrow().as_ref().unwrap().generation_id, "0002");
+        hub.drop_mirrors("s");
+        assert!(hub.get("0001").is_none());
     }
 }
