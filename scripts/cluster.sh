@@ -5,7 +5,7 @@
 #
 #   scripts/cluster.sh start                  start what is not running, wait until ready
 #   scripts/cluster.sh stop                   stop everything this cluster started
-#   scripts/cluster.sh restart                rolling restart, one instance at a time
+#   scripts/cluster.sh restart                rolling restart of the running instances, one at a time
 #   scripts/cluster.sh start-instance PORT    start one instance (if not running), wait ready
 #   scripts/cluster.sh stop-instance PORT     drain and stop one instance
 #   scripts/cluster.sh status                 what runs, and whether it is ready
@@ -267,7 +267,7 @@ EOF
 
 nginx_cmd() {
     local bin
-    bin=$(nginx_bin) || die "nginx is not installed (apt-get install nginx-light)"
+    bin=$(nginx_bin) || die "nginx is not installed (apt-get install nginx)"
     "$bin" -p "$CLUSTER_DIR/" -e "$CLUSTER_DIR/nginx.error.log" -c "$CLUSTER_DIR/nginx.conf" "$@"
 }
 
@@ -393,7 +393,8 @@ cmd_restart() {
 
 cmd_status() {
     local port pid state=0
-    for port in $(started_ports); do
+    # The configured instances, and any other this directory has started.
+    for port in $( (printf '%s\n' "${ports[@]}"; started_ports) | sort -nu); do
         if pid=$(instance_pid "$port"); then
             if ready "$port" 2>/dev/null; then
                 echo "instance $port: pid $pid, ready"

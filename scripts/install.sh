@@ -142,10 +142,15 @@ fi
 
 # --- start ----------------------------------------------------------------------------------
 if [ "$start" = 0 ]; then
-    say "files installed${DESTDIR:+ under $DESTDIR}; not starting anything (--no-start or DESTDIR)"
+    if [ "$dry_run" = 1 ]; then
+        say "dry run: nothing was changed"
+    else
+        say "files installed${DESTDIR:+ under $DESTDIR}; not starting anything (--no-start or DESTDIR)"
+    fi
     exit 0
 fi
 if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+    run apt-get update -qq
     run env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx
 fi
 run nginx -t
@@ -157,7 +162,11 @@ if [ "$bin_before" != "$bin_after" ] && [ -n "$bin_before" ]; then
     say "the binary changed: running instances keep the old one until restarted;"
     say "restart them one at a time (README, \"Running a cluster\"): systemctl restart sluice@8001, ..."
 fi
-if ! grep -q '^DATABASE_URL=' "$env_file" || ! grep -q '^REDIS_URL=' "$env_file"; then
+if [ "$dry_run" = 1 ]; then
+    say "dry run: nothing was changed"
+    exit 0
+fi
+if ! grep -qs '^DATABASE_URL=' "$env_file" || ! grep -qs '^REDIS_URL=' "$env_file"; then
     say "note: set DATABASE_URL and REDIS_URL in $env_file for a cluster, then: systemctl restart sluice.target"
 fi
 say "done: sluice behind nginx on port 80"

@@ -65,6 +65,6 @@ nginx_bin() {
 ensure_nginx() {
     if ! nginx_bin >/dev/null; then
         log "installing nginx"
-        apt_install nginx-light
+        apt_install nginx
     fi
 }

@@ -30,7 +30,7 @@ fn nginx() -> PathBuf {
             return p.into();
         }
     }
-    panic!("nginx is not installed: scripts/test.sh installs it (apt-get install nginx-light)");
+    panic!("nginx is not installed: scripts/test.sh installs it (apt-get install nginx)");
 }
 
 fn systemd_analyze() -> PathBuf {
