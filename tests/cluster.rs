@@ -388,6 +388,18 @@ async fn a_watcher_joining_mid_stream_elsewhere_gets_it_from_the_start() {
     let a = a.await.unwrap();
     assert_eq!(text_of(&b), full_reply(60));
     assert_eq!(a, b);
+
+    // One generation at a time per session holds across instances.
+    post_message(&c.url(0), &s, false).await;
+    let r = client()
+        .post(format!("{}/api/sessions/{s}/messages", c.url(1)))
+        .json(&json!({"content": "and now?"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "generation_running", "{v}");
 }
 
 #[tokio::test]

@@ -257,6 +257,13 @@ impl ChatService {
                 });
             }
         }
+        if let Err(running) = self.bus.claim(&session.id, &generation_id).await {
+            self.running
+                .remove_if(&session.id, |_, r| r.generation_id == generation_id);
+            return Err(ChatError::Busy {
+                generation_id: running,
+            });
+        }
         match self
             .begin(caller, &session, content, &generation_id, cancel, permit)
             .await
@@ -265,6 +272,7 @@ impl ChatService {
             Err(e) => {
                 self.running
                     .remove_if(&session.id, |_, r| r.generation_id == generation_id);
+                self.bus.release(&session.id, &generation_id).await;
                 Err(e)
             }
         }
@@ -356,6 +364,7 @@ impl ChatService {
             running: self.running.clone(),
             stop: self.stop.clone(),
             meter: self.meter.clone(),
+            bus: self.bus.clone(),
         };
         self.tasks.spawn(deps.run(job));
         // Tracked with the generation, so shutdown waits until its last event left too.
@@ -464,6 +473,7 @@ struct GenerationDeps {
     running: Arc<DashMap<String, Running>>,
     stop: CancellationToken,
     meter: Option<Arc<dyn super::TokenMeter>>,
+    bus: Arc<dyn Bus>,
 }
 
 /// How a generation ended.
@@ -526,6 +536,7 @@ impl GenerationDeps {
         // as soon as it sees `done`.
         self.running
             .remove_if(&g.session_id, |_, r| r.generation_id == g.generation_id);
+        self.bus.release(&g.session_id, &g.generation_id).await;
         let ch = &g.channel;
         if let Some(u) = outcome.usage {
             ch.publish_json(EventKind::Usage, &u);

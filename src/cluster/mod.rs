@@ -44,6 +44,14 @@ pub trait Bus: Send + Sync {
     /// event has left. The caller runs it, in the tracker it waits for at shutdown.
     fn export(&self, channel: Arc<Channel>) -> BoxFuture<'static, ()>;
 
+    /// Takes the session's one slot for a running generation across instances (the rule
+    /// one instance enforces in memory); `Err` names the generation running elsewhere.
+    /// Without Redis reachable it allows: local streams must not depend on the bus.
+    async fn claim(&self, session_id: &str, generation_id: &str) -> Result<(), String>;
+
+    /// Gives the slot back, if this generation still holds it.
+    async fn release(&self, session_id: &str, generation_id: &str);
+
     /// Follows the session's generations that run on other instances: when this returns,
     /// the one running now (if any) is in the hub, and later ones appear as they start,
     /// until the returned guard is dropped.
@@ -76,6 +84,12 @@ impl Bus for LocalBus {
     fn export(&self, _channel: Arc<Channel>) -> BoxFuture<'static, ()> {
         Box::pin(async {})
     }
+
+    async fn claim(&self, _session_id: &str, _generation_id: &str) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn release(&self, _session_id: &str, _generation_id: &str) {}
 
     async fn follow(&self, _session_id: &str) -> Follow {
         Box::new(())

@@ -39,6 +39,9 @@ use crate::store::{MessageStatus, MessageUpdate, Store};
 
 /// How long a generation's owner may go silent before it is presumed dead.
 const LEASE: Duration = Duration::from_secs(3);
+/// How long a session's running slot outlives a silent owner. Longer than `LEASE`, so
+/// the lost generation is ended before the session takes a new one.
+const CLAIM: Duration = Duration::from_secs(10);
 /// Leases are renewed, and expired ones looked for, this often.
 const BEAT: Duration = Duration::from_secs(1);
 /// A published message carries events up to about this size; a bigger event goes by
@@ -83,8 +86,9 @@ struct Inner {
     sink: Mutex<Option<PubSubSink>>,
     connected: AtomicBool,
     last_error: Mutex<Option<String>>,
-    /// Generations exported from here, whose leases this instance renews.
-    exporting: DashMap<String, ()>,
+    /// Generations exported from here, whose leases this instance renews, with their
+    /// sessions.
+    exporting: DashMap<String, String>,
     /// Fired when the drain window is over: an export that cannot reach Redis gives up.
     stop: CancellationToken,
 }
@@ -174,6 +178,41 @@ impl Bus for RedisBus {
 
     fn export(&self, channel: Arc<Channel>) -> BoxFuture<'static, ()> {
         Box::pin(export(self.inner.clone(), channel))
+    }
+
+    async fn claim(&self, session_id: &str, generation_id: &str) -> Result<(), String> {
+        let key = self.inner.key("run", session_id);
+        let mut conn = self.inner.conn.clone();
+        let mut set = redis::cmd("SET");
+        set.arg(&key)
+            .arg(generation_id)
+            .arg("NX")
+            .arg("PX")
+            .arg(CLAIM.as_millis() as u64);
+        match timeout(set.query_async::<Option<String>>(&mut conn)).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => match timeout(conn.get::<_, Option<String>>(&key)).await {
+                Ok(Some(running)) if running != generation_id => Err(running),
+                _ => Ok(()),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check the session's other instances; allowing");
+                Ok(())
+            }
+        }
+    }
+
+    async fn release(&self, session_id: &str, generation_id: &str) {
+        // Compare and delete: a slot taken since by another generation is left alone.
+        let script = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+        );
+        let mut conn = self.inner.conn.clone();
+        let mut call = script.key(self.inner.key("run", session_id));
+        call.arg(generation_id);
+        if let Err(e) = timeout(call.invoke_async::<i64>(&mut conn)).await {
+            tracing::warn!(error = %e, "cannot release the session's running slot; it expires");
+        }
     }
 
     async fn follow(&self, session_id: &str) -> Follow {
@@ -269,7 +308,9 @@ async fn pause(d: Duration, cancel: &CancellationToken) -> bool {
 /// memory beyond the channel's own log: the export catches up when Redis is back.
 async fn export(inner: Arc<Inner>, channel: Arc<Channel>) {
     let gid = channel.generation_id.clone();
-    inner.exporting.insert(gid.clone(), ());
+    inner
+        .exporting
+        .insert(gid.clone(), channel.session_id.clone());
     let mut sub = channel.subscribe(None);
     let mut batch: Vec<Arc<Event>> = Vec::with_capacity(64);
     let mut first = true;
@@ -811,17 +852,23 @@ async fn leases(inner: Arc<Inner>, cancel: CancellationToken) {
             _ = beat.tick() => {}
         }
         let live = inner.key("live", "");
-        let mine: Vec<String> = inner.exporting.iter().map(|e| e.key().clone()).collect();
+        let mine: Vec<(String, String)> = inner
+            .exporting
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
         if !mine.is_empty() {
             let expiry = now_ms() + LEASE.as_millis() as u64;
             let mut pipe = redis::pipe();
-            for g in &mine {
+            for (g, s) in &mine {
                 // XX: a lease already taken as lost is not revived.
                 pipe.cmd("ZADD")
                     .arg(&live)
                     .arg("XX")
                     .arg(expiry)
                     .arg(g)
+                    .ignore();
+                pipe.pexpire(inner.key("run", s), CLAIM.as_millis() as i64)
                     .ignore();
             }
             if let Err(e) = timeout(pipe.query_async::<()>(&mut inner.conn.clone())).await {
