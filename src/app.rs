@@ -175,6 +175,7 @@ impl AppState {
             TaskSettings {
                 workers: config.tasks.workers,
                 server_id: config.server.server_id.clone(),
+                shared: config.redis.is_some(),
             },
             lifecycle.drain_token(),
             lifecycle.stop_token(),

@@ -1147,10 +1147,11 @@ impl Config {
                 ));
             }
         }
-        if self.tasks.workers == 0 {
+        // With a shared queue an instance may serve the API only and leave tasks to others.
+        if self.tasks.workers == 0 && self.redis.is_none() {
             return Err(ConfigError::new(
                 "SLUICE_TASK_WORKERS",
-                "must be at least 1",
+                "must be at least 1 without REDIS_URL (nothing else would run tasks)",
             ));
         }
         if self.store.pool_size == 0 {

@@ -430,7 +430,12 @@ async fn watchers_elsewhere_get_interrupted_when_the_owner_is_killed() {
     let killed = Instant::now();
     let b = b.await.unwrap();
     let last = b.last().unwrap();
-    assert_eq!(last.event, "interrupted", "{:?}", &b[b.len().saturating_sub(3)..]);
+    assert_eq!(
+        last.event,
+        "interrupted",
+        "{:?}",
+        &b[b.len().saturating_sub(3)..]
+    );
     assert!(
         killed.elapsed() < Duration::from_secs(10),
         "interrupted only after {:?}",
@@ -552,7 +557,12 @@ async fn after_a_redis_restart_instances_resubscribe_and_fan_out_again() {
     post_message(&c.url(0), &s, false).await;
     let mut first: Vec<Ev> = Vec::new();
     while first.iter().filter(|e| e.event == "token").count() < 10 {
-        first.push(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap());
+        first.push(
+            tokio::time::timeout(WAIT, rx.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
     let port = redis.kill().await;
     let redis = OwnRedis::start(port).await;
@@ -566,7 +576,10 @@ async fn after_a_redis_restart_instances_resubscribe_and_fan_out_again() {
 
     // The generation that straddled the restart reaches B whole.
     loop {
-        let e = tokio::time::timeout(SLOW_WAIT, rx.recv()).await.unwrap().unwrap();
+        let e = tokio::time::timeout(SLOW_WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         let end = e.event == "done";
         first.push(e);
         if end {
@@ -579,7 +592,10 @@ async fn after_a_redis_restart_instances_resubscribe_and_fan_out_again() {
     post_message(&c.url(0), &s, false).await;
     let mut second = Vec::new();
     loop {
-        let e = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+        let e = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         let end = e.event == "done";
         second.push(e);
         if end {
@@ -692,7 +708,10 @@ async fn a_draining_instance_hands_its_clients_to_another_and_finishes_the_reply
     // What EventSource does: reconnect with the last id; nginx sends it elsewhere.
     let last = seen.last().unwrap().id.clone();
     let resumed = watch(&front, &s, Some(&last)).await;
-    let answered_by = resumed.headers()["x-sluice-instance"].to_str().unwrap().to_owned();
+    let answered_by = resumed.headers()["x-sluice-instance"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert_ne!(ports[&answered_by], owner);
     let rest = read_until_final(resumed, WAIT, |_| {}).await;
     seen.extend(rest);
@@ -701,7 +720,11 @@ async fn a_draining_instance_hands_its_clients_to_another_and_finishes_the_reply
         .iter()
         .map(|e| e.id.rsplit_once('.').unwrap().1.parse().unwrap())
         .collect();
-    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "a gap or a repeat");
+    assert_eq!(
+        seqs,
+        (0..seqs.len() as u64).collect::<Vec<_>>(),
+        "a gap or a repeat"
+    );
     assert_eq!(text_of(&seen), full_reply(150));
 
     // The draining owner finished the generation, stored it, and exited cleanly.
@@ -744,7 +767,10 @@ async fn converse(front: String, session: String, generations: usize) -> Vec<Vec
         let mut events = read_until_final(first, SLOW_WAIT, |_| {}).await;
         while events.last().map(|e| e.event.as_str()) != Some("done") {
             assert!(
-                matches!(events.last().map(|e| e.event.as_str()), Some("reconnect") | None),
+                matches!(
+                    events.last().map(|e| e.event.as_str()),
+                    Some("reconnect") | None
+                ),
                 "{:?}",
                 events.last()
             );
@@ -806,7 +832,11 @@ async fn a_rolling_restart_under_load_loses_no_token() {
                 .iter()
                 .map(|e| e.id.rsplit_once('.').unwrap().1.parse().unwrap())
                 .collect();
-            assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "a gap or a repeat");
+            assert_eq!(
+                seqs,
+                (0..seqs.len() as u64).collect::<Vec<_>>(),
+                "a gap or a repeat"
+            );
             assert_eq!(text_of(events), full_reply(100));
         }
         let stored: Vec<Value> = messages(&front, s)
@@ -819,5 +849,133 @@ async fn a_rolling_restart_under_load_loses_no_token() {
             assert_eq!(m["status"], "complete");
             assert_eq!(m["content"], full_reply(100));
         }
+    }
+}
+
+async fn task_events(base: &str, id: &str) -> Vec<Ev> {
+    let r = client()
+        .get(format!("{base}/api/tasks/{id}/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut out = Vec::new();
+    let mut events = r.bytes_stream().eventsource();
+    tokio::time::timeout(SLOW_WAIT, async {
+        while let Some(Ok(e)) = events.next().await {
+            let end = matches!(e.event.as_str(), "succeeded" | "failed" | "cancelled");
+            out.push(Ev {
+                id: e.id,
+                event: e.event,
+                data: serde_json::from_str(&e.data).unwrap_or(Value::Null),
+            });
+            if end {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the task's events never ended");
+    out
+}
+
+async fn new_task(base: &str) -> String {
+    let r = client()
+        .post(format!("{base}/api/tasks"))
+        .json(&json!({"messages": [{"role": "user", "content": "a long essay"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{:?}", r.text().await);
+    r.json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Instance 0 serves the API only; instance 1 runs every task.
+async fn api_and_worker(mock: &MockServer) -> Cluster {
+    let mut c = Cluster::start(1, mock, REDIS).await;
+    c.instances.push(Instance {
+        port: free_port(),
+        child: None,
+    });
+    c.start_instance(1).await;
+    // Restart the first as API-only, with the same database and prefix.
+    c.signal(0, "-TERM");
+    c.exit_code(0, SLOW_WAIT).await;
+    c.env.push(("SLUICE_TASK_WORKERS".into(), "0".into()));
+    c.start_instance(0).await;
+    c.env.pop();
+    c
+}
+
+#[tokio::test]
+async fn a_task_running_on_another_instance_is_followed_from_this_one() {
+    let mock = mock(MockConfig {
+        tokens: 60,
+        token_delay: Duration::from_millis(10),
+        ..Default::default()
+    })
+    .await;
+    let c = api_and_worker(&mock).await;
+
+    let id = new_task(&c.url(0)).await;
+    let events = task_events(&c.url(0), &id).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert!(kinds.contains(&"running"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"succeeded"));
+    assert_eq!(events.last().unwrap().data["result"], full_reply(60));
+}
+
+#[tokio::test]
+async fn a_task_running_on_another_instance_is_cancelled_from_this_one() {
+    let mock = mock(MockConfig {
+        tokens: 3000,
+        token_delay: Duration::from_millis(10),
+        ..Default::default()
+    })
+    .await;
+    let c = api_and_worker(&mock).await;
+    let long = mock_long(&c).await;
+    let r = client()
+        .delete(format!("{}/api/tasks/{long}", c.url(0)))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{:?}", r.text().await);
+    let events = task_events(&c.url(0), &long).await;
+    assert_eq!(events.last().unwrap().event, "cancelled");
+    // The worker stops its upstream call, long before the reply's 30 s are up.
+    wait_stats(&mock, WAIT, |s| s.active_streams == 0).await;
+    let v: Value = client()
+        .get(format!("{}/api/tasks/{long}", c.url(1)))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "cancelled");
+}
+
+/// Starts a task and waits until the worker streams it.
+async fn mock_long(c: &Cluster) -> String {
+    let id = new_task(&c.url(0)).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v: Value = client()
+            .get(format!("{}/api/tasks/{id}", c.url(0)))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["status"] == "running" && v["progress"]["tokens"].as_i64().unwrap_or(0) > 0 {
+            return id;
+        }
+        assert!(Instant::now() < deadline, "the task never ran: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -510,6 +510,11 @@ impl Hub {
         channel
     }
 
+    /// A channel nobody else can find: its feeder and its subscribers share it directly.
+    pub fn detached(&self, id: &str, session_id: &str, owner: &str) -> Arc<Channel> {
+        self.new_channel(id, session_id, owner, true, 0)
+    }
+
     /// Forgets the unfinished remote copies of a session's generations: nothing feeds them
     /// once the instance stops following the session.
     pub fn drop_mirrors(&self, session_id: &str) {

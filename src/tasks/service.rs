@@ -37,6 +37,9 @@ pub struct TaskSettings {
     pub workers: usize,
     /// Instance name + worker number make each worker's consumer name in the queue.
     pub server_id: String,
+    /// Other instances' workers take tasks from the same queue: a task's events are then
+    /// read from the store unless it runs here.
+    pub shared: bool,
 }
 
 /// What `GET /api/tasks/{id}` shows.
@@ -81,6 +84,9 @@ pub struct TaskService {
 /// Emit a progress event at most every this many tokens, so a fast stream does not flood
 /// watchers with one event per token.
 const PROGRESS_EVERY: i64 = 16;
+
+/// How often a task running on another instance is looked up in the store.
+const STORE_POLL: Duration = Duration::from_millis(250);
 
 /// How long a worker waits on the queue before checking for shutdown again.
 const POP_WAIT: Duration = Duration::from_secs(2);
@@ -291,7 +297,11 @@ impl TaskService {
             .and_then(EventId::parse)
             .filter(|e| e.generation_id == t.id)
             .map(|e| e.seq);
+        let unfinished = matches!(t.status, TaskStatus::Queued | TaskStatus::Running);
+        let here = self.running.contains_key(&t.id);
         let channel = match self.hub.get(&t.id) {
+            Some(ch) if ch.is_finished() || here || !self.settings.shared => ch,
+            _ if self.settings.shared && unfinished => self.follow_store(t).await,
             Some(ch) => ch,
             None => {
                 let ch = self.channel(&t);
@@ -300,6 +310,54 @@ impl TaskService {
             }
         };
         Ok(channel.subscribe(after))
+    }
+
+    /// The events of a task that may run on another instance, read from the store: its
+    /// state now, then each change, until it ends, nobody watches, or this instance drains.
+    async fn follow_store(&self, t: Task) -> Arc<Channel> {
+        let ch = self
+            .hub
+            .detached(&t.id, &format!("task:{}", t.id), &t.user_id);
+        if t.status == TaskStatus::Queued {
+            let position = self.store.task_position(&t.id).await.ok().flatten();
+            ch.publish_json(EventKind::Queued, &json!({ "position": position }));
+        } else {
+            ch.publish_json(EventKind::Running, &json!({}));
+            if t.progress_tokens > 0 {
+                ch.publish_json(EventKind::Progress, &json!({ "tokens": t.progress_tokens }));
+            }
+        }
+        let (store, drain, channel) = (self.store.clone(), self.drain.clone(), ch.clone());
+        self.workers.spawn(async move {
+            let (mut status, mut tokens) = (t.status, t.progress_tokens);
+            let mut tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + STORE_POLL, STORE_POLL);
+            loop {
+                tokio::select! {
+                    _ = drain.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if channel.subscriber_count() == 0 {
+                    return;
+                }
+                let Ok(Some(now)) = store.get_task(None, &t.id).await else {
+                    continue;
+                };
+                if now.status == TaskStatus::Running && status == TaskStatus::Queued {
+                    channel.publish_json(EventKind::Running, &json!({}));
+                }
+                if now.progress_tokens > tokens {
+                    tokens = now.progress_tokens;
+                    channel.publish_json(EventKind::Progress, &json!({ "tokens": tokens }));
+                }
+                status = now.status;
+                if !matches!(status, TaskStatus::Queued | TaskStatus::Running) {
+                    publish_final(&channel, &now);
+                    return;
+                }
+            }
+        });
+        ch
     }
 
     /// Waits for the task to end (for `?sync=true`).
@@ -353,11 +411,19 @@ impl TaskService {
             let Some(every) = self.queue.reclaim_after().map(|r| r / 3) else {
                 return std::future::pending().await;
             };
-            let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+            // Also how soon a cancel sent to another instance takes effect.
+            let every = every.clamp(Duration::from_millis(10), Duration::from_secs(1));
+            let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 if let Err(e) = self.queue.keep_alive(d, consumer).await {
                     tracing::warn!(task_id = %d.task_id, error = %e, "cannot extend the task's delivery");
+                }
+                // A cancel sent to another instance only reaches the store.
+                if let Ok(Some(t)) = self.store.get_task(None, &task.id).await {
+                    if t.status == TaskStatus::Cancelled {
+                        cancel.cancel();
+                    }
                 }
             }
         };
