@@ -180,7 +180,6 @@ impl Cluster {
             .args(["-g", "daemon off;"])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true)
             .spawn()
             .unwrap();
         self.nginx = Some((child, port));
@@ -196,6 +195,18 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         url
+    }
+}
+
+impl Drop for Cluster {
+    /// nginx's master is asked to stop (SIGKILL would leave its workers behind); the
+    /// instances die with their `Child` handles.
+    fn drop(&mut self) {
+        if let Some(pid) = self.nginx.as_ref().and_then(|(c, _)| c.id()) {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
     }
 }
 
