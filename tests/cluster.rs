@@ -576,6 +576,22 @@ async fn after_a_redis_restart_instances_resubscribe_and_fan_out_again() {
         );
     }
     let port = redis.kill().await;
+    // Meanwhile readiness says why, and the instance itself carries on.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = client()
+            .get(format!("{}/health/ready", c.url(1)))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let v: Value = r.json().await.unwrap();
+        if status == 503 && v["bus"]["ok"] == false {
+            break;
+        }
+        assert!(Instant::now() < deadline, "readiness never showed the lost bus: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let redis = OwnRedis::start(port).await;
     let deadline = Instant::now() + SLOW_WAIT;
     while numsub(&redis_url, &channel).await != 1 {
