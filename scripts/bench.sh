@@ -28,13 +28,24 @@ HOLD_H2_TOKEN_MS=${HOLD_H2_TOKEN_MS:-500}   # 15,000 x 20 ms is 750k tokens/s: s
 RAMP_PER_SEC=${RAMP_PER_SEC:-3000}
 QUIET_WAIT=${QUIET_WAIT:-0}              # seconds to wait, per scenario, for a quiet machine
 QUIET_BUSY=${QUIET_BUSY:-10}             # ... where quiet is: no core busier than this (%)
+FANOUT_SUBSCRIBERS=${FANOUT_SUBSCRIBERS:-1000}
+FANOUT_TOKENS=${FANOUT_TOKENS:-100}      # tokens per reply (fan-out)
+FANOUT_TOKEN_MS=${FANOUT_TOKEN_MS:-20}
+FANOUT_GENERATIONS=${FANOUT_GENERATIONS:-5}
+FANOUT_INSTANCES=${FANOUT_INSTANCES:-3}  # fanout-cluster: instances sharing Redis and PostgreSQL
+REDIS_URL_BENCH=${REDIS_URL_BENCH:-redis://127.0.0.1:6379}
+PG_URL_BENCH=${PG_URL_BENCH:-postgres://postgres@127.0.0.1:5432}
 MICRO=${MICRO:-0}                        # 1: also run the criterion benches (a longer build)
-SCENARIOS=${SCENARIOS:-"overhead-c1 overhead-c10 throughput json hold hold-h2c"}
+# fanout-cluster (3 instances sharing Redis and a scratch PostgreSQL database) is not in the
+# default list: SCENARIOS=fanout-cluster scripts/bench.sh runs it.
+SCENARIOS=${SCENARIOS:-"overhead-c1 overhead-c10 throughput json hold hold-h2c fanout"}
 
 OUT=$ROOT/target/bench
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")
 T0=$(date +%s)
 PIDS=()
+BENCH_DB=""                              # a scratch PostgreSQL database, dropped at exit
+REDIS_PREFIX=""                          # keys under it are deleted at exit
 
 log() { printf '==> [%3ds] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
 
@@ -47,6 +58,14 @@ cleanup() {
     for pid in "${PIDS[@]}"; do
         wait "$pid" 2>/dev/null || true
     done
+    if [ -n "$BENCH_DB" ]; then
+        psql -q "$PG_URL_BENCH/postgres" -c "DROP DATABASE IF EXISTS $BENCH_DB WITH (FORCE)" \
+            >/dev/null 2>&1 || true
+    fi
+    if [ -n "$REDIS_PREFIX" ]; then
+        redis-cli -u "$REDIS_URL_BENCH" --scan --pattern "$REDIS_PREFIX:*" 2>/dev/null |
+            xargs -r -n 500 redis-cli -u "$REDIS_URL_BENCH" unlink >/dev/null 2>&1 || true
+    fi
     rm -rf "$RUN"
 }
 trap cleanup EXIT
@@ -84,17 +103,21 @@ UNSET=(-u OPENAI_API_KEY -u OPENAI_BASE_URL -u ANTHROPIC_API_KEY -u ANTHROPIC_BA
     -u DATABASE_URL -u REDIS_URL -u RUST_LOG -u PORT)
 for v in $(env | grep -oE '^SLUICE_[A-Z0-9_]+' || true); do UNSET+=(-u "$v"); done
 
+# start_mock NAME [MOCK ARGS...]
 start_mock() {
-    local out=$RUN/mock.$1.out
-    taskset -c "$LOAD_CPU" "$BIN" mock-upstream --addr 127.0.0.1:0 >"$out" 2>"$RUN/mock.$1.err" &
+    local out=$RUN/mock.$1.out name=$1
+    shift
+    taskset -c "$LOAD_CPU" "$BIN" mock-upstream --addr 127.0.0.1:0 "$@" >"$out" 2>"$RUN/mock.$name.err" &
     MOCK_PID=$!
     PIDS+=("$MOCK_PID")
     MOCK_PORT=$(port_from "$out" 'listening on http://127\.0\.0\.1:[0-9]+')
     MOCK_URL=http://127.0.0.1:$MOCK_PORT/v1/chat/completions
 }
 
+# start_sluice NAME HTTP2 [VAR=VALUE...]: the extra settings go to sluice's environment.
 start_sluice() {
     local name=$1 http2=$2 dir=$RUN/sluice.$1
+    shift 2
     mkdir -p "$dir"
     cat >"$dir/sluice.toml" <<EOF
 [[providers]]
@@ -110,11 +133,14 @@ EOF
         SLUICE_ADDR=127.0.0.1:0 SLUICE_DRAIN_SECS=2 \
         SLUICE_RATE_CHAT_PER_MIN=0 SLUICE_RATE_API_PER_MIN=0 SLUICE_MAX_STREAMS=1000000 \
         SLUICE_MAX_STREAMS_PER_KEY=1000000 SLUICE_PROVIDER_CONCURRENCY=1000000 \
+        SLUICE_RATE_ADMIN_PER_MIN=0 SLUICE_QUOTA_RPM=0 SLUICE_QUOTA_TPM=0 \
+        SLUICE_DEFAULT_MODEL=mock "$@" \
         taskset -c "$SERVER_CPU" "$BIN" serve >"$dir/log" 2>&1 &
     SLUICE_PID=$!
     PIDS+=("$SLUICE_PID")
     SLUICE_PORT=$(port_from "$dir/log" 'listening on http://127\.0\.0\.1:[0-9]+')
-    SLUICE_URL=http://127.0.0.1:$SLUICE_PORT/v1/chat/completions
+    SLUICE_BASE=http://127.0.0.1:$SLUICE_PORT
+    SLUICE_URL=$SLUICE_BASE/v1/chat/completions
     for _ in $(seq 1 50); do
         curl -fsS "http://127.0.0.1:$SLUICE_PORT/health" >/dev/null 2>&1 && return 0
         sleep 0.1
@@ -208,6 +234,39 @@ hold() {
     stop "$MOCK_PID"
 }
 
+# fanout NAME INSTANCES: a mock that stamps every token with the time it sent it, and
+# INSTANCES sluice instances in front of it; FANOUT_SUBSCRIBERS clients follow one chat
+# session, spread over the instances, while replies are started on the first. Several
+# instances share Redis (the bus) and a scratch PostgreSQL database (the sessions), as in
+# the cluster mode. The baseline is the same tokens read straight from the mock.
+fanout() {
+    local name=$1 count=$2 i bases="" watch=() pids=() extra=()
+    quiet
+    start_mock "$name" --stamp --tokens "$FANOUT_TOKENS" --token-ms "$FANOUT_TOKEN_MS"
+    if [ "$count" -gt 1 ]; then
+        BENCH_DB=sluice_bench_$$_$(date +%s)
+        REDIS_PREFIX=sluice-bench-$$-$(date +%s)
+        log "creating database $BENCH_DB"
+        psql -q "$PG_URL_BENCH/postgres" -c "CREATE DATABASE $BENCH_DB" >/dev/null
+        redis-cli -u "$REDIS_URL_BENCH" ping >/dev/null
+        extra=(REDIS_URL="$REDIS_URL_BENCH" SLUICE_REDIS_PREFIX="$REDIS_PREFIX"
+            DATABASE_URL="$PG_URL_BENCH/$BENCH_DB")
+    fi
+    # One after the other: the first applies the migrations to the fresh database.
+    for i in $(seq 1 "$count"); do
+        start_sluice "$name-$i" false "${extra[@]}"
+        bases+="${bases:+,}$SLUICE_BASE"
+        pids+=("$SLUICE_PID")
+        if [ "$count" = 1 ]; then watch+=(--watch "sluice=$SLUICE_PID"); else watch+=(--watch "sluice$i=$SLUICE_PID"); fi
+    done
+    bench "$name" --scenario fanout --instances "$bases" --baseline-url "$MOCK_URL" \
+        --subscribers "$FANOUT_SUBSCRIBERS" --generations "$FANOUT_GENERATIONS" \
+        --tokens "$FANOUT_TOKENS" --token-ms "$FANOUT_TOKEN_MS" --ramp-per-sec "$RAMP_PER_SEC" \
+        "${watch[@]}" --watch "mock=$MOCK_PID"
+    for i in "${pids[@]}"; do stop "$i"; done
+    stop "$MOCK_PID"
+}
+
 log "cargo build --release"
 cargo build --release --quiet
 BIN=$ROOT/target/release/sluice
@@ -229,6 +288,9 @@ want hold && hold hold false --scenario hold --streams "$HOLD_STREAMS" --token-m
     --hold-secs "$HOLD_SECS" --ramp-per-sec "$RAMP_PER_SEC"
 want hold-h2c && hold hold-h2c true --scenario hold --streams "$HOLD_H2_STREAMS" --token-ms "$HOLD_H2_TOKEN_MS" \
     --hold-secs "$HOLD_SECS" --ramp-per-sec "$RAMP_PER_SEC"
+
+want fanout && fanout fanout 1
+want fanout-cluster && fanout fanout-cluster "$FANOUT_INSTANCES"
 
 if [ "$MICRO" = 1 ]; then
     log "cargo bench --bench relay"
@@ -343,7 +405,41 @@ for n, label in (("hold", "hold"), ("hold-h2c", "hold, h2c upstream")):
     row(scen, "seconds to open all streams", num(get(f"{n}-direct", "open_s"), "{:.1f}"),
         num(get(f"{n}-sluice", "open_s"), "{:.1f}"), "")
 
-row("fan-out", "fan-out: not measured (needs chat sessions)", "", "", "")
+def sluice_cpu(name):
+    procs = get(name, "procs") or {}
+    vals = [v.get("cpu_pct") for k, v in procs.items() if k.startswith("sluice") and v]
+    return None if not vals or None in vals else sum(vals)
+
+for n in ("fanout", "fanout-cluster"):
+    if f"{n}-sluice" not in R:
+        continue
+    k = len(get(f"{n}-sluice", "instances") or [])
+    subs = get(f"{n}-sluice", "subscribers")
+    scen = (f"fan-out {subs} subscribers, 1 instance" if k <= 1
+            else f"fan-out {subs} subscribers, {k} instances via Redis")
+    scen += f", {get(n + '-sluice', 'generations')} x {get(n + '-sluice', 'tokens_per_generation')} tokens every {get(n + '-sluice', 'token_ms')} ms"
+    limit = 5.0 if k <= 1 else 10.0
+    done = get(f"{n}-sluice", "complete_subscribers")
+    row(scen, "subscribers that got every token of every reply", "", num(done, "{}"), "",
+        f"all {subs}", None if done is None else done == subs)
+    for q in ("p50", "p99"):
+        d, s = get(f"{n}-direct", "delay_ms", q), get(f"{n}-sluice", "last_delay_ms", q)
+        row(scen, f"delay from the mock to the last subscriber {q} (ms)", num(d), num(s),
+            num(diff(d, s), "{:+.3f}"),
+            f"<= {limit:g} ms" if q == "p99" else "",
+            check(s, limit) if q == "p99" else None)
+    for key, what in (("first_delay_ms", "first subscriber"), ("delay_ms", "any subscriber")):
+        for q in ("p50", "p99"):
+            d, s = get(f"{n}-direct", "delay_ms", q), get(f"{n}-sluice", key, q)
+            row(scen, f"delay from the mock to the {what} {q} (ms)", num(d), num(s),
+                num(diff(d, s), "{:+.3f}"))
+    row(scen, "sluice CPU while replies ran (% of one core)", "",
+        num(sluice_cpu(f"{n}-sluice"), "{:.0f}"), "")
+    mock = get(f"{n}-sluice", "procs", "mock", "cpu_pct")
+    client = get(f"{n}-sluice", "procs", "client", "cpu_pct")
+    row(scen, "mock + client CPU while replies ran (% of their core)", "",
+        num(None if mock is None or client is None else mock + client, "{:.0f}"), "")
+    row(scen, "seconds to open all subscriptions", "", num(get(f"{n}-sluice", "open_s"), "{:.1f}"), "")
 
 # What else ran on the cores: busy share of each core minus what the benchmark's own
 # processes used. Large figures mean the run was noisy.
@@ -353,12 +449,14 @@ def foreign(name):
         return None
     busy = r["core_busy_pct"]
     p = r.get("procs", {})
-    use = lambda k: (p.get(k) or {}).get("cpu_pct") or 0
+    use = lambda k: sum((v or {}).get("cpu_pct") or 0 for n, v in p.items()
+                        if n == k or (k == "sluice" and n.startswith("sluice")))
     s_core, l_core = int(server_cpu), int(load_cpu)
     if max(s_core, l_core) >= len(busy):
         return None
     return (busy[s_core] - use("sluice"), busy[l_core] - use("mock") - use("client"))
-for n in ("overhead-c1", "overhead-c10", "throughput", "json", "hold", "hold-h2c"):
+for n in ("overhead-c1", "overhead-c10", "throughput", "json", "hold", "hold-h2c", "fanout",
+          "fanout-cluster"):
     d, s = foreign(f"{n}-direct"), foreign(f"{n}-sluice")
     if d or s:
         fmt = lambda v: "n/a" if v is None else f"{max(0, v[0]):.0f}% / {max(0, v[1]):.0f}%"

@@ -58,6 +58,32 @@ impl Target {
             .header(header::ACCEPT, "text/event-stream, application/json")
             .body(Full::new(body))?)
     }
+
+    /// The same server at another path.
+    pub fn at(&self, path: &str) -> Self {
+        Self {
+            addr: self.addr,
+            authority: self.authority.clone(),
+            path: path.to_owned(),
+        }
+    }
+
+    /// `POST` of a JSON body that asks for a JSON answer, not a stream.
+    pub fn post_json(&self, body: Bytes) -> Result<Request<Full<Bytes>>, BenchError> {
+        Ok(Request::post(self.path.as_str())
+            .header(header::HOST, self.authority.as_str())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json")
+            .body(Full::new(body))?)
+    }
+
+    /// `GET` of an event stream.
+    pub fn get_stream(&self) -> Result<Request<Full<Bytes>>, BenchError> {
+        Ok(Request::get(self.path.as_str())
+            .header(header::HOST, self.authority.as_str())
+            .header(header::ACCEPT, "text/event-stream")
+            .body(Full::new(Bytes::new()))?)
+    }
 }
 
 type Connection = http1::Connection<TokioIo<TcpStream>, Full<Bytes>>;

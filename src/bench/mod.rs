@@ -13,10 +13,14 @@
 //! - `hold`: `--streams` long replies open at once for `--hold-secs`: how many stay healthy
 //!   (a token at least every `--healthy-gap-ms`), the gap distribution, and the memory of
 //!   the watched processes.
+//! - `fanout`: `--subscribers` clients follow one chat session, spread over `--instances`,
+//!   while `--generations` replies run: the delay from the mock sending a token to the last
+//!   subscriber receiving it (the mock must run with `--stamp`).
 //!
 //! Every run is bounded in time and in requests.
 
 mod client;
+mod fanout;
 mod hold;
 mod load;
 mod procstat;
@@ -37,6 +41,7 @@ pub enum Scenario {
     Stream,
     Json,
     Hold,
+    Fanout,
 }
 
 /// Load-client options.
@@ -93,6 +98,17 @@ pub struct BenchArgs {
     /// Longest silence of a healthy stream, in ms (hold).
     #[arg(long, default_value_t = 1_000)]
     pub healthy_gap_ms: u64,
+    /// Base URLs of the sluice instances, comma-separated (fanout): the session is created
+    /// and its replies started on the first; subscribers are spread round-robin over all.
+    /// Default: the host of `--url`.
+    #[arg(long, value_delimiter = ',')]
+    pub instances: Vec<String>,
+    /// Clients following the session (fanout).
+    #[arg(long, default_value_t = 1_000)]
+    pub subscribers: usize,
+    /// Replies started one after the other while the subscribers follow (fanout).
+    #[arg(long, default_value_t = 3)]
+    pub generations: usize,
     /// A process whose CPU time and memory are reported, as NAME=PID; repeatable.
     #[arg(long = "watch", value_parser = procstat::parse_watch)]
     pub watch: Vec<Watched>,
@@ -108,8 +124,16 @@ pub async fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error + Send
         .as_deref()
         .map(Target::parse)
         .transpose()?;
-    if args.concurrency == 0 || args.streams == 0 {
-        return Err("--concurrency and --streams must be at least 1".into());
+    let instances = if args.instances.is_empty() {
+        vec![target.clone()]
+    } else {
+        args.instances
+            .iter()
+            .map(|u| Target::parse(u))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    if args.concurrency == 0 || args.streams == 0 || args.subscribers == 0 {
+        return Err("--concurrency, --streams and --subscribers must be at least 1".into());
     }
     // A single-threaded runtime of its own: the client shares a core with the mock, and
     // one thread that never hands work to another is the cheapest way to drive thousands
@@ -129,6 +153,9 @@ pub async fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error + Send
                     load::run(&args, &target, baseline.as_ref(), &procs).await?
                 }
                 Scenario::Hold => hold::run(&args, &target, &procs).await?,
+                Scenario::Fanout => {
+                    fanout::run(&args, &instances, baseline.as_ref(), &procs).await?
+                }
             };
             if let Value::Object(m) = &mut report {
                 m.insert("label".into(), json!(args.label));

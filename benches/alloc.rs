@@ -1,0 +1,244 @@
+//! Heap allocations per relayed token, counted by a global allocator that counts.
+//! `cargo bench --bench alloc`.
+//!
+//! Every figure is marginal: the same work is done for a short and a long reply, and the
+//! difference in allocations is divided by the difference in tokens, so what a request
+//! costs once (parsing it, opening the upstream call, storing the message) drops out.
+//!
+//! - Pieces of the relay path, alone: upstream SSE parse (the hand-written `SseParser`,
+//!   and eventsource-stream for comparison), `chat.completion.chunk` encode, hub publish.
+//! - The whole path in one process: the mock upstream, sluice and a client on one thread.
+//!   A reply read straight from the mock counts the mock's and the client's allocations;
+//!   the same reply through sluice counts sluice's on top: the difference is sluice's.
+//!
+//! Prints a table and writes `target/bench/alloc.json`.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::alloc::System;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use sluice::config::{Config, ProviderConfig};
+use sluice::hub::{EventKind, Hub};
+use sluice::mock::{MockConfig, token_text};
+use sluice::transport::openai::ChunkEncoder;
+use sluice::upstream::openai;
+use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+use tokio_util::sync::CancellationToken;
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+/// Tokens of the short and the long reply.
+const SHORT: usize = 100;
+const LONG: usize = 600;
+
+/// Rounds of each measurement; the lowest count is kept (a round can only gain
+/// allocations from outside noise: a timer wheel growing, a pool filling).
+const ROUNDS: usize = 3;
+
+fn count(f: impl FnOnce()) -> usize {
+    let r = Region::new(GLOBAL);
+    f();
+    r.change().allocations
+}
+
+/// Allocations per token of `f(tokens)`, marginal between a short and a long run.
+fn per_token(mut f: impl FnMut(usize)) -> f64 {
+    let best =
+        |f: &mut dyn FnMut(usize), n: usize| (0..ROUNDS).map(|_| count(|| f(n))).min().unwrap_or(0);
+    f(SHORT); // warm-up
+    let short = best(&mut f, SHORT);
+    let long = best(&mut f, LONG);
+    (long as f64 - short as f64) / (LONG - SHORT) as f64
+}
+
+/// An OpenAI stream of `tokens` tokens, one network read per event.
+fn upstream_body(tokens: usize) -> Vec<Bytes> {
+    let enc = ChunkEncoder::new("chatcmpl-bench", 1, "m");
+    let mut out = vec![enc.role()];
+    out.extend((0..tokens).map(|i| enc.token(&token_text(i))));
+    out.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    out
+}
+
+fn pieces(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, f64)> {
+    let bodies = |n: usize| upstream_body(n);
+    let (short, long) = (bodies(SHORT), bodies(LONG));
+    let body = |n: usize| if n == SHORT { &short } else { &long };
+    let mut rows = Vec::new();
+    rows.push((
+        "upstream parse + translate, SseParser (relay path)",
+        per_token(|n| {
+            let chunks = body(n).clone().into_iter().map(Ok::<_, std::io::Error>);
+            let events = openai::translate_body("p".into(), futures::stream::iter(chunks));
+            rt.block_on(events.count());
+        }),
+    ));
+    rows.push((
+        "upstream parse + translate, eventsource-stream",
+        per_token(|n| {
+            use eventsource_stream::Eventsource;
+            let chunks = body(n).clone().into_iter().map(Ok::<_, std::io::Error>);
+            let events = futures::stream::iter(chunks).eventsource().map(|r| {
+                r.map_err(|e| sluice::upstream::UpstreamError::Malformed {
+                    provider: "p".into(),
+                    message: e.to_string(),
+                })
+            });
+            rt.block_on(openai::translate("p".into(), events).count());
+        }),
+    ));
+    let enc = ChunkEncoder::new("chatcmpl-bench", 1, "gpt-4o-mini");
+    let words: Vec<String> = (0..LONG).map(token_text).collect();
+    rows.push((
+        "chat.completion.chunk encode (/v1)",
+        per_token(|n| {
+            for w in &words[..n] {
+                std::hint::black_box(enc.token(w));
+            }
+        }),
+    ));
+    #[derive(serde::Serialize)]
+    struct TokenData<'a> {
+        text: &'a str,
+    }
+    let texts: Vec<String> = (0..LONG).map(token_text).collect();
+    rows.push((
+        "hub publish of a token event (sessions), no subscriber",
+        per_token(|n| {
+            let hub = Hub::new(16_384, Duration::from_secs(600));
+            let ch = hub.create("01936f0e2b7a7c3e9a4b5d6e7f801234", "s", "o");
+            for t in &texts[..n] {
+                ch.publish_json(EventKind::Token, &TokenData { text: t });
+            }
+        }),
+    ));
+    rows
+}
+
+/// A mock replying `tokens` tokens 1 ms apart, and a sluice in front of it.
+struct Pair {
+    mock: sluice::mock::MockServer,
+    sluice: String,
+    stop: CancellationToken,
+}
+
+async fn pair(tokens: usize) -> Pair {
+    let mock = sluice::mock::spawn(MockConfig {
+        tokens,
+        token_delay: Duration::from_millis(1),
+        ..MockConfig::default()
+    })
+    .await
+    .expect("mock");
+    let mut c = Config::default();
+    c.store.data_dir = tempfile::tempdir().unwrap().keep();
+    c.guards.rate_chat_per_min = 0;
+    c.guards.rate_api_per_min = 0;
+    c.guards.rate_admin_per_min = 0;
+    c.guards.provider_concurrency = 1_000;
+    c.chat.default_model = "mock".into();
+    c.upstream.providers = vec![ProviderConfig::openai("mock", &mock.url(), None)];
+    let state = sluice::app::AppState::new(c).await.expect("config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sluice = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        let _ = sluice::app::serve(state, listener, async move { s.cancelled().await }).await;
+    });
+    Pair { mock, sluice, stop }
+}
+
+/// Reads a response body to its end; the number of bytes.
+async fn drain(resp: reqwest::Response) -> usize {
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let mut body = resp.bytes_stream();
+    let mut n = 0;
+    while let Some(c) = body.next().await {
+        n += c.unwrap().len();
+    }
+    n
+}
+
+fn whole(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, f64)> {
+    let client = reqwest::Client::new();
+    let (short, long) = rt.block_on(async { (pair(SHORT).await, pair(LONG).await) });
+    let at = |n: usize| if n == SHORT { &short } else { &long };
+    let chat = json!({
+        "model": "mock",
+        "stream": true,
+        "messages": [{"role": "user", "content": "Say something."}],
+    });
+    let direct = per_token(|n| {
+        let url = format!("{}/chat/completions", at(n).mock.url());
+        rt.block_on(async { drain(client.post(url).json(&chat).send().await.unwrap()).await });
+    });
+    let v1 = per_token(|n| {
+        let url = format!("{}/v1/chat/completions", at(n).sluice);
+        rt.block_on(async { drain(client.post(url).json(&chat).send().await.unwrap()).await });
+    });
+    let session = per_token(|n| {
+        let base = at(n).sluice.clone();
+        rt.block_on(async {
+            let s: Value = client
+                .post(format!("{base}/api/sessions"))
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let id = s["id"].as_str().unwrap();
+            let resp = client
+                .post(format!("{base}/api/sessions/{id}/messages"))
+                .header("accept", "text/event-stream")
+                .json(&json!({"content": "Say something."}))
+                .send()
+                .await
+                .unwrap();
+            drain(resp).await
+        });
+    });
+    for p in [short, long] {
+        p.stop.cancel();
+        drop(p.mock);
+    }
+    vec![
+        ("whole: mock -> client, direct (mock + client)", direct),
+        ("whole: mock -> sluice /v1 -> client", v1),
+        ("whole: mock -> sluice session stream -> client", session),
+        ("  sluice's share, /v1 (through minus direct)", v1 - direct),
+        (
+            "  sluice's share, session stream (through minus direct)",
+            session - direct,
+        ),
+    ]
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut rows = pieces(&rt);
+    rows.extend(whole(&rt));
+    println!("\n| allocations per token | |\n|---|---|");
+    for (what, n) in &rows {
+        println!("| {what} | {n:.2} |");
+    }
+    let out: serde_json::Map<String, Value> = rows
+        .iter()
+        .map(|(k, v)| ((*k).trim().to_owned(), json!((v * 100.0).round() / 100.0)))
+        .collect();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(
+        dir.join("alloc.json"),
+        serde_json::to_vec_pretty(&out).unwrap(),
+    );
+}
