@@ -504,3 +504,48 @@ async fn task_progress_arrives_over_ws_until_succeeded() {
     assert_eq!(result, full_reply(50));
     e.server.shutdown().await;
 }
+
+#[tokio::test]
+async fn chat_ops_pass_the_same_rate_limit_as_http() {
+    let e = env(
+        MockConfig {
+            tokens: 3,
+            ..Default::default()
+        },
+        |c| {
+            c.guards.rate_chat_per_min = 2;
+            c.guards.rate_burst = 2;
+        },
+    )
+    .await;
+    let mut ws = e.connect().await;
+    for _ in 0..2 {
+        let s = e.new_session().await;
+        send(
+            &mut ws,
+            json!({"op": "chat", "session_id": s, "content": "hi"}),
+        )
+        .await;
+        let events = events_until_final(&mut ws, &format!("session:{s}")).await;
+        assert_eq!(events.last().unwrap()["event"], "done");
+    }
+    // The key's burst is spent: the third is refused like a third POST would be.
+    let s = e.new_session().await;
+    send(
+        &mut ws,
+        json!({"op": "chat", "session_id": s, "content": "hi"}),
+    )
+    .await;
+    let v = next_json(&mut ws).await;
+    assert_eq!(v["op"], "error", "{v}");
+    assert_eq!(v["code"], "rate_limited");
+    assert_eq!(v["topic"], format!("session:{s}"));
+    let r = client()
+        .post(format!("{}/api/sessions/{s}/messages", e.server.url))
+        .bearer_auth(&e.key)
+        .json(&json!({"content": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+}

@@ -241,26 +241,47 @@ pub async fn limit(State(st): State<AppState>, req: Request, next: Next) -> Resp
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
     let client = guards.rate.client(req.headers(), peer);
-    if let Err(wait) = guards.rate.check(class, &client) {
+    if let Err(e) = admit(&st, class, &client, None).await {
+        return e.into_response();
+    }
+    next.run(req).await
+}
+
+/// The checks one request of `class` from `client` passes: its rate limit, then for chat
+/// the key's quota (`key_id` when the caller is known already, as on a WebSocket opened
+/// with a token). Also applied to each `chat` op of a WebSocket.
+pub async fn admit(
+    st: &AppState,
+    class: RouteClass,
+    client: &Client,
+    key_id: Option<&str>,
+) -> Result<(), ApiError> {
+    let guards = &st.guards;
+    if let Err(wait) = guards.rate.check(class, client) {
         st.metrics.rate_limited();
-        return ApiError::TooManyRequests {
+        return Err(ApiError::TooManyRequests {
             message: "rate limit exceeded; retry after the time in the Retry-After header".into(),
             code: "rate_limited",
             retry_after: secs(wait),
-        }
-        .into_response();
+        });
     }
-    if let (Client::Key(hash), Some(quota)) = (&client, quota) {
-        if let Some(key_id) = quota.key_id(hash, st.store.as_ref()).await {
+    let quota = guards.quota.as_ref().filter(|_| class == RouteClass::Chat);
+    if let Some(quota) = quota {
+        let key_id = match (key_id, client) {
+            (Some(k), _) => Some(k.to_owned()),
+            (None, Client::Key(hash)) => quota.key_id(hash, st.store.as_ref()).await,
+            (None, Client::Ip(_)) => None,
+        };
+        if let Some(key_id) = key_id {
             if let Err(refusal) = quota.check_request(&key_id).await {
                 if refusal.is_over_quota() {
                     st.metrics.rate_limited();
                 }
-                return ApiError::from(refusal).into_response();
+                return Err(ApiError::from(refusal));
             }
         }
     }
-    next.run(req).await
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,7 +14,9 @@ use super::auth::{Principal, WS_TOKEN_TTL_MS, issue_ws_token, verify_ws_token};
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::store::now_millis;
-use crate::transport::ws::{self, WsContext};
+use std::sync::Arc;
+
+use crate::transport::ws::{self, Admit, Refusal, WsContext};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -74,7 +76,18 @@ async fn upgrade(
     st.ensure_accepting()?;
     let settings = st.config.server.ws.clone();
     let metrics = st.metrics.clone();
+    let peer = parts
+        .0
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    let admit: Arc<dyn Admit> = Arc::new(ChatAdmission {
+        client: st.guards.rate.client(&headers, peer),
+        key_id: who.caller().key_id,
+        st: st.clone(),
+    });
     let ctx = WsContext {
+        admit: Some(admit),
         chat: st.chat.clone(),
         tasks: st.tasks.clone(),
         caller: who.caller(),
@@ -91,6 +104,27 @@ async fn upgrade(
             ws::serve(write, read, ctx).await;
         })
         .into_response())
+}
+
+/// Each `chat` op passes the checks a `POST …/messages` would: the rate limit of the
+/// connection's client (its key, else its address) and the key's quota.
+struct ChatAdmission {
+    st: AppState,
+    client: crate::guard::rate::Client,
+    key_id: Option<String>,
+}
+
+#[async_trait::async_trait]
+impl Admit for ChatAdmission {
+    async fn chat(&self) -> Result<(), Refusal> {
+        let chat = crate::guard::rate::RouteClass::Chat;
+        crate::guard::rate::admit(&self.st, chat, &self.client, self.key_id.as_deref())
+            .await
+            .map_err(|e| Refusal {
+                code: e.code().to_owned(),
+                message: e.message(),
+            })
+    }
 }
 
 /// The request head, for running the key extractor after the token check.

@@ -59,8 +59,24 @@ pub mod close {
     pub const RESTART: u16 = 1012;
 }
 
+/// Why a `chat` op was not admitted: the same code and message an HTTP request would get.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub code: String,
+    pub message: String,
+}
+
+/// The admission checks an HTTP request passes before it starts a generation (rate
+/// limits, quotas), applied to each `chat` op of a connection.
+#[async_trait::async_trait]
+pub trait Admit: Send + Sync {
+    async fn chat(&self) -> Result<(), Refusal>;
+}
+
 /// What the connection loop needs from the rest of the server.
 pub struct WsContext {
+    /// Checks each `chat` op; `None` admits all.
+    pub admit: Option<Arc<dyn Admit>>,
     pub chat: Arc<ChatService>,
     pub tasks: Arc<TaskService>,
     pub caller: Caller,
@@ -348,6 +364,11 @@ impl Conn<'_> {
 
     async fn chat(&mut self, session_id: String, content: String) {
         let topic = format!("session:{session_id}");
+        if let Some(admit) = &self.ctx.admit {
+            if let Err(r) = admit.chat().await {
+                return self.send(error_frame(&r.code, &r.message, Some(&topic)));
+            }
+        }
         match self
             .ctx
             .chat
@@ -424,6 +445,7 @@ mod tests {
             },
             settings: WsSettings::default(),
             stop: CancellationToken::new(),
+            admit: None,
         };
         let task = tokio::spawn(serve(to_client, from_client, ctx));
         (to_server, from_server, task)
