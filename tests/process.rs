@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use serde_json::json;
+use serde_json::{Value, json};
 use sluice::mock::{MockConfig, full_reply};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -242,4 +242,77 @@ async fn json_logs_carry_request_ids_and_never_secrets() {
         );
     }
     assert!(saw_request_id, "no log line carries the request id");
+}
+
+/// Polls the session's last reply until `pred` holds.
+async fn wait_reply(url: &str, session: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let v: Value = client()
+            .get(format!("{url}/api/sessions/{session}/messages"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let last = v["data"]
+            .as_array()
+            .and_then(|m| m.iter().rev().find(|m| m["role"] == "assistant").cloned())
+            .unwrap_or(Value::Null);
+        if pred(&last) {
+            return last;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reply never matched: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_crash_loses_at_most_the_last_seconds_of_a_reply() {
+    let mock = mock(MockConfig {
+        tokens: 2000,
+        token_delay: Duration::from_millis(10),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let envs = [
+        ("OPENAI_BASE_URL", mock.url()),
+        ("SLUICE_DEFAULT_MODEL", "mock-model".to_owned()),
+    ];
+    let mut p = start_in(dir.path(), &envs).await;
+    let s: Value = client()
+        .post(format!("{}/api/sessions", p.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let s = s["id"].as_str().unwrap().to_owned();
+    let r = client()
+        .post(format!("{}/api/sessions/{s}/messages", p.url))
+        .json(&json!({"content": "go on"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // Saved while it streams, not only at the end.
+    let saved = wait_reply(&p.url, &s, |m| {
+        m["status"] == "streaming" && !m["content"].as_str().unwrap_or("").is_empty()
+    })
+    .await;
+    let saved = saved["content"].as_str().unwrap().to_owned();
+
+    p.child.kill().await.unwrap();
+    let p = start_in(dir.path(), &envs).await;
+    let m = wait_reply(&p.url, &s, |m| m["status"] == "interrupted").await;
+    let kept = m["content"].as_str().unwrap();
+    assert!(kept.len() >= saved.len(), "{kept:?}");
+    assert!(full_reply(2000).starts_with(kept));
 }

@@ -467,6 +467,31 @@ struct Generation {
     _permit: StreamPermit,
 }
 
+/// How often the reply of a running generation is saved.
+const SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Writes each saved version of a running reply, still `streaming`, until the generation
+/// drops its sender.
+async fn save_progress(
+    store: Arc<dyn Store>,
+    message_id: String,
+    mut saved: tokio::sync::watch::Receiver<String>,
+) {
+    while saved.changed().await.is_ok() {
+        let content = saved.borrow_and_update().clone();
+        let update = MessageUpdate {
+            content,
+            status: MessageStatus::Streaming,
+            prompt_tokens: None,
+            completion_tokens: None,
+            error: None,
+        };
+        if let Err(e) = store.update_message(&message_id, &update).await {
+            tracing::warn!(message_id = %message_id, error = %e, "cannot save the reply so far");
+        }
+    }
+}
+
 struct GenerationDeps {
     store: Arc<dyn Store>,
     upstreams: Arc<Upstreams>,
@@ -498,7 +523,18 @@ struct TokenData<'a> {
 
 impl GenerationDeps {
     async fn run(self, g: Generation) {
-        let outcome = self.relay(&g).await;
+        // The reply so far is saved every few seconds by a writer of its own, so a crash
+        // loses at most that much and a slow store never holds up a token.
+        let (save, saved) = tokio::sync::watch::channel(String::new());
+        let writer = tokio::spawn(save_progress(
+            self.store.clone(),
+            g.message_id.clone(),
+            saved,
+        ));
+        let outcome = self.relay(&g, &save).await;
+        drop(save);
+        // Finished before the final write, which must be the last.
+        let _ = writer.await;
         let (status, error) = match &outcome.ending {
             Ending::Complete(_) => (MessageStatus::Complete, None),
             Ending::Cancelled => (MessageStatus::Cancelled, None),
@@ -570,7 +606,7 @@ impl GenerationDeps {
         }
     }
 
-    async fn relay(&self, g: &Generation) -> Outcome {
+    async fn relay(&self, g: &Generation, save: &tokio::sync::watch::Sender<String>) -> Outcome {
         let mut out = Outcome {
             text: String::new(),
             usage: None,
@@ -601,6 +637,9 @@ impl GenerationDeps {
             _ => None,
         };
         let mut unmetered = 0u64;
+        let mut checkpoint =
+            tokio::time::interval_at(tokio::time::Instant::now() + SAVE_EVERY, SAVE_EVERY);
+        checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -609,6 +648,11 @@ impl GenerationDeps {
                     return out;
                 }
                 _ = self.stop.cancelled() => return out,
+                _ = checkpoint.tick() => {
+                    if save.borrow().len() != out.text.len() {
+                        save.send_replace(out.text.clone());
+                    }
+                }
                 ev = events.next() => match ev {
                     Some(Ok(UpstreamEvent::Token(t))) => {
                         g.channel.publish_json(EventKind::Token, &TokenData { text: &t });
