@@ -23,6 +23,7 @@ ROUND_SECS=${ROUND_SECS:-1}              # length of one direct or sluice round
 HOLD_STREAMS=${HOLD_STREAMS:-5000}
 HOLD_H2_STREAMS=${HOLD_H2_STREAMS:-15000}
 HOLD_SECS=${HOLD_SECS:-30}
+HOLD_H2_SECS=${HOLD_H2_SECS:-15}
 HOLD_TOKEN_MS=${HOLD_TOKEN_MS:-20}
 HOLD_H2_TOKEN_MS=${HOLD_H2_TOKEN_MS:-500}   # 15,000 x 20 ms is 750k tokens/s: see README
 RAMP_PER_SEC=${RAMP_PER_SEC:-3000}
@@ -287,22 +288,24 @@ want json && pair json false --scenario json --concurrency 50 --tokens 64 \
 want hold && hold hold false --scenario hold --streams "$HOLD_STREAMS" --token-ms "$HOLD_TOKEN_MS" \
     --hold-secs "$HOLD_SECS" --ramp-per-sec "$RAMP_PER_SEC"
 want hold-h2c && hold hold-h2c true --scenario hold --streams "$HOLD_H2_STREAMS" --token-ms "$HOLD_H2_TOKEN_MS" \
-    --hold-secs "$HOLD_SECS" --ramp-per-sec "$RAMP_PER_SEC"
+    --hold-secs "$HOLD_H2_SECS" --ramp-per-sec "$RAMP_PER_SEC"
 
 want fanout && fanout fanout 1
 want fanout-cluster && fanout fanout-cluster "$FANOUT_INSTANCES"
 
 if [ "$MICRO" = 1 ]; then
-    log "cargo bench --bench relay"
-    cargo bench --quiet --bench relay -- --warm-up-time 1 --measurement-time 3 >"$OUT/micro.txt" 2>&1
+    log "cargo bench --bench relay --bench hub --bench alloc"
+    cargo bench --quiet --bench relay --bench hub -- --warm-up-time 1 --measurement-time 3 \
+        >"$OUT/micro.txt" 2>&1
+    cargo bench --quiet --bench alloc >>"$OUT/micro.txt" 2>&1
 fi
 
-python3 - "$OUT" "$BUILD_SECS" "$(($(date +%s) - T0))" "$SERVER_CPU" "$LOAD_CPU" <<'EOF'
+python3 - "$OUT" "$BUILD_SECS" "$(($(date +%s) - T0))" "$SERVER_CPU" "$LOAD_CPU" "$T0" <<'EOF'
 import glob, json, os, platform, subprocess, sys
 
 out, build_s, total_s, server_cpu, load_cpu = sys.argv[1:6]
 R = {os.path.basename(p)[:-5]: json.load(open(p)) for p in glob.glob(f"{out}/*.json")
-     if not p.endswith("results.json")}
+     if not p.endswith(("results.json", "alloc.json"))}
 
 def get(name, *path):
     v = R.get(name)
@@ -337,6 +340,8 @@ def check(v, limit):
 # on them.
 for c in ("1", "10"):
     n = f"overhead-c{c}"
+    if f"{n}-direct" not in R:
+        continue
     for what, key in (("time to first token", "ttft_ms"),
                       ("time to first token without the mock's wait, stamped", "first_token_path_ms"),
                       ("  of which request to the mock", "to_mock_ms"),
@@ -359,23 +364,24 @@ for c in ("1", "10"):
             row(f"overhead c={c}", f"failed replies ({side})", "", num(f, "{}"), "")
 
 n = "throughput"
-d, s = get(f"{n}-direct", "replies_per_s"), get(f"{n}-sluice", "replies_per_s")
-ratio = None if not d or s is None else s / d
-row("throughput c=50", "streams/s", num(d, "{:.0f}"), num(s, "{:.0f}"),
-    num(ratio, "x{:.2f}"), ">= x0.80", None if ratio is None else ratio >= 0.8)
-d, s = get(f"{n}-direct", "tokens_per_s"), get(f"{n}-sluice", "tokens_per_s")
-row("throughput c=50", "tokens/s", num(d, "{:.0f}"), num(s, "{:.0f}"),
-    num(None if not d or s is None else s / d, "x{:.2f}"))
-row("throughput c=50", "sluice CPU (% of its core)", "",
-    num(get(f"{n}-sluice", "procs", "sluice", "cpu_pct"), "{:.0f}"), "")
-for side in ("direct", "sluice"):
-    mock = get(f"{n}-{side}", "procs", "mock", "cpu_pct")
-    client = get(f"{n}-{side}", "procs", "client", "cpu_pct")
-    row("throughput c=50", f"mock + client CPU, {side} (% of their core)", "",
-        num(None if mock is None or client is None else mock + client, "{:.0f}"), "")
-    f = get(f"{n}-{side}", "failed")
-    if f:
-        row("throughput c=50", f"failed replies ({side})", "", num(f, "{}"), "")
+if f"{n}-direct" in R:
+    d, s = get(f"{n}-direct", "replies_per_s"), get(f"{n}-sluice", "replies_per_s")
+    ratio = None if not d or s is None else s / d
+    row("throughput c=50", "streams/s", num(d, "{:.0f}"), num(s, "{:.0f}"),
+        num(ratio, "x{:.2f}"), ">= x0.80", None if ratio is None else ratio >= 0.8)
+    d, s = get(f"{n}-direct", "tokens_per_s"), get(f"{n}-sluice", "tokens_per_s")
+    row("throughput c=50", "tokens/s", num(d, "{:.0f}"), num(s, "{:.0f}"),
+        num(None if not d or s is None else s / d, "x{:.2f}"))
+    row("throughput c=50", "sluice CPU (% of its core)", "",
+        num(get(f"{n}-sluice", "procs", "sluice", "cpu_pct"), "{:.0f}"), "")
+    for side in ("direct", "sluice"):
+        mock = get(f"{n}-{side}", "procs", "mock", "cpu_pct")
+        client = get(f"{n}-{side}", "procs", "client", "cpu_pct")
+        row("throughput c=50", f"mock + client CPU, {side} (% of their core)", "",
+            num(None if mock is None or client is None else mock + client, "{:.0f}"), "")
+        f = get(f"{n}-{side}", "failed")
+        if f:
+            row("throughput c=50", f"failed replies ({side})", "", num(f, "{}"), "")
 
 for n, label in (("hold", "hold"), ("hold-h2c", "hold, h2c upstream")):
     if f"{n}-direct" not in R:
@@ -463,19 +469,30 @@ for n in ("overhead-c1", "overhead-c10", "throughput", "json", "hold", "hold-h2c
         noise_rows.append((n, fmt(d), fmt(s)))
 
 n = "json"
-d, s = get(f"{n}-direct", "replies_per_s"), get(f"{n}-sluice", "replies_per_s")
-row("non-stream c=50", "completions/s", num(d, "{:.0f}"), num(s, "{:.0f}"),
-    num(None if not d or s is None else s / d, "x{:.2f}"))
-for q in ("p50", "p99"):
-    d, s = get(f"{n}-direct", "total_ms", q), get(f"{n}-sluice", "total_ms", q)
-    row("non-stream c=50", f"latency {q} (ms)", num(d), num(s), num(diff(d, s), "{:+.3f}"))
+if f"{n}-direct" in R:
+    d, s = get(f"{n}-direct", "replies_per_s"), get(f"{n}-sluice", "replies_per_s")
+    row("non-stream c=50", "completions/s", num(d, "{:.0f}"), num(s, "{:.0f}"),
+        num(None if not d or s is None else s / d, "x{:.2f}"))
+    for q in ("p50", "p99"):
+        d, s = get(f"{n}-direct", "total_ms", q), get(f"{n}-sluice", "total_ms", q)
+        row("non-stream c=50", f"latency {q} (ms)", num(d), num(s), num(diff(d, s), "{:+.3f}"))
+    row("non-stream c=50", "sluice CPU (% of its core)", "",
+        num(get(f"{n}-sluice", "procs", "sluice", "cpu_pct"), "{:.0f}"), "")
 
 micro = {}
-for est in glob.glob("target/criterion/*/*/new/estimates.json") if os.path.exists(f"{out}/micro.txt") else []:
-    parts = est.split("/")
-    micro[f"{parts[2]}/{parts[3]}"] = json.load(open(est))["mean"]["point_estimate"]
+if os.path.exists(f"{out}/micro.txt"):
+    for est in glob.glob("target/criterion/**/new/estimates.json", recursive=True):
+        if os.path.getmtime(est) < float(sys.argv[6]):
+            continue  # from an earlier run
+        name = os.path.dirname(os.path.dirname(est))[len("target/criterion/"):]
+        micro[name] = json.load(open(est))["mean"]["point_estimate"]
 for k, ns in sorted(micro.items()):
-    row("micro (criterion)", k, "", f"{ns / 1000:.2f} us", "")
+    row("micro (criterion, mean)", k, "", f"{ns / 1000:.3f} us", "")
+allocs = {}
+if os.path.exists(f"{out}/alloc.json"):
+    allocs = json.load(open(f"{out}/alloc.json"))
+    for k, v in allocs.items():
+        row("allocations per token", k, "", f"{v:.2f}", "")
 
 noisy = [r[0] for r in noise_rows
          if any(x not in ("n/a",) and any(float(p.rstrip("%")) > 10 for p in x.split(" / "))
@@ -491,7 +508,8 @@ meta = {
     "noisy": noisy,
 }
 meta["other_load"] = noise_rows
-json.dump({"meta": meta, "targets": targets, "micro_ns": micro, "runs": R},
+json.dump({"meta": meta, "targets": targets, "micro_ns": micro, "allocs_per_token": allocs,
+           "runs": R},
           open(f"{out}/results.json", "w"), indent=1)
 
 head = ("scenario", "metric", "direct", "sluice", "sluice vs direct", "target", "")

@@ -82,8 +82,10 @@ impl AppState {
             metrics.clone(),
         )?);
         let store = store::open(&config.store).await?;
-        if store.backend() == "sqlite" {
-            // Embedded: this process was the only producer, so nothing still streams.
+        if store.backend() == "sqlite" || config.redis.is_none() {
+            // Without the bus there is no other instance to share generations with: this
+            // process was their only producer, so nothing still streams. (With it, leases
+            // end the generations of a lost instance.)
             let n = store.interrupt_streaming().await?;
             if n > 0 {
                 tracing::warn!(
