@@ -159,8 +159,12 @@ async fn streams(State(st): State<AppState>) -> Json<serde_json::Value> {
         .hub()
         .channels()
         .into_iter()
+        // Generations running here; copies of other instances' are listed there.
         .filter(|c| {
-            !c.is_finished() && !c.session_id.starts_with("task:") && c.session_id != "flight"
+            !c.is_finished()
+                && !c.remote
+                && !c.session_id.starts_with("task:")
+                && c.session_id != "flight"
         })
         .map(|c| {
             json!({
