@@ -134,6 +134,10 @@ async fn pair(tokens: usize) -> Pair {
     })
     .await
     .expect("mock");
+    pair_for(mock).await
+}
+
+async fn pair_for(mock: sluice::mock::MockServer) -> Pair {
     let mut c = Config::default();
     c.store.data_dir = tempfile::tempdir().unwrap().keep();
     c.guards.rate_chat_per_min = 0;
@@ -220,6 +224,85 @@ fn whole(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, f64)> {
     ]
 }
 
+/// Streams held open at once for the heap measurement.
+const HELD: usize = 200;
+
+/// Heap bytes in use per open stream: `HELD` streams are opened (each has its first
+/// token, then the mock waits a second per token) and the heap's growth is divided by
+/// `HELD`. Through sluice minus direct is what sluice holds per stream: its client
+/// connection, its upstream connection and the relay between them.
+fn held(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, f64)> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let p = rt.block_on(async {
+        let mock = sluice::mock::spawn(MockConfig {
+            tokens: 1_000,
+            token_delay: Duration::from_secs(1),
+            ..MockConfig::default()
+        })
+        .await
+        .expect("mock");
+        pair_for(mock).await
+    });
+    let chat = json!({
+        "model": "mock",
+        "stream": true,
+        "messages": [{"role": "user", "content": "Say something."}],
+    });
+    let open = |url: String| {
+        let (client, chat) = (client.clone(), chat.clone());
+        async move {
+            let resp = client.post(url).json(&chat).send().await.unwrap();
+            assert!(resp.status().is_success());
+            let mut body = resp.bytes_stream();
+            // Up to the first token: the role chunk and the token may come apart.
+            let mut seen = Vec::new();
+            const FIRST: &[u8] = b"\"content\":\"Hello";
+            while !seen.windows(FIRST.len()).any(|w| w == FIRST) {
+                match body.next().await {
+                    Some(Ok(c)) => seen.extend_from_slice(&c),
+                    _ => break,
+                }
+            }
+            body
+        }
+    };
+    let per = |url: String| -> f64 {
+        // Warm-up: pools, lazily built tables.
+        rt.block_on(async {
+            let s: Vec<_> = futures::future::join_all((0..8).map(|_| open(url.clone()))).await;
+            drop(s);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        });
+        let r = Region::new(GLOBAL);
+        let streams = rt.block_on(async {
+            let s: Vec<_> = futures::future::join_all((0..HELD).map(|_| open(url.clone()))).await;
+            // Let every task settle after its first token.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s
+        });
+        let c = r.change();
+        let net =
+            c.bytes_allocated as f64 - c.bytes_deallocated as f64 + c.bytes_reallocated as f64;
+        drop(streams);
+        rt.block_on(async { tokio::time::sleep(Duration::from_millis(200)).await });
+        net / HELD as f64 / 1024.0
+    };
+    let direct = per(format!("{}/chat/completions", p.mock.url()));
+    let through = per(format!("{}/v1/chat/completions", p.sluice));
+    p.stop.cancel();
+    vec![
+        ("heap KiB per open stream: direct (mock + client)", direct),
+        ("heap KiB per open stream: through sluice /v1", through),
+        (
+            "  sluice's heap KiB per open stream (through minus direct)",
+            through - direct,
+        ),
+    ]
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -227,7 +310,8 @@ fn main() {
         .expect("runtime");
     let mut rows = pieces(&rt);
     rows.extend(whole(&rt));
-    println!("\n| allocations per token | |\n|---|---|");
+    rows.extend(held(&rt));
+    println!("\n| allocations per token (heap per stream) | |\n|---|---|");
     for (what, n) in &rows {
         println!("| {what} | {n:.2} |");
     }

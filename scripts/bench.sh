@@ -37,6 +37,8 @@ FANOUT_INSTANCES=${FANOUT_INSTANCES:-3}  # fanout-cluster: instances sharing Red
 REDIS_URL_BENCH=${REDIS_URL_BENCH:-redis://127.0.0.1:6379}
 PG_URL_BENCH=${PG_URL_BENCH:-postgres://postgres@127.0.0.1:5432}
 MICRO=${MICRO:-0}                        # 1: also run the criterion benches (a longer build)
+PROFILE=${PROFILE:-0}                    # 1: perf record sluice in every scenario (see README)
+PERF_RECORD=${PERF_RECORD:-"-F 1999 -g"}  # e.g. "-F 499 --call-graph dwarf,16384" for inclusive costs
 # fanout-cluster (3 instances sharing Redis and a scratch PostgreSQL database) is not in the
 # default list: SCENARIOS=fanout-cluster scripts/bench.sh runs it.
 SCENARIOS=${SCENARIOS:-"overhead-c1 overhead-c10 throughput json hold hold-h2c fanout"}
@@ -183,13 +185,35 @@ quiet() {
     NOISE="cores busy just before: ${busy#* }; rustc processes: $(pgrep -cx rustc || true)"
 }
 
+# With PROFILE=1, perf samples sluice (every pid in PROFILE_PIDS) while the load client
+# runs: NAME.perf.data, and NAME.perf.txt with the hottest symbols (self time).
+PROFILE_PIDS=""
+perf_start() {
+    PERF_PID=""
+    [ "$PROFILE" = 1 ] && [ -n "$PROFILE_PIDS" ] || return 0
+    # shellcheck disable=SC2086 # PERF_RECORD is a list of options
+    taskset -c "$LOAD_CPU" perf record -q $PERF_RECORD -p "$PROFILE_PIDS" -o "$OUT/$1.perf.data" \
+        >/dev/null 2>&1 &
+    PERF_PID=$!
+    PIDS+=("$PERF_PID")
+}
+perf_stop() {
+    [ -n "$PERF_PID" ] || return 0
+    kill -INT "$PERF_PID" 2>/dev/null || true
+    wait "$PERF_PID" 2>/dev/null || true
+    perf report -i "$OUT/$1.perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null |
+        grep -v '^$' | head -n 150 >"$OUT/$1.perf.txt" || true
+}
+
 # bench NAME ARGS...: one load-client run; its report is saved as NAME.json, or, when it
 # alternated with a baseline, as NAME-direct.json and NAME-sluice.json.
 bench() {
     local name=$1
     shift
     log "$name"
+    perf_start "$name"
     taskset -c "$LOAD_CPU" "$BIN" bench --label "$name" "$@" >"$OUT/$name.tmp"
+    perf_stop "$name"
     python3 - "$OUT" "$name" "$NOISE" <<'EOF'
 import json, os, sys
 out, name, noise = sys.argv[1:4]
@@ -213,6 +237,7 @@ pair() {
     quiet
     start_mock "$name"
     start_sluice "$name" "$http2"
+    PROFILE_PIDS=$SLUICE_PID
     bench "$name" --url "$SLUICE_URL" --baseline-url "$MOCK_URL" --round-secs "$ROUND_SECS" \
         --watch "sluice=$SLUICE_PID" --watch "mock=$MOCK_PID" "$@"
     stop "$SLUICE_PID"
@@ -227,8 +252,10 @@ hold() {
     quiet
     start_mock "$name"
     start_sluice "$name" "$http2"
+    PROFILE_PIDS=""
     bench "$name-direct" --url "$MOCK_URL" --watch "mock=$MOCK_PID" "$@"
     quiet
+    PROFILE_PIDS=$SLUICE_PID
     bench "$name-sluice" --url "$SLUICE_URL" --watch "sluice=$SLUICE_PID" \
         --watch "mock=$MOCK_PID" "$@"
     stop "$SLUICE_PID"
@@ -260,6 +287,7 @@ fanout() {
         pids+=("$SLUICE_PID")
         if [ "$count" = 1 ]; then watch+=(--watch "sluice=$SLUICE_PID"); else watch+=(--watch "sluice$i=$SLUICE_PID"); fi
     done
+    PROFILE_PIDS=$(IFS=,; echo "${pids[*]}")
     bench "$name" --scenario fanout --instances "$bases" --baseline-url "$MOCK_URL" \
         --subscribers "$FANOUT_SUBSCRIBERS" --generations "$FANOUT_GENERATIONS" \
         --tokens "$FANOUT_TOKENS" --token-ms "$FANOUT_TOKEN_MS" --ramp-per-sec "$RAMP_PER_SEC" \
