@@ -589,7 +589,10 @@ async fn after_a_redis_restart_instances_resubscribe_and_fan_out_again() {
         if status == 503 && v["bus"]["ok"] == false {
             break;
         }
-        assert!(Instant::now() < deadline, "readiness never showed the lost bus: {v}");
+        assert!(
+            Instant::now() < deadline,
+            "readiness never showed the lost bus: {v}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let redis = OwnRedis::start(port).await;

@@ -160,11 +160,7 @@ async fn post_message(
         let sub = started.channel.subscribe(None);
         return Ok(super::sse_response(
             &st,
-            events::sse(
-                sub,
-                st.config.server.ping_interval,
-                st.handoff_token(),
-            ),
+            events::sse(sub, st.config.server.ping_interval, st.handoff_token()),
         ));
     }
     Ok((
@@ -190,11 +186,7 @@ async fn stream(
     let feed = st.chat.feed(&who.caller(), &id, last.as_deref()).await?;
     Ok(super::sse_response(
         &st,
-        events::sse(
-            feed,
-            st.config.server.ping_interval,
-            st.handoff_token(),
-        ),
+        events::sse(feed, st.config.server.ping_interval, st.handoff_token()),
     ))
 }
 
