@@ -465,10 +465,10 @@ for n in ("fanout", "fanout-cluster"):
             num(diff(d, s), "{:+.3f}"),
             f"<= {limit:g} ms" if q == "p99" else "",
             check(s, limit) if q == "p99" else None)
-    for key, what in (("first_delay_ms", "first subscriber"), ("delay_ms", "any subscriber")):
+    for key, what in (("first_delay_ms", "the first subscriber"), ("delay_ms", "any subscriber")):
         for q in ("p50", "p99"):
             d, s = get(f"{n}-direct", "delay_ms", q), get(f"{n}-sluice", key, q)
-            row(scen, f"delay from the mock to the {what} {q} (ms)", num(d), num(s),
+            row(scen, f"delay from the mock to {what} {q} (ms)", num(d), num(s),
                 num(diff(d, s), "{:+.3f}"))
     row(scen, "sluice CPU while replies ran (% of one core)", "",
         num(sluice_cpu(f"{n}-sluice"), "{:.0f}"), "")
@@ -523,7 +523,7 @@ allocs = {}
 if os.path.exists(f"{out}/alloc.json"):
     allocs = json.load(open(f"{out}/alloc.json"))
     for k, v in allocs.items():
-        row("allocations per token", k, "", f"{v:.2f}", "")
+        row("allocation bench", k, "", f"{v:.2f}", "")
 
 noisy = [r[0] for r in noise_rows
          if any(x not in ("n/a",) and any(float(p.rstrip("%")) > 10 for p in x.split(" / "))
