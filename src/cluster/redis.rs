@@ -664,25 +664,19 @@ impl Inner {
             e: vec![(seq, "interrupted".into(), data.clone())],
             upto: None,
         };
-        let mut pipe = redis::pipe();
-        pipe.cmd("XADD")
+        // The Stream's next id is the claim: an XADD refused because the owner wrote after
+        // all means it is alive, and everything stops here.
+        let mut append = redis::cmd("XADD");
+        append
             .arg(self.key("gen", gid))
             .arg(format!("{seq}-1"))
             .arg("k")
             .arg("interrupted")
             .arg("d")
-            .arg(&data)
-            .ignore()
-            .publish(
-                self.key("ch", session),
-                serde_json::to_string(&wire).unwrap_or_default(),
-            )
-            .ignore();
-        // An XADD refused because the owner wrote after all means it is alive: leave it.
-        timeout(pipe.query_async::<()>(&mut self.conn.clone())).await?;
-        if let Some(ch) = self.hub.get(gid).filter(|c| c.remote) {
-            ch.apply(seq, EventKind::Interrupted, data.as_bytes());
-        }
+            .arg(&data);
+        timeout(append.query_async::<String>(&mut self.conn.clone())).await?;
+        // Stored before watchers hear of it, as the owner would: a client that reads the
+        // history on `interrupted` sees the final state.
         if let Some(message) = meta.get("m").filter(|m| !m.is_empty()) {
             let still_streaming = self
                 .store
@@ -701,12 +695,21 @@ impl Inner {
                     completion_tokens: None,
                     error: Some("the instance running this generation stopped".into()),
                 };
-                self.store
-                    .update_message(message, &update)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                if let Err(e) = self.store.update_message(message, &update).await {
+                    tracing::error!(generation_id = %gid, error = %e, "cannot store the lost generation's reply");
+                }
             }
         }
+        let published = timeout(self.conn.clone().publish::<_, _, i64>(
+            self.key("ch", session),
+            serde_json::to_string(&wire).unwrap_or_default(),
+        ))
+        .await;
+        if let Some(ch) = self.hub.get(gid).filter(|c| c.remote) {
+            ch.apply(seq, EventKind::Interrupted, data.as_bytes());
+        }
+        // Watchers that missed the message find the event in the Stream on their resync.
+        published?;
         tracing::warn!(generation_id = %gid, "generation of a lost instance ended as interrupted");
         Ok(())
     }
