@@ -25,6 +25,18 @@ const RECONNECT: Bytes = Bytes::from_static(
     b"retry: 250\nevent: reconnect\ndata: {\"reason\":\"restarting\",\"message\":\"this instance is restarting; reconnect with Last-Event-ID to resume\"}\n\n",
 );
 
+/// The frames of a batch as one buffer: a lone event as it is, with no copy.
+fn joined(batch: &mut Vec<Arc<Event>>) -> Bytes {
+    if batch.len() == 1 {
+        return batch.pop().map(|e| e.sse.clone()).unwrap_or_default();
+    }
+    let mut buf = Vec::with_capacity(batch.iter().map(|e| e.sse.len()).sum());
+    for e in batch.drain(..) {
+        buf.extend_from_slice(&e.sse);
+    }
+    Bytes::from(buf)
+}
+
 /// Frames a feed as SSE. Ends when the feed ends, when it lags, or at `stop` (this instance
 /// is going away): the client is told to reconnect, on another instance behind a proxy.
 pub fn sse<F: EventFeed + 'static>(
@@ -37,10 +49,14 @@ pub fn sse<F: EventFeed + 'static>(
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch: Vec<Arc<Event>> = Vec::with_capacity(64);
+        // Made once: a `cancelled()` per batch would take and release the lock of the
+        // process-wide token's waiter list twice per event, for every subscriber.
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
         loop {
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => {
+                _ = &mut stopped => {
                     // What is already in the log goes out first, so the client holds an
                     // id to resume from even when the stop came right after it connected.
                     while let Some(Ok(())) = feed.next_batch(&mut batch).now_or_never() {
@@ -52,11 +68,8 @@ pub fn sse<F: EventFeed + 'static>(
                     return;
                 }
                 r = feed.next_batch(&mut batch) => match r {
-                    Ok(()) => {
-                        for e in batch.drain(..) {
-                            yield e.sse.clone();
-                        }
-                    }
+                    // Events that were ready together leave in one write.
+                    Ok(()) => yield joined(&mut batch),
                     Err(End::Finished) => return,
                     Err(End::Lagged) => {
                         yield LAGGED;
