@@ -26,7 +26,7 @@ use dashmap::DashMap;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
 use redis::streams::StreamRangeReply;
 use redis::{AsyncCommands, Client, RedisError, Value};
 use serde::{Deserialize, Serialize};
@@ -235,13 +235,7 @@ impl Bus for RedisBus {
                 tracing::warn!(error = %e, "cannot subscribe; the next reconnect will");
             }
         }
-        let current: Result<Option<String>, _> =
-            timeout(inner.conn.clone().get(inner.key("cur", session_id))).await;
-        if let Ok(Some(generation)) = current {
-            if inner.hub.get(&generation).is_none() {
-                inner.load(&generation, None).await;
-            }
-        }
+        inner.load_current(session_id).await;
         guard
     }
 
@@ -323,11 +317,10 @@ async fn export(inner: Arc<Inner>, channel: Arc<Channel>) {
                 break;
             }
         }
-        let mut pending: Vec<Arc<Event>> = batch.clone();
         let mut backoff = BACKOFF_START;
         let mut tries_after_stop = 0;
         loop {
-            match inner.write(&channel, &pending, first).await {
+            match inner.write(&channel, &batch, first).await {
                 Ok(Written::All) => break,
                 Ok(Written::LogLost) => {
                     // Redis restarted without its data: write the whole log again, so
@@ -353,10 +346,10 @@ async fn export(inner: Arc<Inner>, channel: Arc<Channel>) {
                             // Ended elsewhere (presumed dead while Redis was away).
                             break 'batches;
                         }
-                        Ok(Some((seq, _))) => pending.retain(|e| e.seq > seq),
+                        Ok(Some((seq, _))) => batch.retain(|e| e.seq > seq),
                         Ok(None) | Err(_) => {}
                     }
-                    if pending.is_empty() {
+                    if batch.is_empty() {
                         break;
                     }
                 }
@@ -595,12 +588,17 @@ impl Inner {
             .map(|e| e.key().clone())
             .collect();
         for s in sessions {
-            let cur: Result<Option<String>, _> =
-                timeout(self.conn.clone().get(self.key("cur", &s))).await;
-            if let Ok(Some(g)) = cur {
-                if self.hub.get(&g).is_none() {
-                    self.load(&g, None).await;
-                }
+            self.load_current(&s).await;
+        }
+    }
+
+    /// Copies the session's latest generation into the hub unless it is there already.
+    async fn load_current(&self, session_id: &str) {
+        let current: Result<Option<String>, _> =
+            timeout(self.conn.clone().get(self.key("cur", session_id))).await;
+        if let Ok(Some(generation)) = current {
+            if self.hub.get(&generation).is_none() {
+                self.load(&generation, None).await;
             }
         }
     }
@@ -775,34 +773,9 @@ fn entry(id: &redis::streams::StreamId) -> Option<(u64, EventKind, Vec<u8>)> {
 async fn subscriber(inner: Arc<Inner>, cancel: CancellationToken) {
     let mut backoff = BACKOFF_START;
     while !cancel.is_cancelled() {
-        let pubsub =
-            match tokio::time::timeout(CONNECT_TIMEOUT, inner.client.get_async_pubsub()).await {
-                Ok(Ok(p)) => p,
-                Ok(Err(e)) => {
-                    inner.set_down(e.to_string());
-                    if !pause(backoff, &cancel).await {
-                        return;
-                    }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    continue;
-                }
-                Err(_) => {
-                    inner.set_down("Redis did not answer in time".into());
-                    if !pause(backoff, &cancel).await {
-                        return;
-                    }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    continue;
-                }
-            };
-        let (mut sink, mut messages) = pubsub.split();
-        let channels: Vec<String> = inner
-            .interest
-            .iter()
-            .map(|e| inner.key("ch", e.key()))
-            .collect();
-        if !channels.is_empty() {
-            if let Err(e) = timeout(sink.subscribe(&channels)).await {
+        let (mut sink, mut messages) = match subscribe_all(&inner).await {
+            Ok(pair) => pair,
+            Err(e) => {
                 inner.set_down(e);
                 if !pause(backoff, &cancel).await {
                     return;
@@ -810,19 +783,7 @@ async fn subscriber(inner: Arc<Inner>, cancel: CancellationToken) {
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
             }
-        }
-        *inner.sink.lock() = Some(sink.clone());
-        // A subscriber may have joined between the snapshot above and the sink being
-        // published; subscribing twice is harmless.
-        let late: Vec<String> = inner
-            .interest
-            .iter()
-            .map(|e| inner.key("ch", e.key()))
-            .filter(|c| !channels.contains(c))
-            .collect();
-        if !late.is_empty() {
-            let _ = timeout(sink.subscribe(&late)).await;
-        }
+        };
         inner.resync().await;
         inner.connected.store(true, Ordering::Relaxed);
         *inner.last_error.lock() = None;
@@ -843,6 +804,39 @@ async fn subscriber(inner: Arc<Inner>, cancel: CancellationToken) {
         *inner.sink.lock() = None;
         inner.set_down("subscriber connection closed".into());
     }
+}
+
+/// Opens the subscriber connection, subscribes every followed session and publishes the
+/// sink for `follow` to add more.
+async fn subscribe_all(inner: &Inner) -> Result<(PubSubSink, PubSubStream), String> {
+    let pubsub = match tokio::time::timeout(CONNECT_TIMEOUT, inner.client.get_async_pubsub()).await
+    {
+        Ok(r) => r.map_err(|e| e.to_string())?,
+        Err(_) => return Err("Redis did not answer in time".into()),
+    };
+    let (mut sink, messages) = pubsub.split();
+    let followed = |inner: &Inner| -> Vec<String> {
+        inner
+            .interest
+            .iter()
+            .map(|e| inner.key("ch", e.key()))
+            .collect()
+    };
+    let channels = followed(inner);
+    if !channels.is_empty() {
+        timeout(sink.subscribe(&channels)).await?;
+    }
+    *inner.sink.lock() = Some(sink.clone());
+    // A session may have been followed between the snapshot above and the sink being
+    // published; subscribing twice is harmless.
+    let late: Vec<String> = followed(inner)
+        .into_iter()
+        .filter(|c| !channels.contains(c))
+        .collect();
+    if !late.is_empty() {
+        let _ = timeout(sink.subscribe(&late)).await;
+    }
+    Ok((sink, messages))
 }
 
 /// Renews the leases of generations running here, and ends those of lost instances.
