@@ -36,6 +36,36 @@ struct Ev {
     data: Value,
 }
 
+impl From<eventsource_stream::Event> for Ev {
+    fn from(e: eventsource_stream::Event) -> Self {
+        Self {
+            data: serde_json::from_str(&e.data).unwrap_or(Value::Null),
+            id: e.id,
+            event: e.event,
+        }
+    }
+}
+
+/// A callback for `read_until_final` that signals each token, and the signals.
+fn token_signal() -> (
+    impl FnMut(&Ev) + Send + 'static,
+    tokio::sync::mpsc::Receiver<()>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let seen = move |e: &Ev| {
+        if e.event == "token" {
+            let _ = tx.try_send(());
+        }
+    };
+    (seen, rx)
+}
+
+async fn wait_tokens(rx: &mut tokio::sync::mpsc::Receiver<()>, n: usize) {
+    for _ in 0..n {
+        rx.recv().await.unwrap();
+    }
+}
+
 struct Instance {
     port: u16,
     child: Option<Child>,
@@ -265,11 +295,7 @@ async fn read_until_final(
     let mut events = resp.bytes_stream().eventsource();
     let _ = tokio::time::timeout(within, async {
         while let Some(Ok(e)) = events.next().await {
-            let ev = Ev {
-                id: e.id.clone(),
-                event: e.event.clone(),
-                data: serde_json::from_str(&e.data).unwrap_or(Value::Null),
-            };
+            let ev = Ev::from(e);
             seen(&ev);
             let last = matches!(
                 ev.event.as_str(),
@@ -294,14 +320,7 @@ fn text_of(events: &[Ev]) -> String {
 }
 
 async fn messages(base: &str, session: &str) -> Vec<Value> {
-    let v: Value = client()
-        .get(format!("{base}/api/sessions/{session}/messages"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(&format!("{base}/api/sessions/{session}/messages")).await;
     v["data"].as_array().cloned().unwrap_or_default()
 }
 
@@ -379,22 +398,13 @@ async fn a_watcher_joining_mid_stream_elsewhere_gets_it_from_the_start() {
     .await;
     let c = Cluster::start(2, &mock, REDIS).await;
     let s = new_session(&c.url(0)).await;
-    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let (seen, mut tokens) = token_signal();
     let a = tokio::spawn({
         let url = c.url(0);
         let s = s.clone();
-        async move {
-            read_until_final(post_message(&url, &s, true).await, WAIT, move |e| {
-                if e.event == "token" {
-                    let _ = tx.try_send(());
-                }
-            })
-            .await
-        }
+        async move { read_until_final(post_message(&url, &s, true).await, WAIT, seen).await }
     });
-    for _ in 0..10 {
-        rx.recv().await.unwrap();
-    }
+    wait_tokens(&mut tokens, 10).await;
     let b = read_until_final(watch(&c.url(1), &s, None).await, WAIT, |_| {}).await;
     let a = a.await.unwrap();
     assert_eq!(text_of(&b), full_reply(60));
@@ -423,20 +433,14 @@ async fn watchers_elsewhere_get_interrupted_when_the_owner_is_killed() {
     .await;
     let c = Cluster::start(2, &mock, REDIS).await;
     let s = new_session(&c.url(0)).await;
-    let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+    let (seen, mut tokens) = token_signal();
     let b = tokio::spawn(read_until_final(
         watch(&c.url(1), &s, None).await,
         SLOW_WAIT,
-        move |e| {
-            if e.event == "token" {
-                let _ = tx.try_send(());
-            }
-        },
+        seen,
     ));
     post_message(&c.url(0), &s, false).await;
-    for _ in 0..5 {
-        rx.recv().await.unwrap();
-    }
+    wait_tokens(&mut tokens, 5).await;
     c.signal(0, "-KILL");
     let killed = Instant::now();
     let b = b.await.unwrap();
@@ -507,6 +511,22 @@ impl OwnRedis {
     }
 }
 
+/// Events from a watcher's channel up to and with `done`; each must come within `within`.
+async fn until_done(rx: &mut tokio::sync::mpsc::Receiver<Ev>, within: Duration) -> Vec<Ev> {
+    let mut out = Vec::new();
+    loop {
+        let e = tokio::time::timeout(within, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let end = e.event == "done";
+        out.push(e);
+        if end {
+            return out;
+        }
+    }
+}
+
 async fn numsub(url: &str, channel: &str) -> i64 {
     match redis_cmd(url, &["PUBSUB", "NUMSUB", channel]).await {
         redis::Value::Array(v) => match v.get(1) {
@@ -547,12 +567,7 @@ async fn after_a_redis_restart_instances_resubscribe_and_fan_out_again() {
             let resp = watch(&url, &s, None).await;
             let mut events = resp.bytes_stream().eventsource();
             while let Some(Ok(e)) = events.next().await {
-                let ev = Ev {
-                    id: e.id,
-                    event: e.event,
-                    data: serde_json::from_str(&e.data).unwrap_or(Value::Null),
-                };
-                if tx.send(ev).await.is_err() {
+                if tx.send(Ev::from(e)).await.is_err() {
                     break;
                 }
             }
@@ -605,33 +620,12 @@ async fn after_a_redis_restart_instances_resubscribe_and_fan_out_again() {
     c.wait_ready(1, SLOW_WAIT).await;
 
     // The generation that straddled the restart reaches B whole.
-    loop {
-        let e = tokio::time::timeout(SLOW_WAIT, rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        let end = e.event == "done";
-        first.push(e);
-        if end {
-            break;
-        }
-    }
+    first.extend(until_done(&mut rx, SLOW_WAIT).await);
     assert_eq!(text_of(&first), full_reply(120), "{first:?}");
 
     // A new generation fans out again, without restarting anything.
     post_message(&c.url(0), &s, false).await;
-    let mut second = Vec::new();
-    loop {
-        let e = tokio::time::timeout(WAIT, rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        let end = e.event == "done";
-        second.push(e);
-        if end {
-            break;
-        }
-    }
+    let second = until_done(&mut rx, WAIT).await;
     assert_eq!(second[0].event, "start");
     assert_eq!(text_of(&second), full_reply(120));
     watcher.abort();
@@ -721,15 +715,9 @@ async fn a_draining_instance_hands_its_clients_to_another_and_finishes_the_reply
 
     let watcher = watch(&front, &s, None).await;
     post_message(&front, &s, false).await;
-    let (tx, mut rx) = tokio::sync::mpsc::channel(256);
-    let first = tokio::spawn(read_until_final(watcher, WAIT, move |e| {
-        if e.event == "token" {
-            let _ = tx.try_send(());
-        }
-    }));
-    for _ in 0..10 {
-        rx.recv().await.unwrap();
-    }
+    let (seen, mut tokens) = token_signal();
+    let first = tokio::spawn(read_until_final(watcher, WAIT, seen));
+    wait_tokens(&mut tokens, 10).await;
     c.signal(owner, "-TERM");
     let mut seen = first.await.unwrap();
     assert_eq!(seen.last().unwrap().event, "reconnect", "{seen:?}");
@@ -894,11 +882,7 @@ async fn task_events(base: &str, id: &str) -> Vec<Ev> {
     tokio::time::timeout(SLOW_WAIT, async {
         while let Some(Ok(e)) = events.next().await {
             let end = matches!(e.event.as_str(), "succeeded" | "failed" | "cancelled");
-            out.push(Ev {
-                id: e.id,
-                event: e.event,
-                data: serde_json::from_str(&e.data).unwrap_or(Value::Null),
-            });
+            out.push(Ev::from(e));
             if end {
                 break;
             }
@@ -978,14 +962,7 @@ async fn a_task_running_on_another_instance_is_cancelled_from_this_one() {
     assert_eq!(events.last().unwrap().event, "cancelled");
     // The worker stops its upstream call, long before the reply's 30 s are up.
     wait_stats(&mock, WAIT, |s| s.active_streams == 0).await;
-    let v: Value = client()
-        .get(format!("{}/api/tasks/{long}", c.url(1)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(&format!("{}/api/tasks/{long}", c.url(1))).await;
     assert_eq!(v["status"], "cancelled");
 }
 
@@ -994,14 +971,7 @@ async fn mock_long(c: &Cluster) -> String {
     let id = new_task(&c.url(0)).await;
     let deadline = Instant::now() + WAIT;
     loop {
-        let v: Value = client()
-            .get(format!("{}/api/tasks/{id}", c.url(0)))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = get_json(&format!("{}/api/tasks/{id}", c.url(0))).await;
         if v["status"] == "running" && v["progress"]["tokens"].as_i64().unwrap_or(0) > 0 {
             return id;
         }

@@ -248,14 +248,7 @@ async fn json_logs_carry_request_ids_and_never_secrets() {
 async fn wait_reply(url: &str, session: &str, pred: impl Fn(&Value) -> bool) -> Value {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let v: Value = client()
-            .get(format!("{url}/api/sessions/{session}/messages"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = get_json(&format!("{url}/api/sessions/{session}/messages")).await;
         let last = v["data"]
             .as_array()
             .and_then(|m| m.iter().rev().find(|m| m["role"] == "assistant").cloned())

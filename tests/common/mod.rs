@@ -105,6 +105,18 @@ pub fn body(stream: bool, knobs: Value) -> Value {
     })
 }
 
+/// The JSON body of a GET.
+pub async fn get_json(url: &str) -> Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 pub async fn post(url: &str, body: &Value) -> reqwest::Response {
     client().post(url).json(body).send().await.unwrap()
 }
