@@ -168,7 +168,8 @@ pub struct Channel {
     pub session_id: String,
     /// Who may subscribe: the owner of the session.
     pub owner: String,
-    /// A copy of a generation running on another instance, fed by the cluster bus.
+    /// Fed from elsewhere: a copy of a generation running on another instance (by the
+    /// cluster bus), or a task followed through the store.
     pub remote: bool,
     /// First sequence number of the log: 0, or for a remote copy the oldest event the
     /// replay log still held when the copy was made.

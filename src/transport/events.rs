@@ -60,9 +60,7 @@ pub fn sse<F: EventFeed + 'static>(
                     // What is already in the log goes out first, so the client holds an
                     // id to resume from even when the stop came right after it connected.
                     while let Some(Ok(())) = feed.next_batch(&mut batch).now_or_never() {
-                        for e in batch.drain(..) {
-                            yield e.sse.clone();
-                        }
+                        yield joined(&mut batch);
                     }
                     yield RECONNECT;
                     return;
