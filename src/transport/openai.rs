@@ -179,6 +179,11 @@ const TOKEN_CLOSE: &[u8] = br#"},"finish_reason":null}]}"#;
 const MAX_BATCH_EVENTS: usize = 256;
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
+/// Events closer than this to the one before count as a burst, worth waiting a scheduler
+/// pass or two for the rest of (see `chunk_stream`). Models write tokens tens of ms apart.
+const BURST_GAP: Duration = Duration::from_millis(1);
+const BURST_YIELDS: u32 = 2;
+
 fn write_json(buf: &mut Vec<u8>, s: &str) {
     // Serialising a &str into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *buf, s);
@@ -271,10 +276,16 @@ pub fn chunk_stream(
         // process-wide stop token's waiter list twice per token, across every stream.
         let stopped = stop.cancelled();
         tokio::pin!(stopped);
+        let mut last_event = std::time::Instant::now();
         loop {
             tokio::select! {
                 biased;
                 ev = events.next() => {
+                    // Close on the heels of the one before: the upstream is bursting (or
+                    // sluice is catching up), so more is likely already read. See below.
+                    let now = std::time::Instant::now();
+                    let burst = now.duration_since(last_event) < BURST_GAP;
+                    last_event = now;
                     // This event and every one already waiting behind it (a burst that
                     // arrived in one read, or a backlog after a busy spell) leave as one
                     // frame: one write and one pass through the HTTP stack instead of one
@@ -284,6 +295,7 @@ pub fn chunk_stream(
                     let mut batched = 0;
                     let mut failed = None;
                     let mut ended = false;
+                    let mut yielded = 0u32;
                     loop {
                         match next {
                             Some(Ok(UpstreamEvent::Token(t))) => {
@@ -313,9 +325,32 @@ pub fn chunk_stream(
                         }
                         // One poll with this task's own waker: when nothing is ready, the
                         // wake-up for the next event is already registered.
-                        match std::future::poll_fn(|cx| Poll::Ready(events.poll_next_unpin(cx))).await {
-                            Poll::Ready(ev) => next = ev,
-                            Poll::Pending => break,
+                        let polled = loop {
+                            match std::future::poll_fn(|cx| Poll::Ready(events.poll_next_unpin(cx))).await {
+                                Poll::Ready(ev) => break Some(ev),
+                                Poll::Pending if burst && yielded < BURST_YIELDS => {
+                                    // hyper's HTTP/1 client hands a body over one chunk at a
+                                    // time through a one-slot channel filled by the
+                                    // connection's own task, so a burst that arrived in one
+                                    // read is never ready here at once: measured, every frame
+                                    // held one token, one write each. Stepping aside lets that
+                                    // task (woken by the take above) refill the slot, and what
+                                    // it finds joins this frame; two yields are what the
+                                    // refill takes. A frame costs a write through the whole
+                                    // TCP stack, a yield a task switch. Tokens that come
+                                    // apart (a model's usual pace) leave at once, unyielded.
+                                    tokio::task::yield_now().await;
+                                    yielded += 1;
+                                }
+                                Poll::Pending => break None,
+                            }
+                        };
+                        match polled {
+                            Some(ev) => {
+                                next = ev;
+                                yielded = 0;
+                            }
+                            None => break,
                         }
                     }
                     if !frame.is_empty() {
@@ -466,6 +501,35 @@ mod tests {
             .map(|b| std::str::from_utf8(b).unwrap().trim_end().to_owned())
             .collect();
         assert_eq!(got, want);
+    }
+
+    /// An upstream that hands its burst over one event at a time through a one-slot
+    /// channel filled by another task, as hyper's HTTP/1 client does with a body it has
+    /// already read in full.
+    #[tokio::test]
+    async fn a_burst_handed_over_one_event_at_a_time_still_leaves_in_few_frames() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let producer = tokio::spawn(async move {
+            for i in 0..100 {
+                if tx
+                    .send(Ok(UpstreamEvent::Token(format!("t{i} "))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let relay = Relay {
+            provider: "p".into(),
+            model: "m".into(),
+            events: Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx))),
+        };
+        let (frames, got) = body_events(relay, false).await;
+        producer.await.unwrap();
+        // Role, finish and [DONE] are frames of their own.
+        assert_eq!(got.len(), 103);
+        assert!(frames <= 3 + 10, "{frames} frames for 100 tokens");
     }
 
     #[tokio::test]
