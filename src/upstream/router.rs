@@ -434,8 +434,15 @@ struct Guarded {
     inner: EventStream,
     provider: Arc<str>,
     idle: Duration,
+    /// Fires at the first-token deadline, then at most `idle` after the last event. It is
+    /// not moved on every event: an event only notes its time, and the timer is pushed
+    /// back when it fires early. Re-arming a timer per token was a measurable share of a
+    /// token's cost.
     silence: Pin<Box<Sleep>>,
+    /// When the last event came, once one has.
+    last_event: Option<Instant>,
     total: Pin<Box<Sleep>>,
+    total_deadline: Instant,
     seen_token: bool,
     done: bool,
     observer: Option<Observer>,
@@ -498,7 +505,9 @@ impl Guarded {
             provider: provider.into(),
             idle,
             silence: Box::pin(tokio::time::sleep_until(first_deadline.min(total_deadline))),
+            last_event: None,
             total: Box::pin(tokio::time::sleep_until(total_deadline)),
+            total_deadline,
             seen_token: false,
             done: false,
             observer: None,
@@ -563,8 +572,13 @@ impl Stream for Guarded {
                         o.metrics.upstream_ttft(&this.provider, ttft);
                     }
                 }
-                let next = Instant::now() + self.idle;
-                self.silence.as_mut().reset(next);
+                let now = Instant::now();
+                if self.last_event.replace(now).is_none() {
+                    // From the first event on the idle limit applies, which may come
+                    // sooner than the first-token deadline the timer was set to.
+                    let due = (now + self.idle).min(self.total_deadline);
+                    self.silence.as_mut().reset(due);
+                }
                 Poll::Ready(Some(Ok(event)))
             }
             Poll::Ready(Some(Err(err))) => {
@@ -580,7 +594,15 @@ impl Stream for Guarded {
                 if self.total.as_mut().poll(cx).is_ready() {
                     return self.fail(TimeoutKind::Total);
                 }
-                if self.silence.as_mut().poll(cx).is_ready() {
+                while self.silence.as_mut().poll(cx).is_ready() {
+                    // Events came since the timer was set: it is due later than it fired.
+                    let due = self
+                        .last_event
+                        .map(|t| (t + self.idle).min(self.total_deadline));
+                    if let Some(due) = due.filter(|&d| d > self.silence.deadline()) {
+                        self.silence.as_mut().reset(due);
+                        continue;
+                    }
                     let kind = if self.seen_token {
                         TimeoutKind::Idle
                     } else {
@@ -655,5 +677,38 @@ mod tests {
             Some(Err(UpstreamError::Timeout { kind, .. })) => assert_eq!(kind, TimeoutKind::Idle),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// Tokens closer together than the idle limit keep the stream alive however long it
+    /// runs; the limit counts from the last one.
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_limit_counts_from_the_last_event() {
+        let inner: EventStream = Box::pin(
+            async_stream::stream! {
+                for i in 0..10 {
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    yield Ok(UpstreamEvent::Token(format!("t{i}")));
+                }
+            }
+            .chain(futures::stream::pending()),
+        );
+        let start = Instant::now();
+        let mut g = Guarded::new(
+            inner,
+            "p",
+            start + Duration::from_secs(5),
+            Duration::from_secs(1),
+            start + Duration::from_secs(60),
+        );
+        for _ in 0..10 {
+            assert!(matches!(g.next().await, Some(Ok(UpstreamEvent::Token(_)))));
+        }
+        let last = Instant::now();
+        assert_eq!(last - start, Duration::from_millis(6000));
+        match g.next().await {
+            Some(Err(UpstreamError::Timeout { kind, .. })) => assert_eq!(kind, TimeoutKind::Idle),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(Instant::now() - last, Duration::from_secs(1));
     }
 }
