@@ -43,8 +43,9 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Sessions and their generations.
     pub chat: Arc<ChatService>,
-    /// With auth off, requests without a key act as this user.
-    pub local_user: Option<String>,
+    /// With auth off, requests without a key act as this user. Shared: the state is cloned
+    /// for every request and middleware layer, and a `String` here was an allocation each.
+    pub local_user: Option<Arc<str>>,
     /// Signs WebSocket tokens.
     pub ws_secret: Arc<[u8]>,
     /// Prompt jobs and their workers.
@@ -99,7 +100,7 @@ impl AppState {
         let local_user = if config.auth_required() {
             None
         } else {
-            Some(store.ensure_user("local").await?.id)
+            Some(Arc::from(store.ensure_user("local").await?.id))
         };
         let lifecycle = Arc::new(Lifecycle::new());
         let hub = Arc::new(Hub::new(

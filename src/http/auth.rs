@@ -67,7 +67,7 @@ impl FromRequestParts<AppState> for Principal {
         }
         match &st.local_user {
             Some(user_id) => Ok(Principal {
-                user_id: user_id.clone(),
+                user_id: user_id.to_string(),
                 key_id: None,
                 is_admin: true,
             }),

@@ -440,7 +440,7 @@ mod tests {
             chat: st.chat.clone(),
             tasks: st.tasks.clone(),
             caller: Caller {
-                user_id: st.local_user.clone().unwrap(),
+                user_id: st.local_user.as_deref().unwrap().to_owned(),
                 key_id: None,
             },
             settings: WsSettings::default(),
