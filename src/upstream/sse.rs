@@ -32,6 +32,10 @@ pub fn client(opts: &ClientOptions) -> Result<reqwest::Client, reqwest::Error> {
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(4096)
+        // A chat completion is a POST with credentials: a redirect is a misconfigured base
+        // URL to report, not to follow. (The redirect layer was also a few percent of a
+        // request's cost.)
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")));
     if opts.http2_prior_knowledge {
         b = b
