@@ -5,7 +5,6 @@
 use std::cell::Cell;
 use std::hint::black_box;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -57,7 +56,7 @@ fn publish(c: &mut Criterion) {
             let hub = hub();
             let ch = hub.create(GENERATION, "session", "owner");
             let mut subs: Vec<_> = (0..n).map(|_| ch.subscribe(None)).collect();
-            let mut out: Vec<Arc<Event>> = Vec::with_capacity(64);
+            let mut out: Vec<Event> = Vec::with_capacity(64);
             b.iter(|| {
                 ch.publish(EventKind::Token, TOKEN);
                 for s in &mut subs {
@@ -80,7 +79,7 @@ fn publish(c: &mut Criterion) {
                 let mut sub = ch.subscribe(None);
                 let read = read.clone();
                 local.spawn_local(async move {
-                    let mut out: Vec<Arc<Event>> = Vec::with_capacity(64);
+                    let mut out: Vec<Event> = Vec::with_capacity(64);
                     while sub.next_batch(&mut out).await.is_ok() {
                         read.set(read.get() + out.len() as u64);
                         black_box(&out);

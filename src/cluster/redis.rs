@@ -306,7 +306,7 @@ async fn export(inner: Arc<Inner>, channel: Arc<Channel>) {
         .exporting
         .insert(gid.clone(), channel.session_id.clone());
     let mut sub = channel.subscribe(None);
-    let mut batch: Vec<Arc<Event>> = Vec::with_capacity(64);
+    let mut batch: Vec<Event> = Vec::with_capacity(64);
     let mut first = true;
     'batches: loop {
         match sub.next_batch(&mut batch).await {
@@ -373,12 +373,7 @@ impl Inner {
     /// One round trip: the events into the Stream, then published; the first batch also
     /// records the generation (meta, the session's latest, the lease). Later batches add
     /// to the Stream only if it exists (`NOMKSTREAM`): a missing one means Redis lost it.
-    async fn write(
-        &self,
-        ch: &Channel,
-        events: &[Arc<Event>],
-        first: bool,
-    ) -> Result<Written, String> {
+    async fn write(&self, ch: &Channel, events: &[Event], first: bool) -> Result<Written, String> {
         let gid = &ch.generation_id;
         let stream = self.key("gen", gid);
         let mut pipe = redis::pipe();
@@ -715,7 +710,7 @@ impl Inner {
 
 /// Splits a batch into published messages of at most about [`MAX_MESSAGE`] bytes; an
 /// event bigger than that goes as a reference to the Stream.
-fn messages(server_id: &str, ch: &Channel, events: &[Arc<Event>]) -> Vec<String> {
+fn messages(server_id: &str, ch: &Channel, events: &[Event]) -> Vec<String> {
     let wire = |e: Vec<(u64, String, String)>, upto: Option<u64>| Wire {
         g: ch.generation_id.clone(),
         s: ch.session_id.clone(),

@@ -86,8 +86,10 @@ impl EventKind {
     }
 }
 
-/// One event, encoded once at publish time for every subscriber.
-#[derive(Debug)]
+/// One event, encoded once at publish time for every subscriber. Held by value: a clone is
+/// a reference count on the frame (the log, every subscriber and every transport share its
+/// one buffer), so the event needs no `Arc` of its own.
+#[derive(Debug, Clone)]
 pub struct Event {
     pub seq: u64,
     pub kind: EventKind,
@@ -186,7 +188,7 @@ impl EventId {
 }
 
 struct Log {
-    events: VecDeque<Arc<Event>>,
+    events: VecDeque<Event>,
     /// Sequence number of `events[0]`; grows as old events are evicted.
     first_seq: u64,
     next_seq: u64,
@@ -259,13 +261,13 @@ impl Channel {
             }
             let seq = log.next_seq;
             log.next_seq += 1;
-            log.events.push_back(Arc::new(Event::encode_with(
+            log.events.push_back(Event::encode_with(
                 &self.generation_id,
                 seq,
                 kind,
                 data_len,
                 write,
-            )));
+            ));
             if log.events.len() > self.capacity {
                 log.events.pop_front();
                 log.first_seq += 1;
@@ -380,7 +382,7 @@ const BATCH: usize = 64;
 
 impl Subscription {
     /// The events available now, without waiting; false when there were none.
-    pub fn now_batch(&mut self, out: &mut Vec<Arc<Event>>) -> bool {
+    pub fn now_batch(&mut self, out: &mut Vec<Event>) -> bool {
         use futures::FutureExt;
         matches!(self.next_batch(out).now_or_never(), Some(Ok(())))
     }
@@ -391,7 +393,7 @@ impl Subscription {
 
     /// Waits for the next events and appends them to `out` (cleared first). Nothing is
     /// buffered per subscriber: the events stay in the channel's log until read.
-    pub async fn next_batch(&mut self, out: &mut Vec<Arc<Event>>) -> Result<(), End> {
+    pub async fn next_batch(&mut self, out: &mut Vec<Event>) -> Result<(), End> {
         out.clear();
         loop {
             // Mark the current version seen *before* reading the log, so a publish that
@@ -424,12 +426,12 @@ impl Subscription {
 pub trait EventFeed: Send {
     fn next_batch(
         &mut self,
-        out: &mut Vec<Arc<Event>>,
+        out: &mut Vec<Event>,
     ) -> impl std::future::Future<Output = Result<(), End>> + Send;
 }
 
 impl EventFeed for Subscription {
-    async fn next_batch(&mut self, out: &mut Vec<Arc<Event>>) -> Result<(), End> {
+    async fn next_batch(&mut self, out: &mut Vec<Event>) -> Result<(), End> {
         Subscription::next_batch(self, out).await
     }
 }
@@ -478,7 +480,7 @@ impl SessionFeed {
 }
 
 impl EventFeed for SessionFeed {
-    async fn next_batch(&mut self, out: &mut Vec<Arc<Event>>) -> Result<(), End> {
+    async fn next_batch(&mut self, out: &mut Vec<Event>) -> Result<(), End> {
         loop {
             if let Some(sub) = &mut self.current {
                 match sub.next_batch(out).await {
@@ -675,7 +677,7 @@ impl Hub {
 mod tests {
     use super::*;
 
-    fn text_of(events: &[Arc<Event>]) -> Vec<u64> {
+    fn text_of(events: &[Event]) -> Vec<u64> {
         events.iter().map(|e| e.seq).collect()
     }
 

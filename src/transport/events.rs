@@ -2,7 +2,6 @@
 //! comments while nothing happens, and `error {code:"lagged"}` for a subscriber that fell
 //! behind the replay log — it can resume from its last id.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,9 +25,9 @@ const RECONNECT: Bytes = Bytes::from_static(
 );
 
 /// The frames of a batch as one buffer: a lone event as it is, with no copy.
-fn joined(batch: &mut Vec<Arc<Event>>) -> Bytes {
+fn joined(batch: &mut Vec<Event>) -> Bytes {
     if batch.len() == 1 {
-        return batch.pop().map(|e| e.sse.clone()).unwrap_or_default();
+        return batch.pop().map(|e| e.sse).unwrap_or_default();
     }
     let mut buf = Vec::with_capacity(batch.iter().map(|e| e.sse.len()).sum());
     for e in batch.drain(..) {
@@ -48,7 +47,7 @@ pub fn sse<F: EventFeed + 'static>(
         yield RETRY;
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut batch: Vec<Arc<Event>> = Vec::with_capacity(64);
+        let mut batch: Vec<Event> = Vec::with_capacity(64);
         // Made once: a `cancelled()` per batch would take and release the lock of the
         // process-wide token's waiter list twice per event, for every subscriber.
         let stopped = stop.cancelled();
