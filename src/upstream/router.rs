@@ -460,6 +460,9 @@ struct Observer {
     ttft: Option<Duration>,
     tokens: u64,
     outcome: &'static str,
+    /// The request's span: a stream dropped by hyper when its client goes away is dropped
+    /// outside it, and its line must still name the request.
+    span: tracing::Span,
     _open: StreamGuard,
 }
 
@@ -467,14 +470,17 @@ impl Drop for Guarded {
     fn drop(&mut self) {
         if let Some(o) = &self.observer {
             let outcome = if self.done { o.outcome } else { "cancelled" };
-            tracing::info!(
-                provider = %self.provider,
-                model = %o.model,
-                ttft_ms = o.ttft.map(|t| t.as_millis() as u64),
-                tokens = o.tokens,
-                outcome,
-                "upstream call"
-            );
+            o.span.in_scope(|| {
+                tracing::info!(
+                    provider = %self.provider,
+                    model = %o.model,
+                    ttft_ms = o.ttft.map(|t| t.as_millis() as u64),
+                    tokens = o.tokens,
+                    duration_ms = o.started.elapsed().as_millis() as u64,
+                    outcome,
+                    "upstream call"
+                )
+            });
         }
     }
 }
@@ -488,6 +494,7 @@ impl Guarded {
             ttft: None,
             tokens: 0,
             outcome: "complete",
+            span: tracing::Span::current(),
             _open: metrics.upstream_stream(),
         });
         self
