@@ -40,9 +40,9 @@ async fn chat_completions(
         _ => None,
     };
     chat.extra.remove("cache");
-    // Without the cache, the relay is this request's own upstream call, which logs the
-    // request's line when it ends; a cache hit or a shared flight logs no such line here.
-    let logs_at_end = st.cache.is_none() || cache_key.is_none();
+    // Uncached, the relay is this request's own upstream call, which logs the request's
+    // line when it ends; a cache hit or a shared flight logs no such line here.
+    let logs_at_end = cache_key.is_none();
     let relay = match (&st.cache, &cache_key) {
         (Some(c), Some(k)) => match c.get(k).await {
             Some(hit) => {
@@ -72,7 +72,7 @@ async fn chat_completions(
             .unwrap_or_default(),
         model: chat.model,
     };
-    if opts.stream {
+    let mut response = if opts.stream {
         let events = openai::chunk_stream(
             relay,
             meta,
@@ -81,28 +81,22 @@ async fn chat_completions(
             st.lifecycle.stop_token(),
         );
         // The stream holds its place until the client or the upstream ends it.
-        let response = super::sse_response(
+        super::sse_response(
             &st,
             futures::StreamExt::map(events, move |b| {
                 let _ = &permit;
                 b
             }),
-        );
-        Ok(mark(response, logs_at_end))
+        )
     } else {
         let completion = relay.collect().await?;
         drop(permit);
-        let response = Json(openai::completion_json(&meta, &completion)).into_response();
-        Ok(mark(response, logs_at_end))
-    }
-}
-
-/// See [`LogsAtEnd`].
-fn mark(mut response: Response, logs_at_end: bool) -> Response {
+        Json(openai::completion_json(&meta, &completion)).into_response()
+    };
     if logs_at_end {
         response.extensions_mut().insert(LogsAtEnd);
     }
-    response
+    Ok(response)
 }
 
 async fn models(State(st): State<AppState>, _who: Principal) -> Json<serde_json::Value> {
