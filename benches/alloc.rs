@@ -169,6 +169,7 @@ async fn drain(resp: reqwest::Response) -> usize {
 }
 
 fn whole(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, f64)> {
+    sluice::upstream::sse::install_crypto_provider();
     let client = reqwest::Client::new();
     let (short, long) = rt.block_on(async { (pair(SHORT).await, pair(LONG).await) });
     let at = |n: usize| if n == SHORT { &short } else { &long };
@@ -232,6 +233,7 @@ const HELD: usize = 200;
 /// `HELD`. Through sluice minus direct is what sluice holds per stream: its client
 /// connection, its upstream connection and the relay between them.
 fn held(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, f64)> {
+    sluice::upstream::sse::install_crypto_provider();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()

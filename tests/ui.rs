@@ -1054,8 +1054,8 @@ impl Driver {
         }
         let mut caps = serde_json::Map::new();
         caps.insert("goog:chromeOptions".into(), options);
-        ClientBuilder::rustls()
-            .expect("TLS setup for the WebDriver client")
+        // chromedriver listens on plain HTTP on loopback: no TLS.
+        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
             .capabilities(caps)
             .connect(&self.url)
             .await

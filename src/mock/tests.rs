@@ -16,6 +16,7 @@ const WAIT: Duration = Duration::from_secs(10);
 const SILENCE: Duration = Duration::from_millis(300);
 
 fn client() -> reqwest::Client {
+    crate::upstream::sse::install_crypto_provider();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -711,6 +712,7 @@ async fn concurrent_streams_are_all_counted() {
 #[tokio::test]
 async fn h2c_prior_knowledge() {
     let server = mock().await;
+    crate::upstream::sse::install_crypto_provider();
     let http = reqwest::Client::builder()
         .http2_prior_knowledge()
         .build()

@@ -26,7 +26,16 @@ pub struct ClientOptions {
     pub http2_prior_knowledge: bool,
 }
 
+/// Makes ring the process's rustls crypto provider unless one is installed already. reqwest
+/// is built without a provider of its own (see Cargo.toml) and panics building a client
+/// without one, so everything that builds a `reqwest::Client` calls this first.
+pub fn install_crypto_provider() {
+    // An error means a provider is installed already, which is all that is needed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub fn client(opts: &ClientOptions) -> Result<reqwest::Client, reqwest::Error> {
+    install_crypto_provider();
     let mut b = reqwest::Client::builder()
         .connect_timeout(opts.connect_timeout)
         .tcp_nodelay(true)
@@ -501,6 +510,21 @@ mod tests {
             }
         }
         out
+    }
+
+    /// reqwest has no crypto provider of its own here; `client` must install ring first.
+    /// (Run alone, as `cargo test client_brings_its_tls_provider`, so that no other test has
+    /// installed it.)
+    #[test]
+    fn client_brings_its_tls_provider() {
+        for h2c in [false, true] {
+            let opts = ClientOptions {
+                connect_timeout: Duration::from_secs(1),
+                http2_prior_knowledge: h2c,
+            };
+            assert!(client(&opts).is_ok());
+        }
+        assert!(rustls::crypto::CryptoProvider::get_default().is_some());
     }
 
     #[test]

@@ -91,6 +91,7 @@ pub async fn mock_and_server() -> (MockServer, TestServer) {
 }
 
 pub fn client() -> reqwest::Client {
+    sluice::upstream::sse::install_crypto_provider();
     reqwest::Client::builder().build().unwrap()
 }
 
