@@ -6,7 +6,7 @@
 # same run. sluice is pinned to one core; the mock and the load client (`sluice bench`)
 # share another, so sluice's core does nothing but relay.
 #
-#   scripts/bench.sh                      # every default scenario, about 4 minutes after the build
+#   scripts/bench.sh                      # every default scenario, about 3 minutes after the build
 #   HOLD_STREAMS=2000 scripts/bench.sh    # settings below, from the environment
 #   SCENARIOS=fanout-cluster scripts/bench.sh   # 3 instances sharing Redis and PostgreSQL
 #   PROFILE=1 SCENARIOS=throughput scripts/bench.sh   # perf profiles of sluice as well
