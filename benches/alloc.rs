@@ -21,10 +21,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Value, json};
+use sluice::chat::ChunkEncoder;
 use sluice::config::{Config, ProviderConfig};
 use sluice::hub::{EventKind, Hub};
 use sluice::mock::{MockConfig, token_text};
-use sluice::transport::openai::ChunkEncoder;
 use sluice::upstream::openai;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use tokio_util::sync::CancellationToken;
@@ -59,8 +59,8 @@ fn per_token(mut f: impl FnMut(usize)) -> f64 {
 /// An OpenAI stream of `tokens` tokens, one network read per event.
 fn upstream_body(tokens: usize) -> Vec<Bytes> {
     let enc = ChunkEncoder::new("chatcmpl-bench", 1, "m");
-    let mut out = vec![enc.role()];
-    out.extend((0..tokens).map(|i| enc.token(&token_text(i))));
+    let mut out = vec![enc.role().frame().clone()];
+    out.extend((0..tokens).map(|i| enc.content(&token_text(i)).frame().clone()));
     out.push(Bytes::from_static(b"data: [DONE]\n\n"));
     out
 }
@@ -97,7 +97,7 @@ fn pieces(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, f64)> {
         "chat.completion.chunk encode (/v1)",
         per_token(|n| {
             for w in &words[..n] {
-                std::hint::black_box(enc.token(w));
+                std::hint::black_box(enc.content(w));
             }
         }),
     ));

@@ -7,17 +7,17 @@ use std::hint::black_box;
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::StreamExt;
+use sluice::chat::ChunkEncoder;
 use sluice::mock::token_text;
-use sluice::transport::openai::ChunkEncoder;
 use sluice::upstream::{openai, sse};
 
 /// A 64-token OpenAI stream as an upstream sends it, cut into network-sized pieces.
 fn upstream_body(tokens: usize, piece: usize) -> Vec<Bytes> {
     let enc = ChunkEncoder::new("chatcmpl-bench", 1, "m");
     let mut raw = Vec::new();
-    raw.extend_from_slice(&enc.role());
+    raw.extend_from_slice(enc.role().frame());
     for i in 0..tokens {
-        raw.extend_from_slice(&enc.token(&token_text(i)));
+        raw.extend_from_slice(enc.content(&token_text(i)).frame());
     }
     raw.extend_from_slice(b"data: [DONE]\n\n");
     raw.chunks(piece).map(Bytes::copy_from_slice).collect()
@@ -79,7 +79,7 @@ fn encode(c: &mut Criterion) {
     let mut g = c.benchmark_group("encode");
     g.throughput(Throughput::Elements(1));
     g.bench_function("openai_chunk", |b| {
-        b.iter(|| black_box(enc.token(black_box(" token"))))
+        b.iter(|| black_box(enc.content(black_box(" token"))))
     });
     g.finish();
 }

@@ -12,14 +12,12 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::chat::{ChatRequest, Usage};
+use crate::chat::{ChatRequest, Chunk};
 
-/// A whole reply, replayed token by token on a hit.
+/// A whole reply, replayed chunk by chunk on a hit: exactly what the live reply streamed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CachedReply {
-    pub tokens: Vec<String>,
-    pub finish_reason: String,
-    pub usage: Option<Usage>,
+    pub chunks: Vec<Chunk>,
 }
 
 #[async_trait]
@@ -48,8 +46,12 @@ pub fn key(req: &ChatRequest) -> String {
     h.update([0]);
     h.update(serde_json::to_vec(&req.params).unwrap_or_default());
     h.update([0]);
+    // Everything else in the body (tools, tool_choice, response_format, seed, n, logprobs…)
+    // can change the answer; how it is delivered cannot.
     let mut extra = req.extra.clone();
-    extra.remove("cache");
+    for delivery in ["cache", "stream", "stream_options"] {
+        extra.remove(delivery);
+    }
     h.update(serde_json::to_vec(&extra).unwrap_or_default());
     format!("{}:{}", req.model, hex::encode(h.finalize()))
 }
@@ -127,5 +129,34 @@ mod tests {
         assert!(key(&req(None)).starts_with("m:"));
         // The opt-in flag itself does not change the key.
         assert_eq!(key(&forced), key(&req(None)));
+        // Every option that can change the answer does; how it is delivered does not.
+        let base = key(&req(Some(0.0)));
+        for (field, value) in [
+            (
+                "tools",
+                serde_json::json!([{"type": "function", "function": {"name": "f"}}]),
+            ),
+            ("tool_choice", serde_json::json!("required")),
+            (
+                "response_format",
+                serde_json::json!({"type": "json_object"}),
+            ),
+            ("seed", serde_json::json!(7)),
+            ("n", serde_json::json!(2)),
+            ("logprobs", serde_json::json!(true)),
+            ("top_logprobs", serde_json::json!(2)),
+            ("reasoning_effort", serde_json::json!("high")),
+        ] {
+            let mut r = req(Some(0.0));
+            r.extra.insert(field.into(), value);
+            assert_ne!(key(&r), base, "{field}");
+        }
+        let mut r = req(Some(0.0));
+        r.extra.insert("stream".into(), serde_json::json!(true));
+        r.extra.insert(
+            "stream_options".into(),
+            serde_json::json!({"include_usage": true}),
+        );
+        assert_eq!(key(&r), base);
     }
 }

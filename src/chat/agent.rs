@@ -105,7 +105,7 @@ pub async fn build_request(
             .iter()
             .rev()
             .find(|m| m.role == Role::User)
-            .map(|m| m.content.text())
+            .map(|m| m.text())
             .unwrap_or_default();
         if !query.trim().is_empty() {
             let hits = store.search_knowledge(&query, KNOWLEDGE_HITS).await?;

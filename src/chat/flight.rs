@@ -12,7 +12,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{FinishReason, UpstreamEvent, Usage};
+use super::Chunk;
+use super::chunk::Payload;
 use crate::hub::{Channel, End, EventKind, Hub};
 use crate::upstream::{Relay, UpstreamError};
 
@@ -30,16 +31,6 @@ pub struct Flights {
     /// The pumps from upstream into the channels.
     tasks: TaskTracker,
     stop: CancellationToken,
-}
-
-#[derive(Deserialize)]
-struct TokenData {
-    text: String,
-}
-
-#[derive(Deserialize)]
-struct DoneData {
-    finish_reason: String,
 }
 
 #[derive(Deserialize)]
@@ -148,17 +139,9 @@ async fn pump(relay: Relay, ch: &Channel, stop: CancellationToken) {
             ev = events.next() => ev,
         };
         match ev {
-            Some(Ok(UpstreamEvent::Token(t))) => {
-                ch.publish_json(EventKind::Token, &serde_json::json!({ "text": t }));
-            }
-            Some(Ok(UpstreamEvent::Usage(u))) => {
-                ch.publish_json(EventKind::Usage, &u);
-            }
-            Some(Ok(UpstreamEvent::Finish(r))) => {
-                ch.publish_json(
-                    EventKind::Progress,
-                    &serde_json::json!({ "finish_reason": r.as_str() }),
-                );
+            // Each chunk as it came, so every follower replays exactly what the leader got.
+            Some(Ok(chunk)) => {
+                ch.publish(EventKind::Token, chunk.payload());
             }
             Some(Err(e)) => {
                 ch.publish_json(
@@ -190,18 +173,8 @@ fn follow(flight: &Flight) -> Relay {
                         let data = e.data();
                         match e.kind {
                             EventKind::Token => {
-                                if let Ok(t) = serde_json::from_slice::<TokenData>(&data) {
-                                    yield Ok(UpstreamEvent::Token(t.text));
-                                }
-                            }
-                            EventKind::Usage => {
-                                if let Ok(u) = serde_json::from_slice::<Usage>(&data) {
-                                    yield Ok(UpstreamEvent::Usage(u));
-                                }
-                            }
-                            EventKind::Progress => {
-                                if let Ok(d) = serde_json::from_slice::<DoneData>(&data) {
-                                    yield Ok(UpstreamEvent::Finish(FinishReason::parse(&d.finish_reason)));
+                                if let Ok(Payload::Chunk(c)) = Chunk::parse(&data) {
+                                    yield Ok(c);
                                 }
                             }
                             EventKind::Error => {

@@ -5,6 +5,7 @@
 //! from these types, which keeps one relay path for all of them.
 
 pub mod agent;
+pub mod chunk;
 pub mod flight;
 pub mod service;
 
@@ -21,19 +22,106 @@ pub trait TokenMeter: Send + Sync {
 pub const METER_EVERY: u64 = 16;
 use serde_json::{Map, Value};
 
-/// One message of a conversation.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// One message of a conversation, kept as the client sent it: OpenAI-compatible upstreams
+/// receive every field unchanged (`tool_calls`, `tool_call_id`, `name`, content parts,
+/// `audio`, fields sluice does not know). sluice itself reads the role and the text, and
+/// providers with another format read the rest through [`Message::get`].
+#[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     pub role: Role,
-    pub content: Content,
+    fields: Map<String, Value>,
 }
 
 impl Message {
     pub fn new(role: Role, text: impl Into<String>) -> Self {
-        Self {
-            role,
-            content: Content::Text(text.into()),
+        let mut fields = Map::new();
+        fields.insert("role".into(), role.as_str().into());
+        fields.insert("content".into(), Value::String(text.into()));
+        Self { role, fields }
+    }
+
+    /// The message's text: `content` itself, or the `text` of every text part joined.
+    pub fn text(&self) -> String {
+        match self.fields.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(""),
+            _ => String::new(),
         }
+    }
+
+    /// Any field of the message as sent (`content`, `tool_calls`, `tool_call_id`, `name`…).
+    pub fn get(&self, field: &str) -> Option<&Value> {
+        self.fields.get(field).filter(|v| !v.is_null())
+    }
+
+    /// Checks what sluice relies on: a known role, and fields of the right JSON type where
+    /// they are present. Everything else is the upstream's to judge.
+    fn from_fields(fields: Map<String, Value>) -> Result<Self, String> {
+        let role = match fields.get("role") {
+            Some(Value::String(r)) => Role::parse(r).ok_or_else(|| {
+                format!(
+                    "role: '{r}' is not one of system, developer, user, assistant, tool, function"
+                )
+            })?,
+            Some(_) => return Err("role: must be a string".into()),
+            None => return Err("role: missing".into()),
+        };
+        match fields.get("content") {
+            None | Some(Value::Null | Value::String(_)) => {}
+            Some(Value::Array(parts)) => {
+                if let Some(i) = parts.iter().position(|p| !p.is_object()) {
+                    return Err(format!("content[{i}]: a content part must be an object"));
+                }
+            }
+            Some(_) => {
+                return Err("content: must be a string, an array of content parts or null".into());
+            }
+        }
+        for (field, ok) in [
+            (
+                "tool_calls",
+                fields
+                    .get("tool_calls")
+                    .is_none_or(|v| v.is_array() || v.is_null()),
+            ),
+            (
+                "tool_call_id",
+                fields.get("tool_call_id").is_none_or(Value::is_string),
+            ),
+            (
+                "name",
+                fields
+                    .get("name")
+                    .is_none_or(|v| v.is_string() || v.is_null()),
+            ),
+        ] {
+            if !ok {
+                let kind = if field == "tool_calls" {
+                    "an array"
+                } else {
+                    "a string"
+                };
+                return Err(format!("{field}: must be {kind}"));
+            }
+        }
+        Ok(Self { role, fields })
+    }
+}
+
+impl Serialize for Message {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.fields.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Message {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let fields = Map::<String, Value>::deserialize(d)?;
+        Self::from_fields(fields).map_err(serde::de::Error::custom)
     }
 }
 
@@ -41,34 +129,37 @@ impl Message {
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
-    /// OpenAI's newer name for a system message; kept so requests round-trip unchanged.
+    /// OpenAI's newer name for a system message.
     Developer,
     User,
     Assistant,
     Tool,
+    /// The legacy role of a function's result (before `tool`).
+    Function,
 }
 
-/// OpenAI accepts a plain string or an array of typed parts. Parts are kept as JSON so an
-/// OpenAI-compatible upstream receives them unchanged (images included); providers that
-/// only take text use [`Content::text`].
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum Content {
-    Text(String),
-    Parts(Vec<Value>),
-}
-
-impl Content {
-    /// The text of the message: the string itself, or the `text` of every text part joined.
-    pub fn text(&self) -> String {
+impl Role {
+    pub fn as_str(self) -> &'static str {
         match self {
-            Content::Text(s) => s.clone(),
-            Content::Parts(parts) => parts
-                .iter()
-                .filter_map(|p| p.get("text").and_then(Value::as_str))
-                .collect::<Vec<_>>()
-                .join(""),
+            Role::System => "system",
+            Role::Developer => "developer",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+            Role::Function => "function",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "system" => Role::System,
+            "developer" => Role::Developer,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            "tool" => Role::Tool,
+            "function" => Role::Function,
+            _ => return None,
+        })
     }
 }
 
@@ -118,6 +209,12 @@ impl Stop {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Of the completion tokens, those spent reasoning (`completion_tokens_details`).
+    #[serde(default)]
+    pub reasoning_tokens: u32,
+    /// Of the prompt tokens, those served from the provider's prompt cache.
+    #[serde(default)]
+    pub cached_tokens: u32,
 }
 
 impl Usage {
@@ -160,12 +257,4 @@ impl FinishReason {
     }
 }
 
-/// What an upstream produces while generating. Providers translate their wire events to
-/// these; everything downstream of the provider sees only this.
-#[derive(Debug, Clone, PartialEq)]
-pub enum UpstreamEvent {
-    /// A piece of the reply text. Never empty: providers drop empty deltas.
-    Token(String),
-    Usage(Usage),
-    Finish(FinishReason),
-}
+pub use chunk::{Chunk, ChunkEncoder};

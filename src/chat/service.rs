@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::agent::{DEFAULT_AGENT, build_request};
-use super::{ChatRequest, FinishReason, Message, Role, UpstreamEvent, Usage};
+use super::{ChatRequest, FinishReason, Message, Role, Usage};
 use crate::cluster::Bus;
 use crate::guard::streams::{Limit, StreamLimits, StreamPermit};
 use crate::hub::{Channel, EventId, EventKind, Hub, SessionFeed};
@@ -654,17 +654,25 @@ impl GenerationDeps {
                     }
                 }
                 ev = events.next() => match ev {
-                    Some(Ok(UpstreamEvent::Token(t))) => {
-                        g.channel.publish_json(EventKind::Token, &TokenData { text: &t });
-                        out.text.push_str(&t);
-                        unmetered += 1;
-                        if let Some((m, k)) = meter.as_ref().filter(|_| unmetered >= super::METER_EVERY) {
-                            m.add_tokens(k, unmetered).await;
-                            unmetered = 0;
+                    Some(Ok(chunk)) => {
+                        if let Some(t) = chunk.content() {
+                            g.channel.publish_json(EventKind::Token, &TokenData { text: t });
+                            out.text.push_str(t);
+                        }
+                        if chunk.is_token() {
+                            unmetered += 1;
+                            if let Some((m, k)) = meter.as_ref().filter(|_| unmetered >= super::METER_EVERY) {
+                                m.add_tokens(k, unmetered).await;
+                                unmetered = 0;
+                            }
+                        }
+                        if let Some(u) = chunk.usage() {
+                            out.usage = Some(u);
+                        }
+                        if let Some(r) = chunk.finish() {
+                            finish = r.clone();
                         }
                     }
-                    Some(Ok(UpstreamEvent::Usage(u))) => out.usage = Some(u),
-                    Some(Ok(UpstreamEvent::Finish(r))) => finish = r,
                     Some(Err(e)) => {
                         out.ending = Ending::Failed(e);
                         return out;

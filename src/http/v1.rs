@@ -12,7 +12,6 @@ use super::auth::Principal;
 use super::extract::ApiJson;
 use crate::app::{AppState, LogsAtEnd};
 use crate::cache::{self, CachedReply, ResponseCache};
-use crate::chat::{FinishReason, UpstreamEvent};
 use crate::error::ApiError;
 use crate::transport::openai::{self, CompletionRequest, ResponseMeta};
 use crate::upstream::Relay;
@@ -91,7 +90,7 @@ async fn chat_completions(
     } else {
         let completion = relay.collect().await?;
         drop(permit);
-        Json(openai::completion_json(&meta, &completion)).into_response()
+        Json(openai::completion_json(&meta, completion)).into_response()
     };
     if logs_at_end {
         response.extensions_mut().insert(LogsAtEnd);
@@ -111,21 +110,10 @@ async fn models(State(st): State<AppState>, _who: Principal) -> Json<serde_json:
 
 /// A cached reply as a stream, so a hit is served exactly like a live reply.
 fn replay(model: &str, hit: CachedReply) -> Relay {
-    let mut events: Vec<Result<UpstreamEvent, crate::upstream::UpstreamError>> = hit
-        .tokens
-        .into_iter()
-        .map(|t| Ok(UpstreamEvent::Token(t)))
-        .collect();
-    events.push(Ok(UpstreamEvent::Finish(FinishReason::parse(
-        &hit.finish_reason,
-    ))));
-    if let Some(u) = hit.usage {
-        events.push(Ok(UpstreamEvent::Usage(u)));
-    }
     Relay {
         provider: "cache".into(),
         model: model.to_owned(),
-        events: Box::pin(futures::stream::iter(events)),
+        events: Box::pin(futures::stream::iter(hit.chunks.into_iter().map(Ok))),
     }
 }
 
@@ -138,12 +126,10 @@ fn record(relay: Relay, cache: std::sync::Arc<dyn ResponseCache>, key: String) -
     } = relay;
     let events = Box::pin(async_stream::stream! {
         let mut events = events;
-        let mut reply = CachedReply { tokens: Vec::new(), finish_reason: "stop".into(), usage: None };
+        let mut reply = CachedReply { chunks: Vec::new() };
         while let Some(ev) = futures::StreamExt::next(&mut events).await {
             match &ev {
-                Ok(UpstreamEvent::Token(t)) => reply.tokens.push(t.clone()),
-                Ok(UpstreamEvent::Finish(r)) => reply.finish_reason = r.as_str().to_owned(),
-                Ok(UpstreamEvent::Usage(u)) => reply.usage = Some(*u),
+                Ok(chunk) => reply.chunks.push(chunk.clone()),
                 // A failed reply is not cached.
                 Err(_) => {
                     yield ev;
@@ -176,7 +162,7 @@ fn metered(
         let mut events = events;
         let mut unmetered = 0u64;
         while let Some(ev) = futures::StreamExt::next(&mut events).await {
-            if let Ok(UpstreamEvent::Token(_)) = &ev {
+            if ev.as_ref().is_ok_and(|c| c.is_token()) {
                 unmetered += 1;
                 if unmetered >= crate::chat::METER_EVERY {
                     meter.add_tokens(&key_id, unmetered).await;

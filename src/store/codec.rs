@@ -3,26 +3,13 @@
 use super::{StoreError, TaskStatus};
 use crate::chat::Role;
 
-/// The same spelling as the API's JSON (`serde(rename_all = "lowercase")`).
+/// The same spelling as the API's JSON.
 pub(super) fn role_str(role: Role) -> &'static str {
-    match role {
-        Role::System => "system",
-        Role::Developer => "developer",
-        Role::User => "user",
-        Role::Assistant => "assistant",
-        Role::Tool => "tool",
-    }
+    role.as_str()
 }
 
 pub(super) fn parse_role(s: &str) -> Option<Role> {
-    Some(match s {
-        "system" => Role::System,
-        "developer" => Role::Developer,
-        "user" => Role::User,
-        "assistant" => Role::Assistant,
-        "tool" => Role::Tool,
-        _ => return None,
-    })
+    Role::parse(s)
 }
 
 /// A value the database holds but this build cannot read: a newer schema, or a hand edit.
@@ -159,6 +146,7 @@ mod tests {
             Role::User,
             Role::Assistant,
             Role::Tool,
+            Role::Function,
         ] {
             let json = serde_json::to_value(role).unwrap();
             assert_eq!(json.as_str(), Some(role_str(role)));

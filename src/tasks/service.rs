@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use super::{Delivery, QueueError, TaskQueue};
 use crate::chat::agent::{DEFAULT_AGENT, build_request, render};
 use crate::chat::service::{Caller, ChatError};
-use crate::chat::{Message, Role, UpstreamEvent};
+use crate::chat::{Message, Role};
 use crate::hub::{Channel, EventId, EventKind, Hub, Subscription};
 use crate::store::{Agent, Store, StoreError, Task, TaskStatus, new_id, now_millis};
 use crate::upstream::Upstreams;
@@ -507,16 +507,16 @@ impl TaskService {
         let mut text = String::new();
         let mut tokens = 0i64;
         while let Some(ev) = events.next().await {
-            match ev.map_err(|e| e.to_string())? {
-                UpstreamEvent::Token(t) => {
-                    text.push_str(&t);
-                    tokens += 1;
-                    if tokens % PROGRESS_EVERY == 0 {
-                        channel.publish_json(EventKind::Progress, &json!({ "tokens": tokens }));
-                        self.store.set_task_progress(&task.id, tokens).await.ok();
-                    }
+            let chunk = ev.map_err(|e| e.to_string())?;
+            if let Some(t) = chunk.content() {
+                text.push_str(t);
+            }
+            if chunk.is_token() {
+                tokens += 1;
+                if tokens % PROGRESS_EVERY == 0 {
+                    channel.publish_json(EventKind::Progress, &json!({ "tokens": tokens }));
+                    self.store.set_task_progress(&task.id, tokens).await.ok();
                 }
-                UpstreamEvent::Usage(_) | UpstreamEvent::Finish(_) => {}
             }
         }
         channel.publish_json(EventKind::Progress, &json!({ "tokens": tokens }));

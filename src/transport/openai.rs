@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::sse::{PING, data_event};
-use crate::chat::{ChatRequest, FinishReason, GenParams, Message, UpstreamEvent, Usage};
+use crate::chat::{ChatRequest, ChunkEncoder, FinishReason, GenParams, Message};
 use crate::error::ErrorBody;
 use crate::upstream::{Completion, Relay, UpstreamError};
 
@@ -22,22 +22,11 @@ pub struct CompletionRequest {
     pub messages: Vec<Message>,
     #[serde(default)]
     pub stream: bool,
-    #[serde(default)]
-    pub stream_options: Option<StreamOptions>,
-    /// Only 1 is supported: one reply per request keeps the relay a single stream.
-    #[serde(default)]
-    pub n: Option<u32>,
     #[serde(flatten)]
     pub params: GenParams,
     /// Everything else is forwarded to OpenAI-compatible upstreams untouched.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct StreamOptions {
-    #[serde(default)]
-    pub include_usage: bool,
 }
 
 /// What the response needs besides the generation itself.
@@ -56,10 +45,14 @@ impl CompletionRequest {
         if self.messages.is_empty() {
             return Err("messages: must contain at least one message".into());
         }
-        if let Some(n) = self.n {
-            if n != 1 {
-                return Err("n: only 1 is supported".into());
-            }
+        match self.extra.get("n") {
+            None | Some(Value::Null) => {}
+            Some(n) if n.as_u64().is_some_and(|n| n >= 1) => {}
+            Some(_) => return Err("n: must be a positive integer".into()),
+        }
+        match self.extra.get("stream_options") {
+            None | Some(Value::Null | Value::Object(_)) => {}
+            Some(_) => return Err("stream_options: must be an object".into()),
         }
         if let Some(t) = self.params.temperature {
             if !(0.0..=2.0).contains(&t) {
@@ -73,7 +66,12 @@ impl CompletionRequest {
         }
         let opts = ResponseOptions {
             stream: self.stream,
-            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+            include_usage: self
+                .extra
+                .get("stream_options")
+                .and_then(|o| o.get("include_usage"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
         };
         Ok((
             ChatRequest {
@@ -87,93 +85,6 @@ impl CompletionRequest {
     }
 }
 
-/// Encodes `chat.completion.chunk` events. The part of every chunk before the delta is
-/// rendered once, so a token costs one JSON string escape and one buffer.
-pub struct ChunkEncoder {
-    head: Vec<u8>,
-}
-
-impl ChunkEncoder {
-    pub fn new(id: &str, created: u64, model: &str) -> Self {
-        let mut head = Vec::with_capacity(128);
-        head.extend_from_slice(b"{\"id\":");
-        write_json(&mut head, id);
-        head.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
-        head.extend_from_slice(created.to_string().as_bytes());
-        head.extend_from_slice(b",\"model\":");
-        write_json(&mut head, model);
-        head.extend_from_slice(b",\"choices\":[");
-        Self { head }
-    }
-
-    /// `extra` is the exact length `body` writes when known: a `Vec` filled to its capacity
-    /// becomes `Bytes` as is, while one with room left costs a second allocation.
-    fn frame(&self, body: impl FnOnce(&mut Vec<u8>), extra: usize) -> Bytes {
-        let mut buf = Vec::with_capacity(FRAMING + self.head.len() + extra);
-        buf.extend_from_slice(b"data: ");
-        buf.extend_from_slice(&self.head);
-        body(&mut buf);
-        buf.extend_from_slice(b"\n\n");
-        Bytes::from(buf)
-    }
-
-    pub fn role(&self) -> Bytes {
-        const ROLE: &[u8] =
-            br#"{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#;
-        self.frame(|b| b.extend_from_slice(ROLE), ROLE.len())
-    }
-
-    pub fn token(&self, text: &str) -> Bytes {
-        let mut buf = Vec::with_capacity(self.token_len(text));
-        self.write_token(&mut buf, text);
-        Bytes::from(buf)
-    }
-
-    /// The length of [`token`](Self::token)'s event.
-    pub fn token_len(&self, text: &str) -> usize {
-        FRAMING + self.head.len() + TOKEN_OPEN.len() + json_len(text) + TOKEN_CLOSE.len()
-    }
-
-    /// Appends [`token`](Self::token)'s event to `buf`, so several can share one buffer.
-    pub fn write_token(&self, buf: &mut Vec<u8>, text: &str) {
-        buf.extend_from_slice(b"data: ");
-        buf.extend_from_slice(&self.head);
-        buf.extend_from_slice(TOKEN_OPEN);
-        write_json(buf, text);
-        buf.extend_from_slice(TOKEN_CLOSE);
-        buf.extend_from_slice(b"\n\n");
-    }
-
-    pub fn finish(&self, reason: &FinishReason) -> Bytes {
-        const OPEN: &[u8] = br#"{"index":0,"delta":{},"finish_reason":"#;
-        let reason = reason.as_str();
-        self.frame(
-            |b| {
-                b.extend_from_slice(OPEN);
-                write_json(b, reason);
-                b.extend_from_slice(b"}]}");
-            },
-            OPEN.len() + json_len(reason) + 3,
-        )
-    }
-
-    pub fn usage(&self, u: Usage) -> Bytes {
-        self.frame(
-            |b| {
-                b.extend_from_slice(b"],\"usage\":");
-                let _ = serde_json::to_writer(&mut *b, &WireUsage::from(u));
-                b.push(b'}');
-            },
-            80,
-        )
-    }
-}
-
-/// `data: ` and the blank line after the JSON.
-const FRAMING: usize = 8;
-const TOKEN_OPEN: &[u8] = br#"{"index":0,"delta":{"content":"#;
-const TOKEN_CLOSE: &[u8] = br#"},"finish_reason":null}]}"#;
-
 /// Most events, and bytes, one frame may gather from a burst: a bound on what one poll
 /// does, so an upstream flooding tokens cannot keep a task busy or build a huge buffer.
 const MAX_BATCH_EVENTS: usize = 256;
@@ -183,24 +94,6 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// pass or two for the rest of (see `chunk_stream`). Models write tokens tens of ms apart.
 const BURST_GAP: Duration = Duration::from_millis(1);
 const BURST_YIELDS: u32 = 2;
-
-fn write_json(buf: &mut Vec<u8>, s: &str) {
-    // Serialising a &str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *buf, s);
-}
-
-/// The length of `s` as serde_json writes it: quoted, with `"` `\\` and control characters
-/// escaped (the short forms where JSON has one, `\u00XX` otherwise).
-fn json_len(s: &str) -> usize {
-    2 + s
-        .bytes()
-        .map(|b| match b {
-            b'"' | b'\\' | 0x08 | 0x09 | 0x0A | 0x0C | 0x0D => 2,
-            0x00..=0x1F => 6,
-            _ => 1,
-        })
-        .sum::<usize>()
-}
 
 pub const DONE: Bytes = Bytes::from_static(b"data: [DONE]\n\n");
 
@@ -229,23 +122,6 @@ fn upstream_error_event(e: &UpstreamError) -> Bytes {
     error_event(&e.to_string(), kind, e.code())
 }
 
-#[derive(Serialize)]
-struct WireUsage {
-    prompt_tokens: u32,
-    completion_tokens: u32,
-    total_tokens: u32,
-}
-
-impl From<Usage> for WireUsage {
-    fn from(u: Usage) -> Self {
-        Self {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            total_tokens: u.total(),
-        }
-    }
-}
-
 /// Identity of one response.
 pub struct ResponseMeta {
     pub id: String,
@@ -254,9 +130,10 @@ pub struct ResponseMeta {
     pub model: String,
 }
 
-/// Relays a generation as `chat.completion.chunk` events, token by token with nothing held
-/// back, with `: ping` comments while the upstream is silent. Dropping the stream (the
-/// client went away) drops the upstream request with it.
+/// Relays a generation as `chat.completion.chunk` events, each chunk as the upstream sent
+/// it, with nothing held back, and `: ping` comments while the upstream is silent. The
+/// usage report is withheld unless the client asked for it. Dropping the stream (the client
+/// went away) drops the upstream request with it.
 pub fn chunk_stream(
     relay: Relay,
     meta: ResponseMeta,
@@ -265,13 +142,10 @@ pub fn chunk_stream(
     stop: CancellationToken,
 ) -> impl Stream<Item = Bytes> + Send + 'static {
     async_stream::stream! {
-        let enc = ChunkEncoder::new(&meta.id, meta.created, &meta.model);
-        yield enc.role();
         let mut events = relay.events;
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut finish = None;
-        let mut usage = None;
+        let mut finished = false;
         // Made once: a `cancelled()` per event would take and release the lock of the
         // process-wide stop token's waiter list twice per token, across every stream.
         let stopped = stop.cancelled();
@@ -290,7 +164,7 @@ pub fn chunk_stream(
                     // arrived in one read, or a backlog after a busy spell) leave as one
                     // frame: one write and one pass through the HTTP stack instead of one
                     // per token. Nothing is held back: only events that are ready now join.
-                    let mut frame: Vec<u8> = Vec::new();
+                    let mut frame = Frame::default();
                     let mut next = ev;
                     let mut batched = 0;
                     let mut failed = None;
@@ -298,18 +172,12 @@ pub fn chunk_stream(
                     let mut yielded = 0u32;
                     loop {
                         match next {
-                            Some(Ok(UpstreamEvent::Token(t))) => {
-                                // Exact for a lone token, so it becomes `Bytes` as it is.
-                                let len = enc.token_len(&t);
-                                if frame.is_empty() {
-                                    frame.reserve_exact(len);
-                                } else {
-                                    frame.reserve(len);
+                            Some(Ok(chunk)) => {
+                                finished |= chunk.finish().is_some();
+                                if include_usage || !chunk.is_usage_only() {
+                                    frame.push(chunk.frame());
                                 }
-                                enc.write_token(&mut frame, &t);
                             }
-                            Some(Ok(UpstreamEvent::Finish(r))) => finish = Some(r),
-                            Some(Ok(UpstreamEvent::Usage(u))) => usage = Some(u),
                             Some(Err(e)) => {
                                 failed = Some(e);
                                 break;
@@ -353,8 +221,8 @@ pub fn chunk_stream(
                             None => break,
                         }
                     }
-                    if !frame.is_empty() {
-                        yield Bytes::from(frame);
+                    if let Some(frame) = frame.take() {
+                        yield frame;
                     }
                     if let Some(e) = failed {
                         tracing::warn!(provider = %relay.provider, error = %e, "stream failed after it started");
@@ -377,72 +245,73 @@ pub fn chunk_stream(
             }
         }
         // An upstream that ends without a finish reason (EOF without [DONE]) ended normally.
-        yield enc.finish(&finish.unwrap_or(FinishReason::Stop));
-        if include_usage {
-            if let Some(u) = usage {
-                yield enc.usage(u);
-            }
+        if !finished {
+            let enc = ChunkEncoder::new(&meta.id, meta.created, &meta.model);
+            yield enc.finish(&FinishReason::Stop).frame().clone();
         }
         yield DONE;
     }
 }
 
-/// The `chat.completion` object of a non-streamed reply.
-pub fn completion_json(meta: &ResponseMeta, c: &Completion) -> Value {
-    let usage = c.usage.unwrap_or_default();
-    serde_json::json!({
-        "id": meta.id,
-        "object": "chat.completion",
-        "created": meta.created,
-        "model": meta.model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": c.text},
-            "finish_reason": c.finish.as_ref().unwrap_or(&FinishReason::Stop).as_str(),
-        }],
-        "usage": WireUsage::from(usage),
-    })
+/// Events ready at once, as one buffer: a lone chunk's frame is passed on as it is, several
+/// are joined so they leave in one write.
+#[derive(Default)]
+struct Frame {
+    one: Option<Bytes>,
+    joined: Vec<u8>,
+}
+
+impl Frame {
+    fn push(&mut self, b: &Bytes) {
+        if self.joined.is_empty() {
+            match self.one.take() {
+                None => {
+                    self.one = Some(b.clone());
+                    return;
+                }
+                Some(first) => self.joined.extend_from_slice(&first),
+            }
+        }
+        self.joined.extend_from_slice(b);
+    }
+
+    fn len(&self) -> usize {
+        self.one.as_ref().map_or(self.joined.len(), Bytes::len)
+    }
+
+    fn take(self) -> Option<Bytes> {
+        match self.one {
+            Some(b) => Some(b),
+            None if self.joined.is_empty() => None,
+            None => Some(Bytes::from(self.joined)),
+        }
+    }
+}
+
+/// The `chat.completion` object of a non-streamed reply: every choice's whole message,
+/// merged from the chunks the upstream streamed.
+pub fn completion_json(meta: &ResponseMeta, c: Completion) -> Value {
+    c.reply.finish(&meta.id, meta.created, &meta.model)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chat::chunk::Payload;
+    use crate::chat::{Chunk, Usage};
 
-    fn json_of(frame: &Bytes) -> Value {
-        let s = std::str::from_utf8(frame).unwrap();
-        let data = s
-            .strip_prefix("data: ")
-            .unwrap()
-            .strip_suffix("\n\n")
-            .unwrap();
-        serde_json::from_str(data).unwrap()
-    }
-
-    #[test]
-    fn chunks_are_valid_json_whatever_the_text() {
-        let enc = ChunkEncoder::new("chatcmpl-1", 7, "m\"odel");
-        let nasty = "line\nbreak\r\ndata: [DONE]\n\n\"quoted\" 🦀";
-        let v = json_of(&enc.token(nasty));
-        assert_eq!(v["choices"][0]["delta"]["content"], nasty);
-        assert_eq!(v["model"], "m\"odel");
-        assert_eq!(v["object"], "chat.completion.chunk");
-        let v = json_of(&enc.finish(&FinishReason::Length));
-        assert_eq!(v["choices"][0]["finish_reason"], "length");
-        let v = json_of(&enc.usage(Usage {
-            prompt_tokens: 2,
-            completion_tokens: 3,
-        }));
-        assert_eq!(v["usage"]["total_tokens"], 5);
-        assert_eq!(v["choices"].as_array().unwrap().len(), 0);
-        let v = json_of(&enc.role());
-        assert_eq!(v["choices"][0]["delta"]["role"], "assistant");
-    }
-
-    fn relay_of(events: Vec<Result<UpstreamEvent, UpstreamError>>) -> Relay {
+    fn relay_of(events: Vec<Result<Chunk, UpstreamError>>) -> Relay {
         Relay {
             provider: "p".into(),
             model: "m".into(),
             events: Box::pin(futures::stream::iter(events)),
+        }
+    }
+
+    fn parsed(s: &str) -> Chunk {
+        match Chunk::parse(s.as_bytes()) {
+            Ok(Payload::Chunk(c)) => c,
+            other => panic!("{other:?}"),
         }
     }
 
@@ -472,34 +341,57 @@ mod tests {
         (frames.len(), events)
     }
 
+    fn event(c: &Chunk) -> String {
+        std::str::from_utf8(c.frame())
+            .unwrap()
+            .trim_end()
+            .to_owned()
+    }
+
+    /// Each chunk leaves as the upstream sent it: tool calls, reasoning, logprobs, other
+    /// choices and fields sluice has never heard of included.
+    #[tokio::test]
+    async fn chunks_are_relayed_as_the_upstream_sent_them() {
+        let upstream = [
+            r#"{"id":"u1","object":"chat.completion.chunk","created":9,"model":"gpt-x","system_fingerprint":"fp_1","service_tier":"default","choices":[{"index":0,"delta":{"role":"assistant","content":null,"reasoning_content":"Thinking"},"logprobs":null,"finish_reason":null}],"usage":null}"#,
+            r#"{"id":"u1","object":"chat.completion.chunk","created":9,"model":"gpt-x","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get_weather","arguments":""}}]},"logprobs":{"content":[{"token":"x","logprob":-0.5,"bytes":[120],"top_logprobs":[]}]},"finish_reason":null}],"usage":null,"brand_new":{"x":1}}"#,
+            r#"{"id":"u1","object":"chat.completion.chunk","created":9,"model":"gpt-x","choices":[{"index":1,"delta":{"content":"second choice"},"finish_reason":null}],"usage":null}"#,
+            r#"{"id":"u1","object":"chat.completion.chunk","created":9,"model":"gpt-x","choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}],"usage":null}"#,
+            r#"{"id":"u1","object":"chat.completion.chunk","created":9,"model":"gpt-x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8,"completion_tokens_details":{"reasoning_tokens":2}}}"#,
+        ];
+        let chunks: Vec<Chunk> = upstream.iter().map(|s| parsed(s)).collect();
+        for include_usage in [true, false] {
+            let (_, got) = body_events(
+                relay_of(chunks.iter().cloned().map(Ok).collect()),
+                include_usage,
+            )
+            .await;
+            let mut want: Vec<String> = upstream.iter().map(|s| format!("data: {s}")).collect();
+            if !include_usage {
+                want.pop();
+            }
+            want.push("data: [DONE]".into());
+            assert_eq!(got, want, "include_usage {include_usage}");
+        }
+    }
+
     #[tokio::test]
     async fn a_burst_leaves_as_one_frame_with_every_event_intact() {
-        let tokens: Vec<String> = (0..300).map(|i| format!("t{i} ")).collect();
-        let mut events: Vec<_> = tokens
-            .iter()
-            .map(|t| Ok(UpstreamEvent::Token(t.clone())))
-            .collect();
-        events.push(Ok(UpstreamEvent::Finish(FinishReason::Length)));
-        events.push(Ok(UpstreamEvent::Usage(Usage {
-            prompt_tokens: 1,
-            completion_tokens: 300,
-        })));
-        let (frames, got) = body_events(relay_of(events), true).await;
-        // Role; 256 tokens; the other 44; finish, usage and [DONE].
-        assert_eq!(frames, 6);
         let enc = ChunkEncoder::new("chatcmpl-1", 1, "m");
-        let mut want = vec![enc.role()];
-        want.extend(tokens.iter().map(|t| enc.token(t)));
-        want.push(enc.finish(&FinishReason::Length));
-        want.push(enc.usage(Usage {
+        let mut chunks = vec![enc.role()];
+        chunks.extend((0..300).map(|i| enc.content(&format!("t{i} "))));
+        chunks.push(enc.finish(&FinishReason::Length));
+        chunks.push(enc.usage(Usage {
             prompt_tokens: 1,
             completion_tokens: 300,
+            ..Usage::default()
         }));
-        want.push(DONE);
-        let want: Vec<String> = want
-            .iter()
-            .map(|b| std::str::from_utf8(b).unwrap().trim_end().to_owned())
-            .collect();
+        let (frames, got) =
+            body_events(relay_of(chunks.iter().cloned().map(Ok).collect()), true).await;
+        // 256 events; the other 47; [DONE].
+        assert_eq!(frames, 3);
+        let mut want: Vec<String> = chunks.iter().map(event).collect();
+        want.push("data: [DONE]".into());
         assert_eq!(got, want);
     }
 
@@ -510,12 +402,9 @@ mod tests {
     async fn a_burst_handed_over_one_event_at_a_time_still_leaves_in_few_frames() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(1);
         let producer = tokio::spawn(async move {
+            let enc = ChunkEncoder::new("chatcmpl-1", 1, "m");
             for i in 0..100 {
-                if tx
-                    .send(Ok(UpstreamEvent::Token(format!("t{i} "))))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Ok(enc.content(&format!("t{i} ")))).await.is_err() {
                     return;
                 }
             }
@@ -527,58 +416,107 @@ mod tests {
         };
         let (frames, got) = body_events(relay, false).await;
         producer.await.unwrap();
-        // Role, finish and [DONE] are frames of their own.
-        assert_eq!(got.len(), 103);
-        assert!(frames <= 3 + 10, "{frames} frames for 100 tokens");
+        // The finish sluice adds (the upstream sent none) and [DONE] are frames of their own.
+        assert_eq!(got.len(), 102);
+        assert!(
+            got[100].contains(r#""finish_reason":"stop""#),
+            "{}",
+            got[100]
+        );
+        assert!(frames <= 2 + 10, "{frames} frames for 100 tokens");
     }
 
     #[tokio::test]
     async fn tokens_before_a_failure_are_sent_then_the_error_and_no_done() {
+        let enc = ChunkEncoder::new("chatcmpl-1", 1, "m");
         let events = vec![
-            Ok(UpstreamEvent::Token("a".into())),
-            Ok(UpstreamEvent::Token("b".into())),
+            Ok(enc.content("a")),
+            Ok(enc.content("b")),
             Err(UpstreamError::Transport {
                 provider: "p".into(),
                 message: "reset".into(),
             }),
-            Ok(UpstreamEvent::Token("never".into())),
+            Ok(enc.content("never")),
         ];
         let (_, got) = body_events(relay_of(events), false).await;
-        assert_eq!(got.len(), 4, "{got:?}");
-        assert!(got[1].contains(r#""content":"a""#));
-        assert!(got[2].contains(r#""content":"b""#));
-        assert!(got[3].contains(r#""code":"upstream_disconnected""#));
-    }
-
-    #[test]
-    fn json_len_matches_serde_json() {
-        for s in [
-            "",
-            "plain",
-            "line\nbreak\r\ttab \u{8}\u{c}",
-            "\u{0}\u{1f}\u{7f}",
-            "\"quoted\" back\\slash",
-            "héllo 世界 🦀",
-        ] {
-            assert_eq!(
-                json_len(s),
-                serde_json::to_string(s).unwrap().len(),
-                "{s:?}"
-            );
-        }
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got[0].contains(r#""content":"a""#));
+        assert!(got[1].contains(r#""content":"b""#));
+        assert!(got[2].contains(r#""code":"upstream_disconnected""#));
     }
 
     #[test]
     fn unknown_fields_are_kept_for_upstream() {
         let req: CompletionRequest = serde_json::from_value(serde_json::json!({
             "model": "m", "messages": [{"role": "user", "content": "hi"}],
-            "temperature": 0.5, "seed": 42, "mock": {"tokens": 3}
+            "temperature": 0.5, "seed": 42, "mock": {"tokens": 3}, "n": 2,
+            "stream_options": {"include_usage": true, "include_obfuscation": false}
+        }))
+        .unwrap();
+        let (chat, opts) = req.into_domain().unwrap();
+        assert_eq!(chat.params.temperature, Some(0.5));
+        assert_eq!(chat.extra.get("seed"), Some(&serde_json::json!(42)));
+        assert_eq!(chat.extra.get("n"), Some(&serde_json::json!(2)));
+        assert!(chat.extra.contains_key("mock"));
+        assert!(!chat.extra.contains_key("temperature"));
+        assert!(opts.include_usage);
+    }
+
+    #[test]
+    fn every_message_shape_is_accepted_as_sent() {
+        let messages = serde_json::json!([
+            {"role": "developer", "content": "be terse", "name": "ops"},
+            {"role": "system", "content": [{"type": "text", "text": "sys"}]},
+            {"role": "user", "name": "ann", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
+                {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+            ]},
+            {"role": "assistant", "content": null, "refusal": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+                {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+            ]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+            {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "noon"}]},
+            {"role": "assistant", "content": null, "function_call": {"name": "legacy", "arguments": "{}"}},
+            {"role": "function", "name": "legacy", "content": "{\"ok\":true}"},
+            {"role": "assistant", "content": "", "audio": {"id": "audio_1"}, "x_vendor": {"a": [1, 2]}},
+            {"role": "user", "content": "thanks"}
+        ]);
+        let req: CompletionRequest = serde_json::from_value(serde_json::json!({
+            "model": "m", "messages": messages.clone()
         }))
         .unwrap();
         let (chat, _) = req.into_domain().unwrap();
-        assert_eq!(chat.params.temperature, Some(0.5));
-        assert_eq!(chat.extra.get("seed"), Some(&serde_json::json!(42)));
-        assert!(chat.extra.contains_key("mock"));
-        assert!(!chat.extra.contains_key("temperature"));
+        assert_eq!(serde_json::to_value(&chat.messages).unwrap(), messages);
+        assert_eq!(chat.messages[2].text(), "what is this?");
+    }
+
+    #[test]
+    fn malformed_messages_name_the_field() {
+        for (message, want) in [
+            (serde_json::json!({"role": "robot", "content": "x"}), "role"),
+            (serde_json::json!({"content": "x"}), "role"),
+            (serde_json::json!({"role": "user", "content": 5}), "content"),
+            (
+                serde_json::json!({"role": "user", "content": ["x"]}),
+                "content[0]",
+            ),
+            (
+                serde_json::json!({"role": "assistant", "tool_calls": {}}),
+                "tool_calls",
+            ),
+            (
+                serde_json::json!({"role": "tool", "tool_call_id": 3, "content": "x"}),
+                "tool_call_id",
+            ),
+        ] {
+            let err = serde_json::from_value::<CompletionRequest>(serde_json::json!({
+                "model": "m", "messages": [message]
+            }))
+            .unwrap_err()
+            .to_string();
+            assert!(err.starts_with(&format!("{want}:")), "{message}: {err}");
+        }
     }
 }

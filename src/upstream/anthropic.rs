@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::sse::{self, ClientOptions};
 use super::{EventStream, Provider, UpstreamError};
-use crate::chat::{ChatRequest, FinishReason, Role, UpstreamEvent, Usage};
+use crate::chat::{ChatRequest, ChunkEncoder, FinishReason, Role, Usage};
 use crate::config::Secret;
 
 /// The API version sluice speaks; Anthropic requires it on every request.
@@ -66,14 +66,14 @@ fn to_wire<'a>(req: &'a ChatRequest, model: &'a str) -> Body<'a> {
     let mut messages = Vec::with_capacity(req.messages.len());
     for m in &req.messages {
         match m.role {
-            Role::System | Role::Developer => system.push(m.content.text()),
+            Role::System | Role::Developer => system.push(m.text()),
             Role::Assistant => messages.push(WireMessage {
                 role: "assistant",
-                content: m.content.text(),
+                content: m.text(),
             }),
-            Role::User | Role::Tool => messages.push(WireMessage {
+            Role::User | Role::Tool | Role::Function => messages.push(WireMessage {
                 role: "user",
-                content: m.content.text(),
+                content: m.text(),
             }),
         }
     }
@@ -120,6 +120,11 @@ impl Provider for Anthropic {
         }
         Ok(translate(
             self.name.clone(),
+            ChunkEncoder::new(
+                &format!("chatcmpl-{}", uuid::Uuid::now_v7().simple()),
+                crate::chat::chunk::unix_now(),
+                model,
+            ),
             sse::events(self.name.clone(), resp),
         ))
     }
@@ -196,7 +201,7 @@ fn finish_reason(stop_reason: &str) -> FinishReason {
 
 /// Translates Anthropic's typed events (`message_start`, `content_block_delta`,
 /// `message_delta`, `message_stop`, `error`, `ping`) into upstream events.
-pub fn translate<S>(provider: String, events: S) -> EventStream
+pub fn translate<S>(provider: String, enc: ChunkEncoder, events: S) -> EventStream
 where
     S: Stream<Item = Result<eventsource_stream::Event, UpstreamError>> + Send + 'static,
 {
@@ -227,21 +232,23 @@ where
             match wire {
                 Wire::MessageStart { message } => {
                     prompt_tokens = message.usage.map(|u| u.input_tokens).unwrap_or(0);
+                    yield Ok(enc.role());
                 }
                 Wire::ContentBlockDelta { delta: BlockDelta::TextDelta { text } } => {
                     if !text.is_empty() {
-                        yield Ok(UpstreamEvent::Token(text));
+                        yield Ok(enc.content(&text));
                     }
                 }
                 Wire::ContentBlockDelta { delta: BlockDelta::Other } | Wire::Ignored => {}
                 Wire::MessageDelta { delta, usage } => {
                     if let Some(reason) = delta.stop_reason {
-                        yield Ok(UpstreamEvent::Finish(finish_reason(&reason)));
+                        yield Ok(enc.finish(&finish_reason(&reason)));
                     }
                     if let Some(u) = usage {
-                        yield Ok(UpstreamEvent::Usage(Usage {
+                        yield Ok(enc.usage(Usage {
                             prompt_tokens,
                             completion_tokens: u.output_tokens,
+                            ..Usage::default()
                         }));
                     }
                 }
@@ -270,7 +277,7 @@ mod tests {
     /// A stream recorded from the Messages API (ids shortened).
     const FIXTURE: &str = include_str!("../../tests/fixtures/anthropic_stream.txt");
 
-    async fn run(raw: &str, piece: usize) -> Vec<Result<UpstreamEvent, UpstreamError>> {
+    async fn run(raw: &str, piece: usize) -> Vec<Result<crate::chat::Chunk, UpstreamError>> {
         let chunks: Vec<Result<Bytes, std::io::Error>> = raw
             .as_bytes()
             .chunks(piece)
@@ -278,6 +285,7 @@ mod tests {
             .collect();
         translate(
             "a".into(),
+            ChunkEncoder::new("chatcmpl-test", 0, "claude"),
             sse::decode("a".into(), futures::stream::iter(chunks)),
         )
         .collect()
@@ -289,17 +297,19 @@ mod tests {
         let whole = run(FIXTURE, usize::MAX).await;
         let text: String = whole
             .iter()
-            .filter_map(|e| match e {
-                Ok(UpstreamEvent::Token(t)) => Some(t.as_str()),
-                _ => None,
-            })
+            .filter_map(|e| e.as_ref().ok().and_then(|c| c.content()))
             .collect();
         assert_eq!(text, "Hello! How can I help you today? Ça va — 世界 🦀");
-        assert!(whole.contains(&Ok(UpstreamEvent::Finish(FinishReason::Stop))));
-        assert!(whole.contains(&Ok(UpstreamEvent::Usage(Usage {
-            prompt_tokens: 12,
-            completion_tokens: 15
-        }))));
+        assert!(whole.iter().any(|c| {
+            c.as_ref()
+                .is_ok_and(|c| c.finish() == Some(&FinishReason::Stop))
+        }));
+        assert!(whole.iter().any(|c| c.as_ref().is_ok_and(|c| c.usage()
+            == Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 15,
+                ..Usage::default()
+            }))));
         for piece in [1, 2, 3, 5, 13] {
             assert_eq!(
                 format!("{:?}", run(FIXTURE, piece).await),

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{EventStream, Provider, UpstreamError};
-use crate::chat::{ChatRequest, FinishReason, Role, UpstreamEvent, Usage};
+use crate::chat::{ChatRequest, ChunkEncoder, FinishReason, Role, Usage};
 
 pub struct Demo {
     /// Pause before the first token, like a real model's time to first token.
@@ -33,7 +33,7 @@ pub fn reply(req: &ChatRequest) -> String {
         .iter()
         .rev()
         .find(|m| m.role == Role::User)
-        .map(|m| m.content.text())
+        .map(|m| m.text())
         .unwrap_or_default();
     let quoted: String = last
         .split_whitespace()
@@ -67,7 +67,7 @@ fn tokens(text: &str) -> Vec<String> {
 fn count_words(req: &ChatRequest) -> u32 {
     req.messages
         .iter()
-        .map(|m| m.content.text().split_whitespace().count() as u32)
+        .map(|m| m.text().split_whitespace().count() as u32)
         .sum()
 }
 
@@ -82,17 +82,24 @@ impl Provider for Demo {
         let usage = Usage {
             prompt_tokens: count_words(req),
             completion_tokens: words.len() as u32,
+            ..Usage::default()
         };
+        let enc = ChunkEncoder::new(
+            &format!("chatcmpl-{}", uuid::Uuid::now_v7().simple()),
+            crate::chat::chunk::unix_now(),
+            Self::NAME,
+        );
         let (first, between) = (self.first_token, self.between);
         Ok(Box::pin(async_stream::stream! {
             tokio::time::sleep(first).await;
+            yield Ok(enc.role());
             let mut tick = tokio::time::interval(between.max(Duration::from_millis(1)));
             for word in words {
                 tick.tick().await;
-                yield Ok(UpstreamEvent::Token(word));
+                yield Ok(enc.content(&word));
             }
-            yield Ok(UpstreamEvent::Finish(FinishReason::Stop));
-            yield Ok(UpstreamEvent::Usage(usage));
+            yield Ok(enc.finish(&FinishReason::Stop));
+            yield Ok(enc.usage(usage));
         }))
     }
 }
@@ -116,13 +123,10 @@ mod tests {
         let got: Vec<_> = s.collect().await;
         let text: String = got
             .iter()
-            .filter_map(|e| match e {
-                Ok(UpstreamEvent::Token(t)) => Some(t.as_str()),
-                _ => None,
-            })
+            .filter_map(|e| e.as_ref().ok().and_then(|c| c.content()))
             .collect();
         assert_eq!(text, reply(&req));
         assert!(got.len() > 10);
-        assert!(matches!(got.last(), Some(Ok(UpstreamEvent::Usage(_)))));
+        assert!(matches!(got.last(), Some(Ok(c)) if c.is_usage_only()));
     }
 }

@@ -16,7 +16,7 @@ use futures::stream::BoxStream;
 
 use std::sync::Arc;
 
-use crate::chat::{ChatRequest, UpstreamEvent};
+use crate::chat::{ChatRequest, Chunk};
 use crate::config::{ConfigError, ProviderKind, UpstreamConfig};
 
 pub use router::{
@@ -24,7 +24,7 @@ pub use router::{
 };
 
 /// A live generation from one upstream, already past the response head.
-pub type EventStream = BoxStream<'static, Result<UpstreamEvent, UpstreamError>>;
+pub type EventStream = BoxStream<'static, Result<Chunk, UpstreamError>>;
 
 /// One configured upstream (an account at a provider, or the built-in demo).
 #[async_trait]

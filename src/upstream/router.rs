@@ -13,7 +13,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::breaker::{Breaker, BreakerSettings};
 use super::{EventStream, Provider, TimeoutKind, UpstreamError};
-use crate::chat::{ChatRequest, UpstreamEvent};
+use crate::chat::{ChatRequest, Chunk};
 use crate::ops::metrics::{Metrics, StreamGuard};
 
 /// Per-generation time limits.
@@ -124,23 +124,24 @@ pub struct Relay {
 }
 
 /// A whole reply, for clients that asked for no stream.
-#[derive(Debug, Clone, Default)]
+#[derive(Default)]
 pub struct Completion {
+    /// Every choice's message, merged from the reply's chunks.
+    pub reply: crate::chat::chunk::Accumulator,
+    /// The text of the first choice.
     pub text: String,
-    pub finish: Option<crate::chat::FinishReason>,
-    pub usage: Option<crate::chat::Usage>,
 }
 
 impl Relay {
     /// Reads the generation to its end.
     pub async fn collect(mut self) -> Result<Completion, UpstreamError> {
         let mut out = Completion::default();
-        while let Some(ev) = self.events.next().await {
-            match ev? {
-                UpstreamEvent::Token(t) => out.text.push_str(&t),
-                UpstreamEvent::Finish(r) => out.finish = Some(r),
-                UpstreamEvent::Usage(u) => out.usage = Some(u),
+        while let Some(chunk) = self.events.next().await {
+            let chunk = chunk?;
+            if let Some(t) = chunk.content() {
+                out.text.push_str(t);
             }
+            out.reply.add(&chunk);
         }
         Ok(out)
     }
@@ -533,7 +534,7 @@ impl Guarded {
         self
     }
 
-    fn fail(&mut self, kind: TimeoutKind) -> Poll<Option<Result<UpstreamEvent, UpstreamError>>> {
+    fn fail(&mut self, kind: TimeoutKind) -> Poll<Option<Result<Chunk, UpstreamError>>> {
         self.done = true;
         let err = UpstreamError::Timeout {
             provider: self.provider.to_string(),
@@ -558,7 +559,7 @@ impl Guarded {
 }
 
 impl Stream for Guarded {
-    type Item = Result<UpstreamEvent, UpstreamError>;
+    type Item = Result<Chunk, UpstreamError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.done {
@@ -566,11 +567,12 @@ impl Stream for Guarded {
         }
         match self.inner.poll_next_unpin(cx) {
             Poll::Ready(Some(Ok(event))) => {
-                if matches!(event, UpstreamEvent::Token(_) | UpstreamEvent::Finish(_)) {
+                let token = event.is_token();
+                if token || event.finish().is_some() {
                     self.seen_token = true;
                 }
                 let this = &mut *self;
-                if let (UpstreamEvent::Token(_), Some(o)) = (&event, &mut this.observer) {
+                if let (true, Some(o)) = (token, &mut this.observer) {
                     o.tokens += 1;
                     o.metrics.token();
                     if o.ttft.is_none() {
@@ -668,8 +670,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn silence_after_a_token_is_an_idle_timeout() {
         let inner: EventStream = Box::pin(
-            futures::stream::iter(vec![Ok(UpstreamEvent::Token("a".into()))])
-                .chain(futures::stream::pending()),
+            futures::stream::iter(vec![Ok(
+                crate::chat::ChunkEncoder::new("c", 0, "m").content("a")
+            )])
+            .chain(futures::stream::pending()),
         );
         let now = Instant::now();
         let mut g = Guarded::new(
@@ -679,7 +683,7 @@ mod tests {
             Duration::from_secs(1),
             now + Duration::from_secs(60),
         );
-        assert!(matches!(g.next().await, Some(Ok(UpstreamEvent::Token(_)))));
+        assert!(matches!(g.next().await, Some(Ok(c)) if c.is_token()));
         match g.next().await {
             Some(Err(UpstreamError::Timeout { kind, .. })) => assert_eq!(kind, TimeoutKind::Idle),
             other => panic!("unexpected {other:?}"),
@@ -694,7 +698,7 @@ mod tests {
             async_stream::stream! {
                 for i in 0..10 {
                     tokio::time::sleep(Duration::from_millis(600)).await;
-                    yield Ok(UpstreamEvent::Token(format!("t{i}")));
+                    yield Ok(crate::chat::ChunkEncoder::new("c", 0, "m").content(&format!("t{i}")));
                 }
             }
             .chain(futures::stream::pending()),
@@ -708,7 +712,7 @@ mod tests {
             start + Duration::from_secs(60),
         );
         for _ in 0..10 {
-            assert!(matches!(g.next().await, Some(Ok(UpstreamEvent::Token(_)))));
+            assert!(matches!(g.next().await, Some(Ok(c)) if c.is_token()));
         }
         let last = Instant::now();
         assert_eq!(last - start, Duration::from_millis(6000));
