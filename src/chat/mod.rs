@@ -57,59 +57,6 @@ impl Message {
     pub fn get(&self, field: &str) -> Option<&Value> {
         self.fields.get(field).filter(|v| !v.is_null())
     }
-
-    /// Checks what sluice relies on: a known role, and fields of the right JSON type where
-    /// they are present. Everything else is the upstream's to judge.
-    fn from_fields(fields: Map<String, Value>) -> Result<Self, String> {
-        let role = match fields.get("role") {
-            Some(Value::String(r)) => Role::parse(r).ok_or_else(|| {
-                format!(
-                    "role: '{r}' is not one of system, developer, user, assistant, tool, function"
-                )
-            })?,
-            Some(_) => return Err("role: must be a string".into()),
-            None => return Err("role: missing".into()),
-        };
-        match fields.get("content") {
-            None | Some(Value::Null | Value::String(_)) => {}
-            Some(Value::Array(parts)) => {
-                if let Some(i) = parts.iter().position(|p| !p.is_object()) {
-                    return Err(format!("content[{i}]: a content part must be an object"));
-                }
-            }
-            Some(_) => {
-                return Err("content: must be a string, an array of content parts or null".into());
-            }
-        }
-        for (field, ok) in [
-            (
-                "tool_calls",
-                fields
-                    .get("tool_calls")
-                    .is_none_or(|v| v.is_array() || v.is_null()),
-            ),
-            (
-                "tool_call_id",
-                fields.get("tool_call_id").is_none_or(Value::is_string),
-            ),
-            (
-                "name",
-                fields
-                    .get("name")
-                    .is_none_or(|v| v.is_string() || v.is_null()),
-            ),
-        ] {
-            if !ok {
-                let kind = if field == "tool_calls" {
-                    "an array"
-                } else {
-                    "a string"
-                };
-                return Err(format!("{field}: must be {kind}"));
-            }
-        }
-        Ok(Self { role, fields })
-    }
 }
 
 impl Serialize for Message {
@@ -118,10 +65,104 @@ impl Serialize for Message {
     }
 }
 
+/// Checks what sluice relies on — a known role, and fields of the right JSON type where
+/// they are present — field by field, so an error names its field (`messages[1].content`).
+/// Everything else is the upstream's to judge.
 impl<'de> Deserialize<'de> for Message {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let fields = Map::<String, Value>::deserialize(d)?;
-        Self::from_fields(fields).map_err(serde::de::Error::custom)
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Message;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a message object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Message, A::Error> {
+                let mut fields = Map::new();
+                let mut role = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    let value = match key.as_str() {
+                        "role" => {
+                            let r = map.next_value::<Checked<RoleField>>()?;
+                            role = Role::parse(r.0.as_str().unwrap_or_default());
+                            r.0
+                        }
+                        "content" => map.next_value::<Checked<ContentField>>()?.0,
+                        "tool_calls" => map.next_value::<Checked<ArrayField>>()?.0,
+                        "tool_call_id" | "name" => map.next_value::<Checked<StringField>>()?.0,
+                        _ => map.next_value::<Value>()?,
+                    };
+                    fields.insert(key, value);
+                }
+                let role = role.ok_or_else(|| serde::de::Error::missing_field("role"))?;
+                Ok(Message { role, fields })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A field's JSON value, checked by `C` as it is read.
+struct Checked<C>(Value, std::marker::PhantomData<C>);
+
+trait Check {
+    fn check(v: &Value) -> Result<(), String>;
+}
+
+impl<'de, C: Check> Deserialize<'de> for Checked<C> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        C::check(&v).map_err(serde::de::Error::custom)?;
+        Ok(Checked(v, std::marker::PhantomData))
+    }
+}
+
+struct RoleField;
+impl Check for RoleField {
+    fn check(v: &Value) -> Result<(), String> {
+        match v.as_str() {
+            Some(r) if Role::parse(r).is_some() => Ok(()),
+            Some(r) => Err(format!(
+                "'{r}' is not one of system, developer, user, assistant, tool, function"
+            )),
+            None => Err("must be a string".into()),
+        }
+    }
+}
+
+struct ContentField;
+impl Check for ContentField {
+    fn check(v: &Value) -> Result<(), String> {
+        match v {
+            Value::Null | Value::String(_) => Ok(()),
+            Value::Array(parts) => match parts.iter().position(|p| !p.is_object()) {
+                Some(i) => Err(format!("part {i} is not an object")),
+                None => Ok(()),
+            },
+            _ => Err("must be a string, an array of content parts or null".into()),
+        }
+    }
+}
+
+struct ArrayField;
+impl Check for ArrayField {
+    fn check(v: &Value) -> Result<(), String> {
+        match v {
+            Value::Null | Value::Array(_) => Ok(()),
+            _ => Err("must be an array".into()),
+        }
+    }
+}
+
+struct StringField;
+impl Check for StringField {
+    fn check(v: &Value) -> Result<(), String> {
+        match v {
+            Value::Null | Value::String(_) => Ok(()),
+            _ => Err("must be a string".into()),
+        }
     }
 }
 

@@ -299,6 +299,7 @@ mod tests {
     use super::*;
     use crate::chat::chunk::Payload;
     use crate::chat::{Chunk, Usage};
+    use serde_json::json;
 
     fn relay_of(events: Vec<Result<Chunk, UpstreamError>>) -> Relay {
         Relay {
@@ -495,28 +496,26 @@ mod tests {
     #[test]
     fn malformed_messages_name_the_field() {
         for (message, want) in [
-            (serde_json::json!({"role": "robot", "content": "x"}), "role"),
-            (serde_json::json!({"content": "x"}), "role"),
-            (serde_json::json!({"role": "user", "content": 5}), "content"),
+            (json!({"role": "robot", "content": "x"}), "messages[0].role"),
+            (json!({"content": "x"}), "messages[0]"),
+            (json!({"role": "user", "content": 5}), "messages[0].content"),
             (
-                serde_json::json!({"role": "user", "content": ["x"]}),
-                "content[0]",
+                json!({"role": "user", "content": ["x"]}),
+                "messages[0].content",
             ),
             (
-                serde_json::json!({"role": "assistant", "tool_calls": {}}),
-                "tool_calls",
+                json!({"role": "assistant", "tool_calls": {}}),
+                "messages[0].tool_calls",
             ),
             (
-                serde_json::json!({"role": "tool", "tool_call_id": 3, "content": "x"}),
-                "tool_call_id",
+                json!({"role": "tool", "tool_call_id": 3}),
+                "messages[0].tool_call_id",
             ),
         ] {
-            let err = serde_json::from_value::<CompletionRequest>(serde_json::json!({
-                "model": "m", "messages": [message]
-            }))
-            .unwrap_err()
-            .to_string();
-            assert!(err.starts_with(&format!("{want}:")), "{message}: {err}");
+            let body = json!({"model": "m", "messages": [message]}).to_string();
+            let de = &mut serde_json::Deserializer::from_str(&body);
+            let err = serde_path_to_error::deserialize::<_, CompletionRequest>(de).unwrap_err();
+            assert_eq!(err.path().to_string(), want, "{message}: {err}");
         }
     }
 }
