@@ -1,4 +1,4 @@
-//! `POST /v1/messages`, Anthropic Messages dialect (streaming only).
+//! `POST /v1/messages`, Anthropic Messages dialect (streaming only, scenarios excepted).
 
 use std::sync::Arc;
 
@@ -10,6 +10,7 @@ use http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 
 use super::knobs;
+use super::scenario::Api;
 use super::script::{self, Dialect};
 use super::tokens::json_string;
 use super::{Fault, Shared};
@@ -23,17 +24,18 @@ pub(crate) async fn messages(
         Ok(req) => req,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", &msg),
     };
-    if req.get("stream").and_then(Value::as_bool) != Some(true) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "the mock only implements streaming for /v1/messages; send \"stream\": true",
-        );
-    }
-    let plan = match knobs::plan(&shared, &headers, &req) {
+    let plan = match knobs::plan(&shared, &headers, &req, Api::Anthropic) {
         Ok(plan) => plan,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", &msg),
     };
+    let stream = req.get("stream").and_then(Value::as_bool) == Some(true);
+    if !stream && plan.scenario.is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "the mock only streams /v1/messages replies (scenarios excepted); send \"stream\": true",
+        );
+    }
     match plan.fault {
         Some(Fault::RateLimit) => {
             let mut resp = error(
@@ -55,6 +57,10 @@ pub(crate) async fn messages(
             );
         }
         _ => {}
+    }
+    if let Some(scenario) = plan.scenario {
+        let fixture = scenario.fixture(&req);
+        return super::play(&shared, &plan, fixture, stream, true).await;
     }
     let model = req.get("model").and_then(Value::as_str).unwrap_or("mock");
     let dialect = Anthropic {

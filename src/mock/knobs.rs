@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::HeaderMap;
 use serde_json::Value;
 
+use super::scenario::{self, Api, Scenario};
 use super::{Fault, MockConfig, Shared};
 
 /// What one request will get, after knobs and `fail_times` are applied.
@@ -20,6 +21,9 @@ pub(crate) struct Plan {
     /// back to the nanosecond, whatever relays the text, instead of through the timer's
     /// millisecond ticks.
     pub(crate) stamp: Option<u128>,
+    /// A recorded reply to play instead of the token text; `tokens` and `stamp` do not
+    /// apply to it.
+    pub(crate) scenario: Option<Scenario>,
 }
 
 /// Overrides found on one request. The outer `Option` is "not given"; the
@@ -34,6 +38,7 @@ struct Knobs {
     fail_times: Option<Option<u32>>,
     key: Option<String>,
     stamp: Option<bool>,
+    scenario: Option<Option<Scenario>>,
 }
 
 const BODY_FIELDS: &[&str] = &[
@@ -44,22 +49,46 @@ const BODY_FIELDS: &[&str] = &[
     "fail_times",
     "key",
     "stamp",
+    "scenario",
 ];
 
 /// Resolves the plan for a chat request and consumes one `fail_times` slot
 /// of its key when a limited fault is in play.
-pub(crate) fn plan(shared: &Shared, headers: &HeaderMap, body: &Value) -> Result<Plan, String> {
+pub(crate) fn plan(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: &Value,
+    api: Api,
+) -> Result<Plan, String> {
     let mut knobs = Knobs::default();
     from_headers(&mut knobs, headers)?;
     // Applied second so the body wins: requests relayed through sluice keep
     // unknown body fields but not arbitrary headers.
     from_body(&mut knobs, body)?;
-    Ok(resolve(shared, knobs))
+    resolve(shared, knobs, api)
 }
 
-fn resolve(shared: &Shared, knobs: Knobs) -> Plan {
+fn resolve(shared: &Shared, knobs: Knobs, api: Api) -> Result<Plan, String> {
     let config: &MockConfig = &shared.config;
+    let scenario = match knobs.scenario {
+        Some(asked) => asked.map(|s| s.on(api)).transpose()?,
+        // One process-wide scenario serves both endpoints, so the endpoint it is not
+        // for plays plain text.
+        None => match config.scenario.as_deref() {
+            Some(name) => scenario::parse(name)?.filter(|s| s.api() == api),
+            None => None,
+        },
+    };
     let mut fault = knobs.fault.unwrap_or(config.fault);
+    if let (Some(s), Some(f)) = (scenario, fault) {
+        // Checked before `fail_times` is counted, so a refused request uses no budget.
+        if !matches!(f, Fault::RateLimit | Fault::ServerError) {
+            return Err(format!(
+                "mock fault {f} cannot be combined with scenario {s}: a scenario plays its \
+                 recording whole, so only the 429 and 500 faults apply to it"
+            ));
+        }
+    }
     let fail_times = knobs.fail_times.unwrap_or(config.fail_times);
     if let (Some(_), Some(limit)) = (fault, fail_times) {
         let key = knobs.key.unwrap_or_default();
@@ -73,7 +102,7 @@ fn resolve(shared: &Shared, knobs: Knobs) -> Plan {
         }
         *seen = seen.saturating_add(1);
     }
-    Plan {
+    Ok(Plan {
         tokens: knobs.tokens.unwrap_or(config.tokens),
         first_token_delay: knobs
             .first_token_ms
@@ -83,7 +112,8 @@ fn resolve(shared: &Shared, knobs: Knobs) -> Plan {
             .map_or(config.token_delay, Duration::from_millis),
         fault,
         stamp: knobs.stamp.unwrap_or(config.stamp).then(unix_ns),
-    }
+        scenario,
+    })
 }
 
 /// Now, in nanoseconds since the Unix epoch: the clock every process on the machine shares.
@@ -124,6 +154,9 @@ fn from_headers(knobs: &mut Knobs, headers: &HeaderMap) -> Result<(), String> {
     }
     if let Some(v) = get("x-mock-stamp")? {
         knobs.stamp = Some(matches!(v, "1" | "true"));
+    }
+    if let Some(v) = get("x-mock-scenario")? {
+        knobs.scenario = Some(scenario::parse(v)?);
     }
     Ok(())
 }
@@ -181,6 +214,13 @@ fn from_body(knobs: &mut Knobs, body: &Value) -> Result<(), String> {
             v.as_bool()
                 .ok_or_else(|| "mock.stamp must be true or false".to_owned())?,
         );
+    }
+    if let Some(v) = mock.get("scenario") {
+        knobs.scenario = Some(match v {
+            Value::Null => None,
+            Value::String(s) => scenario::parse(s)?,
+            _ => return Err("mock.scenario must be a string or null".to_owned()),
+        });
     }
     Ok(())
 }

@@ -9,27 +9,49 @@
 //!
 //! Endpoints:
 //! - `POST /v1/chat/completions` — OpenAI Chat Completions, streamed or not.
-//! - `POST /v1/messages` — Anthropic Messages, streaming only.
+//! - `POST /v1/messages` — Anthropic Messages, streaming only (scenarios excepted).
 //! - `GET /v1/models` — a single model, `mock`.
 //! - `GET /_mock/stats` — [`MockStats`] as JSON.
+//! - `GET /_mock/requests/last` — the last chat request's body, byte for byte as
+//!   received (`application/json`); `404` before the first one and after a reset.
 //! - `POST /_mock/reset` — zero the counters and the `fail_times` budgets.
 //!
 //! Every knob of [`MockConfig`] can be overridden per request by headers
 //! (`x-mock-tokens`, `x-mock-first-token-ms`, `x-mock-token-ms`,
-//! `x-mock-fault`, `x-mock-fail-times`, `x-mock-key`) or, winning over the
-//! headers, by a body field `"mock": {"tokens", "first_token_ms",
-//! "token_ms", "fault", "fail_times", "key", "stamp"}`. A fault of `"none"` (or
+//! `x-mock-fault`, `x-mock-fail-times`, `x-mock-key`, `x-mock-scenario`) or,
+//! winning over the headers, by a body field `"mock": {"tokens", "first_token_ms",
+//! "token_ms", "fault", "fail_times", "key", "stamp", "scenario"}`. A fault of `"none"` (or
 //! `null` in the body) switches a process-wide fault off. `stamp: true`
 //! (header `x-mock-stamp: 1`) ends every token's text in
 //! `@<request arrived>@<token sent>`, Unix nanoseconds, for latency
 //! measurements that do not depend on the timer's millisecond ticks;
 //! `--stamp` (`SLUICE_MOCK_STAMP`) does it for every request that does not
 //! say `stamp: false`.
+//!
+//! `scenario` plays a recorded provider reply instead of the token text ([`Scenario`]):
+//! `tool_call`, `parallel_tool_calls`, `reasoning`, `logprobs` and `n` on the OpenAI
+//! endpoint, `tool_use` and `thinking` on the Anthropic one; a name the endpoint does not
+//! play is a `400` (`invalid_mock_knob` on the OpenAI endpoint), and `"none"` / `null`
+//! switches a process-wide `--scenario` (`SLUICE_MOCK_SCENARIO`) off. The process-wide one
+//! applies to its own dialect's endpoint only. Recordings live in `tests/fixtures/` and are
+//! sent event by event as recorded, ids, `created` and `model` included (the request's
+//! `model` is not echoed), paced by `first_token_delay` and `token_delay` like tokens;
+//! `tokens` and `stamp` do not apply. The one change: OpenAI's usage chunk is sent only
+//! when the request asks `stream_options.include_usage: true`. In the tool scenarios a
+//! conversation that ends in a tool result (OpenAI: a last message of role `tool`;
+//! Anthropic: a `tool_result` block in the last user message) gets the scenario's final
+//! text answer instead. Not streamed, the OpenAI endpoint answers the `chat.completion`
+//! the chunks add up to ([`Accumulator`], as sluice builds its own), the Anthropic one the
+//! Messages API `message`. The `429` and `500` faults apply to scenarios as to plain
+//! replies; the stream-shape faults cannot be combined with one and get a `400`.
+//!
+//! [`Accumulator`]: crate::chat::chunk::Accumulator
 
 mod anthropic;
 mod knobs;
 mod listener;
 mod openai;
+mod scenario;
 mod script;
 mod tokens;
 
@@ -52,6 +74,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use bytes::Bytes;
 use http::{StatusCode, header};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -59,10 +82,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use scenario::Scenario;
 pub use tokens::{full_reply, token_text};
 
 use knobs::Plan;
 use listener::CountingListener;
+use scenario::Fixture;
 
 /// Chat bodies in load tests can carry long conversations; axum's 2 MiB
 /// default would turn those into spurious 413s.
@@ -92,6 +117,10 @@ pub struct MockConfig {
     /// request does not ask: requests that sluice builds itself, such as a chat
     /// session's, carry no knobs, and the fan-out benchmark times them this way.
     pub stamp: bool,
+    /// A [`Scenario`] name played for every request that names none, for the same reason
+    /// as `stamp`: a chat session's requests carry no knobs. It applies to the endpoint of
+    /// its dialect only; the other one plays plain text.
+    pub scenario: Option<String>,
 }
 
 impl Default for MockConfig {
@@ -104,6 +133,7 @@ impl Default for MockConfig {
             retry_after_secs: 1,
             fail_times: None,
             stamp: false,
+            scenario: None,
         }
     }
 }
@@ -137,14 +167,23 @@ pub struct MockArgs {
     /// (`@<ns>@<ns>` at the end of its text), as the per-request `stamp` knob does.
     #[arg(long, env = "SLUICE_MOCK_STAMP")]
     pub stamp: bool,
+    /// Recorded reply for every request that names no scenario: tool_call,
+    /// parallel_tool_calls, reasoning, logprobs, n (OpenAI), tool_use, thinking
+    /// (Anthropic) or none.
+    #[arg(long, env = "SLUICE_MOCK_SCENARIO")]
+    pub scenario: Option<String>,
 }
 
 impl MockArgs {
     /// The [`MockConfig`] these arguments describe; fails on an unknown
-    /// fault name.
+    /// fault or scenario name.
     pub fn config(&self) -> Result<MockConfig, String> {
         let fault = match &self.fault {
             Some(name) => knobs::parse_fault(name)?,
+            None => None,
+        };
+        let scenario = match &self.scenario {
+            Some(name) => scenario::parse(name)?,
             None => None,
         };
         Ok(MockConfig {
@@ -155,6 +194,7 @@ impl MockArgs {
             retry_after_secs: self.retry_after_secs,
             fail_times: self.fail_times,
             stamp: self.stamp,
+            scenario: scenario.map(|s| s.as_str().to_owned()),
         })
     }
 }
@@ -263,7 +303,7 @@ pub struct MockStats {
     /// shut down. This is how tests prove cancellation reached upstream.
     pub aborted_streams: u64,
     /// The last chat request body as received, to check what a relay
-    /// forwarded.
+    /// forwarded (its exact bytes: `GET /_mock/requests/last`).
     pub last_request: Option<Value>,
 }
 
@@ -277,6 +317,9 @@ pub(crate) struct Shared {
     /// shutdown can complete.
     cancel: CancellationToken,
     next_id: AtomicU64,
+    /// The bytes behind `MockStats::last_request`, since a parsed copy loses key order,
+    /// duplicate keys and number spelling.
+    last_body: Mutex<Option<Bytes>>,
 }
 
 impl Shared {
@@ -287,6 +330,7 @@ impl Shared {
             fault_counts: Mutex::new(HashMap::new()),
             cancel: CancellationToken::new(),
             next_id: AtomicU64::new(1),
+            last_body: Mutex::new(None),
         }
     }
 
@@ -296,7 +340,7 @@ impl Shared {
 
     /// Counts a chat request and parses its body; an unparsable body still
     /// counts, since the client did make the attempt.
-    fn record_chat(&self, body: &[u8]) -> Result<Value, String> {
+    fn record_chat(&self, body: &Bytes) -> Result<Value, String> {
         let parsed = serde_json::from_slice::<Value>(body)
             .map_err(|e| format!("request body is not JSON: {e}"))
             .and_then(|v| {
@@ -306,6 +350,9 @@ impl Shared {
                     Err("request body must be a JSON object".to_owned())
                 }
             });
+        if parsed.is_ok() {
+            *lock(&self.last_body) = Some(body.clone());
+        }
         self.stats.send_modify(|s| {
             s.chat_requests += 1;
             if let Ok(v) = &parsed {
@@ -313,6 +360,10 @@ impl Shared {
             }
         });
         parsed
+    }
+
+    fn last_body(&self) -> Option<Bytes> {
+        lock(&self.last_body).clone()
     }
 
     fn reset(&self) {
@@ -324,11 +375,14 @@ impl Shared {
                 ..MockStats::default()
             };
         });
-        self.fault_counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
+        lock(&self.fault_counts).clear();
+        *lock(&self.last_body) = None;
     }
+}
+
+/// A panic elsewhere must not take the mock's bookkeeping down with it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A mock server running in a background task; dropping it shuts it down.
@@ -350,6 +404,11 @@ impl MockServer {
     /// A snapshot of the counters.
     pub fn stats(&self) -> MockStats {
         self.shared.stats.borrow().clone()
+    }
+
+    /// The last chat request body exactly as received (see `GET /_mock/requests/last`).
+    pub fn last_request_body(&self) -> Option<Bytes> {
+        self.shared.last_body()
     }
 
     /// A receiver that wakes on every counter change; wait on it with
@@ -466,6 +525,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/models", get(models))
         .route("/_mock/stats", get(stats))
         .route("/_mock/reset", post(reset))
+        .route("/_mock/requests/last", get(last_request))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&shared),
@@ -495,6 +555,21 @@ async fn reset(State(shared): State<Arc<Shared>>) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
+async fn last_request(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.last_body() {
+        Some(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": {
+                "message": "no chat request recorded since the mock started or was reset",
+                "type": "not_found_error",
+                "code": "no_request",
+            }})),
+        )
+            .into_response(),
+    }
+}
+
 fn sse_response(body: Body) -> Response {
     (
         [
@@ -508,6 +583,30 @@ fn sse_response(body: Body) -> Response {
 
 fn shutting_down_response() -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, "mock server shutting down").into_response()
+}
+
+/// A scenario's recording: streamed as recorded (OpenAI's usage chunk only with
+/// `include_usage`, as OpenAI does), or as the whole reply its events add up to, ready when
+/// its last token would have been.
+async fn play(
+    shared: &Arc<Shared>,
+    plan: &Plan,
+    fixture: &'static Fixture,
+    stream: bool,
+    include_usage: bool,
+) -> Response {
+    if stream {
+        let events = fixture.stream(include_usage);
+        return sse_response(script::replay(Arc::clone(shared), plan, events));
+    }
+    let timing = Plan {
+        tokens: fixture.tokens(),
+        ..plan.clone()
+    };
+    if !generation_delay(shared, &timing).await {
+        return shutting_down_response();
+    }
+    Json(fixture.whole()).into_response()
 }
 
 /// Waits as long as streaming `plan` would have taken; `false` if the server

@@ -10,6 +10,7 @@ use http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 
 use super::knobs::{self, Plan};
+use super::scenario::Api;
 use super::script::{self, Dialect};
 use super::tokens::{full_reply, json_string};
 use super::{Fault, Shared};
@@ -30,7 +31,7 @@ pub(crate) async fn chat_completions(
             );
         }
     };
-    let plan = match knobs::plan(&shared, &headers, &req) {
+    let plan = match knobs::plan(&shared, &headers, &req, Api::OpenAi) {
         Ok(plan) => plan,
         Err(msg) => {
             return error(
@@ -46,14 +47,19 @@ pub(crate) async fn chat_completions(
         Some(Fault::ServerError) => return server_error(),
         _ => {}
     }
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = req
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if let Some(scenario) = plan.scenario {
+        let fixture = scenario.fixture(&req);
+        return super::play(&shared, &plan, fixture, stream, include_usage).await;
+    }
     let model = req.get("model").and_then(Value::as_str).unwrap_or("mock");
     let id = format!("chatcmpl-mock-{}", shared.next_id());
     let prompt_tokens = prompt_words(&req);
-    if req.get("stream").and_then(Value::as_bool).unwrap_or(false) {
-        let include_usage = req
-            .pointer("/stream_options/include_usage")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+    if stream {
         let dialect = OpenAi {
             head: format!(
                 "data: {{\"id\":\"{id}\",\"object\":\"chat.completion.chunk\",\"created\":{},\"model\":{},\"choices\":[",

@@ -213,6 +213,38 @@ fn events(
     }
 }
 
+/// A recorded reply played event by event: nothing before `first_token_delay`, each token
+/// event after the first `token_delay` after the one before, other events at once.
+pub(crate) fn replay(shared: Arc<Shared>, plan: &Plan, events: Vec<(Bytes, bool)>) -> Body {
+    let (first, gap) = (plan.first_token_delay, plan.token_delay);
+    let cancel = shared.cancel.clone();
+    let mut guard = StreamGuard::new(shared);
+    Body::from_stream(async_stream::stream! {
+        let mut stopped = Box::pin(cancel.clone().cancelled_owned());
+        let mut deadline = Instant::now() + first;
+        let mut timer = Box::pin(tokio::time::sleep_until(deadline));
+        if !first.is_zero() && !sleep_until(deadline, &cancel, &mut timer, &mut stopped).await {
+            yield Err(shutting_down());
+            return;
+        }
+        let mut tokens = 0usize;
+        for (frame, token) in events {
+            if token {
+                if tokens > 0 && !gap.is_zero() {
+                    deadline = (deadline + gap).max(Instant::now());
+                    if !sleep_until(deadline, &cancel, &mut timer, &mut stopped).await {
+                        yield Err(shutting_down());
+                        return;
+                    }
+                }
+                tokens += 1;
+            }
+            yield Ok::<_, io::Error>(frame);
+        }
+        guard.complete();
+    })
+}
+
 /// A body that aborts the response at once, for `reset_mid` without
 /// streaming.
 pub(crate) fn reset_body() -> Body {

@@ -947,3 +947,613 @@ async fn process_wide_stamp_marks_every_token_unless_a_request_opts_out() {
         .unwrap();
     assert_eq!(openai_text(&json_events(&parse_sse(&text))), full_reply(3));
 }
+
+const OPENAI_FIXTURES: [(&str, &str); 5] = [
+    (
+        "tool_call",
+        include_str!("../../tests/fixtures/openai_tool_call.sse"),
+    ),
+    (
+        "parallel_tool_calls",
+        include_str!("../../tests/fixtures/openai_parallel_tool_calls.sse"),
+    ),
+    (
+        "reasoning",
+        include_str!("../../tests/fixtures/openai_reasoning.sse"),
+    ),
+    (
+        "logprobs",
+        include_str!("../../tests/fixtures/openai_logprobs.sse"),
+    ),
+    ("n", include_str!("../../tests/fixtures/openai_n.sse")),
+];
+
+const ANTHROPIC_FIXTURES: [(&str, &str); 2] = [
+    (
+        "tool_use",
+        include_str!("../../tests/fixtures/anthropic_tool_use.sse"),
+    ),
+    (
+        "thinking",
+        include_str!("../../tests/fixtures/anthropic_thinking.sse"),
+    ),
+];
+
+/// The fixture as a client that did not ask for usage gets it: OpenAI's usage chunk, the
+/// one with no choices, left out.
+fn without_usage_chunk(fixture: &str) -> String {
+    let kept: String = fixture
+        .split_inclusive("\n\n")
+        .filter(|e| !e.contains(",\"choices\":[],"))
+        .collect();
+    assert_eq!(
+        fixture.len() - kept.len(),
+        fixture
+            .split_inclusive("\n\n")
+            .find(|e| e.contains(",\"choices\":[],"))
+            .unwrap()
+            .len(),
+        "exactly one usage chunk"
+    );
+    kept
+}
+
+async fn last_request_over_http(server: &MockServer) -> reqwest::Response {
+    client()
+        .get(format!("http://{}/_mock/requests/last", server.addr))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn openai_scenarios_stream_their_fixture_byte_for_byte() {
+    let server = mock().await;
+    for (name, fixture) in OPENAI_FIXTURES {
+        let resp = chat(
+            &server,
+            json!({
+                "model": "gpt-x",
+                "stream": true,
+                "stream_options": {"include_usage": true},
+                "messages": [{"role": "user", "content": "hi"}],
+                "mock": {"scenario": name},
+            }),
+        )
+        .await;
+        assert_eq!(resp.status(), 200, "{name}");
+        assert_eq!(
+            resp.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        let (text, errored) = read_until_end(resp).await;
+        assert!(!errored, "{name}");
+        assert_eq!(text, fixture, "{name}");
+
+        // Without include_usage the usage chunk is left out, as OpenAI does; the header
+        // selects the scenario as well as the body does.
+        let resp = client()
+            .post(format!("{}/chat/completions", server.url()))
+            .header("x-mock-scenario", name)
+            .json(&json!({"stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        let (text, _) = read_until_end(resp).await;
+        assert_eq!(text, without_usage_chunk(fixture), "{name}");
+    }
+    let stats = wait_stats(&server, |s| s.completed_streams == 10).await;
+    assert_eq!(stats.aborted_streams, 0);
+}
+
+#[tokio::test]
+async fn scenario_chunks_carry_what_they_promise() {
+    let server = mock().await;
+    let play = |name: &'static str| {
+        let server = &server;
+        async move {
+            let (text, _) = read_until_end(
+                chat(
+                    server,
+                    json!({"stream": true, "stream_options": {"include_usage": true}, "mock": {"scenario": name}}),
+                )
+                .await,
+            )
+            .await;
+            json_events(&parse_sse(&text))
+        }
+    };
+    let chunks = play("tool_call").await;
+    let first = &chunks[0]["choices"][0]["delta"]["tool_calls"][0];
+    assert_eq!(first["function"]["arguments"], "");
+    assert!(first["id"].as_str().unwrap().starts_with("call_"));
+    let args: String = chunks
+        .iter()
+        .filter_map(|c| c.pointer("/choices/0/delta/tool_calls/0/function/arguments"))
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let args: Value = serde_json::from_str(&args).unwrap();
+    assert_eq!(args["location"], "Paris, France");
+    assert_eq!(
+        chunks[chunks.len() - 2]["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
+
+    let chunks = play("parallel_tool_calls").await;
+    let ids: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| c.pointer("/choices/0/delta/tool_calls/0/id"))
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert_ne!(ids[0], ids[1]);
+
+    let chunks = play("reasoning").await;
+    let reasoning: String = chunks
+        .iter()
+        .filter_map(|c| c.pointer("/choices/0/delta/reasoning_content"))
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(reasoning.contains("391"), "{reasoning}");
+    assert_eq!(openai_text(&chunks), "17 × 23 = **391**");
+    let usage = &chunks.last().unwrap()["usage"];
+    assert!(usage["completion_tokens_details"]["reasoning_tokens"].as_u64() > Some(0));
+
+    let chunks = play("logprobs").await;
+    let entry = &chunks[1]["choices"][0]["logprobs"]["content"][0];
+    assert_eq!(entry["token"], chunks[1]["choices"][0]["delta"]["content"]);
+    assert!(entry["top_logprobs"].as_array().unwrap().len() >= 2);
+
+    let chunks = play("n").await;
+    let mut finished = Vec::new();
+    for c in &chunks {
+        for choice in c["choices"].as_array().unwrap() {
+            if choice["finish_reason"].is_string() {
+                finished.push(choice["index"].as_u64().unwrap());
+            }
+        }
+    }
+    assert_eq!(finished, [0, 1]);
+}
+
+#[tokio::test]
+async fn anthropic_scenarios_stream_their_fixture_byte_for_byte() {
+    let server = mock().await;
+    for (name, fixture) in ANTHROPIC_FIXTURES {
+        let resp = messages(
+            &server,
+            json!({
+                "model": "claude-x",
+                "stream": true,
+                "messages": [{"role": "user", "content": "hi"}],
+                "mock": {"scenario": name},
+            }),
+        )
+        .await;
+        assert_eq!(resp.status(), 200, "{name}");
+        let (text, errored) = read_until_end(resp).await;
+        assert!(!errored, "{name}");
+        assert_eq!(text, fixture, "{name}");
+    }
+    let events = parse_sse(ANTHROPIC_FIXTURES[0].1);
+    let starts: Vec<Value> = events
+        .iter()
+        .filter(|e| e.event.as_deref() == Some("content_block_start"))
+        .map(|e| serde_json::from_str::<Value>(&e.data).unwrap()["content_block"].clone())
+        .collect();
+    assert_eq!(starts[0]["type"], "text");
+    for tool in &starts[1..] {
+        assert_eq!(tool["type"], "tool_use");
+        assert!(tool["id"].as_str().unwrap().starts_with("toolu_"));
+        assert_eq!(tool["input"], json!({}));
+    }
+    assert_eq!(starts.len(), 3);
+    wait_stats(&server, |s| s.completed_streams == 2).await;
+}
+
+#[tokio::test]
+async fn scenario_events_are_paced_like_tokens() {
+    let server = mock().await;
+    let started = Instant::now();
+    let mut resp = chat(
+        &server,
+        json!({"stream": true, "mock": {"scenario": "tool_call", "first_token_ms": 100, "token_ms": 10}}),
+    )
+    .await;
+    let mut reads = Vec::new();
+    while let Some(c) = resp.chunk().await.unwrap() {
+        reads.push((started.elapsed(), String::from_utf8(c.to_vec()).unwrap()));
+    }
+    assert!(reads[0].0 >= Duration::from_millis(100), "{reads:?}");
+    assert!(reads.len() >= 3, "{reads:?}");
+    for (_, r) in &reads {
+        assert!(r.ends_with("\n\n"), "frame split mid-event: {r:?}");
+    }
+    // 13 token chunks (the call's start and 12 argument fragments): 12 gaps.
+    assert!(started.elapsed() >= Duration::from_millis(100 + 12 * 10));
+    let text: String = reads.into_iter().map(|(_, r)| r).collect();
+    assert_eq!(text, without_usage_chunk(OPENAI_FIXTURES[0].1));
+}
+
+#[tokio::test]
+async fn tool_results_get_the_final_answer() {
+    let server = mock().await;
+    let turn_two = json!({
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "messages": [
+            {"role": "user", "content": "What's the weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{
+                "id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"location\":\"Paris, France\"}"},
+            }]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp_c\":18}"},
+        ],
+    });
+    for (name, fixture) in [
+        (
+            "tool_call",
+            include_str!("../../tests/fixtures/openai_tool_call_final.sse"),
+        ),
+        (
+            "parallel_tool_calls",
+            include_str!("../../tests/fixtures/openai_parallel_tool_calls_final.sse"),
+        ),
+    ] {
+        let mut body = turn_two.clone();
+        body["mock"] = json!({"scenario": name});
+        let (text, _) = read_until_end(chat(&server, body).await).await;
+        assert_eq!(text, fixture, "{name}");
+        let chunks = json_events(&parse_sse(&text));
+        assert_eq!(
+            chunks[chunks.len() - 2]["choices"][0]["finish_reason"],
+            "stop"
+        );
+        assert!(openai_text(&chunks).contains("18°C"));
+    }
+    // A tool message earlier in the conversation is not the end of a loop.
+    let mut body = turn_two.clone();
+    body["messages"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"role": "user", "content": "And Tokyo?"}));
+    body["mock"] = json!({"scenario": "tool_call"});
+    let (text, _) = read_until_end(chat(&server, body).await).await;
+    assert_eq!(text, OPENAI_FIXTURES[0].1);
+
+    let resp = messages(
+        &server,
+        json!({
+            "stream": true,
+            "messages": [
+                {"role": "user", "content": "Weather in Paris and Tokyo?"},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "I'll check."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"location": "Paris, France"}},
+                    {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {"location": "Tokyo, Japan"}},
+                ]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "18C, partly cloudy"},
+                    {"type": "tool_result", "tool_use_id": "toolu_2", "content": "24C, sunny"},
+                ]},
+            ],
+            "mock": {"scenario": "tool_use"},
+        }),
+    )
+    .await;
+    let (text, _) = read_until_end(resp).await;
+    assert_eq!(
+        text,
+        include_str!("../../tests/fixtures/anthropic_tool_use_final.sse")
+    );
+    let delta = parse_sse(&text)
+        .into_iter()
+        .find(|e| e.event.as_deref() == Some("message_delta"))
+        .unwrap();
+    let delta: Value = serde_json::from_str(&delta.data).unwrap();
+    assert_eq!(delta["delta"]["stop_reason"], "end_turn");
+}
+
+/// What the OpenAI SDKs (and sluice) make of a fixture's chunks when it is not streamed.
+fn accumulated(fixture: &str) -> Value {
+    use crate::chat::chunk::{Accumulator, Chunk, Payload};
+    let mut acc = Accumulator::default();
+    for e in parse_sse(fixture) {
+        if e.data == "[DONE]" {
+            continue;
+        }
+        match Chunk::parse(e.data.as_bytes()).unwrap() {
+            Payload::Chunk(c) => acc.add(&c),
+            other => panic!("{other:?}"),
+        }
+    }
+    acc.finish("unused", 0, "unused")
+}
+
+#[tokio::test]
+async fn non_streamed_scenarios_answer_the_whole_reply() {
+    let server = mock().await;
+    for (name, fixture) in OPENAI_FIXTURES {
+        let resp = chat(&server, json!({"mock": {"scenario": name}})).await;
+        assert_eq!(resp.status(), 200, "{name}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body, accumulated(fixture), "{name}");
+        assert_eq!(body["object"], "chat.completion");
+        assert!(body["usage"]["total_tokens"].as_u64() > Some(0), "{name}");
+    }
+    let body: Value = chat(&server, json!({"mock": {"scenario": "tool_call"}}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["content"], Value::Null);
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert_eq!(
+        call["function"]["arguments"],
+        "{\"location\":\"Paris, France\",\"unit\":\"celsius\"}"
+    );
+    assert!(call.get("index").is_none());
+    let body: Value = chat(&server, json!({"mock": {"scenario": "n"}}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "Hi there! 👋");
+    assert_eq!(
+        body["choices"][1]["message"]["content"],
+        "Hello! How are you doing today?"
+    );
+    let body: Value = chat(&server, json!({"mock": {"scenario": "reasoning"}}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        body["choices"][0]["message"]["reasoning_content"]
+            .as_str()
+            .unwrap()
+            .starts_with("Okay")
+    );
+
+    let resp = messages(&server, json!({"mock": {"scenario": "tool_use"}})).await;
+    assert_eq!(resp.status(), 200);
+    let msg: Value = resp.json().await.unwrap();
+    assert_eq!(msg["type"], "message");
+    assert_eq!(msg["role"], "assistant");
+    assert_eq!(msg["stop_reason"], "tool_use");
+    assert_eq!(msg["model"], "claude-sonnet-4-5-20250929");
+    let content = msg["content"].as_array().unwrap();
+    assert_eq!(
+        content[0],
+        json!({"type": "text", "text": "I'll check the current weather in both cities for you."})
+    );
+    assert_eq!(content[1]["type"], "tool_use");
+    assert_eq!(content[1]["name"], "get_weather");
+    assert_eq!(content[1]["input"], json!({"location": "Paris, France"}));
+    assert_eq!(content[2]["input"], json!({"location": "Tokyo, Japan"}));
+    assert_eq!(msg["usage"]["output_tokens"], 118);
+
+    let msg: Value = messages(&server, json!({"mock": {"scenario": "thinking"}}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(msg["stop_reason"], "end_turn");
+    assert_eq!(msg["content"][0]["type"], "thinking");
+    assert!(
+        msg["content"][0]["thinking"]
+            .as_str()
+            .unwrap()
+            .contains("= 391")
+    );
+    assert!(msg["content"][0]["signature"].as_str().unwrap().len() > 100);
+    assert_eq!(
+        msg["content"][1],
+        json!({"type": "text", "text": "17 × 23 = **391**"})
+    );
+    let stats = server.stats();
+    assert_eq!(stats.active_streams + stats.completed_streams, 0);
+}
+
+#[tokio::test]
+async fn process_wide_scenario_plays_for_requests_without_knobs() {
+    let server = spawn(MockConfig {
+        scenario: Some("tool_call".into()),
+        tokens: 3,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let (text, _) = read_until_end(chat(&server, json!({"stream": true})).await).await;
+    assert_eq!(text, without_usage_chunk(OPENAI_FIXTURES[0].1));
+    // A request can pick another scenario or none.
+    let (text, _) = read_until_end(
+        chat(
+            &server,
+            json!({"stream": true, "stream_options": {"include_usage": true}, "mock": {"scenario": "n"}}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(text, OPENAI_FIXTURES[4].1);
+    let (text, _) =
+        read_until_end(chat(&server, json!({"stream": true, "mock": {"scenario": null}})).await)
+            .await;
+    assert_eq!(openai_text(&json_events(&parse_sse(&text))), full_reply(3));
+    // The Anthropic endpoint is not the scenario's and plays plain text.
+    let (text, _) = read_until_end(messages(&server, json!({"stream": true})).await).await;
+    assert_eq!(anthropic_text(&parse_sse(&text)), full_reply(3));
+
+    let server = spawn(MockConfig {
+        scenario: Some("thinking".into()),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let (text, _) = read_until_end(messages(&server, json!({"stream": true})).await).await;
+    assert_eq!(text, ANTHROPIC_FIXTURES[1].1);
+
+    let server = spawn(MockConfig {
+        scenario: Some("bogus".into()),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let resp = chat(&server, json!({"stream": true})).await;
+    assert_eq!(resp.status(), 400);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "invalid_mock_knob");
+}
+
+#[test]
+fn scenario_flag_builds_config() {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        mock: MockArgs,
+    }
+    let cli = Cli::try_parse_from(["x", "--scenario", "tool_use"]).unwrap();
+    assert_eq!(
+        cli.mock.config().unwrap().scenario.as_deref(),
+        Some("tool_use")
+    );
+    let none = Cli::try_parse_from(["x", "--scenario", "none"]).unwrap();
+    assert_eq!(none.mock.config().unwrap().scenario, None);
+    let bad = Cli::try_parse_from(["x", "--scenario", "tools"]).unwrap();
+    let err = bad.mock.config().unwrap_err();
+    assert!(err.contains("\"tools\""), "{err}");
+    let unset = Cli::try_parse_from(["x"]).unwrap();
+    assert_eq!(unset.mock.config().unwrap().scenario, None);
+}
+
+#[tokio::test]
+async fn bad_scenario_knobs_are_400() {
+    let server = mock().await;
+    for (body, needle) in [
+        (
+            json!({"mock": {"scenario": "tool_calls"}}),
+            "\"tool_calls\"",
+        ),
+        (
+            json!({"stream": true, "mock": {"scenario": "tool_use"}}),
+            "\"tool_use\"",
+        ),
+        (json!({"mock": {"scenario": 3}}), "mock.scenario"),
+        (
+            json!({"stream": true, "mock": {"scenario": "n", "fault": "stall_mid"}}),
+            "stall_mid",
+        ),
+    ] {
+        let resp = chat(&server, body.clone()).await;
+        assert_eq!(resp.status(), 400, "{body}");
+        let err: Value = resp.json().await.unwrap();
+        assert_eq!(err["error"]["code"], "invalid_mock_knob", "{body}");
+        let msg = err["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{body}: {msg}");
+    }
+    let resp = client()
+        .post(format!("{}/chat/completions", server.url()))
+        .header("x-mock-scenario", "thinking")
+        .json(&json!({"stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let err: Value = resp.json().await.unwrap();
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"thinking\"")
+    );
+    for scenario in ["reasoning", "nope"] {
+        let resp = messages(
+            &server,
+            json!({"stream": true, "mock": {"scenario": scenario}}),
+        )
+        .await;
+        assert_eq!(resp.status(), 400, "{scenario}");
+        let err: Value = resp.json().await.unwrap();
+        assert_eq!(err["type"], "error");
+        assert_eq!(err["error"]["type"], "invalid_request_error");
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("{scenario:?}"))
+        );
+    }
+    assert_eq!(server.stats().completed_streams, 0);
+}
+
+#[tokio::test]
+async fn status_faults_still_apply_to_scenarios() {
+    let server = mock().await;
+    let body = json!({
+        "stream": true,
+        "mock": {"scenario": "tool_call", "fault": 429, "fail_times": 1, "key": "s"},
+    });
+    let resp = chat(&server, body.clone()).await;
+    assert_eq!(resp.status(), 429);
+    let (text, _) = read_until_end(chat(&server, body).await).await;
+    assert_eq!(text, without_usage_chunk(OPENAI_FIXTURES[0].1));
+    let resp = messages(
+        &server,
+        json!({"stream": true, "mock": {"scenario": "tool_use", "fault": "500"}}),
+    )
+    .await;
+    assert_eq!(resp.status(), 500);
+}
+
+#[tokio::test]
+async fn last_request_is_the_body_as_received() {
+    let server = mock().await;
+    let resp = last_request_over_http(&server).await;
+    assert_eq!(resp.status(), 404);
+
+    // Key order, spacing and number spelling a parsed copy would lose.
+    let raw = r#"{"stream":false, "model":"m","messages":[{"role":"user","content":"hé \u00e9"}],"temperature":1.0,"mock":{"tokens":2},"a":1e2}"#;
+    let resp = client()
+        .post(format!("{}/chat/completions", server.url()))
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = last_request_over_http(&server).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    assert_eq!(resp.text().await.unwrap(), raw);
+    assert_eq!(server.last_request_body().unwrap(), raw.as_bytes());
+    let parsed: Value = serde_json::from_str(raw).unwrap();
+    assert_eq!(server.stats().last_request, Some(parsed));
+
+    // The Anthropic endpoint records too; an unparsable body does not replace the last one.
+    let sent = json!({"stream": true, "messages": [{"role": "user", "content": "x"}], "mock": {"tokens": 1}});
+    read_until_end(messages(&server, sent.clone()).await).await;
+    let got: Value = last_request_over_http(&server).await.json().await.unwrap();
+    assert_eq!(got, sent);
+    let resp = client()
+        .post(format!("{}/chat/completions", server.url()))
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let got: Value = last_request_over_http(&server).await.json().await.unwrap();
+    assert_eq!(got, sent);
+
+    client()
+        .post(format!("http://{}/_mock/reset", server.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(last_request_over_http(&server).await.status(), 404);
+    assert_eq!(server.last_request_body(), None);
+}
