@@ -98,7 +98,9 @@ impl ApiError {
             Self::Unavailable { .. } => "service_unavailable",
             Self::TooManyRequests { .. } => "rate_limit_error",
             Self::Upstream(e) => match e {
-                UpstreamError::UnknownModel(_) => "invalid_request_error",
+                UpstreamError::UnknownModel(_) | UpstreamError::Untranslatable { .. } => {
+                    "invalid_request_error"
+                }
                 UpstreamError::Status { status: 429, .. } => "rate_limit_error",
                 UpstreamError::Status {
                     status: 400 | 404 | 413 | 422,
@@ -160,6 +162,7 @@ impl ApiError {
 fn upstream_status(e: &UpstreamError) -> StatusCode {
     match e {
         UpstreamError::UnknownModel(_) => StatusCode::NOT_FOUND,
+        UpstreamError::Untranslatable { .. } => StatusCode::BAD_REQUEST,
         UpstreamError::Status { status, .. } => match *status {
             429 => StatusCode::TOO_MANY_REQUESTS,
             s @ (400 | 404 | 413 | 422) => {

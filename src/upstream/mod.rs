@@ -84,6 +84,10 @@ pub enum UpstreamError {
         message: String,
         code: Option<String>,
     },
+    /// The request has no form in the provider's API (a content part or tool it lacks), or
+    /// is malformed in a way only translating it shows; another provider may still take it.
+    #[error("upstream {provider} cannot take this request: {message}")]
+    Untranslatable { provider: String, message: String },
     /// No configured provider serves the model.
     #[error("model '{0}' is not served by any configured provider")]
     UnknownModel(String),
@@ -134,6 +138,7 @@ impl UpstreamError {
             Self::Transport { .. } => "upstream_disconnected",
             Self::Malformed { .. } => "upstream_malformed",
             Self::InBand { .. } => "upstream_error",
+            Self::Untranslatable { .. } => "untranslatable_request",
             Self::UnknownModel(_) => "model_not_found",
             Self::Busy { .. } => "upstream_busy",
             Self::CircuitOpen { .. } => "circuit_open",
@@ -162,6 +167,7 @@ impl UpstreamError {
             | Self::Transport { provider, .. }
             | Self::Malformed { provider, .. }
             | Self::InBand { provider, .. }
+            | Self::Untranslatable { provider, .. }
             | Self::Busy { provider }
             | Self::CircuitOpen { provider, .. } => Some(provider),
             Self::UnknownModel(_) => None,
