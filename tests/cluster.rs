@@ -10,6 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::db::{self, Backend, TestDb};
+use common::reasoning::{answer, reasoning_upstream, thinking};
 use common::*;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
@@ -88,13 +89,18 @@ struct Cluster {
 
 impl Cluster {
     async fn start(n: usize, mock: &MockServer, redis_url: &str) -> Self {
+        Self::start_on(n, &mock.url(), redis_url).await
+    }
+
+    /// In front of the OpenAI-compatible upstream at `upstream` (its `…/v1` URL).
+    async fn start_on(n: usize, upstream: &str, redis_url: &str) -> Self {
         let db = db::fresh(Backend::Postgres).await;
         let prefix = format!("sluice-test-{}", sluice::store::new_id());
         let env = vec![
             ("DATABASE_URL".into(), db.database_url().unwrap().to_owned()),
             ("REDIS_URL".into(), redis_url.to_owned()),
             ("SLUICE_REDIS_PREFIX".into(), prefix),
-            ("OPENAI_BASE_URL".into(), mock.url()),
+            ("OPENAI_BASE_URL".into(), upstream.to_owned()),
             ("SLUICE_DEFAULT_MODEL".into(), "mock-model".into()),
             ("SLUICE_DRAIN_SECS".into(), "30".into()),
             ("SLUICE_RATE_CHAT_PER_MIN".into(), "0".into()),
@@ -388,6 +394,50 @@ async fn a_generation_on_one_instance_is_watched_live_and_resumed_on_the_others(
     }
 }
 
+/// A reasoning model's thinking crosses instances as its tokens do: a watcher elsewhere
+/// gets the same sequence, resumes from a `reasoning` event there, and reads it stored.
+#[tokio::test]
+async fn thinking_reaches_watchers_on_other_instances() {
+    let upstream = reasoning_upstream(Duration::from_millis(20)).await;
+    let c = Cluster::start_on(2, &upstream, REDIS).await;
+    let s = new_session(&c.url(0)).await;
+    let b = tokio::spawn(read_until_final(
+        watch(&c.url(1), &s, None).await,
+        WAIT,
+        |_| {},
+    ));
+    let a = read_until_final(post_message(&c.url(0), &s, true).await, WAIT, |_| {}).await;
+    let b = b.await.unwrap();
+    let kinds: Vec<&str> = a.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "start",
+            "reasoning",
+            "reasoning",
+            "reasoning",
+            "token",
+            "token",
+            "token",
+            "usage",
+            "done"
+        ]
+    );
+    assert_eq!(a, b, "the other instance saw another sequence");
+    let thought: String = a
+        .iter()
+        .filter(|e| e.event == "reasoning")
+        .map(|e| e.data["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(thought, thinking());
+    assert_eq!(text_of(&a), answer());
+
+    let rest = read_until_final(watch(&c.url(1), &s, Some(&a[1].id)).await, WAIT, |_| {}).await;
+    assert_eq!(rest, a[2..].to_vec());
+    let m = last_assistant(&messages(&c.url(1), &s).await);
+    assert_eq!(m["reasoning"], thinking());
+}
+
 #[tokio::test]
 async fn a_watcher_joining_mid_stream_elsewhere_gets_it_from_the_start() {
     let mock = mock(MockConfig {
@@ -459,6 +509,40 @@ async fn watchers_elsewhere_get_interrupted_when_the_owner_is_killed() {
     // The session is not left streaming: the reply is stored with what was produced.
     let m = last_assistant(&messages(&c.url(1), &s).await);
     assert_eq!(m["status"], "interrupted");
+    assert_eq!(m["content"].as_str().unwrap(), text_of(&b));
+}
+
+/// A reply whose instance is killed while the model thinks is stored, by the instance that
+/// ends it, with the thinking streamed so far.
+#[tokio::test]
+async fn a_lost_owners_reply_keeps_the_thinking_so_far() {
+    let upstream = reasoning_upstream(Duration::from_millis(500)).await;
+    let c = Cluster::start_on(2, &upstream, REDIS).await;
+    let s = new_session(&c.url(0)).await;
+    let (tx, mut thought) = tokio::sync::mpsc::channel(8);
+    let b = tokio::spawn(read_until_final(
+        watch(&c.url(1), &s, None).await,
+        SLOW_WAIT,
+        move |e: &Ev| {
+            if e.event == "reasoning" {
+                let _ = tx.try_send(());
+            }
+        },
+    ));
+    post_message(&c.url(0), &s, false).await;
+    tokio::time::timeout(WAIT, thought.recv()).await.unwrap();
+    c.signal(0, "-KILL");
+    let b = b.await.unwrap();
+    assert_eq!(b.last().unwrap().event, "interrupted", "{b:?}");
+    let streamed: String = b
+        .iter()
+        .filter(|e| e.event == "reasoning")
+        .map(|e| e.data["text"].as_str().unwrap())
+        .collect();
+    assert!(!streamed.is_empty() && thinking().starts_with(&streamed));
+    let m = last_assistant(&messages(&c.url(1), &s).await);
+    assert_eq!(m["status"], "interrupted");
+    assert_eq!(m["reasoning"].as_str().unwrap(), streamed);
     assert_eq!(m["content"].as_str().unwrap(), text_of(&b));
 }
 

@@ -8,11 +8,12 @@ mod common;
 use std::time::Duration;
 
 use common::db::{Backend, TestDb};
+use common::reasoning::{REASONING_TOKENS, answer, reasoning_upstream, thinking};
 use common::*;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use sluice::config::AuthMode;
+use sluice::config::{AuthMode, ProviderConfig};
 use sluice::mock::{Fault, MockConfig, MockServer, full_reply, token_text};
 
 /// Runs a scenario once per store backend, as two tests.
@@ -44,6 +45,9 @@ both_backends!(
     one_generation_at_a_time,
     revoked_key_is_refused,
     history_survives_a_restart,
+    a_reasoning_model_streams_its_thinking_before_the_answer,
+    a_cancelled_reply_keeps_the_thinking_so_far,
+    the_thinking_is_saved_while_it_streams,
 );
 
 struct Env {
@@ -197,11 +201,25 @@ async fn read_until_final(resp: reqwest::Response, max: usize) -> Vec<Ev> {
 }
 
 fn text(events: &[Ev]) -> String {
+    joined(events, "token")
+}
+
+/// The `text` of every `kind` event, in order.
+fn joined(events: &[Ev], kind: &str) -> String {
     events
         .iter()
-        .filter(|e| e.event == "token")
+        .filter(|e| e.event == kind)
         .map(|e| e.data["text"].as_str().unwrap())
         .collect()
+}
+
+/// Sessions whose only upstream is a reasoning model, `pace` between its pieces.
+async fn reasoning_env(b: Backend, pace: Duration) -> Env {
+    let upstream = reasoning_upstream(pace).await;
+    env_with(b, MockConfig::default(), |c| {
+        c.upstream.providers = vec![ProviderConfig::openai("reasoner", &upstream, None)];
+    })
+    .await
 }
 
 fn assert_ids_increase(events: &[Ev]) {
@@ -740,4 +758,150 @@ async fn history_survives_a_restart(b: Backend) {
     again.shutdown().await;
     drop((db, mock));
     let _ = token_text(0);
+}
+
+async fn a_reasoning_model_streams_its_thinking_before_the_answer(b: Backend) {
+    let e = reasoning_env(b, Duration::ZERO).await;
+    let s = e.new_session().await;
+    let events = read_until_final(e.chat(&s, "What is the answer?").await, 1000).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "start",
+            "reasoning",
+            "reasoning",
+            "reasoning",
+            "token",
+            "token",
+            "token",
+            "usage",
+            "done"
+        ]
+    );
+    assert_ids_increase(&events);
+    assert_eq!(joined(&events, "reasoning"), thinking());
+    assert_eq!(text(&events), answer());
+    assert_eq!(events[7].data["reasoning_tokens"], REASONING_TOKENS);
+
+    // Resumed like tokens: after the first piece of thinking, exactly the rest.
+    let rest = read_until_final(e.subscribe(&s, Some(&events[1].id)).await, 1000).await;
+    assert_eq!(
+        rest.iter().map(|e| &e.id).collect::<Vec<_>>(),
+        events[2..].iter().map(|e| &e.id).collect::<Vec<_>>()
+    );
+    assert_eq!(rest[0].event, "reasoning");
+
+    let msgs = e.messages(&s).await;
+    assert_eq!(msgs[1]["content"], answer());
+    assert_eq!(msgs[1]["reasoning"], thinking());
+    assert_eq!(msgs[1]["completion_tokens"], 9);
+    assert!(
+        msgs[0].get("reasoning").is_none(),
+        "no reasoning field without reasoning: {}",
+        msgs[0]
+    );
+
+    // The usage record keeps the reasoning tokens, and the usage API returns them.
+    let admin = format!("sk-test-{}", uuid::Uuid::new_v4().simple());
+    let store = &e.server.state.store;
+    let root = store.ensure_user("root").await.unwrap();
+    store
+        .create_api_key(
+            &root.id,
+            "root",
+            &sluice::store::cli::hash_key(&admin),
+            &admin[..12],
+            true,
+        )
+        .await
+        .unwrap();
+    let usage: Value = client()
+        .get(e.url("/api/admin/usage"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rows = usage["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{usage}");
+    assert_eq!(rows[0]["completion_tokens"], 9);
+    assert_eq!(rows[0]["reasoning_tokens"], REASONING_TOKENS);
+    e.server.shutdown().await;
+}
+
+async fn a_cancelled_reply_keeps_the_thinking_so_far(b: Backend) {
+    let e = reasoning_env(b, Duration::from_millis(300)).await;
+    let s = e.new_session().await;
+    let mut events = e
+        .chat(&s, "Think it over")
+        .await
+        .bytes_stream()
+        .eventsource();
+    let mut seen = Vec::new();
+    let mut cancelled = false;
+    while let Some(ev) = tokio::time::timeout(WAIT, events.next()).await.unwrap() {
+        let ev = ev.unwrap();
+        let data: Value = serde_json::from_str(&ev.data).unwrap();
+        let done = ev.event == "done";
+        seen.push(Ev {
+            id: ev.id,
+            event: ev.event,
+            data,
+        });
+        if done {
+            break;
+        }
+        if !cancelled && seen.last().unwrap().event == "reasoning" {
+            cancelled = true;
+            let r = e
+                .req(reqwest::Method::POST, &format!("/api/sessions/{s}/cancel"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    }
+    assert_eq!(seen.last().unwrap().data["finish_reason"], "cancelled");
+    let streamed = joined(&seen, "reasoning");
+    assert!(!streamed.is_empty() && thinking().starts_with(&streamed));
+    let msgs = e.messages(&s).await;
+    assert_eq!(msgs[1]["status"], "cancelled");
+    assert_eq!(
+        msgs[1]["reasoning"], streamed,
+        "the thinking streamed is kept, exactly"
+    );
+    assert_eq!(msgs[1]["content"], text(&seen));
+    e.server.shutdown().await;
+}
+
+/// A reply is saved every 2 s while it streams; the thinking is saved with its text.
+async fn the_thinking_is_saved_while_it_streams(b: Backend) {
+    // About 4 s in all, its thinking over by 2.1 s: the first save has some of it.
+    let e = reasoning_env(b, Duration::from_millis(700)).await;
+    let s = e.new_session().await;
+    let live = e.chat(&s, "Take your time").await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let saved = loop {
+        let msgs = e.messages(&s).await;
+        let reply = msgs[1].clone();
+        if reply["reasoning"].is_string() {
+            break reply;
+        }
+        assert_eq!(reply["status"], "streaming", "ended before a save: {reply}");
+        assert!(std::time::Instant::now() < deadline, "never saved: {reply}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(saved["status"], "streaming", "{saved}");
+    let so_far = saved["reasoning"].as_str().unwrap();
+    assert!(
+        !so_far.is_empty() && thinking().starts_with(so_far),
+        "{saved}"
+    );
+    let events = read_until_final(live, 1000).await;
+    assert_eq!(events.last().unwrap().event, "done");
+    assert_eq!(e.messages(&s).await[1]["reasoning"], thinking());
+    e.server.shutdown().await;
 }

@@ -21,6 +21,7 @@ use sluice::store::{
 
 crate::backend_tests!(
     migrations_apply_on_an_empty_database_and_are_idempotent,
+    a_database_of_the_first_schema_keeps_its_rows_through_the_reasoning_columns,
     concurrent_first_starts_migrate_once,
     ping_and_backend_name,
     users_are_ensured_once,
@@ -104,7 +105,7 @@ fn sqlite_conn(db: &TestDb) -> rusqlite::Connection {
 
 async fn migrations_apply_on_an_empty_database_and_are_idempotent(backend: Backend) {
     let db = fresh(backend).await;
-    assert_eq!(open_and_report(&db).await, ["V1__init"]);
+    assert_eq!(open_and_report(&db).await, ["V1__init", "V2__reasoning"]);
     let objects = schema_objects(&db).await;
     for name in [
         "refinery_schema_history",
@@ -137,6 +138,79 @@ async fn migrations_apply_on_an_empty_database_and_are_idempotent(backend: Backe
     assert!(open_and_report(&db).await.is_empty());
     let again = open(&db).await.ensure_user("alice").await.unwrap();
     assert_eq!(alice, again);
+}
+
+/// The migrations as shipped, to put a database at an earlier version.
+mod shipped {
+    pub mod sqlite {
+        refinery::embed_migrations!("migrations/sqlite");
+    }
+    pub mod postgres {
+        refinery::embed_migrations!("migrations/postgres");
+    }
+}
+
+/// Rows written before reasoning was stored read back with none, and take it afterwards.
+async fn a_database_of_the_first_schema_keeps_its_rows_through_the_reasoning_columns(
+    backend: Backend,
+) {
+    let db = fresh(backend).await;
+    let v1 = refinery::Target::Version(1);
+    let rows = "INSERT INTO users (id, name, created_at) VALUES ('u1', 'alice', 1);
+        INSERT INTO sessions (id, user_id, title, created_at, updated_at)
+            VALUES ('s1', 'u1', 't', 1, 1);
+        INSERT INTO messages (id, session_id, role, content, status, created_at, updated_at)
+            VALUES ('m1', 's1', 'assistant', 'old reply', 'complete', 2, 2);
+        INSERT INTO usage_records (id, user_id, provider, model, prompt_tokens,
+                completion_tokens, created_at)
+            VALUES ('r1', 'u1', 'p', 'm', 3, 4, 5);
+        INSERT INTO tasks (id, user_id, agent, input, status, result, created_at)
+            VALUES ('t1', 'u1', 'default', '{}', 'succeeded', 'old result', 6);";
+    match backend {
+        Backend::Sqlite => {
+            std::fs::create_dir_all(&db.config.data_dir).unwrap();
+            let mut c = sqlite_conn(&db);
+            shipped::sqlite::migrations::runner()
+                .set_target(v1)
+                .run(&mut c)
+                .unwrap();
+            c.execute_batch(rows).unwrap();
+        }
+        Backend::Postgres => {
+            let mut c = db.pg_client().await;
+            shipped::postgres::migrations::runner()
+                .set_target(v1)
+                .run_async(&mut c)
+                .await
+                .unwrap();
+            c.batch_execute(rows).await.unwrap();
+        }
+    }
+    assert_eq!(open_and_report(&db).await, ["V2__reasoning"]);
+    let store = open(&db).await;
+    let m = store.list_messages("s1").await.unwrap().pop().unwrap();
+    assert_eq!((m.content.as_str(), m.reasoning), ("old reply", None));
+    let usage = store.usage_summary(0, 10).await.unwrap();
+    assert_eq!(
+        (usage[0].completion_tokens, usage[0].reasoning_tokens),
+        (4, 0)
+    );
+    let t = store.get_task(None, "t1").await.unwrap().unwrap();
+    assert_eq!(
+        (t.result.as_deref(), t.reasoning),
+        (Some("old result"), None)
+    );
+    let update = MessageUpdate {
+        content: "new reply".into(),
+        reasoning: Some("new thoughts".into()),
+        status: MessageStatus::Complete,
+        prompt_tokens: None,
+        completion_tokens: None,
+        error: None,
+    };
+    store.update_message("m1", &update).await.unwrap();
+    let m = store.list_messages("s1").await.unwrap().pop().unwrap();
+    assert_eq!(m.reasoning.as_deref(), Some("new thoughts"));
 }
 
 async fn concurrent_first_starts_migrate_once(backend: Backend) {
@@ -344,6 +418,7 @@ fn message(session_id: &str, role: Role, content: &str, at: i64) -> StoredMessag
         session_id: session_id.to_owned(),
         role,
         content: content.to_owned(),
+        reasoning: None,
         status: MessageStatus::Complete,
         generation_id: None,
         model: None,
@@ -450,6 +525,7 @@ async fn messages_round_trip_in_order_and_update(backend: Backend) {
 
     let done = MessageUpdate {
         content: "Hello there".into(),
+        reasoning: Some("They greeted me; greet back.\n✓".into()),
         status: MessageStatus::Complete,
         prompt_tokens: Some(12),
         completion_tokens: Some(3),
@@ -466,12 +542,17 @@ async fn messages_round_trip_in_order_and_update(backend: Backend) {
         ),
         ("Hello there", MessageStatus::Complete, Some(12), Some(3))
     );
+    assert_eq!(
+        got.reasoning.as_deref(),
+        Some("They greeted me; greet back.\n✓")
+    );
     assert_eq!(got.generation_id, assistant.generation_id);
     assert_eq!(got.model.as_deref(), Some("demo"));
     assert_eq!(got.created_at, assistant.created_at);
 
     let failed = MessageUpdate {
         content: "Hel".into(),
+        reasoning: None,
         status: MessageStatus::Failed,
         prompt_tokens: Some(12),
         completion_tokens: None,
@@ -492,6 +573,10 @@ async fn messages_round_trip_in_order_and_update(backend: Backend) {
             None,
             Some("upstream returned 500")
         )
+    );
+    assert_eq!(
+        got.reasoning, None,
+        "an update states the reasoning as well"
     );
 
     let err = store
@@ -603,6 +688,7 @@ async fn usage_is_recorded(backend: Backend) {
         model: "demo".into(),
         prompt_tokens: 10,
         completion_tokens: 20,
+        reasoning_tokens: 7,
         created_at: now_millis(),
     };
     store.record_usage(&record(None, None)).await.unwrap();
@@ -631,6 +717,28 @@ async fn usage_is_recorded(backend: Backend) {
             .get(0),
     };
     assert_eq!(total, 60);
+    let rows = store
+        .usage_summary(now_millis() - 60_000, now_millis() + 1)
+        .await
+        .unwrap();
+    let summed: Vec<(Option<&str>, i64, i64, i64, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.key_id.as_deref(),
+                r.requests,
+                r.prompt_tokens,
+                r.completion_tokens,
+                r.reasoning_tokens,
+            )
+        })
+        .collect();
+    let mut expected = vec![(None, 1, 10, 20, 7), (Some("gone-key"), 1, 10, 20, 7)];
+    // NULL sorts first on SQLite and last on PostgreSQL.
+    if backend == Backend::Postgres {
+        expected.reverse();
+    }
+    assert_eq!(summed, expected);
 }
 
 /// The schema's search machinery (no store methods yet): a write is searchable at once,
@@ -1034,6 +1142,7 @@ fn task(user_id: &str, created_at: i64) -> Task {
         input: r#"{"messages":[{"role":"user","content":"hi"}]}"#.into(),
         status: TaskStatus::Queued,
         result: None,
+        reasoning: None,
         error: None,
         progress_tokens: 0,
         created_at,
@@ -1100,7 +1209,14 @@ async fn tasks_are_scoped_claimed_and_finished_once(backend: Backend) {
 
     assert!(
         store
-            .finish_task(&t1.id, TaskStatus::Succeeded, Some("done"), None, t + 3)
+            .finish_task(
+                &t1.id,
+                TaskStatus::Succeeded,
+                Some("done"),
+                Some("thought it through"),
+                None,
+                t + 3
+            )
             .await
             .unwrap()
     );
@@ -1110,6 +1226,7 @@ async fn tasks_are_scoped_claimed_and_finished_once(backend: Backend) {
         Task {
             status: TaskStatus::Succeeded,
             result: Some("done".into()),
+            reasoning: Some("thought it through".into()),
             progress_tokens: 42,
             started_at: Some(t + 2),
             finished_at: Some(t + 3),
@@ -1119,7 +1236,7 @@ async fn tasks_are_scoped_claimed_and_finished_once(backend: Backend) {
     // Exactly once: a second finish changes nothing.
     assert!(
         !store
-            .finish_task(&t1.id, TaskStatus::Failed, None, Some("late"), t + 4)
+            .finish_task(&t1.id, TaskStatus::Failed, None, None, Some("late"), t + 4)
             .await
             .unwrap()
     );
@@ -1130,7 +1247,7 @@ async fn tasks_are_scoped_claimed_and_finished_once(backend: Backend) {
     assert_eq!(store.claim_task("no-such-task", t).await.unwrap(), None);
     assert!(
         !store
-            .finish_task("no-such-task", TaskStatus::Failed, None, None, t)
+            .finish_task("no-such-task", TaskStatus::Failed, None, None, None, t)
             .await
             .unwrap()
     );
@@ -1140,7 +1257,7 @@ async fn tasks_are_scoped_claimed_and_finished_once(backend: Backend) {
     store.create_task(&t2).await.unwrap();
     assert!(
         !store
-            .finish_task(&t2.id, TaskStatus::Succeeded, Some("x"), None, t)
+            .finish_task(&t2.id, TaskStatus::Succeeded, Some("x"), None, None, t)
             .await
             .unwrap()
     );
@@ -1150,7 +1267,7 @@ async fn tasks_are_scoped_claimed_and_finished_once(backend: Backend) {
     );
     store.claim_task(&t2.id, t).await.unwrap().unwrap();
     let err = store
-        .finish_task(&t2.id, TaskStatus::Queued, None, None, t)
+        .finish_task(&t2.id, TaskStatus::Queued, None, None, None, t)
         .await
         .unwrap_err();
     assert!(
@@ -1159,7 +1276,7 @@ async fn tasks_are_scoped_claimed_and_finished_once(backend: Backend) {
     );
     assert!(
         store
-            .finish_task(&t2.id, TaskStatus::Failed, None, Some("boom"), t + 1)
+            .finish_task(&t2.id, TaskStatus::Failed, None, None, Some("boom"), t + 1)
             .await
             .unwrap()
     );
@@ -1191,6 +1308,7 @@ async fn a_task_finishes_once_under_racing_workers(backend: Backend) {
                     TaskStatus::Succeeded,
                     Some(&result),
                     None,
+                    None,
                     now_millis(),
                 )
                 .await
@@ -1218,7 +1336,14 @@ async fn cancel_moves_only_the_owners_unfinished_tasks(backend: Backend) {
     store.claim_task(&failed.id, t + 3).await.unwrap().unwrap();
     assert!(
         store
-            .finish_task(&failed.id, TaskStatus::Failed, None, Some("boom"), t + 4)
+            .finish_task(
+                &failed.id,
+                TaskStatus::Failed,
+                None,
+                None,
+                Some("boom"),
+                t + 4
+            )
             .await
             .unwrap()
     );
@@ -1272,6 +1397,7 @@ async fn cancel_moves_only_the_owners_unfinished_tasks(backend: Backend) {
                 &running.id,
                 TaskStatus::Succeeded,
                 Some("late"),
+                None,
                 None,
                 t + 7
             )
@@ -1346,7 +1472,14 @@ async fn queued_tasks_keep_their_creation_order(backend: Backend) {
     // Final tasks leave both.
     assert!(
         store
-            .finish_task(&early.id, TaskStatus::Succeeded, Some("ok"), None, t + 50)
+            .finish_task(
+                &early.id,
+                TaskStatus::Succeeded,
+                Some("ok"),
+                None,
+                None,
+                t + 50
+            )
             .await
             .unwrap()
     );
@@ -1465,7 +1598,7 @@ async fn migrate_cli_is_idempotent(backend: Backend) {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let first = text(&out.stdout);
     assert!(
-        first.contains("applied 1 migration(s): V1__init"),
+        first.contains("applied 2 migration(s): V1__init, V2__reasoning"),
         "{first}"
     );
     let out = sluice(&db, &["migrate"]).await;

@@ -8,11 +8,12 @@ mod common;
 use std::time::Duration;
 
 use common::db::{Backend, TestDb};
+use common::reasoning::{answer, reasoning_upstream, thinking};
 use common::*;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use sluice::config::{AuthMode, RedisConfig, Secret};
+use sluice::config::{AuthMode, ProviderConfig, RedisConfig, Secret};
 use sluice::mock::{Fault, MockConfig, MockServer, full_reply};
 
 macro_rules! both_backends {
@@ -39,6 +40,7 @@ both_backends!(
     template_errors_are_422,
     tasks_are_private,
     restart_completes_queued_tasks,
+    a_reasoning_task_keeps_its_thinking_with_the_result,
 );
 
 struct Env {
@@ -557,6 +559,90 @@ async fn restart_completes_queued_tasks(b: Backend) {
     drop(db);
 }
 
+/// The thinking streams as `reasoning` events while the task runs, and is kept with the
+/// result: in the task, in `succeeded`, and after a restart.
+async fn a_reasoning_task_keeps_its_thinking_with_the_result(b: Backend) {
+    let upstream = reasoning_upstream(Duration::ZERO).await;
+    let providers = vec![ProviderConfig::openai("reasoner", &upstream, None)];
+    let e = env(b, MockConfig::default(), |c| {
+        c.upstream.providers = providers.clone()
+    })
+    .await;
+    let (s, v) = e
+        .call(
+            &e.user,
+            reqwest::Method::POST,
+            "/api/tasks",
+            Some(json!({"messages": [{"role": "user", "content": "What is the answer?"}]})),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let id = v["task_id"].as_str().unwrap().to_owned();
+    let events = e.task_events(&id, None).await;
+    let kinds: Vec<&str> = events.iter().map(|(_, k, _)| k.as_str()).collect();
+    let thinking_at: Vec<usize> = (0..kinds.len())
+        .filter(|&i| kinds[i] == "reasoning")
+        .collect();
+    assert_eq!(thinking_at.len(), 3, "{kinds:?}");
+    assert!(
+        kinds[..thinking_at[0]].contains(&"running"),
+        "thinking comes while running: {kinds:?}"
+    );
+    let streamed: String = events
+        .iter()
+        .filter(|(_, k, _)| k == "reasoning")
+        .map(|(_, _, d)| d["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, thinking());
+    let (_, last_kind, last) = events.last().unwrap();
+    assert_eq!(last_kind, "succeeded");
+    assert_eq!(last["result"], answer());
+    assert_eq!(last["reasoning"], thinking());
+    let (_, t) = e
+        .call(
+            &e.user,
+            reqwest::Method::GET,
+            &format!("/api/tasks/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (&t["result"], &t["reasoning"]),
+        (&json!(answer()), &json!(thinking()))
+    );
+
+    // After a restart the task is known from the store only, its thinking with it.
+    let Env {
+        server,
+        _db: db,
+        user,
+        ..
+    } = e;
+    server.shutdown().await;
+    let mut cfg = base_config();
+    cfg.store = db.config.clone();
+    cfg.chat.auth = AuthMode::Required;
+    cfg.upstream.providers = providers;
+    let again = TestServer::start(cfg).await;
+    let r = client()
+        .get(format!("{}/api/tasks/{id}/events", again.url))
+        .bearer_auth(&user)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = r.bytes_stream().eventsource();
+    let ev = tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("stalled")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.event, "succeeded");
+    let data: Value = serde_json::from_str(&ev.data).unwrap();
+    assert_eq!(data, json!({"result": answer(), "reasoning": thinking()}));
+    again.shutdown().await;
+    drop(db);
+}
+
 /// Redis queue: a worker that took a task and died before acknowledging it — its task is
 /// reclaimed by another worker and completed exactly once.
 #[tokio::test]
@@ -599,6 +685,7 @@ async fn redis_queue_reclaims_a_dead_workers_task_exactly_once() {
             input: json!({"messages": [{"role": "user", "content": "x"}]}).to_string(),
             status: sluice::store::TaskStatus::Queued,
             result: None,
+            reasoning: None,
             error: None,
             progress_tokens: 0,
             created_at: now,

@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::reasoning::{answer, reasoning_upstream, thinking};
 use common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
 use futures::StreamExt;
@@ -89,6 +90,7 @@ async fn chat_ui_end_to_end_in_chromium() {
         phone_width_layout,
         upstream_failure_shows_plain_words_and_retries,
         demo_provider_out_of_the_box,
+        reasoning_shows_collapsed_above_the_answer,
     ];
     // SLUICE_UI_ONLY=name,name plays only the scenarios whose names contain one of those.
     let only = std::env::var("SLUICE_UI_ONLY").unwrap_or_default();
@@ -985,6 +987,78 @@ async fn demo_provider_out_of_the_box(ctx: Arc<Ctx>) {
     )
     .await;
     screenshot(&c, "demo-chat").await;
+    ctx.finish(server).await;
+}
+
+/// A reasoning model's thinking shows above its answer in a collapsed "Reasoning" box: live
+/// while it thinks, and from the history after a reload. Opening it shows the thinking.
+async fn reasoning_shows_collapsed_above_the_answer(ctx: Arc<Ctx>) {
+    let upstream = reasoning_upstream(Duration::from_millis(400)).await;
+    let (_mock, server) = env(MockConfig::default(), |c| {
+        c.upstream.providers = vec![ProviderConfig::openai("reasoner", &upstream, None)];
+    })
+    .await;
+    let key = new_key(&server, "judy", false).await;
+    let c = ctx.browser().await;
+    sign_in(&c, &server.url, &key).await;
+    let script = concat!(
+        last_reply!(),
+        "const d = m?.querySelector('details.reasoning');
+         const b = d?.querySelector('.reasoning-body');
+         const answer = m?.querySelector('.body');
+         return {...reply,
+           shown: d ? !d.hidden : false,
+           open: d ? d.open : null,
+           summary: d?.querySelector('summary').textContent ?? null,
+           reasoning: b?.textContent ?? null,
+           rendered: b ? b.checkVisibility() : null,
+           above: d && !d.hidden
+             ? d.getBoundingClientRect().bottom <= answer.getBoundingClientRect().top : null};"
+    );
+    type_into(&c, "#input", &format!("What is the answer?{ENTER}")).await;
+    let thinking_live = wait_js(&c, "the thinking, live and collapsed", script, |v| {
+        v["status"] == "streaming" && v["shown"] == true && v["text"] == ""
+    })
+    .await;
+    let so_far = thinking_live["reasoning"].as_str().unwrap();
+    assert!(
+        !so_far.is_empty() && thinking().starts_with(so_far),
+        "{thinking_live}"
+    );
+    assert_eq!(thinking_live["open"], false, "collapsed: {thinking_live}");
+    assert_eq!(
+        thinking_live["rendered"], false,
+        "collapsed: {thinking_live}"
+    );
+    assert_eq!(thinking_live["summary"], "Reasoning");
+    assert_eq!(thinking_live["above"], true, "{thinking_live}");
+
+    let done = wait_js(&c, "the answer", script, |v| v["status"] == "complete").await;
+    assert_eq!(done["text"].as_str().unwrap().trim_end(), answer());
+    assert_eq!(done["reasoning"], thinking());
+    assert_eq!(
+        (&done["shown"], &done["open"]),
+        (&json!(true), &json!(false)),
+        "{done}"
+    );
+    click(&c, "#messages .msg.assistant details.reasoning summary").await;
+    let opened = wait_js(&c, "the thinking opened", script, |v| v["open"] == true).await;
+    assert_eq!(opened["rendered"], true, "{opened}");
+    screenshot(&c, "reasoning").await;
+
+    // From the stored history: collapsed again, the same thinking, the same answer.
+    c.refresh().await.unwrap();
+    let stored = wait_js(&c, "the stored reply with its thinking", script, |v| {
+        v["status"] == "complete" && v["shown"] == true
+    })
+    .await;
+    assert_eq!(stored["reasoning"], thinking());
+    assert_eq!(stored["text"].as_str().unwrap().trim_end(), answer());
+    assert_eq!(
+        (&stored["open"], &stored["rendered"], &stored["above"]),
+        (&json!(false), &json!(false), &json!(true)),
+        "{stored}"
+    );
     ctx.finish(server).await;
 }
 

@@ -6,11 +6,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::reasoning::{REASONING_TOKENS, answer, reasoning_upstream, thinking};
 use common::*;
 use eventsource_stream::Eventsource;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use sluice::config::AuthMode;
+use sluice::config::{AuthMode, ProviderConfig};
 use sluice::mock::{MockConfig, MockServer, full_reply};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -119,11 +120,25 @@ async fn events_until_final(ws: &mut Ws, topic: &str) -> Vec<Value> {
 }
 
 fn text(events: &[Value]) -> String {
+    joined(events, "token")
+}
+
+/// The `text` of every `kind` event, in order.
+fn joined(events: &[Value], kind: &str) -> String {
     events
         .iter()
-        .filter(|e| e["event"] == "token")
+        .filter(|e| e["event"] == kind)
         .map(|e| e["data"]["text"].as_str().unwrap())
         .collect()
+}
+
+/// A server whose only upstream is a reasoning model.
+async fn reasoning_env() -> Env {
+    let upstream = reasoning_upstream(Duration::ZERO).await;
+    env(MockConfig::default(), |c| {
+        c.upstream.providers = vec![ProviderConfig::openai("reasoner", &upstream, None)];
+    })
+    .await
 }
 
 async fn close_code(ws: &mut Ws) -> (CloseCode, String) {
@@ -548,4 +563,135 @@ async fn chat_ops_pass_the_same_rate_limit_as_http() {
         .await
         .unwrap();
     assert_eq!(r.status(), 429);
+}
+
+/// The thinking comes as `reasoning` frames before the answer's `token` frames, the same
+/// events an SSE watcher gets, and resumes by id like them.
+#[tokio::test]
+async fn a_reasoning_model_streams_its_thinking_before_the_answer_over_ws() {
+    let e = reasoning_env().await;
+    let s = e.new_session().await;
+    let topic = format!("session:{s}");
+    let sse = client()
+        .get(format!("{}/api/sessions/{s}/stream", e.server.url))
+        .bearer_auth(&e.key)
+        .send()
+        .await
+        .unwrap();
+    let mut ws = e.connect().await;
+    send(
+        &mut ws,
+        json!({"op": "chat", "session_id": s, "content": "What is the answer?"}),
+    )
+    .await;
+    let events = events_until_final(&mut ws, &topic).await;
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "start",
+            "reasoning",
+            "reasoning",
+            "reasoning",
+            "token",
+            "token",
+            "token",
+            "usage",
+            "done"
+        ]
+    );
+    assert_eq!(joined(&events, "reasoning"), thinking());
+    assert_eq!(text(&events), answer());
+    assert_eq!(events[7]["data"]["reasoning_tokens"], REASONING_TOKENS);
+
+    let mut sse_events = Vec::new();
+    let mut stream = sse.bytes_stream().eventsource();
+    while let Some(ev) = tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
+        let ev = ev.unwrap();
+        let data: Value = serde_json::from_str(&ev.data).unwrap();
+        let last = ev.event == "done";
+        sse_events.push(json!({"id": ev.id, "event": ev.event, "data": data}));
+        if last {
+            break;
+        }
+    }
+    let ws_view: Vec<Value> = events
+        .iter()
+        .map(|v| json!({"id": v["id"], "event": v["event"], "data": v["data"]}))
+        .collect();
+    assert_eq!(ws_view, sse_events);
+    // Session feeds follow the next reply too: closed here, or shutdown waits for them.
+    drop(stream);
+
+    drop(ws);
+    let mut ws = e.connect().await;
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "topic": topic, "last_event_id": events[2]["id"]}),
+    )
+    .await;
+    let rest = events_until_final(&mut ws, &topic).await;
+    assert_eq!(rest, events[3..].to_vec());
+    drop(ws);
+    e.server.shutdown().await;
+}
+
+/// A task's stream carries the thinking live; its result keeps it.
+#[tokio::test]
+async fn a_reasoning_task_streams_its_thinking_over_ws() {
+    let e = reasoning_env().await;
+    let r = client()
+        .post(format!("{}/api/tasks", e.server.url))
+        .bearer_auth(&e.key)
+        .json(&json!({"messages": [{"role": "user", "content": "work"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let topic = format!("task:{id}");
+    let mut ws = e.connect().await;
+    send(&mut ws, json!({"op": "subscribe", "topic": topic})).await;
+    let mut events = Vec::new();
+    loop {
+        let v = next_json(&mut ws).await;
+        assert_eq!(v["topic"], topic.as_str(), "{v}");
+        let end = matches!(
+            v["event"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        );
+        events.push(v);
+        if end {
+            break;
+        }
+    }
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    let first = kinds.iter().position(|k| *k == "reasoning").unwrap();
+    assert_eq!(kinds[first..first + 3], ["reasoning"; 3], "{kinds:?}");
+    assert_eq!(joined(&events, "reasoning"), thinking());
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "succeeded", "{last}");
+    assert_eq!(last["data"]["result"], answer());
+    assert_eq!(last["data"]["reasoning"], thinking());
+    let task: Value = client()
+        .get(format!("{}/api/tasks/{id}", e.server.url))
+        .bearer_auth(&e.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(task["result"], answer());
+    assert_eq!(task["reasoning"], thinking());
+    e.server.shutdown().await;
 }

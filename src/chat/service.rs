@@ -303,6 +303,7 @@ impl ChatService {
             session_id: session.id.clone(),
             role: Role::User,
             content: content.to_owned(),
+            reasoning: None,
             status: MessageStatus::Complete,
             generation_id: None,
             model: None,
@@ -319,6 +320,7 @@ impl ChatService {
             session_id: session.id.clone(),
             role: Role::Assistant,
             content: String::new(),
+            reasoning: None,
             status: MessageStatus::Streaming,
             generation_id: Some(generation_id.to_owned()),
             model: Some(model.clone()),
@@ -470,17 +472,31 @@ struct Generation {
 /// How often the reply of a running generation is saved.
 const SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// A running reply as far as it got: its text and the thinking before it.
+#[derive(Default, Clone)]
+struct Draft {
+    text: String,
+    reasoning: String,
+}
+
+impl Draft {
+    fn reasoning(&self) -> Option<String> {
+        (!self.reasoning.is_empty()).then(|| self.reasoning.clone())
+    }
+}
+
 /// Writes each saved version of a running reply, still `streaming`, until the generation
 /// drops its sender.
 async fn save_progress(
     store: Arc<dyn Store>,
     message_id: String,
-    mut saved: tokio::sync::watch::Receiver<String>,
+    mut saved: tokio::sync::watch::Receiver<Draft>,
 ) {
     while saved.changed().await.is_ok() {
-        let content = saved.borrow_and_update().clone();
+        let draft = saved.borrow_and_update().clone();
         let update = MessageUpdate {
-            content,
+            reasoning: draft.reasoning(),
+            content: draft.text,
             status: MessageStatus::Streaming,
             prompt_tokens: None,
             completion_tokens: None,
@@ -510,14 +526,15 @@ enum Ending {
 }
 
 struct Outcome {
-    text: String,
+    reply: Draft,
     usage: Option<Usage>,
     provider: String,
     ending: Ending,
 }
 
+/// The data of `token` and `reasoning` events.
 #[derive(Serialize)]
-struct TokenData<'a> {
+struct TextData<'a> {
     text: &'a str,
 }
 
@@ -525,7 +542,7 @@ impl GenerationDeps {
     async fn run(self, g: Generation) {
         // The reply so far is saved every few seconds by a writer of its own, so a crash
         // loses at most that much and a slow store never holds up a token.
-        let (save, saved) = tokio::sync::watch::channel(String::new());
+        let (save, saved) = tokio::sync::watch::channel(Draft::default());
         let writer = tokio::spawn(save_progress(
             self.store.clone(),
             g.message_id.clone(),
@@ -542,7 +559,8 @@ impl GenerationDeps {
             Ending::Interrupted => (MessageStatus::Interrupted, None),
         };
         let update = MessageUpdate {
-            content: outcome.text.clone(),
+            content: outcome.reply.text.clone(),
+            reasoning: outcome.reply.reasoning(),
             status,
             prompt_tokens: outcome.usage.map(|u| u.prompt_tokens as i64),
             completion_tokens: outcome.usage.map(|u| u.completion_tokens as i64),
@@ -562,6 +580,7 @@ impl GenerationDeps {
                 model: g.request.model.clone(),
                 prompt_tokens: u.prompt_tokens as i64,
                 completion_tokens: u.completion_tokens as i64,
+                reasoning_tokens: u.reasoning_tokens as i64,
                 created_at: now_millis(),
             };
             if let Err(e) = self.store.record_usage(&record).await {
@@ -606,9 +625,9 @@ impl GenerationDeps {
         }
     }
 
-    async fn relay(&self, g: &Generation, save: &tokio::sync::watch::Sender<String>) -> Outcome {
+    async fn relay(&self, g: &Generation, save: &tokio::sync::watch::Sender<Draft>) -> Outcome {
         let mut out = Outcome {
-            text: String::new(),
+            reply: Draft::default(),
             usage: None,
             provider: String::new(),
             ending: Ending::Interrupted,
@@ -649,15 +668,24 @@ impl GenerationDeps {
                 }
                 _ = self.stop.cancelled() => return out,
                 _ = checkpoint.tick() => {
-                    if save.borrow().len() != out.text.len() {
-                        save.send_replace(out.text.clone());
+                    let changed = {
+                        let saved = save.borrow();
+                        saved.text.len() != out.reply.text.len()
+                            || saved.reasoning.len() != out.reply.reasoning.len()
+                    };
+                    if changed {
+                        save.send_replace(out.reply.clone());
                     }
                 }
                 ev = events.next() => match ev {
                     Some(Ok(chunk)) => {
+                        if let Some(r) = chunk.reasoning() {
+                            g.channel.publish_json(EventKind::Reasoning, &TextData { text: r });
+                            out.reply.reasoning.push_str(r);
+                        }
                         if let Some(t) = chunk.content() {
-                            g.channel.publish_json(EventKind::Token, &TokenData { text: t });
-                            out.text.push_str(t);
+                            g.channel.publish_json(EventKind::Token, &TextData { text: t });
+                            out.reply.text.push_str(t);
                         }
                         if chunk.is_token() {
                             unmetered += 1;

@@ -637,12 +637,16 @@ impl Inner {
         if last_kind.is_final() {
             return Ok(());
         }
-        let text: String = events
-            .iter()
-            .filter(|(_, k, _)| *k == EventKind::Token)
-            .filter_map(|(_, _, d)| serde_json::from_slice::<serde_json::Value>(d).ok())
-            .filter_map(|v| v["text"].as_str().map(str::to_owned))
-            .collect();
+        let joined = |kind: EventKind| -> String {
+            events
+                .iter()
+                .filter(|(_, k, _)| *k == kind)
+                .filter_map(|(_, _, d)| serde_json::from_slice::<serde_json::Value>(d).ok())
+                .filter_map(|v| v["text"].as_str().map(str::to_owned))
+                .collect()
+        };
+        let text = joined(EventKind::Token);
+        let reasoning = Some(joined(EventKind::Reasoning)).filter(|r| !r.is_empty());
         let seq = last + 1;
         let data = serde_json::json!({
             "reason": "instance_lost",
@@ -683,6 +687,7 @@ impl Inner {
             if still_streaming {
                 let update = MessageUpdate {
                     content: text,
+                    reasoning,
                     status: MessageStatus::Interrupted,
                     prompt_tokens: None,
                     completion_tokens: None,

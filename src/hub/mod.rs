@@ -23,6 +23,8 @@ use tokio::sync::watch;
 #[serde(rename_all = "lowercase")]
 pub enum EventKind {
     Start,
+    /// A piece of a reasoning model's thinking, streamed before (or between) its answer.
+    Reasoning,
     Token,
     Usage,
     Done,
@@ -40,6 +42,7 @@ impl EventKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Start => "start",
+            Self::Reasoning => "reasoning",
             Self::Token => "token",
             Self::Usage => "usage",
             Self::Done => "done",
@@ -57,6 +60,7 @@ impl EventKind {
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "start" => Self::Start,
+            "reasoning" => Self::Reasoning,
             "token" => Self::Token,
             "usage" => Self::Usage,
             "done" => Self::Done,
@@ -275,7 +279,8 @@ impl Channel {
             if kind.is_final() {
                 log.finished_at = Some(Instant::now());
             }
-            if kind == EventKind::Token {
+            // Thinking is part of the reply the model produces, so it counts as tokens too.
+            if matches!(kind, EventKind::Token | EventKind::Reasoning) {
                 self.tokens.fetch_add(1, Ordering::Relaxed);
             }
             seq
@@ -798,6 +803,53 @@ mod tests {
         );
         assert_eq!(EventId::parse("nonsense"), None);
         assert_eq!(EventId::parse(".3"), None);
+    }
+
+    /// Remote copies and the replay log read kinds back by name: every kind must survive.
+    #[test]
+    fn every_kind_is_read_back_by_its_name() {
+        use EventKind::*;
+        for kind in [
+            Start,
+            Reasoning,
+            Token,
+            Usage,
+            Done,
+            Error,
+            Interrupted,
+            Queued,
+            Running,
+            Progress,
+            Succeeded,
+            Failed,
+            Cancelled,
+        ] {
+            assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+        }
+        assert!(!Reasoning.is_final());
+    }
+
+    #[tokio::test]
+    async fn a_remote_copy_counts_reasoning_as_tokens() {
+        let hub = Hub::new(1000, Duration::from_secs(60));
+        let ch = hub.mirror("g3", "s", "u", 0);
+        assert_eq!(ch.apply(0, EventKind::Start, b"{}"), Applied::Appended);
+        assert_eq!(
+            ch.apply(1, EventKind::Reasoning, br#"{"text":"hm"}"#),
+            Applied::Appended
+        );
+        assert_eq!(
+            ch.apply(2, EventKind::Token, br#"{"text":"a"}"#),
+            Applied::Appended
+        );
+        assert_eq!(ch.tokens(), 2);
+        let mut batch = Vec::new();
+        assert!(ch.subscribe(Some(0)).now_batch(&mut batch));
+        assert_eq!(
+            &batch[0].sse[..],
+            b"id: g3.1\nevent: reasoning\ndata: {\"text\":\"hm\"}\n\n"
+        );
     }
 
     #[tokio::test]

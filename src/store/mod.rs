@@ -111,6 +111,10 @@ pub struct StoredMessage {
     pub session_id: String,
     pub role: Role,
     pub content: String,
+    /// A reasoning model's thinking before its reply; absent from the JSON when there was
+    /// none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
     pub status: MessageStatus,
     /// The generation that produced an assistant message.
     pub generation_id: Option<String>,
@@ -126,6 +130,8 @@ pub struct StoredMessage {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MessageUpdate {
     pub content: String,
+    /// `None` stores no reasoning (NULL), not "leave it as it was".
+    pub reasoning: Option<String>,
     pub status: MessageStatus,
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
@@ -141,6 +147,8 @@ pub struct UsageRecord {
     pub model: String,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+    /// Of the completion tokens, those the model spent reasoning.
+    pub reasoning_tokens: i64,
     pub created_at: Millis,
 }
 
@@ -251,6 +259,8 @@ pub struct Task {
     pub input: String,
     pub status: TaskStatus,
     pub result: Option<String>,
+    /// The thinking of a reasoning model that led to `result`.
+    pub reasoning: Option<String>,
     pub error: Option<String>,
     pub progress_tokens: i64,
     pub created_at: Millis,
@@ -398,6 +408,7 @@ pub trait Store: Send + Sync + 'static {
         _id: &str,
         _status: TaskStatus,
         _result: Option<&str>,
+        _reasoning: Option<&str>,
         _error: Option<&str>,
         _now: Millis,
     ) -> Result<bool, StoreError> {
@@ -443,6 +454,7 @@ pub struct UsageRow {
     pub requests: i64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+    pub reasoning_tokens: i64,
 }
 
 pub use postgres::PoolState;

@@ -265,6 +265,7 @@ fn message_row(r: &Row) -> Result<StoredMessage, StoreError> {
         session_id: r.try_get(1)?,
         role: parse_role(role).ok_or_else(|| bad("messages.role", role))?,
         content: r.try_get(3)?,
+        reasoning: r.try_get(12)?,
         status: MessageStatus::parse(status).ok_or_else(|| bad("messages.status", status))?,
         generation_id: r.try_get(5)?,
         model: r.try_get(6)?,
@@ -327,6 +328,7 @@ fn task_row(r: &Row) -> Result<Task, StoreError> {
         input: r.try_get(5)?,
         status: task_status(r.try_get(6)?)?,
         result: r.try_get(7)?,
+        reasoning: r.try_get(13)?,
         error: r.try_get(8)?,
         progress_tokens: r.try_get(9)?,
         created_at: r.try_get(10)?,
@@ -565,7 +567,8 @@ impl Store for PgStore {
             .await?
             .query(
                 "SELECT id, session_id, role, content, status, generation_id, model,
-                        prompt_tokens, completion_tokens, error, created_at, updated_at
+                        prompt_tokens, completion_tokens, error, created_at, updated_at,
+                        reasoning
                  FROM messages WHERE session_id = $1 ORDER BY created_at, id",
                 &[&session_id],
             )
@@ -580,8 +583,9 @@ impl Store for PgStore {
             .execute(
                 "WITH m AS (
                      INSERT INTO messages (id, session_id, role, content, status, generation_id,
-                         model, prompt_tokens, completion_tokens, error, created_at, updated_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                         model, prompt_tokens, completion_tokens, error, created_at, updated_at,
+                         reasoning)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
                      RETURNING session_id, updated_at
                  )
                  UPDATE sessions SET updated_at = m.updated_at FROM m WHERE sessions.id = m.session_id",
@@ -598,6 +602,7 @@ impl Store for PgStore {
                     &m.error,
                     &m.created_at,
                     &m.updated_at,
+                    &m.reasoning,
                 ],
             )
             .await?;
@@ -610,7 +615,7 @@ impl Store for PgStore {
             .await?
             .execute(
                 "UPDATE messages SET content = $2, status = $3, prompt_tokens = $4,
-                     completion_tokens = $5, error = $6, updated_at = $7
+                     completion_tokens = $5, error = $6, updated_at = $7, reasoning = $8
                  WHERE id = $1",
                 &[
                     &id,
@@ -620,6 +625,7 @@ impl Store for PgStore {
                     &u.completion_tokens,
                     &u.error,
                     &now_millis(),
+                    &u.reasoning,
                 ],
             )
             .await?;
@@ -647,8 +653,8 @@ impl Store for PgStore {
             .await?
             .execute(
                 "INSERT INTO usage_records (id, user_id, key_id, session_id, provider, model,
-                     prompt_tokens, completion_tokens, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                     prompt_tokens, completion_tokens, created_at, reasoning_tokens)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 &[
                     &new_id(),
                     &r.user_id,
@@ -659,6 +665,7 @@ impl Store for PgStore {
                     &r.prompt_tokens,
                     &r.completion_tokens,
                     &r.created_at,
+                    &r.reasoning_tokens,
                 ],
             )
             .await?;
@@ -885,8 +892,8 @@ impl Store for PgStore {
             .await?
             .execute(
                 "INSERT INTO tasks (id, user_id, key_id, agent, scene, input, status, result,
-                     error, progress_tokens, created_at, started_at, finished_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                     error, progress_tokens, created_at, started_at, finished_at, reasoning)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
                 &[
                     &t.id,
                     &t.user_id,
@@ -901,6 +908,7 @@ impl Store for PgStore {
                     &t.created_at,
                     &t.started_at,
                     &t.finished_at,
+                    &t.reasoning,
                 ],
             )
             .await?;
@@ -913,7 +921,7 @@ impl Store for PgStore {
             .await?
             .query_opt(
                 "SELECT id, user_id, key_id, agent, scene, input, status, result, error,
-                        progress_tokens, created_at, started_at, finished_at
+                        progress_tokens, created_at, started_at, finished_at, reasoning
                  FROM tasks WHERE id = $1 AND ($2::TEXT IS NULL OR user_id = $2)",
                 &[&id, &user_id],
             )
@@ -931,7 +939,7 @@ impl Store for PgStore {
                 "UPDATE tasks SET status = 'running', started_at = $2
                  WHERE id = $1 AND status IN ('queued', 'running')
                  RETURNING id, user_id, key_id, agent, scene, input, status, result, error,
-                           progress_tokens, created_at, started_at, finished_at",
+                           progress_tokens, created_at, started_at, finished_at, reasoning",
                 &[&id, &now],
             )
             .await?;
@@ -956,6 +964,7 @@ impl Store for PgStore {
         id: &str,
         status: TaskStatus,
         result: Option<&str>,
+        reasoning: Option<&str>,
         error: Option<&str>,
         now: Millis,
     ) -> Result<bool, StoreError> {
@@ -964,9 +973,10 @@ impl Store for PgStore {
             .conn()
             .await?
             .execute(
-                "UPDATE tasks SET status = $2, result = $3, error = $4, finished_at = $5
+                "UPDATE tasks SET status = $2, result = $3, error = $4, finished_at = $5,
+                     reasoning = $6
                  WHERE id = $1 AND status = 'running'",
-                &[&id, &status.as_str(), &result, &error, &now],
+                &[&id, &status.as_str(), &result, &error, &now, &reasoning],
             )
             .await?;
         Ok(n > 0)
@@ -1010,7 +1020,7 @@ impl Store for PgStore {
             .await?
             .query(
                 "SELECT id, user_id, key_id, agent, scene, input, status, result, error,
-                        progress_tokens, created_at, started_at, finished_at
+                        progress_tokens, created_at, started_at, finished_at, reasoning
                  FROM tasks WHERE status IN ('queued', 'running')
                  ORDER BY created_at, id",
                 &[],
@@ -1053,7 +1063,8 @@ impl Store for PgStore {
             .await?
             .query(
                 "SELECT key_id, model, count(*), coalesce(sum(prompt_tokens), 0)::bigint, \
-                 coalesce(sum(completion_tokens), 0)::bigint FROM usage_records \
+                 coalesce(sum(completion_tokens), 0)::bigint, \
+                 coalesce(sum(reasoning_tokens), 0)::bigint FROM usage_records \
                  WHERE created_at >= $1 AND created_at < $2 \
                  GROUP BY key_id, model ORDER BY key_id, model",
                 &[&from, &to],
@@ -1067,6 +1078,7 @@ impl Store for PgStore {
                     requests: r.try_get(2)?,
                     prompt_tokens: r.try_get(3)?,
                     completion_tokens: r.try_get(4)?,
+                    reasoning_tokens: r.try_get(5)?,
                 })
             })
             .collect()

@@ -302,6 +302,7 @@ fn message_row(r: &Row<'_>) -> rusqlite::Result<StoredMessage> {
         session_id: r.get(1)?,
         role: parse_role(&role).ok_or_else(|| bad_value(2, "messages.role", &role))?,
         content: r.get(3)?,
+        reasoning: r.get(12)?,
         status: MessageStatus::parse(&status)
             .ok_or_else(|| bad_value(4, "messages.status", &status))?,
         generation_id: r.get(5)?,
@@ -360,6 +361,7 @@ fn task_row(r: &Row<'_>) -> rusqlite::Result<Task> {
         input: r.get(5)?,
         status: TaskStatus::parse(&status).ok_or_else(|| bad_value(6, "tasks.status", &status))?,
         result: r.get(7)?,
+        reasoning: r.get(13)?,
         error: r.get(8)?,
         progress_tokens: r.get(9)?,
         created_at: r.get(10)?,
@@ -617,7 +619,8 @@ impl Store for SqliteStore {
             let msgs = c
                 .prepare_cached(
                     "SELECT id, session_id, role, content, status, generation_id, model,
-                            prompt_tokens, completion_tokens, error, created_at, updated_at
+                            prompt_tokens, completion_tokens, error, created_at, updated_at,
+                            reasoning
                      FROM messages WHERE session_id = ?1 ORDER BY created_at, id",
                 )?
                 .query_map([&session_id], message_row)?
@@ -633,8 +636,9 @@ impl Store for SqliteStore {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.prepare_cached(
                 "INSERT INTO messages (id, session_id, role, content, status, generation_id,
-                     model, prompt_tokens, completion_tokens, error, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                     model, prompt_tokens, completion_tokens, error, created_at, updated_at,
+                     reasoning)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?
             .execute(params![
                 m.id,
@@ -648,7 +652,8 @@ impl Store for SqliteStore {
                 m.completion_tokens,
                 m.error,
                 m.created_at,
-                m.updated_at
+                m.updated_at,
+                m.reasoning
             ])?;
             tx.prepare_cached("UPDATE sessions SET updated_at = ?2 WHERE id = ?1")?
                 .execute(params![m.session_id, m.updated_at])?;
@@ -665,7 +670,7 @@ impl Store for SqliteStore {
             let n = c
                 .prepare_cached(
                     "UPDATE messages SET content = ?2, status = ?3, prompt_tokens = ?4,
-                         completion_tokens = ?5, error = ?6, updated_at = ?7
+                         completion_tokens = ?5, error = ?6, updated_at = ?7, reasoning = ?8
                      WHERE id = ?1",
                 )?
                 .execute(params![
@@ -675,7 +680,8 @@ impl Store for SqliteStore {
                     u.prompt_tokens,
                     u.completion_tokens,
                     u.error,
-                    now_millis()
+                    now_millis(),
+                    u.reasoning
                 ])?;
             if n == 0 {
                 return Err(StoreError::NotFound(format!("message {id}")));
@@ -703,8 +709,8 @@ impl Store for SqliteStore {
         self.write(move |c| {
             c.prepare_cached(
                 "INSERT INTO usage_records (id, user_id, key_id, session_id, provider, model,
-                     prompt_tokens, completion_tokens, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                     prompt_tokens, completion_tokens, created_at, reasoning_tokens)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?
             .execute(params![
                 new_id(),
@@ -715,7 +721,8 @@ impl Store for SqliteStore {
                 r.model,
                 r.prompt_tokens,
                 r.completion_tokens,
-                r.created_at
+                r.created_at,
+                r.reasoning_tokens
             ])?;
             Ok(())
         })
@@ -947,8 +954,8 @@ impl Store for SqliteStore {
         self.write(move |c| {
             c.prepare_cached(
                 "INSERT INTO tasks (id, user_id, key_id, agent, scene, input, status, result,
-                     error, progress_tokens, created_at, started_at, finished_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                     error, progress_tokens, created_at, started_at, finished_at, reasoning)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )?
             .execute(params![
                 t.id,
@@ -963,7 +970,8 @@ impl Store for SqliteStore {
                 t.progress_tokens,
                 t.created_at,
                 t.started_at,
-                t.finished_at
+                t.finished_at,
+                t.reasoning
             ])?;
             Ok(())
         })
@@ -976,7 +984,7 @@ impl Store for SqliteStore {
             let t = c
                 .prepare_cached(
                     "SELECT id, user_id, key_id, agent, scene, input, status, result, error,
-                            progress_tokens, created_at, started_at, finished_at
+                            progress_tokens, created_at, started_at, finished_at, reasoning
                      FROM tasks WHERE id = ?1 AND (?2 IS NULL OR user_id = ?2)",
                 )?
                 .query_row(params![id, user_id], task_row)
@@ -995,7 +1003,7 @@ impl Store for SqliteStore {
                     "UPDATE tasks SET status = 'running', started_at = ?2
                      WHERE id = ?1 AND status IN ('queued', 'running')
                      RETURNING id, user_id, key_id, agent, scene, input, status, result, error,
-                               progress_tokens, created_at, started_at, finished_at",
+                               progress_tokens, created_at, started_at, finished_at, reasoning",
                 )?
                 .query_row(params![id, now], task_row)
                 .optional()?;
@@ -1023,19 +1031,21 @@ impl Store for SqliteStore {
         id: &str,
         status: TaskStatus,
         result: Option<&str>,
+        reasoning: Option<&str>,
         error: Option<&str>,
         now: Millis,
     ) -> Result<bool, StoreError> {
         check_final(status)?;
         let id = id.to_owned();
-        let (result, error) = (result.map(str::to_owned), error.map(str::to_owned));
+        let [result, reasoning, error] = [result, reasoning, error].map(|t| t.map(str::to_owned));
         self.write(move |c| {
             let n = c
                 .prepare_cached(
-                    "UPDATE tasks SET status = ?2, result = ?3, error = ?4, finished_at = ?5
+                    "UPDATE tasks SET status = ?2, result = ?3, error = ?4, finished_at = ?5,
+                         reasoning = ?6
                      WHERE id = ?1 AND status = 'running'",
                 )?
-                .execute(params![id, status.as_str(), result, error, now])?;
+                .execute(params![id, status.as_str(), result, error, now, reasoning])?;
             Ok(n > 0)
         })
         .await
@@ -1079,7 +1089,7 @@ impl Store for SqliteStore {
             let tasks = c
                 .prepare_cached(
                     "SELECT id, user_id, key_id, agent, scene, input, status, result, error,
-                            progress_tokens, created_at, started_at, finished_at
+                            progress_tokens, created_at, started_at, finished_at, reasoning
                      FROM tasks WHERE status IN ('queued', 'running')
                      ORDER BY created_at, id",
                 )?
@@ -1123,7 +1133,8 @@ impl Store for SqliteStore {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT key_id, model, count(*), coalesce(sum(prompt_tokens), 0), \
-                 coalesce(sum(completion_tokens), 0) FROM usage_records \
+                 coalesce(sum(completion_tokens), 0), coalesce(sum(reasoning_tokens), 0) \
+                 FROM usage_records \
                  WHERE created_at >= ?1 AND created_at < ?2 \
                  GROUP BY key_id, model ORDER BY key_id, model",
             )?;
@@ -1135,6 +1146,7 @@ impl Store for SqliteStore {
                         requests: r.get(2)?,
                         prompt_tokens: r.get(3)?,
                         completion_tokens: r.get(4)?,
+                        reasoning_tokens: r.get(5)?,
                     })
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
@@ -1160,7 +1172,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&cfg(dir.path())).await.unwrap();
         assert!(store.path().exists());
-        assert_eq!(store.applied_migrations().len(), 1);
+        assert_eq!(store.applied_migrations().len(), 2);
         let mode: String = store
             .read(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?))
             .await

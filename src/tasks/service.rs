@@ -53,6 +53,9 @@ pub struct TaskView {
     pub position: Option<u64>,
     pub progress: Progress,
     pub result: Option<String>,
+    /// A reasoning model's thinking behind `result`; absent when there was none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
     pub error: Option<String>,
     pub created_at: i64,
     pub started_at: Option<i64>,
@@ -195,6 +198,7 @@ impl TaskService {
             input: json!({ "messages": messages }).to_string(),
             status: TaskStatus::Queued,
             result: None,
+            reasoning: None,
             error: None,
             progress_tokens: 0,
             created_at: now,
@@ -213,7 +217,14 @@ impl TaskService {
             // as failed rather than left queued for a restart to run.
             if let Ok(Some(_)) = self.store.claim_task(&task.id, now_millis()).await {
                 self.store
-                    .finish_task(&task.id, TaskStatus::Failed, None, Some(&msg), now_millis())
+                    .finish_task(
+                        &task.id,
+                        TaskStatus::Failed,
+                        None,
+                        None,
+                        Some(&msg),
+                        now_millis(),
+                    )
                     .await
                     .ok();
             }
@@ -255,6 +266,7 @@ impl TaskService {
                 tokens: t.progress_tokens,
             },
             result: t.result,
+            reasoning: t.reasoning,
             error: t.error,
             created_at: t.created_at,
             started_at: t.started_at,
@@ -441,14 +453,21 @@ impl TaskService {
         self.running.remove(&task.id);
         let now = now_millis();
         let finished = match &outcome {
-            Ok(text) => {
+            Ok(reply) => {
                 self.store
-                    .finish_task(&task.id, TaskStatus::Succeeded, Some(text), None, now)
+                    .finish_task(
+                        &task.id,
+                        TaskStatus::Succeeded,
+                        Some(&reply.text),
+                        reply.reasoning(),
+                        None,
+                        now,
+                    )
                     .await
             }
             Err(Some(e)) => {
                 self.store
-                    .finish_task(&task.id, TaskStatus::Failed, None, Some(e), now)
+                    .finish_task(&task.id, TaskStatus::Failed, None, None, Some(e), now)
                     .await
             }
             // Cancelled: the store was updated by `cancel`.
@@ -456,8 +475,11 @@ impl TaskService {
         };
         match finished {
             Ok(true) => match outcome {
-                Ok(text) => {
-                    channel.publish_json(EventKind::Succeeded, &json!({ "result": text }));
+                Ok(reply) => {
+                    channel.publish_json(
+                        EventKind::Succeeded,
+                        &succeeded(Some(&reply.text), reply.reasoning()),
+                    );
                 }
                 Err(Some(e)) => {
                     channel.publish_json(EventKind::Failed, &json!({ "error": e }));
@@ -473,8 +495,8 @@ impl TaskService {
         self.queue.ack(d).await.ok();
     }
 
-    /// Runs the task's request upstream; the reply text, or why it failed.
-    async fn generate(&self, task: &Task, channel: &Channel) -> Result<String, String> {
+    /// Runs the task's request upstream; the reply, or why it failed.
+    async fn generate(&self, task: &Task, channel: &Channel) -> Result<Reply, String> {
         #[derive(serde::Deserialize)]
         struct Input {
             messages: Vec<Message>,
@@ -504,12 +526,17 @@ impl TaskService {
             .await
             .map_err(|e| e.to_string())?;
         let mut events = relay.events;
-        let mut text = String::new();
+        let mut reply = Reply::default();
         let mut tokens = 0i64;
         while let Some(ev) = events.next().await {
             let chunk = ev.map_err(|e| e.to_string())?;
+            // The thinking streams live, as in a session; the answer comes whole at the end.
+            if let Some(r) = chunk.reasoning() {
+                channel.publish_json(EventKind::Reasoning, &TextData { text: r });
+                reply.reasoning.push_str(r);
+            }
             if let Some(t) = chunk.content() {
-                text.push_str(t);
+                reply.text.push_str(t);
             }
             if chunk.is_token() {
                 tokens += 1;
@@ -521,15 +548,46 @@ impl TaskService {
         }
         channel.publish_json(EventKind::Progress, &json!({ "tokens": tokens }));
         self.store.set_task_progress(&task.id, tokens).await.ok();
-        Ok(text)
+        Ok(reply)
     }
+}
+
+/// The data of `reasoning` events, as in a session.
+#[derive(Serialize)]
+struct TextData<'a> {
+    text: &'a str,
+}
+
+/// What a task's model answered, and the thinking before it.
+#[derive(Default)]
+struct Reply {
+    text: String,
+    reasoning: String,
+}
+
+impl Reply {
+    fn reasoning(&self) -> Option<&str> {
+        Some(self.reasoning.as_str()).filter(|r| !r.is_empty())
+    }
+}
+
+/// The data of `succeeded`: `{result}`, with `reasoning` when the model reasoned.
+fn succeeded(result: Option<&str>, reasoning: Option<&str>) -> Value {
+    let mut data = json!({ "result": result });
+    if let Some(r) = reasoning {
+        data["reasoning"] = json!(r);
+    }
+    data
 }
 
 /// The final event of a task known only from the store.
 fn publish_final(ch: &Channel, t: &Task) {
     match t.status {
         TaskStatus::Succeeded => {
-            ch.publish_json(EventKind::Succeeded, &json!({ "result": t.result }));
+            ch.publish_json(
+                EventKind::Succeeded,
+                &succeeded(t.result.as_deref(), t.reasoning.as_deref()),
+            );
         }
         TaskStatus::Failed => {
             ch.publish_json(EventKind::Failed, &json!({ "error": t.error }));

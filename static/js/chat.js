@@ -1,5 +1,7 @@
 // The chat view. One SSE feed per open session (`/api/sessions/{id}/stream`) shows every
 // reply of the session live, whichever tab or client started it; sending is a plain POST.
+// A reasoning model's thinking (`reasoning` events, `reasoning` of stored messages) shows
+// collapsed above its answer.
 // The feed resumes with Last-Event-ID after a drop, and after a reload from a snapshot
 // kept in sessionStorage, so a reply never shows a gap or a repeated word.
 
@@ -161,8 +163,8 @@ export class Chat {
     if (snap?.messageId) {
       c.snap = snap;
       const m = {
-        id: snap.messageId, role: 'assistant', content: snap.content ?? '', status: 'streaming',
-        gen: snap.gen, live: true, ttft: snap.ttft, fromSnap: true,
+        id: snap.messageId, role: 'assistant', content: snap.content ?? '', reasoning: snap.reasoning ?? '',
+        status: 'streaming', gen: snap.gen, live: true, ttft: snap.ttft, fromSnap: true,
       };
       this.add(c, m);
     }
@@ -222,7 +224,7 @@ export class Chat {
       }
       if (!m) m = { id: hm.id };
       Object.assign(m, {
-        role: hm.role, content: hm.content, status: hm.status, model: hm.model,
+        role: hm.role, content: hm.content, reasoning: hm.reasoning ?? '', status: hm.status, model: hm.model,
         prompt_tokens: hm.prompt_tokens, completion_tokens: hm.completion_tokens,
         error: hm.error || hm.status === 'interrupted' ? storedError(hm) : null,
         gen: hm.generation_id, live: false, pending: false, fromSnap: false,
@@ -267,7 +269,7 @@ export class Chat {
         this.scheduleHistory(c);
       }
       Object.assign(m, {
-        content: '', status: 'streaming', live: true, gen: d.generation_id, model: d.model,
+        content: '', reasoning: '', status: 'streaming', live: true, gen: d.generation_id, model: d.model,
         t0: m.t0 ?? c.sendAt ?? performance.now(),
       });
       c.sendAt = null;
@@ -276,12 +278,15 @@ export class Chat {
       m = c.byGen.get(genOf(ev.id));
       if (!m?.live) return;
       switch (ev.event) {
+        case 'reasoning':
         case 'token':
+          // The model's first output is its first token, thinking or not.
           if (m.ttft == null && m.t0 != null) {
             m.ttft = performance.now() - m.t0;
             ttftPut(m.id, m.ttft);
           }
-          m.content += d.text ?? '';
+          if (ev.event === 'token') m.content += d.text ?? '';
+          else m.reasoning = (m.reasoning ?? '') + (d.text ?? '');
           break;
         case 'usage':
           m.prompt_tokens = d.prompt_tokens;
@@ -315,10 +320,10 @@ export class Chat {
     this.schedulePaint(m);
   }
 
-  // The resume point survives a reload: the text so far and the id of the event it ends
-  // with, written together so they always agree.
+  // The resume point survives a reload: the text and thinking so far and the id of the
+  // event they end with, written together so they always agree.
   saveSnap(c, m, lastId) {
-    c.snap = { gen: m.gen, messageId: m.id, lastId, content: m.content, ttft: m.ttft };
+    c.snap = { gen: m.gen, messageId: m.id, lastId, content: m.content, reasoning: m.reasoning, ttft: m.ttft };
     c.snapTimer ??= setTimeout(() => this.flushSnap(c), 250);
   }
 
@@ -405,7 +410,7 @@ export class Chat {
       }
       if (!c.byId.has(r.message_id)) {
         this.add(c, {
-          id: r.message_id, role: 'assistant', content: '', status: 'streaming',
+          id: r.message_id, role: 'assistant', content: '', reasoning: '', status: 'streaming',
           gen: r.generation_id, live: true, t0: c.sendAt,
         });
       }
@@ -505,11 +510,21 @@ export class Chat {
     if (!m.el) {
       m.el = h('article', { class: `msg ${m.role}` },
         h('div', { class: 'bubble' },
+          // Collapsed unless the reader opens it; repaints leave `open` alone.
+          h('details', { class: 'reasoning', hidden: true },
+            h('summary', { text: 'Reasoning' }),
+            h('div', { class: 'reasoning-body' })),
           h('div', { class: 'body' }),
           h('div', { class: 'msg-error', role: 'alert', hidden: true }),
           h('footer', { class: 'meta' })));
     }
-    const [body, err, meta] = m.el.firstChild.children;
+    const [thinking, body, err, meta] = m.el.firstChild.children;
+    if (m.paintedReasoning !== (m.reasoning ?? '')) {
+      m.paintedReasoning = m.reasoning ?? '';
+      // Shown as plain text: thinking is a draft, not the answer's formatted Markdown.
+      thinking.lastChild.textContent = m.paintedReasoning;
+      thinking.hidden = !m.paintedReasoning;
+    }
     m.el.dataset.id = m.id;
     m.el.dataset.status = m.status ?? '';
     // Screen readers announce the reply once it is whole, not after every token.
@@ -548,7 +563,10 @@ export class Chat {
       return m.pending ? [h('span', { text: 'Sending…' })] : [];
     }
     const parts = [];
-    if (m.status === 'streaming') parts.push(h('span', { class: 'live', text: m.content ? 'Writing…' : 'Waiting for the model…' }));
+    if (m.status === 'streaming') {
+      const doing = m.content ? 'Writing…' : m.reasoning ? 'Reasoning…' : 'Waiting for the model…';
+      parts.push(h('span', { class: 'live', text: doing }));
+    }
     if (m.status === 'cancelled') parts.push(h('span', { class: 'badge stopped', text: 'Stopped' }));
     if (m.model) parts.push(h('span', { class: 'model', text: m.model }));
     if (m.completion_tokens != null) {

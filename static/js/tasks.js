@@ -197,6 +197,8 @@ export class Tasks {
       cancel: h('button', { type: 'button', class: 'link task-cancel', text: 'Cancel', hidden: true }),
       bar: h('div', { class: 'progress', hidden: true }, h('div', { class: 'progress-bar' })),
       timeline: h('ol', { class: 'timeline' }),
+      reasoning: h('details', { class: 'reasoning task-reasoning', hidden: true },
+        h('summary', { text: 'Reasoning' }), h('div', { class: 'reasoning-body' })),
       result: h('div', { class: 'task-result body', hidden: true }),
       error: h('div', { class: 'msg-error', role: 'alert', hidden: true }),
     };
@@ -206,7 +208,7 @@ export class Tasks {
         h('strong', { text: entry.scene ?? 'task' }), els.status, els.tokens,
         h('span', { class: 'muted task-when', text: relTime(entry.created ?? Date.now()) }), els.cancel),
       vars ? h('p', { class: 'muted task-vars', text: vars }) : null,
-      els.bar, els.timeline, els.result, els.error);
+      els.bar, els.timeline, els.reasoning, els.result, els.error);
     const card = { entry, el, els, state: {} };
     els.cancel.addEventListener('click', async () => {
       els.cancel.disabled = true;
@@ -224,6 +226,10 @@ export class Tasks {
   follow(card) {
     const topic = `task:${card.entry.id}`;
     card.els.timeline.replaceChildren();
+    // The subscription replays the task's events from its start, the thinking among them.
+    card.state.reasoning = '';
+    card.els.reasoning.lastChild.textContent = '';
+    card.els.reasoning.hidden = true;
     this.ws.subscribe(topic, (f) => {
       if (f.event === 'ws_error') {
         this.apply(card, { note: plainError(f.data).title });
@@ -236,6 +242,11 @@ export class Tasks {
 
   /** One live event: a line on the timeline and the new state. */
   step(card, event, d) {
+    // The model's thinking streams in many small pieces: it grows in place, off the timeline.
+    if (event === 'reasoning') {
+      this.apply(card, { reasoning: (card.state.reasoning ?? '') + (d.text ?? '') });
+      return;
+    }
     const line = {
       queued: d.position != null ? `Queued, position ${d.position}` : 'Queued',
       running: 'Running',
@@ -253,7 +264,10 @@ export class Tasks {
     const patch = { status: event === 'progress' ? 'running' : event, note: null };
     if (event === 'progress') patch.progress = { tokens: d.tokens };
     if (event === 'queued') patch.position = d.position;
-    if (event === 'succeeded') patch.result = d.result;
+    if (event === 'succeeded') {
+      patch.result = d.result;
+      if (d.reasoning != null) patch.reasoning = d.reasoning;
+    }
     if (event === 'failed') patch.error = d.error;
     this.apply(card, patch);
   }
@@ -266,6 +280,10 @@ export class Tasks {
     els.tokens.textContent = s.progress?.tokens ? `${s.progress.tokens} tokens` : '';
     els.cancel.hidden = FINAL.has(s.status) || !s.status;
     els.bar.hidden = s.status !== 'running' && s.status !== 'queued';
+    if (s.reasoning && els.reasoning.lastChild.textContent !== s.reasoning) {
+      els.reasoning.lastChild.textContent = s.reasoning;
+      els.reasoning.hidden = false;
+    }
     if (s.result != null) {
       els.result.replaceChildren(renderMarkdown(s.result));
       els.result.hidden = false;

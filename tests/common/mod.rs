@@ -3,6 +3,7 @@
 
 pub mod db;
 pub mod proxy;
+pub mod reasoning;
 
 use std::time::Duration;
 
