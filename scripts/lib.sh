@@ -1,6 +1,6 @@
 # Shared by scripts/test.sh and scripts/cluster.sh (sourced, not run): provisioning of
 # what the tests and a local cluster need on a Debian machine, PostgreSQL, Redis and
-# nginx, started only when they are not already answering.
+# nginx, started only when they are not already answering, and the SDK tests' venv.
 # shellcheck shell=bash
 
 log() { printf '\n==> %s\n' "$*"; }
@@ -67,4 +67,32 @@ ensure_nginx() {
         log "installing nginx"
         apt_install nginx
     fi
+}
+
+# The SDK tests (tests/sdk.rs) drive the official OpenAI and Anthropic Python SDKs from a
+# venv of their own, pinned by tests/sdk/requirements.txt. The venv is rebuilt only when that
+# file's hash differs from the one recorded at the last install (or its interpreter is
+# gone), so a second run costs a hash.
+SDK_VENV=target/sdk-venv
+SDK_REQUIREMENTS=tests/sdk/requirements.txt
+
+ensure_sdk_venv() {
+    local stamp="$SDK_VENV/requirements.sha256" want python=python3
+    want=$(sha256sum "$SDK_REQUIREMENTS" | cut -d' ' -f1)
+    if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] &&
+        "$SDK_VENV/bin/python" -c '' 2>/dev/null; then
+        return 0
+    fi
+    # Debian's python3 makes venvs only with python3-venv (which brings ensurepip).
+    if ! command -v python3 >/dev/null || ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+        log "installing python3-venv"
+        apt_install python3 python3-venv
+        python=/usr/bin/python3
+    fi
+    log "creating $SDK_VENV for the SDK tests"
+    rm -f "$stamp"
+    "$python" -m venv --clear "$SDK_VENV"
+    "$SDK_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+        -r "$SDK_REQUIREMENTS"
+    echo "$want" >"$stamp"
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a Debian machine with Rust: provisions what the tests need
-# (PostgreSQL, Redis, nginx), then the format check, clippy with warnings denied, and every test.
+# (PostgreSQL, Redis, nginx, Chromium, the SDK tests' Python venv), then the format check,
+# clippy with warnings denied, and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,7 @@ ensure_postgres
 ensure_redis
 ensure_nginx
 ensure_chromium
+ensure_sdk_venv
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
