@@ -1,6 +1,7 @@
-//! A reasoning model for the tests: an OpenAI-compatible upstream whose reply thinks before
-//! it answers. It stands in for the mock upstream's `reasoning` scenario until that lands;
-//! only [`reasoning_upstream`] needs to change then.
+//! A short reasoning model for the session, WebSocket, cluster and UI tests: three pieces of
+//! thinking, then three of answer. The mock's `reasoning` scenario plays a whole recorded
+//! stream of about a hundred events, too long for tests that pace every piece to watch it
+//! arrive.
 
 use std::convert::Infallible;
 use std::time::Duration;
