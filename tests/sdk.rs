@@ -10,9 +10,6 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::Request;
-use axum::response::Response;
 use common::*;
 use sha2::{Digest, Sha256};
 use sluice::config::{ProviderConfig, ProviderKind, Secret};
@@ -148,14 +145,33 @@ async fn sdk_single_flight_pair_shares_one_upstream_reply() {
 }
 
 #[tokio::test]
+async fn sdk_readme_function_calling_example_runs() {
+    // The example names a real model; this upstream takes any name, and its process-wide
+    // scenario answers with parallel tool calls, then (after the results) the answer.
+    let mock = mock(MockConfig {
+        scenario: Some("parallel_tool_calls".into()),
+        ..Default::default()
+    })
+    .await;
+    let server = TestServer::start(config_for(&mock)).await;
+    pytest("test_readme.py", &urls(&server, &mock).await).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn sdk_anthropic_tool_use_loop() {
-    let mock = mock(MockConfig::default()).await;
-    let front = scenario_front(&mock, "tool_use").await;
+    // The Anthropic dialect takes no body knobs and sluice forwards no client headers, so
+    // the scenario is the mock's own setting.
+    let mock = mock(MockConfig {
+        scenario: Some("tool_use".into()),
+        ..Default::default()
+    })
+    .await;
     let mut cfg = config_for(&mock);
     cfg.upstream.providers = vec![ProviderConfig {
         name: "claude".into(),
         kind: ProviderKind::Anthropic,
-        base_url: Some(front),
+        base_url: Some(mock.url()),
         base_urls: vec![],
         api_key: Some(Secret::new("test-key")),
         api_key_env: None,
@@ -165,44 +181,4 @@ async fn sdk_anthropic_tool_use_loop() {
     let server = TestServer::start(cfg).await;
     pytest("test_anthropic.py", &urls(&server, &mock).await).await;
     server.shutdown().await;
-}
-
-/// A pass-through to the mock that adds `x-mock-scenario: <scenario>` to every request,
-/// returning its `/v1` base URL: the Anthropic dialect takes no body knobs, and sluice
-/// forwards no client headers, so the scenario is set on the way in.
-async fn scenario_front(mock: &MockServer, scenario: &'static str) -> String {
-    let target = format!("http://{}", mock.addr);
-    let app = axum::Router::new().fallback(move |req: Request| {
-        let target = target.clone();
-        async move { forward(&target, scenario, req).await }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}/v1")
-}
-
-async fn forward(target: &str, scenario: &str, req: Request) -> Response {
-    let (parts, body) = req.into_parts();
-    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut headers = parts.headers;
-    headers.remove(http::header::HOST);
-    headers.remove(http::header::CONTENT_LENGTH);
-    headers.insert("x-mock-scenario", scenario.parse().unwrap());
-    let resp = client()
-        .request(parts.method, format!("{target}{path}"))
-        .headers(headers)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let mut out = Response::builder().status(resp.status());
-    // Only what describes the body: framing headers belong to each hop.
-    for name in [http::header::CONTENT_TYPE, http::header::RETRY_AFTER] {
-        if let Some(v) = resp.headers().get(&name) {
-            out = out.header(name, v);
-        }
-    }
-    out.body(Body::from_stream(resp.bytes_stream())).unwrap()
 }
