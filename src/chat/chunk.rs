@@ -33,6 +33,9 @@ const TOKEN: u8 = 1;
 /// The chunk is the usage report alone (no choices), withheld from clients that did not
 /// ask for usage: sluice always asks the upstream for it.
 const USAGE_ONLY: u8 = 2;
+/// One choice, index 0, whose delta holds nothing but text (and maybe the role): what most
+/// chunks are, merged into a whole reply without reading the JSON again.
+const PLAIN: u8 = 4;
 
 /// Where a piece of text is: inside the frame (it had no escapes), or decoded on its own.
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -110,6 +113,9 @@ impl Chunk {
         }
         if wire.choices.count == 0 && usage.is_some() {
             flags |= USAGE_ONLY;
+        }
+        if wire.choices.count == 1 && wire.choices.plain && usage.is_none() {
+            flags |= PLAIN;
         }
         let first = wire.choices.first;
         let base = frame.as_ref();
@@ -241,6 +247,8 @@ struct Choices<'a> {
     first: First<'a>,
     count: usize,
     any_delta: bool,
+    /// The first choice is index 0 with a text-only delta, no logprobs and no finish.
+    plain: bool,
 }
 
 #[derive(Default)]
@@ -283,6 +291,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for Choices<'a> {
                     }
                     if !have_first && c.index.unwrap_or(0) == 0 {
                         have_first = true;
+                        out.plain = !delta.not_text
+                            && c.logprobs.is_none()
+                            && c.finish_reason.as_ref().is_none_or(|t| t.0.is_none());
                         out.first = First {
                             content,
                             reasoning,
@@ -326,6 +337,8 @@ struct WireChoice<'a> {
     delta: Option<WireDelta<'a>>,
     #[serde(default, borrow)]
     finish_reason: Option<Text<'a>>,
+    #[serde(default)]
+    logprobs: Option<IgnoredAny>,
 }
 
 /// A delta's text fields, and whether it carries anything else of the reply.
@@ -337,6 +350,8 @@ struct WireDelta<'a> {
     /// A non-null `tool_calls`, `function_call`, `refusal`, `audio` or any other field but
     /// `role`.
     others: bool,
+    /// Any key but `content` and `role`, even a null one.
+    not_text: bool,
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for WireDelta<'a> {
@@ -349,17 +364,24 @@ impl<'de: 'a, 'a> Deserialize<'de> for WireDelta<'a> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut out = WireDelta::default();
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    match key.as_ref() {
-                        "content" => out.content = map.next_value()?,
-                        "reasoning_content" => out.reasoning_content = map.next_value()?,
-                        "reasoning" => out.reasoning = map.next_value()?,
-                        "role" => {
+                while let Some(key) = map.next_key::<DeltaKey>()? {
+                    match key {
+                        DeltaKey::Content => out.content = map.next_value()?,
+                        DeltaKey::ReasoningContent => {
+                            out.reasoning_content = map.next_value()?;
+                            out.not_text = true;
+                        }
+                        DeltaKey::Reasoning => {
+                            out.reasoning = map.next_value()?;
+                            out.not_text = true;
+                        }
+                        DeltaKey::Role => {
                             map.next_value::<IgnoredAny>()?;
                         }
-                        _ => {
+                        DeltaKey::Other => {
                             let v: Option<IgnoredAny> = map.next_value()?;
                             out.others |= v.is_some();
+                            out.not_text = true;
                         }
                     }
                 }
@@ -368,6 +390,18 @@ impl<'de: 'a, 'a> Deserialize<'de> for WireDelta<'a> {
         }
         d.deserialize_map(V(std::marker::PhantomData))
     }
+}
+
+/// A delta's key, told apart without copying it (a `String` key was an allocation per token).
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum DeltaKey {
+    Content,
+    ReasoningContent,
+    Reasoning,
+    Role,
+    #[serde(other)]
+    Other,
 }
 
 /// A field that is text when it is a string; any other value is skipped, not an error, so
@@ -531,7 +565,7 @@ impl ChunkEncoder {
 
     /// A new reply's first chunk, `{"role":"assistant","content":""}`.
     pub fn role(&self) -> Chunk {
-        self.delta(
+        self.plain_delta(
             br#"{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#,
         )
     }
@@ -541,7 +575,7 @@ impl ChunkEncoder {
         let (frame, at) = self.text_frame(CONTENT_OPEN, text);
         Chunk {
             content: span_in(&frame, at, text),
-            ..Chunk::plain(frame, if text.is_empty() { 0 } else { TOKEN })
+            ..Chunk::plain(frame, PLAIN | if text.is_empty() { 0 } else { TOKEN })
         }
     }
 
@@ -600,8 +634,8 @@ impl ChunkEncoder {
         Chunk::plain(self.frame(&body), flags)
     }
 
-    fn delta(&self, rest: &[u8]) -> Chunk {
-        Chunk::plain(self.frame(rest), 0)
+    fn plain_delta(&self, rest: &[u8]) -> Chunk {
+        Chunk::plain(self.frame(rest), PLAIN)
     }
 
     fn frame(&self, rest: &[u8]) -> Bytes {
@@ -691,6 +725,9 @@ pub struct Accumulator {
 
 impl Accumulator {
     pub fn add(&mut self, chunk: &Chunk) {
+        if chunk.flags & PLAIN != 0 && self.add_text(chunk.content()) {
+            return;
+        }
         let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(chunk.payload()) else {
             return;
         };
@@ -710,6 +747,22 @@ impl Accumulator {
                     self.head.insert(k, v);
                 }
             }
+        }
+    }
+
+    /// Appends a plain chunk's text to the first choice's, once that choice has begun.
+    fn add_text(&mut self, text: Option<&str>) -> bool {
+        let Some(Value::Object(msg)) = self.choices.get_mut(&0).and_then(|c| c.get_mut("message"))
+        else {
+            return false;
+        };
+        match (msg.get_mut("content"), text) {
+            (_, None) => true,
+            (Some(Value::String(have)), Some(t)) => {
+                have.push_str(t);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -1000,18 +1053,47 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    /// Text-only chunks are merged without reading their JSON again; the reply must be the
+    /// one the full merge builds.
+    #[test]
+    fn plain_chunks_merge_like_any_other() {
+        let payloads = [
+            r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","obfuscation":"a","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#,
+            r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","obfuscation":"a","choices":[{"index":0,"delta":{"content":"Hel"},"logprobs":null,"finish_reason":null}]}"#,
+            r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","obfuscation":"a","choices":[{"index":0,"delta":{"content":"lo \"x\""},"finish_reason":null}]}"#,
+            r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":null,"refusal":null},"finish_reason":null}]}"#,
+            r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"!"},"logprobs":{"content":[]},"finish_reason":null}]}"#,
+            r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+        ];
+        let chunks: Vec<Chunk> = payloads.iter().map(|p| chunk(p)).collect();
+        assert!(chunks[1].flags & PLAIN != 0 && chunks[2].flags & PLAIN != 0);
+        assert!(chunks[4].flags & PLAIN == 0, "logprobs are merged in full");
+        assert!(chunks[5].flags & PLAIN == 0, "a finish is merged in full");
+        let (mut fast, mut full) = (Accumulator::default(), Accumulator::default());
+        for c in &chunks {
+            fast.add(c);
+            let mut slow = c.clone();
+            slow.flags &= !PLAIN;
+            full.add(&slow);
+        }
+        let fast = fast.finish("x", 0, "x");
+        assert_eq!(fast, full.finish("x", 0, "x"));
+        assert_eq!(fast["choices"][0]["message"]["content"], "Hello \"x\"!");
+    }
+
     /// Chunks are read with sonic-rs; it must accept, refuse and read exactly what
     /// serde_json does.
     #[test]
     fn sonic_reads_chunks_as_serde_json_does() {
         fn meaning(w: &Wire<'_>) -> String {
             format!(
-                "{:?} {:?} {:?} {} {} {:?} {:?}",
+                "{:?} {:?} {:?} {} {} {} {:?} {:?}",
                 w.choices.first.content,
                 w.choices.first.reasoning,
                 w.choices.first.finish,
                 w.choices.count,
                 w.choices.any_delta,
+                w.choices.plain,
                 w.usage
                     .as_ref()
                     .map(|u| (u.prompt_tokens, u.completion_tokens)),
