@@ -201,7 +201,7 @@ fn frame_of(payload: &[u8]) -> Bytes {
     let mut buf = Vec::with_capacity(DATA.len() + payload.len() + 2);
     buf.extend_from_slice(DATA);
     buf.extend_from_slice(payload);
-    if payload.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+    if memchr::memchr2(b'\n', b'\r', payload).is_some() {
         for b in &mut buf[DATA.len()..] {
             if matches!(b, b'\n' | b'\r') {
                 *b = b' ';
