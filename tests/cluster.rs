@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::db::{self, Backend, TestDb};
-use common::reasoning::{answer, reasoning_upstream, thinking};
+use common::reasoning::{EVENTS, answer, reasoning_upstream, thinking};
 use common::*;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
@@ -409,20 +409,7 @@ async fn thinking_reaches_watchers_on_other_instances() {
     let a = read_until_final(post_message(&c.url(0), &s, true).await, WAIT, |_| {}).await;
     let b = b.await.unwrap();
     let kinds: Vec<&str> = a.iter().map(|e| e.event.as_str()).collect();
-    assert_eq!(
-        kinds,
-        [
-            "start",
-            "reasoning",
-            "reasoning",
-            "reasoning",
-            "token",
-            "token",
-            "token",
-            "usage",
-            "done"
-        ]
-    );
+    assert_eq!(kinds, EVENTS);
     assert_eq!(a, b, "the other instance saw another sequence");
     let thought: String = a
         .iter()

@@ -275,24 +275,8 @@ async fn admin_paths_need_an_admin_key_in_every_spelling() {
     cfg.chat.auth = AuthMode::Required;
     cfg.chat.default_model = "mock-model".into();
     let server = TestServer::start(cfg).await;
-    let store = &server.state.store;
-    let mk = |name: &'static str, admin: bool| async move {
-        let key = format!("sk-test-{}", uuid::Uuid::new_v4().simple());
-        let u = store.ensure_user(name).await.unwrap();
-        store
-            .create_api_key(
-                &u.id,
-                name,
-                &sluice::store::cli::hash_key(&key),
-                &key[..12],
-                admin,
-            )
-            .await
-            .unwrap();
-        key
-    };
-    let admin = mk("root", true).await;
-    let user = mk("alice", false).await;
+    let admin = api_key(&server, "root", true).await;
+    let user = api_key(&server, "alice", false).await;
     let paths = [
         "/api/admin/streams",
         "/api/admin/streams/",

@@ -83,27 +83,10 @@ async fn pytest(file: &str, env: &[(&str, String)]) {
 async fn urls(server: &TestServer, mock: &MockServer) -> Vec<(&'static str, String)> {
     vec![
         ("SLUICE_BASE_URL", format!("{}/v1", server.url)),
-        ("SLUICE_API_KEY", new_key(server).await),
+        ("SLUICE_API_KEY", api_key(server, "sdk", false).await),
         ("MOCK_BASE_URL", mock.url()),
         ("MOCK_ROOT", format!("http://{}", mock.addr)),
     ]
-}
-
-async fn new_key(server: &TestServer) -> String {
-    let key = sluice::store::cli::generate_key();
-    let store = &server.state.store;
-    let user = store.ensure_user("sdk").await.unwrap();
-    store
-        .create_api_key(
-            &user.id,
-            "sdk tests",
-            &sluice::store::cli::hash_key(&key),
-            &key[..12],
-            false,
-        )
-        .await
-        .unwrap();
-    key
 }
 
 /// Runs `file` against a mock and a sluice of its own, so no other test's requests fill its

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::db::{Backend, TestDb};
-use common::reasoning::{REASONING_TOKENS, answer, reasoning_upstream, thinking};
+use common::reasoning::{EVENTS, REASONING_TOKENS, answer, reasoning_upstream, thinking};
 use common::*;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
@@ -74,31 +74,13 @@ async fn env_with(
     cfg.chat.default_model = "mock-model".into();
     tweak(&mut cfg);
     let server = TestServer::start(cfg).await;
-    let key = new_key(&server, "alice").await;
+    let key = api_key(&server, "alice", false).await;
     Env {
         mock,
         server,
         db,
         key,
     }
-}
-
-/// Creates a user and a key straight in the store.
-async fn new_key(server: &TestServer, user: &str) -> String {
-    let key = format!("sk-test-{}", uuid::Uuid::new_v4().simple());
-    let store = &server.state.store;
-    let u = store.ensure_user(user).await.unwrap();
-    store
-        .create_api_key(
-            &u.id,
-            user,
-            &sluice::store::cli::hash_key(&key),
-            &key[..12],
-            false,
-        )
-        .await
-        .unwrap();
-    key
 }
 
 impl Env {
@@ -322,7 +304,7 @@ async fn other_keys_see_nothing(b: Backend) {
     let s = e.new_session().await;
     let first = read_until_final(e.chat(&s, "hi").await, 1000).await;
     let some_id = first[2].id.clone();
-    let mallory = new_key(&e.server, "mallory").await;
+    let mallory = api_key(&e.server, "mallory", false).await;
     let m = |method: reqwest::Method, path: String| {
         client().request(method, e.url(&path)).bearer_auth(&mallory)
     };
@@ -765,20 +747,7 @@ async fn a_reasoning_model_streams_its_thinking_before_the_answer(b: Backend) {
     let s = e.new_session().await;
     let events = read_until_final(e.chat(&s, "What is the answer?").await, 1000).await;
     let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
-    assert_eq!(
-        kinds,
-        [
-            "start",
-            "reasoning",
-            "reasoning",
-            "reasoning",
-            "token",
-            "token",
-            "token",
-            "usage",
-            "done"
-        ]
-    );
+    assert_eq!(kinds, EVENTS);
     assert_ids_increase(&events);
     assert_eq!(joined(&events, "reasoning"), thinking());
     assert_eq!(text(&events), answer());
@@ -803,19 +772,7 @@ async fn a_reasoning_model_streams_its_thinking_before_the_answer(b: Backend) {
     );
 
     // The usage record keeps the reasoning tokens, and the usage API returns them.
-    let admin = format!("sk-test-{}", uuid::Uuid::new_v4().simple());
-    let store = &e.server.state.store;
-    let root = store.ensure_user("root").await.unwrap();
-    store
-        .create_api_key(
-            &root.id,
-            "root",
-            &sluice::store::cli::hash_key(&admin),
-            &admin[..12],
-            true,
-        )
-        .await
-        .unwrap();
+    let admin = api_key(&e.server, "root", true).await;
     let usage: Value = client()
         .get(e.url("/api/admin/usage"))
         .bearer_auth(&admin)

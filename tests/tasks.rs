@@ -64,8 +64,8 @@ async fn env(
     cfg.chat.default_model = "mock-model".into();
     tweak(&mut cfg);
     let server = TestServer::start(cfg).await;
-    let admin = key(&server, "root", true).await;
-    let user = key(&server, "alice", false).await;
+    let admin = api_key(&server, "root", true).await;
+    let user = api_key(&server, "alice", false).await;
     Env {
         mock,
         server,
@@ -73,23 +73,6 @@ async fn env(
         admin,
         user,
     }
-}
-
-async fn key(server: &TestServer, user: &str, admin: bool) -> String {
-    let key = format!("sk-test-{}", uuid::Uuid::new_v4().simple());
-    let store = &server.state.store;
-    let u = store.ensure_user(user).await.unwrap();
-    store
-        .create_api_key(
-            &u.id,
-            user,
-            &sluice::store::cli::hash_key(&key),
-            &key[..12],
-            admin,
-        )
-        .await
-        .unwrap();
-    key
 }
 
 impl Env {
@@ -472,7 +455,7 @@ async fn tasks_are_private(b: Backend) {
         )
         .await;
     let id = v["id"].as_str().unwrap().to_owned();
-    let other = key(&e.server, "mallory", false).await;
+    let other = api_key(&e.server, "mallory", false).await;
     for (m, path) in [
         (reqwest::Method::GET, format!("/api/tasks/{id}")),
         (reqwest::Method::GET, format!("/api/tasks/{id}/events")),
@@ -500,7 +483,7 @@ async fn restart_completes_queued_tasks(b: Backend) {
     cfg.tasks.workers = 1;
     cfg.server.drain = Duration::from_millis(100);
     let first = TestServer::start(cfg.clone()).await;
-    let user = key(&first, "alice", false).await;
+    let user = api_key(&first, "alice", false).await;
     let mut ids = Vec::new();
     for i in 0..3 {
         let r = client()
@@ -709,7 +692,7 @@ async fn redis_queue_reclaims_a_dead_workers_task_exactly_once() {
 
     // A live instance reclaims it once it has been idle long enough.
     let server = TestServer::start(cfg).await;
-    let user = key(&server, "alice", false).await;
+    let user = api_key(&server, "alice", false).await;
     let r = client()
         .get(format!("{}/api/tasks/{id}/events", server.url))
         .bearer_auth(&user)

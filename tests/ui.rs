@@ -270,7 +270,7 @@ async fn reply_streams_token_by_token(ctx: Arc<Ctx>) {
         |_| {},
     )
     .await;
-    let key = new_key(&server, "alice", false).await;
+    let key = api_key(&server, "alice", false).await;
     let c = ctx.browser().await;
     c.goto(&format!("{}/", server.url)).await.unwrap();
     let input = wait_css(&c, "#signin:not([hidden]) #signin-key").await;
@@ -384,7 +384,7 @@ async fn stop_button_and_escape_stop_the_reply(ctx: Arc<Ctx>) {
         |_| {},
     )
     .await;
-    let key = new_key(&server, "bob", false).await;
+    let key = api_key(&server, "bob", false).await;
     let c = ctx.browser().await;
     sign_in(&c, &server.url, &key).await;
     let full = full_reply(n);
@@ -443,7 +443,7 @@ async fn reload_mid_reply_completes_exactly_once(ctx: Arc<Ctx>) {
         |_| {},
     )
     .await;
-    let key = new_key(&server, "carol", false).await;
+    let key = api_key(&server, "carol", false).await;
     let c = ctx.browser().await;
     sign_in(&c, &server.url, &key).await;
     type_into(&c, "#input", &format!("Hello{ENTER}")).await;
@@ -493,7 +493,7 @@ async fn network_drop_mid_reply_resumes_without_a_gap(ctx: Arc<Ctx>) {
         |_| {},
     )
     .await;
-    let key = new_key(&server, "ivan", false).await;
+    let key = api_key(&server, "ivan", false).await;
     let proxy = CutProxy::start(&server.url).await;
     let c = ctx.browser().await;
     sign_in(&c, &proxy.url, &key).await;
@@ -555,7 +555,7 @@ async fn two_windows_show_the_same_reply_live(ctx: Arc<Ctx>) {
         |_| {},
     )
     .await;
-    let key = new_key(&server, "dave", false).await;
+    let key = api_key(&server, "dave", false).await;
     let (a, b) = tokio::join!(ctx.browser(), ctx.browser());
     tokio::join!(
         sign_in(&a, &server.url, &key),
@@ -615,7 +615,7 @@ async fn markup_in_replies_renders_as_text(ctx: Arc<Ctx>) {
     cfg.chat.auth = AuthMode::Required;
     cfg.chat.default_model = "markup-model".into();
     let server = TestServer::start(cfg).await;
-    let key = new_key(&server, "erin", false).await;
+    let key = api_key(&server, "erin", false).await;
     let c = ctx.browser().await;
     sign_in(&c, &server.url, &key).await;
     type_into(&c, "#input", &format!("Show me some HTML{ENTER}")).await;
@@ -747,8 +747,8 @@ async fn admin_view_for_admin_keys_only(ctx: Arc<Ctx>) {
         |_| {},
     )
     .await;
-    let admin = new_key(&server, "ops", true).await;
-    let user = new_key(&server, "frank", false).await;
+    let admin = api_key(&server, "ops", true).await;
+    let user = api_key(&server, "frank", false).await;
     let (a, u) = tokio::join!(ctx.browser(), ctx.browser());
     tokio::join!(
         sign_in(&a, &server.url, &admin),
@@ -833,7 +833,7 @@ async fn phone_width_layout(ctx: Arc<Ctx>) {
         |_| {},
     )
     .await;
-    let key = new_key(&server, "gina", false).await;
+    let key = api_key(&server, "gina", false).await;
     let c = ctx.sized_browser(390, 844).await;
     sign_in(&c, &server.url, &key).await;
     let width = js(&c, "return window.innerWidth;").await;
@@ -901,7 +901,7 @@ async fn upstream_failure_shows_plain_words_and_retries(ctx: Arc<Ctx>) {
         |c| c.upstream.retry.max_attempts = 1,
     )
     .await;
-    let key = new_key(&server, "hal", false).await;
+    let key = api_key(&server, "hal", false).await;
     let c = ctx.browser().await;
     sign_in(&c, &server.url, &key).await;
     type_into(&c, "#input", &format!("Hello{ENTER}")).await;
@@ -998,7 +998,7 @@ async fn reasoning_shows_collapsed_above_the_answer(ctx: Arc<Ctx>) {
         c.upstream.providers = vec![ProviderConfig::openai("reasoner", &upstream, None)];
     })
     .await;
-    let key = new_key(&server, "judy", false).await;
+    let key = api_key(&server, "judy", false).await;
     let c = ctx.browser().await;
     sign_in(&c, &server.url, &key).await;
     let script = concat!(
@@ -1194,23 +1194,6 @@ async fn env(mock_cfg: MockConfig, tweak: impl FnOnce(&mut Config)) -> (MockServ
     tweak(&mut cfg);
     let server = TestServer::start(cfg).await;
     (mock, server)
-}
-
-async fn new_key(server: &TestServer, user: &str, admin: bool) -> String {
-    let key = format!("sk-test-{}", uuid::Uuid::new_v4().simple());
-    let store = &server.state.store;
-    let u = store.ensure_user(user).await.unwrap();
-    store
-        .create_api_key(
-            &u.id,
-            user,
-            &sluice::store::cli::hash_key(&key),
-            &key[..12],
-            admin,
-        )
-        .await
-        .unwrap();
-    key
 }
 
 async fn messages(server: &TestServer, key: &str, session: &str) -> Vec<Value> {

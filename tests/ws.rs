@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::reasoning::{REASONING_TOKENS, answer, reasoning_upstream, thinking};
+use common::reasoning::{EVENTS, REASONING_TOKENS, answer, reasoning_upstream, thinking};
 use common::*;
 use eventsource_stream::Eventsource;
 use futures::{SinkExt, StreamExt};
@@ -33,25 +33,32 @@ async fn env(mock_cfg: MockConfig, tweak: impl FnOnce(&mut sluice::config::Confi
     cfg.chat.default_model = "mock-model".into();
     tweak(&mut cfg);
     let server = TestServer::start(cfg).await;
-    let key = new_key(&server, "alice").await;
+    let key = api_key(&server, "alice", false).await;
     Env { mock, server, key }
 }
 
-async fn new_key(server: &TestServer, user: &str) -> String {
-    let key = format!("sk-test-{}", uuid::Uuid::new_v4().simple());
-    let store = &server.state.store;
-    let u = store.ensure_user(user).await.unwrap();
-    store
-        .create_api_key(
-            &u.id,
-            user,
-            &sluice::store::cli::hash_key(&key),
-            &key[..12],
-            false,
-        )
-        .await
-        .unwrap();
-    key
+/// A session's SSE stream read up to its `done`, each event as `{id, event, data}` (the
+/// stream is handed back open: closing it ends the session feed).
+async fn sse_until_done(sse: reqwest::Response) -> (Vec<Value>, impl futures::Stream + Unpin) {
+    let mut events = Vec::new();
+    let mut stream = sse.bytes_stream().eventsource();
+    while let Some(ev) = tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
+        let ev = ev.unwrap();
+        let data: Value = serde_json::from_str(&ev.data).unwrap();
+        let last = ev.event == "done";
+        events.push(json!({"id": ev.id, "event": ev.event, "data": data}));
+        if last {
+            break;
+        }
+    }
+    (events, stream)
+}
+
+/// WebSocket events in the shape [`sse_until_done`] gives.
+fn as_sse<'a>(events: impl Iterator<Item = &'a Value>) -> Vec<Value> {
+    events
+        .map(|v| json!({"id": v["id"], "event": v["event"], "data": v["data"]}))
+        .collect()
 }
 
 impl Env {
@@ -220,22 +227,8 @@ async fn sse_and_ws_watchers_see_identical_event_sequences() {
         .unwrap();
     assert_eq!(r.status(), 202);
     let ws_events = events_until_final(&mut ws, &format!("session:{s}")).await;
-    let mut sse_events = Vec::new();
-    let mut stream = sse.bytes_stream().eventsource();
-    while let Some(ev) = tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
-        let ev = ev.unwrap();
-        let data: Value = serde_json::from_str(&ev.data).unwrap();
-        let last = ev.event == "done";
-        sse_events.push(json!({"id": ev.id, "event": ev.event, "data": data}));
-        if last {
-            break;
-        }
-    }
-    let ws_view: Vec<Value> = ws_events
-        .iter()
-        .map(|v| json!({"id": v["id"], "event": v["event"], "data": v["data"]}))
-        .collect();
-    assert_eq!(ws_view, sse_events);
+    let (sse_events, _stream) = sse_until_done(sse).await;
+    assert_eq!(as_sse(ws_events.iter()), sse_events);
     assert_eq!(text(&ws_events), full_reply(25));
     e.server.shutdown().await;
 }
@@ -303,7 +296,7 @@ async fn another_users_topic_is_not_found() {
     )
     .await;
     let s = e.new_session().await;
-    let mallory = new_key(&e.server, "mallory").await;
+    let mallory = api_key(&e.server, "mallory", false).await;
     let mut ws = e.connect_as(&mallory).await;
     for op in [
         json!({"op": "subscribe", "topic": format!("session:{s}")}),
@@ -589,40 +582,13 @@ async fn a_reasoning_model_streams_its_thinking_before_the_answer_over_ws() {
         .iter()
         .map(|e| e["event"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        kinds,
-        [
-            "start",
-            "reasoning",
-            "reasoning",
-            "reasoning",
-            "token",
-            "token",
-            "token",
-            "usage",
-            "done"
-        ]
-    );
+    assert_eq!(kinds, EVENTS);
     assert_eq!(joined(&events, "reasoning"), thinking());
     assert_eq!(text(&events), answer());
     assert_eq!(events[7]["data"]["reasoning_tokens"], REASONING_TOKENS);
 
-    let mut sse_events = Vec::new();
-    let mut stream = sse.bytes_stream().eventsource();
-    while let Some(ev) = tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
-        let ev = ev.unwrap();
-        let data: Value = serde_json::from_str(&ev.data).unwrap();
-        let last = ev.event == "done";
-        sse_events.push(json!({"id": ev.id, "event": ev.event, "data": data}));
-        if last {
-            break;
-        }
-    }
-    let ws_view: Vec<Value> = events
-        .iter()
-        .map(|v| json!({"id": v["id"], "event": v["event"], "data": v["data"]}))
-        .collect();
-    assert_eq!(ws_view, sse_events);
+    let (sse_events, stream) = sse_until_done(sse).await;
+    assert_eq!(as_sse(events.iter()), sse_events);
     // Session feeds follow the next reply too: closed here, or shutdown waits for them.
     drop(stream);
 

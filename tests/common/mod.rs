@@ -91,6 +91,24 @@ pub async fn mock_and_server() -> (MockServer, TestServer) {
     (m, s)
 }
 
+/// A new key of `user` (created if need be), straight in the store.
+pub async fn api_key(server: &TestServer, user: &str, admin: bool) -> String {
+    let key = format!("sk-test-{}", uuid::Uuid::new_v4().simple());
+    let store = &server.state.store;
+    let u = store.ensure_user(user).await.unwrap();
+    store
+        .create_api_key(
+            &u.id,
+            user,
+            &sluice::store::cli::hash_key(&key),
+            &key[..12],
+            admin,
+        )
+        .await
+        .unwrap();
+    key
+}
+
 pub fn client() -> reqwest::Client {
     sluice::upstream::sse::install_crypto_provider();
     reqwest::Client::builder().build().unwrap()

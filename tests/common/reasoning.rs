@@ -72,6 +72,19 @@ pub async fn reasoning_upstream(pace: Duration) -> String {
     format!("http://{addr}/v1")
 }
 
+/// The events of one reply of this model on a session's stream, in order.
+pub const EVENTS: [&str; 9] = [
+    "start",
+    "reasoning",
+    "reasoning",
+    "reasoning",
+    "token",
+    "token",
+    "token",
+    "usage",
+    "done",
+];
+
 /// The whole thinking.
 pub fn thinking() -> String {
     THINKING.concat()
