@@ -11,9 +11,10 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::sse::{PING, data_event};
+use crate::chat::chunk::Accumulator;
 use crate::chat::{ChatRequest, ChunkEncoder, FinishReason, GenParams, Message};
 use crate::error::ErrorBody;
-use crate::upstream::{Completion, Relay, UpstreamError};
+use crate::upstream::{Relay, UpstreamError};
 
 /// `POST /v1/chat/completions` as clients send it.
 #[derive(Debug, Deserialize)]
@@ -290,8 +291,8 @@ impl Frame {
 
 /// The `chat.completion` object of a non-streamed reply: every choice's whole message,
 /// merged from the chunks the upstream streamed.
-pub fn completion_json(meta: &ResponseMeta, c: Completion) -> Value {
-    c.reply.finish(&meta.id, meta.created, &meta.model)
+pub fn completion_json(meta: &ResponseMeta, reply: Accumulator) -> Value {
+    reply.finish(&meta.id, meta.created, &meta.model)
 }
 
 #[cfg(test)]

@@ -19,9 +19,7 @@ use std::sync::Arc;
 use crate::chat::{ChatRequest, Chunk};
 use crate::config::{ConfigError, ProviderKind, UpstreamConfig};
 
-pub use router::{
-    Completion, ModelInfo, ModelMatch, Relay, RetryPolicy, Target, Timeouts, Upstreams,
-};
+pub use router::{ModelInfo, ModelMatch, Relay, RetryPolicy, Target, Timeouts, Upstreams};
 
 /// A live generation from one upstream, already past the response head.
 pub type EventStream = BoxStream<'static, Result<Chunk, UpstreamError>>;

@@ -123,27 +123,15 @@ pub struct Relay {
     pub events: EventStream,
 }
 
-/// A whole reply, for clients that asked for no stream.
-#[derive(Default)]
-pub struct Completion {
-    /// Every choice's message, merged from the reply's chunks.
-    pub reply: crate::chat::chunk::Accumulator,
-    /// The text of the first choice.
-    pub text: String,
-}
-
 impl Relay {
-    /// Reads the generation to its end.
-    pub async fn collect(mut self) -> Result<Completion, UpstreamError> {
-        let mut out = Completion::default();
+    /// Reads the generation to its end: the whole reply, for clients that asked for no
+    /// stream.
+    pub async fn collect(mut self) -> Result<crate::chat::chunk::Accumulator, UpstreamError> {
+        let mut reply = crate::chat::chunk::Accumulator::default();
         while let Some(chunk) = self.events.next().await {
-            let chunk = chunk?;
-            if let Some(t) = chunk.content() {
-                out.text.push_str(t);
-            }
-            out.reply.add(&chunk);
+            reply.add(&chunk?);
         }
-        Ok(out)
+        Ok(reply)
     }
 }
 
