@@ -317,7 +317,7 @@ pub struct ServeArgs {
         long,
         env = "SLUICE_RATE_CHAT_PER_MIN",
         value_name = "SLUICE_RATE_CHAT_PER_MIN",
-        default_value_t = 120
+        default_value_t = 1_200
     )]
     pub rate_chat_per_min: u32,
     /// Same for the other /api and /v1 routes.
@@ -325,7 +325,7 @@ pub struct ServeArgs {
         long,
         env = "SLUICE_RATE_API_PER_MIN",
         value_name = "SLUICE_RATE_API_PER_MIN",
-        default_value_t = 1_200
+        default_value_t = 12_000
     )]
     pub rate_api_per_min: u32,
     /// Same for /api/admin routes.
@@ -341,7 +341,7 @@ pub struct ServeArgs {
         long,
         env = "SLUICE_RATE_BURST",
         value_name = "SLUICE_RATE_BURST",
-        default_value_t = 20
+        default_value_t = 100
     )]
     pub rate_burst: u32,
     /// Cluster-wide requests per minute per key, counted in Redis; 0 = no quota.
@@ -376,15 +376,15 @@ pub struct ServeArgs {
         long,
         env = "SLUICE_MAX_STREAMS_PER_KEY",
         value_name = "SLUICE_MAX_STREAMS_PER_KEY",
-        default_value_t = 200
+        default_value_t = 2_000
     )]
     pub max_streams_per_key: usize,
-    /// Most upstream calls at once per provider (the demo provider has no limit).
+    /// Most upstream calls at once per provider; 0 = no limit (the demo provider has none).
     #[arg(
         long,
         env = "SLUICE_PROVIDER_CONCURRENCY",
         value_name = "SLUICE_PROVIDER_CONCURRENCY",
-        default_value_t = 10
+        default_value_t = 0
     )]
     pub provider_concurrency: usize,
     /// How long a request waits for a provider slot before 503 (ms).
@@ -459,7 +459,7 @@ pub struct ServeArgs {
         long,
         env = "SLUICE_TASK_WORKERS",
         value_name = "SLUICE_TASK_WORKERS",
-        default_value_t = 4
+        default_value_t = 32
     )]
     pub task_workers: usize,
     /// Most tasks waiting in the embedded queue; beyond it new tasks get 503.
@@ -568,6 +568,7 @@ pub struct GuardConfig {
     pub quota_fail_open: bool,
     pub max_streams: usize,
     pub max_streams_per_key: usize,
+    /// Upstream calls at once per provider; 0 = no limit.
     pub provider_concurrency: usize,
     pub provider_queue: Duration,
     pub breaker_failures: u32,
@@ -582,16 +583,16 @@ impl Default for GuardConfig {
     fn default() -> Self {
         Self {
             trusted_proxies: Vec::new(),
-            rate_chat_per_min: 120,
-            rate_api_per_min: 1_200,
+            rate_chat_per_min: 1_200,
+            rate_api_per_min: 12_000,
             rate_admin_per_min: 120,
-            rate_burst: 20,
+            rate_burst: 100,
             quota_rpm: 0,
             quota_tpm: 0,
             quota_fail_open: true,
             max_streams: 20_000,
-            max_streams_per_key: 200,
-            provider_concurrency: 10,
+            max_streams_per_key: 2_000,
+            provider_concurrency: 0,
             provider_queue: Duration::from_secs(5),
             breaker_failures: 5,
             breaker_open: Duration::from_secs(30),
@@ -637,7 +638,7 @@ pub struct TaskConfig {
 impl Default for TaskConfig {
     fn default() -> Self {
         Self {
-            workers: 4,
+            workers: 32,
             queue_max: 10_000,
             reclaim_idle: Duration::from_secs(60),
             async_default: true,
@@ -1072,12 +1073,6 @@ impl Config {
                 "SLUICE_MAX_STREAMS and SLUICE_MAX_STREAMS_PER_KEY must be at least 1",
             ));
         }
-        if g.provider_concurrency == 0 {
-            return Err(ConfigError::new(
-                "SLUICE_PROVIDER_CONCURRENCY",
-                "must be at least 1",
-            ));
-        }
         if g.breaker_failures == 0 || g.breaker_successes == 0 {
             return Err(ConfigError::new(
                 "SLUICE_BREAKER_FAILURES",
@@ -1317,6 +1312,33 @@ mod tests {
         assert!(c.is_err(), "an explicit missing file is an error");
         let c = parse(&[]).unwrap();
         assert_eq!(c.server.addr.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn defaults_do_not_cap_a_server_of_a_thousand_users() {
+        let c = parse(&[]).unwrap();
+        let g = &c.guards;
+        // 0 = no limit: the cap protects an upstream account, so it is opt-in.
+        assert_eq!(g.provider_concurrency, 0);
+        assert!(g.max_streams >= 10_000, "{}", g.max_streams);
+        // One key may be shared by an app's or a team's users.
+        assert!(g.max_streams_per_key >= 1_000, "{}", g.max_streams_per_key);
+        assert!(g.rate_chat_per_min >= 1_000, "{}", g.rate_chat_per_min);
+        assert!(c.tasks.workers >= 32, "{}", c.tasks.workers);
+        // The flags' defaults and `Default` (what tests and embedders start from) agree.
+        let d = Config::default();
+        assert_eq!(g.provider_concurrency, d.guards.provider_concurrency);
+        assert_eq!(g.max_streams, d.guards.max_streams);
+        assert_eq!(g.max_streams_per_key, d.guards.max_streams_per_key);
+        assert_eq!(g.rate_chat_per_min, d.guards.rate_chat_per_min);
+        assert_eq!(g.rate_api_per_min, d.guards.rate_api_per_min);
+        assert_eq!(g.rate_admin_per_min, d.guards.rate_admin_per_min);
+        assert_eq!(g.rate_burst, d.guards.rate_burst);
+        assert_eq!(c.tasks.workers, d.tasks.workers);
+        assert_eq!(c.tasks.queue_max, d.tasks.queue_max);
+        assert_eq!(c.store.pool_size, d.store.pool_size);
+        assert_eq!(c.chat.replay_max_events, d.chat.replay_max_events);
+        assert_eq!(c.server.max_body_bytes, d.server.max_body_bytes);
     }
 
     #[test]

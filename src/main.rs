@@ -66,22 +66,37 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(&config.log)?;
     raise_open_file_limit();
     runtime()?.block_on(async move {
-        let addr = config.server.addr;
-        let state = sluice::app::AppState::new(config).await?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} (SLUICE_ADDR / PORT)"))?;
+        // Bound before the store is opened, so a port in use leaves no `data/` behind.
+        let listener = bind(config.server.addr).await?;
         let local = listener.local_addr()?;
+        let state = sluice::app::AppState::new(config).await?;
         tracing::info!(
             server_id = %state.config.server.server_id,
-            providers = ?state.upstreams.provider_names(),
             "listening on http://{local}"
         );
+        for line in sluice::ops::startup::next_steps(&state.config, local) {
+            tracing::info!("{line}");
+        }
         let systemd = sluice::ops::systemd::serving(&state, local);
         sluice::app::serve(state, listener, systemd.stopping_on(shutdown_signal())).await?;
         systemd.finish().await;
         tracing::info!("stopped");
         Ok(())
+    })
+}
+
+async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "; another process (another sluice?) uses it: stop it or choose another port with PORT=8081"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                "; ports below 1024 need privileges: choose another port with PORT=8080"
+            }
+            _ => "",
+        };
+        anyhow::anyhow!("cannot listen on {addr} (SLUICE_ADDR / PORT): {e}{hint}")
     })
 }
 
@@ -118,11 +133,22 @@ fn bench(args: sluice::bench::BenchArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// Crates logged at most at this level unless the log filter names them.
+const QUIET_CRATES: [(&str, &str); 1] = [("refinery_core", "warn")];
+
 fn init_tracing(log: &LogConfig) -> anyhow::Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(f) if !f.is_empty() => EnvFilter::try_new(f).context("invalid RUST_LOG")?,
-        _ => EnvFilter::try_new(&log.filter).context("invalid SLUICE_LOG")?,
+    let (spec, var) = match std::env::var("RUST_LOG") {
+        Ok(f) if !f.is_empty() => (f, "RUST_LOG"),
+        _ => (log.filter.clone(), "SLUICE_LOG"),
     };
+    let mut filter = EnvFilter::try_new(&spec).with_context(|| format!("invalid {var}"))?;
+    // Libraries' routine chatter (refinery lists each migration at INFO) would bury the
+    // lines that say what to do next; a filter that names the crate still gets it.
+    for (krate, level) in QUIET_CRATES {
+        if !spec.contains(krate) {
+            filter = filter.add_directive(format!("{krate}={level}").parse()?);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
@@ -137,7 +163,12 @@ fn init_tracing(log: &LogConfig) -> anyhow::Result<()> {
 /// cap sluice at a few hundred streams, so it is raised to the hard limit.
 fn raise_open_file_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) => tracing::info!(limit = n, "open file limit"),
+        // Only worth a word when it caps the streams sluice is meant to hold.
+        Ok(n) if n < 4096 => tracing::warn!(
+            limit = n,
+            "open file limit is low: each stream holds a socket; raise it (ulimit -n, LimitNOFILE)"
+        ),
+        Ok(n) => tracing::debug!(limit = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
     }
 }

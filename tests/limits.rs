@@ -102,6 +102,29 @@ async fn provider_concurrency_never_exceeds_its_limit() {
 }
 
 #[tokio::test]
+async fn the_default_provider_limit_lets_a_thousand_streams_through_at_once() {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    // The shipped default, not the wide limit the other tests start from.
+    cfg.guards.provider_concurrency = sluice::config::GuardConfig::default().provider_concurrency;
+    // A stream that had to queue for a slot would give up at once and get 503.
+    cfg.guards.provider_queue = Duration::from_millis(1);
+    let server = TestServer::start(cfg).await;
+    let slow_endless = body(true, json!({"fault": "endless", "token_ms": 1000}));
+    let opens = (0..1_000).map(|_| async {
+        let r = post(&server.chat_url(), &slow_endless).await;
+        assert_eq!(r.status(), 200);
+        let mut s = r.bytes_stream().eventsource();
+        s.next().await.unwrap().unwrap();
+        s
+    });
+    let open = futures::future::join_all(opens).await;
+    assert_eq!(mock.stats().active_streams, 1_000);
+    drop(open);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn breaker_opens_fails_fast_and_closes_after_recovery() {
     let mock = mock(MockConfig::default()).await;
     let mut cfg = config_for(&mock);

@@ -1,4 +1,5 @@
-//! The real binary: configuration errors before binding, and SIGTERM draining.
+//! The real binary: what it prints at start, configuration errors before binding, and
+//! SIGTERM draining.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -16,6 +17,8 @@ use tokio::process::{Child, Command};
 struct Proc {
     child: Child,
     url: String,
+    /// What it printed up to its "listening" line, that line included.
+    early: Vec<String>,
     lines: tokio::sync::mpsc::Receiver<String>,
 }
 
@@ -49,8 +52,10 @@ async fn start_in(dir: &std::path::Path, envs: &[(&str, String)]) -> Proc {
             }
         }
     });
+    let mut early = Vec::new();
     let url = tokio::time::timeout(WAIT, async {
         while let Some(line) = lines.recv().await {
+            early.push(line.clone());
             if let Some(rest) = line.split("listening on ").nth(1) {
                 // Text or JSON log line: the URL ends at the first character a URL lacks here.
                 return rest
@@ -63,10 +68,22 @@ async fn start_in(dir: &std::path::Path, envs: &[(&str, String)]) -> Proc {
     })
     .await
     .expect("sluice did not start");
-    Proc { child, url, lines }
+    Proc {
+        child,
+        url,
+        early,
+        lines,
+    }
 }
 
 impl Proc {
+    async fn next_line(&mut self) -> String {
+        tokio::time::timeout(WAIT, self.lines.recv())
+            .await
+            .expect("no next line")
+            .expect("output ended")
+    }
+
     async fn wait_line(&mut self, needle: &str) {
         tokio::time::timeout(WAIT, async {
             while let Some(line) = self.lines.recv().await {
@@ -156,6 +173,67 @@ async fn streams_past_the_drain_window_end_with_an_error_event() {
     assert!(!r.text.is_empty());
     assert_eq!(p.exit_code().await, 0);
     wait_stats(&mock, Duration::from_secs(2), |s| s.active_streams == 0).await;
+}
+
+#[tokio::test]
+async fn the_first_lines_say_where_to_chat_whether_keys_are_needed_and_which_model_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = start_in(dir.path(), &[]).await;
+    let mut lines = p.early.clone();
+    for _ in 0..3 {
+        lines.push(p.next_line().await);
+    }
+    let text = lines.join("\n");
+    let base = &p.url;
+    assert!(
+        text.contains(&format!(
+            "chat UI at {base}/ · OpenAI-compatible API at {base}/v1"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "API keys not required (loopback address): requests without a key act as the local user"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("sluice keys create --name NAME"), "{text}");
+    assert!(text.contains("providers: demo"), "{text}");
+    assert!(text.contains("default model: demo"), "{text}");
+    // Library chatter stays below INFO; the store it migrated is still named.
+    for line in &lines {
+        let info = line.contains(" INFO ");
+        assert!(!(info && line.contains("refinery")), "{line}");
+        assert!(!(info && line.contains("open file")), "{line}");
+    }
+    assert!(text.contains("sqlite store migrated"), "{text}");
+}
+
+#[tokio::test]
+async fn a_port_in_use_is_refused_with_a_clear_message_before_any_data_is_created() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        WAIT,
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .env_clear()
+            .env("SLUICE_ADDR", &addr)
+            .current_dir(dir.path())
+            .output(),
+    )
+    .await
+    .expect("sluice did not exit")
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on {addr} (SLUICE_ADDR / PORT)")),
+        "{err}"
+    );
+    assert!(err.contains("PORT=8081"), "no way out suggested: {err}");
+    let created: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+    assert!(created.is_empty(), "created {created:?}");
 }
 
 #[tokio::test]

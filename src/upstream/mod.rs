@@ -228,7 +228,8 @@ pub fn from_config(
         ups.add_provider(provider, models, &p.name);
     }
     let demo_match = if cfg.providers.is_empty() {
-        tracing::info!(
+        // The start-up log's providers line says so, with how to add a real one.
+        tracing::debug!(
             "no upstream provider configured: the built-in demo provider answers every model"
         );
         ModelMatch::Any

@@ -96,7 +96,7 @@ pub struct ModelInfo {
 /// Health and capacity of one provider.
 struct ProviderLimits {
     breaker: Breaker,
-    /// Upstream calls at once; `None` for the built-in demo.
+    /// Upstream calls at once; `None` for the built-in demo and when unlimited.
     slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
@@ -140,7 +140,7 @@ impl Upstreams {
         Self {
             metrics,
             limits: HashMap::new(),
-            concurrency: usize::MAX >> 4,
+            concurrency: 0,
             queue_wait: Duration::from_secs(5),
             breaker: BreakerSettings {
                 failures_to_open: 5,
@@ -183,7 +183,7 @@ impl Upstreams {
     }
 
     pub fn add_provider(&mut self, provider: Arc<dyn Provider>, models: ModelMatch, label: &str) {
-        let slots = (provider.name() != super::demo::Demo::NAME)
+        let slots = (provider.name() != super::demo::Demo::NAME && self.concurrency > 0)
             .then(|| Arc::new(tokio::sync::Semaphore::new(self.concurrency)));
         self.limits.insert(
             provider.name().to_owned(),
