@@ -201,6 +201,62 @@ async fn scene_run_result_by_poll_and_by_sse(b: Backend) {
     e.server.shutdown().await;
 }
 
+/// A finished task's stream ends for good: a reconnect holding its last event gets 204,
+/// which tells a browser's `EventSource` to stop reconnecting; the first request on a
+/// finished task still gets its events.
+#[tokio::test]
+async fn a_finished_tasks_events_end_with_204_on_reconnect() {
+    let e = env(
+        Backend::Sqlite,
+        MockConfig {
+            tokens: 5,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let (s, v) = e
+        .call(
+            &e.user,
+            reqwest::Method::POST,
+            "/api/tasks?sync=false",
+            Some(json!({"messages": [{"role": "user", "content": "hi"}]})),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let id = v["task_id"].as_str().unwrap().to_owned();
+    let events = e.task_events(&id, None).await;
+    let (last_id, kind, _) = events.last().unwrap();
+    assert_eq!(kind, "succeeded");
+
+    let get = |last: Option<&str>, query: Option<&str>| {
+        let mut url = format!("{}/api/tasks/{id}/events", e.server.url);
+        if let Some(q) = query {
+            url = format!("{url}?last_event_id={q}");
+        }
+        let mut r = client().get(url).bearer_auth(&e.user);
+        if let Some(l) = last {
+            r = r.header("last-event-id", l);
+        }
+        r.send()
+    };
+    for (header, query) in [
+        (Some(last_id.as_str()), None),
+        (None, Some(last_id.as_str())),
+    ] {
+        let r = get(header, query).await.unwrap();
+        assert_eq!(r.status(), 204, "header {header:?}, query {query:?}");
+        assert!(r.bytes().await.unwrap().is_empty());
+    }
+    // Anything the client has not seen yet is still sent, and then the stream closes.
+    let rest = e.task_events(&id, Some(&events[0].0)).await;
+    assert_eq!(rest.len(), events.len() - 1);
+    assert_eq!(rest.last().unwrap().0, *last_id);
+    let again = e.task_events(&id, None).await;
+    assert_eq!(again.last().unwrap().1, "succeeded");
+    e.server.shutdown().await;
+}
+
 async fn sync_returns_the_result(b: Backend) {
     let e = env(
         b,

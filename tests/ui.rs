@@ -91,6 +91,8 @@ async fn chat_ui_end_to_end_in_chromium() {
         upstream_failure_shows_plain_words_and_retries,
         demo_provider_out_of_the_box,
         reasoning_shows_collapsed_above_the_answer,
+        websocket_closes_cleanly_in_the_browser,
+        task_eventsource_stops_after_the_result,
     ];
     // SLUICE_UI_ONLY=name,name plays only the scenarios whose names contain one of those.
     let only = std::env::var("SLUICE_UI_ONLY").unwrap_or_default();
@@ -732,6 +734,100 @@ async fn task_progress_and_result_over_websocket(ctx: Arc<Ctx>) {
     );
     assert_eq!(timeline.last().map(String::as_str), Some("Succeeded"));
     screenshot(&c, "tasks").await;
+    ctx.finish(server).await;
+}
+
+/// The browser's own WebSocket: a close it starts is answered (1000, clean, not 1006),
+/// and a close the server starts reaches it with its code and reason, also clean.
+async fn websocket_closes_cleanly_in_the_browser(ctx: Arc<Ctx>) {
+    let (_mock, server) = env(MockConfig::default(), |c| c.chat.auth = AuthMode::Off).await;
+    let c = ctx.browser().await;
+    c.goto(&server.url).await.unwrap();
+    wait_css(&c, "#shell:not([hidden])").await;
+    js(
+        &c,
+        "window.__closes = {};
+         const open = (who, then) => {
+           const ws = new WebSocket(location.origin.replace(/^http/, 'ws') + '/ws');
+           ws.onopen = () => then(ws);
+           ws.onclose = (e) => { window.__closes[who] = {code: e.code, clean: e.wasClean, reason: e.reason}; };
+         };
+         open('client', (ws) => ws.close(1000, 'done'));
+         open('server', (ws) => ws.send(new Uint8Array([0])));",
+    )
+    .await;
+    let closes = wait_js(
+        &c,
+        "both WebSockets to close",
+        "return window.__closes;",
+        |v| v.get("client").is_some() && v.get("server").is_some(),
+    )
+    .await;
+    assert_eq!(closes["client"]["code"], 1000, "{closes}");
+    assert_eq!(closes["client"]["clean"], true, "{closes}");
+    assert_eq!(closes["server"]["code"], 1003, "{closes}");
+    assert_eq!(closes["server"]["clean"], true, "{closes}");
+    assert!(
+        closes["server"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("binary frames"),
+        "{closes}"
+    );
+    ctx.finish(server).await;
+}
+
+/// A browser's `EventSource` on a task's events opens once, gets the result, and ends
+/// CLOSED: its reconnect after the stream ends is answered 204, so it does not come back
+/// every 2 s. The same on a task that had already finished when it was opened.
+async fn task_eventsource_stops_after_the_result(ctx: Arc<Ctx>) {
+    let (_mock, server) = env(
+        MockConfig {
+            // Long enough to still run when the page opens its EventSource.
+            tokens: 40,
+            token_delay: Duration::from_millis(50),
+            ..Default::default()
+        },
+        |c| c.chat.auth = AuthMode::Off,
+    )
+    .await;
+    let r = client()
+        .post(format!("{}/api/tasks?sync=false", server.url))
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let c = ctx.browser().await;
+    c.goto(&server.url).await.unwrap();
+    wait_css(&c, "#shell:not([hidden])").await;
+    let follow = format!(
+        "window.__es = {{opens: 0, events: []}};
+         const es = new EventSource('/api/tasks/{id}/events');
+         window.__source = es;
+         es.onopen = () => window.__es.opens++;
+         for (const k of ['queued', 'running', 'progress', 'succeeded', 'failed'])
+           es.addEventListener(k, () => window.__es.events.push(k));"
+    );
+    let state = "return {...window.__es, readyState: window.__source.readyState};";
+    // While the task runs, then once more after it has finished.
+    for round in ["running", "finished"] {
+        js(&c, &follow).await;
+        let seen = wait_js(&c, "the EventSource to close", state, |v| {
+            v["readyState"] == 2
+        })
+        .await;
+        assert_eq!(seen["opens"], 1, "{round}: {seen}");
+        assert_eq!(
+            seen["events"].as_array().unwrap().last(),
+            Some(&json!("succeeded")),
+            "{round}: {seen}"
+        );
+    }
     ctx.finish(server).await;
 }
 

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use sluice::config::{AuthMode, ProviderConfig};
 use sluice::mock::{MockConfig, MockServer, full_reply};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
@@ -325,6 +326,72 @@ async fn oversized_message_closes_1009_and_binary_closes_1003() {
         .await
         .unwrap();
     assert_eq!(close_code(&mut ws).await.0, CloseCode::Unsupported);
+    e.server.shutdown().await;
+}
+
+/// The client's Close is answered with its own status code (RFC 6455 §5.5.1) before the
+/// server hangs up, so clients report a clean close instead of 1006.
+#[tokio::test]
+async fn a_client_close_is_answered_with_its_code() {
+    let e = env(MockConfig::default(), |_| {}).await;
+    for (code, reason) in [(CloseCode::Normal, "done"), (CloseCode::Library(4001), "")] {
+        let mut ws = e.connect().await;
+        send(&mut ws, json!({"op": "ping"})).await;
+        assert_eq!(next_json(&mut ws).await["op"], "pong");
+        ws.send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await
+        .unwrap();
+        let answer = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("no answer to the close");
+        match answer {
+            Some(Ok(Message::Close(Some(f)))) => assert_eq!(f.code, code),
+            other => panic!("the close was not answered: {other:?}"),
+        }
+        // Then the server hangs up: the end of a completed handshake, not an error.
+        let end = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("still open");
+        assert!(end.is_none(), "{end:?}");
+    }
+    e.server.shutdown().await;
+}
+
+/// A close the server starts keeps its code and reason, and ends once the client has
+/// answered it. At a restart, every connection learns why it is cut.
+#[tokio::test]
+async fn server_closes_keep_their_code_and_reason() {
+    let e = env(MockConfig::default(), |_| {}).await;
+    let mut ws = e.connect().await;
+    ws.send(Message::Binary(Bytes::from_static(b"\x00")))
+        .await
+        .unwrap();
+    let (code, reason) = close_code(&mut ws).await;
+    assert_eq!(code, CloseCode::Unsupported);
+    assert!(reason.contains("binary frames"), "{reason}");
+    // Reading on sends our answer; the server hangs up once it has it.
+    let end = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .expect("still open");
+    assert!(end.is_none(), "{end:?}");
+
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let mut ws = e.connect().await;
+        // Past the upgrade: the connection is being served.
+        send(&mut ws, json!({"op": "ping"})).await;
+        assert_eq!(next_json(&mut ws).await["op"], "pong");
+        clients.push(ws);
+    }
+    e.server.state.lifecycle.stop();
+    for ws in &mut clients {
+        let (code, reason) = close_code(ws).await;
+        assert_eq!(code, CloseCode::Restart);
+        assert!(reason.contains("reconnect"), "{reason}");
+    }
     e.server.shutdown().await;
 }
 

@@ -141,6 +141,11 @@ async fn task_events(
     LastEventId(last): LastEventId,
 ) -> Result<Response, ApiError> {
     let sub = st.tasks.events(&who.caller(), &id, last.as_deref()).await?;
+    // The task has ended and the client holds its last event (an `EventSource` coming
+    // back after the stream closed): 204 is what makes a browser stop reconnecting.
+    if sub.is_exhausted() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
     Ok(super::sse_response(
         &st,
         events::sse(

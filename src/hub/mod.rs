@@ -396,6 +396,13 @@ impl Subscription {
         &self.channel
     }
 
+    /// True when the generation has ended and this cursor has read all of it: a stream
+    /// from here would carry nothing.
+    pub fn is_exhausted(&self) -> bool {
+        let log = self.channel.log.read();
+        log.finished_at.is_some() && self.next >= log.next_seq
+    }
+
     /// Waits for the next events and appends them to `out` (cleared first). Nothing is
     /// buffered per subscriber: the events stay in the channel's log until read.
     pub async fn next_batch(&mut self, out: &mut Vec<Event>) -> Result<(), End> {

@@ -144,6 +144,24 @@ fn close_msg(code: u16, reason: &'static str) -> Message {
     }))
 }
 
+/// How the read loop ended, which decides the closing handshake.
+enum Ending {
+    /// The client sent a Close: the WebSocket layer has queued the echo of its code
+    /// (RFC 6455 §5.5.1), which only has to be flushed.
+    Answer,
+    /// Ours to send, with its code and reason; the client then answers it.
+    Close(Message),
+    /// Ours to send to a peer that has gone silent: no answer is waited for.
+    Abandon(Message),
+    /// Nothing can be sent: the client went away, or the writer already failed.
+    Gone,
+}
+
+/// How long a client gets to answer the server's Close before the socket is dropped.
+/// Dropping it before the answer arrives makes the kernel reset the connection, which
+/// clients may report as an abnormal close.
+const CLOSE_ANSWER_WAIT: Duration = Duration::from_secs(5);
+
 /// Serves one connection until either side ends it.
 pub async fn serve<W, R, E>(write: W, mut read: R, ctx: WsContext)
 where
@@ -152,7 +170,8 @@ where
     R: Stream<Item = Result<Message, E>> + Unpin + Send,
 {
     let (out, out_rx) = mpsc::channel::<Message>(ctx.settings.queue.max(8));
-    let (close_tx, close_rx) = oneshot::channel::<Message>();
+    // `Some(frame)`: send our close; `None`: flush the echo of the client's.
+    let (close_tx, close_rx) = oneshot::channel::<Option<Message>>();
     // A close frame may wait behind frames a paused client has not read yet; it gets as
     // long as an idle peer would, so a client that resumes reading learns why it was cut.
     let grace = ctx.settings.idle_timeout;
@@ -171,31 +190,37 @@ where
         ctx.settings.ping_every,
     );
     let mut last_seen = Instant::now();
-    let closing = loop {
+    let mut writer_done = false;
+    let ending = loop {
         tokio::select! {
             biased;
-            _ = ctx.stop.cancelled() => break Some(close_msg(close::RESTART, "server restarting; reconnect and resume")),
-            _ = overflow.cancelled() => break Some(close_msg(close::POLICY, "send queue full: the client is not reading")),
-            _ = &mut writer => break None,
+            _ = ctx.stop.cancelled() => break Ending::Close(close_msg(close::RESTART, "server restarting; reconnect and resume")),
+            _ = overflow.cancelled() => break Ending::Close(close_msg(close::POLICY, "send queue full: the client is not reading")),
+            // Awaited here once; a JoinHandle polled again after that panics.
+            _ = &mut writer => {
+                writer_done = true;
+                break Ending::Gone;
+            }
             msg = read.next() => match msg {
                 Some(Ok(Message::Text(t))) => {
                     last_seen = Instant::now();
                     if t.len() > ctx.settings.max_message {
-                        break Some(close_msg(close::TOO_BIG, "message larger than 64 KiB"));
+                        break Ending::Close(close_msg(close::TOO_BIG, "message larger than 64 KiB"));
                     }
                     conn.handle(t.as_str()).await;
                 }
                 Some(Ok(Message::Binary(_))) => {
-                    break Some(close_msg(close::UNSUPPORTED, "binary frames are not supported; send JSON text"));
+                    break Ending::Close(close_msg(close::UNSUPPORTED, "binary frames are not supported; send JSON text"));
                 }
                 // Pings are answered by the WebSocket layer; any frame proves the peer alive.
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => last_seen = Instant::now(),
-                Some(Ok(Message::Close(_))) | None => break Some(close_msg(close::NORMAL, "bye")),
-                Some(Err(_)) => break Some(close_msg(close::TOO_BIG, "invalid or oversized frame")),
+                Some(Ok(Message::Close(_))) => break Ending::Answer,
+                None => break Ending::Gone,
+                Some(Err(_)) => break Ending::Close(close_msg(close::TOO_BIG, "invalid or oversized frame")),
             },
             _ = ping.tick() => {
                 if last_seen.elapsed() >= ctx.settings.idle_timeout {
-                    break Some(close_msg(close::GOING_AWAY, "no traffic from the client; closing"));
+                    break Ending::Abandon(close_msg(close::GOING_AWAY, "no traffic from the client; closing"));
                 }
                 conn.send(Message::Ping(Bytes::new()));
             }
@@ -203,14 +228,34 @@ where
     };
     // The close request goes first: the writer prefers it to anything still queued, and
     // must not mistake the queue closing below for the end of the connection.
-    if let Some(frame) = closing {
-        let _ = close_tx.send(frame);
+    let ours = matches!(ending, Ending::Close(_));
+    match ending {
+        Ending::Close(frame) | Ending::Abandon(frame) => {
+            let _ = close_tx.send(Some(frame));
+        }
+        Ending::Answer => {
+            let _ = close_tx.send(None);
+        }
+        Ending::Gone => {}
     }
     conn.forwarders.abort_all();
     drop(conn);
     drop(out);
     // Bounded: the writer ends within `grace` of the close, or at stop.
-    let _ = writer.await;
+    if !writer_done {
+        let _ = writer.await;
+    }
+    if ours {
+        // The handshake completes when the client answers; only then is the socket dropped.
+        let answered = async {
+            while let Some(Ok(m)) = read.next().await {
+                if matches!(m, Message::Close(_)) {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_ANSWER_WAIT, answered).await;
+    }
 }
 
 /// Drains the queue into the socket; on a close request, sends it (even when a send is
@@ -218,33 +263,43 @@ where
 async fn write_loop<W>(
     mut write: W,
     mut rx: mpsc::Receiver<Message>,
-    mut close: oneshot::Receiver<Message>,
+    mut close: oneshot::Receiver<Option<Message>>,
     grace: Duration,
     stop: CancellationToken,
 ) where
     W: Sink<Message> + Unpin,
 {
-    let frame = loop {
+    let request = loop {
         tokio::select! {
             biased;
-            frame = &mut close => break frame.ok(),
+            request = &mut close => break request.ok(),
             msg = rx.recv() => {
                 let Some(msg) = msg else { break None };
                 tokio::select! {
                     biased;
                     // A send stuck on a full socket is abandoned; the frame is already in
                     // the WebSocket layer's buffer, so framing stays intact.
-                    frame = &mut close => break frame.ok(),
+                    request = &mut close => break request.ok(),
                     r = write.send(msg) => if r.is_err() { return },
                 }
             }
         }
     };
-    if let Some(frame) = frame {
-        tokio::select! {
-            _ = tokio::time::timeout(grace, write.send(frame)) => {}
-            _ = stop.cancelled() => {}
+    let Some(frame) = request else { return };
+    let finish = async {
+        match frame {
+            Some(frame) => write.send(frame).await,
+            // Sending a Close of our own is refused once the client's arrived; closing the
+            // sink flushes the echo the WebSocket layer queued instead.
+            None => write.close().await,
         }
+    };
+    // `stop` may be what asked for this close (a restart): a close that can go out at
+    // once still does; only one stuck on a client that does not read is given up.
+    tokio::select! {
+        biased;
+        _ = tokio::time::timeout(grace, finish) => {}
+        _ = stop.cancelled() => {}
     }
 }
 
@@ -482,6 +537,8 @@ mod tests {
             Message::Close(Some(f)) => assert_eq!(f.code, close::UNSUPPORTED),
             other => panic!("expected close, got {other:?}"),
         }
+        // The client's answer completes the handshake, and the connection ends.
+        tx.unbounded_send(Ok(Message::Close(None))).unwrap();
         task.await.unwrap();
     }
 }
