@@ -75,6 +75,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(
             server_id = %state.config.server.server_id,
             providers = ?state.upstreams.provider_names(),
+            default_model = state.upstreams.default_model(),
             "listening on http://{local}"
         );
         let systemd = sluice::ops::systemd::serving(&state, local);
