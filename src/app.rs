@@ -99,11 +99,12 @@ impl AppState {
     pub async fn new(config: Config) -> Result<Self, StartError> {
         config.validate()?;
         let metrics = Metrics::new();
-        let upstreams = Arc::new(upstream::from_config(
-            &config.upstream,
-            &config.guards,
-            metrics.clone(),
-        )?);
+        let mut upstreams =
+            upstream::from_config(&config.upstream, &config.guards, metrics.clone())?;
+        upstreams
+            .choose_default_model(&config.chat.default_model)
+            .await;
+        let upstreams = Arc::new(upstreams);
         let store = store::open(&config.store).await?;
         if store.backend() == "sqlite" || config.redis.is_none() {
             // Without the bus there is no other instance to share generations with: this
@@ -117,8 +118,7 @@ impl AppState {
                 );
             }
         }
-        crate::chat::agent::ensure_default_agent(store.as_ref(), &config.chat.default_model)
-            .await?;
+        crate::chat::agent::ensure_default_agent(store.as_ref(), upstreams.default_model()).await?;
         let local_user = if config.auth_required() {
             None
         } else {

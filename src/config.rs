@@ -246,14 +246,14 @@ pub struct ServeArgs {
     /// API keys: auto (off on a loopback address, required otherwise), required, off.
     #[arg(long, env = "SLUICE_AUTH", value_name = "SLUICE_AUTH", value_enum, default_value_t = AuthMode::Auto)]
     pub auth: AuthMode,
-    /// Model of chat sessions (until agents name one).
+    /// Model of sessions and tasks whose agent names none. Default: chosen from the first
+    /// provider (see the README), `demo` without one.
     #[arg(
         long,
         env = "SLUICE_DEFAULT_MODEL",
-        value_name = "SLUICE_DEFAULT_MODEL",
-        default_value = "demo"
+        value_name = "SLUICE_DEFAULT_MODEL"
     )]
-    pub default_model: String,
+    pub default_model: Option<String>,
     /// Conversation text sent upstream per generation (characters); oldest messages go first.
     #[arg(
         long,
@@ -649,6 +649,7 @@ impl Default for TaskConfig {
 #[derive(Debug, Clone)]
 pub struct ChatConfig {
     pub auth: AuthMode,
+    /// Empty: chosen from the configured providers (`Upstreams::default_model`).
     pub default_model: String,
     pub history_max_chars: usize,
     pub max_message_chars: usize,
@@ -660,7 +661,7 @@ impl Default for ChatConfig {
     fn default() -> Self {
         Self {
             auth: AuthMode::Auto,
-            default_model: "demo".into(),
+            default_model: String::new(),
             history_max_chars: 32_000,
             max_message_chars: 100_000,
             replay_ttl: Duration::from_secs(600),
@@ -994,7 +995,7 @@ impl Config {
             store: StoreConfig::from_args(args),
             chat: ChatConfig {
                 auth: args.auth,
-                default_model: args.default_model.clone(),
+                default_model: args.default_model.clone().unwrap_or_default(),
                 history_max_chars: args.history_max_chars,
                 max_message_chars: args.max_message_chars,
                 replay_ttl: Duration::from_secs(args.replay_ttl_secs),
@@ -1114,12 +1115,6 @@ impl Config {
                     "must be a postgres:// or postgresql:// URL",
                 ));
             }
-        }
-        if self.chat.default_model.trim().is_empty() {
-            return Err(ConfigError::new(
-                "SLUICE_DEFAULT_MODEL",
-                "must not be empty",
-            ));
         }
         if self.chat.replay_max_events < 16 {
             return Err(ConfigError::new(

@@ -74,7 +74,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             server_id = %state.config.server.server_id,
             "listening on http://{local}"
         );
-        for line in sluice::ops::startup::next_steps(&state.config, local) {
+        for line in
+            sluice::ops::startup::next_steps(&state.config, state.upstreams.default_model(), local)
+        {
             tracing::info!("{line}");
         }
         let systemd = sluice::ops::systemd::serving(&state, local);

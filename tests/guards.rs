@@ -69,7 +69,11 @@ async fn redis_minute() -> u64 {
 }
 
 async fn new_key(state: &sluice::app::AppState, user: &str) -> (String, String) {
-    let key = format!("sk-test-{}", uuid::Uuid::new_v4().simple());
+    let key = format!(
+        "{}test{}",
+        sluice::store::cli::KEY_PREFIX,
+        uuid::Uuid::new_v4().simple()
+    );
     let store = &state.store;
     let u = store.ensure_user(user).await.unwrap();
     let k = store

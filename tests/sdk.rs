@@ -77,9 +77,9 @@ async fn pytest(file: &str, env: &[(&str, String)]) {
     println!("{stdout}");
 }
 
-/// What every Python test is told: sluice's and the mock's OpenAI base URLs, a key of
-/// sluice's (it checks any key a client sends), and the mock's root for its own endpoints
-/// (stats, last request).
+/// What every Python test is told: sluice's and the mock's OpenAI base URLs, a real key of
+/// sluice's (checked, as it has sluice's key prefix), and the mock's root for its own
+/// endpoints (stats, last request).
 async fn urls(server: &TestServer, mock: &MockServer) -> Vec<(&'static str, String)> {
     vec![
         ("SLUICE_BASE_URL", format!("{}/v1", server.url)),
@@ -128,7 +128,7 @@ async fn sdk_single_flight_pair_shares_one_upstream_reply() {
 }
 
 #[tokio::test]
-async fn sdk_readme_function_calling_example_runs() {
+async fn sdk_readme_examples_run_as_written() {
     // The example names a real model; this upstream takes any name, and its process-wide
     // scenario answers with parallel tool calls, then (after the results) the answer.
     let mock = mock(MockConfig {
@@ -138,6 +138,20 @@ async fn sdk_readme_function_calling_example_runs() {
     .await;
     let server = TestServer::start(config_for(&mock)).await;
     pytest("test_readme.py", &urls(&server, &mock).await).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sdk_placeholder_key_works_on_a_default_local_server() {
+    // Auth `auto` on loopback, as a fresh install runs: no key is created.
+    let (mock, server) = mock_and_server().await;
+    let env = [
+        ("SLUICE_BASE_URL", format!("{}/v1", server.url)),
+        ("SLUICE_API_KEY", "unused".to_owned()),
+        ("MOCK_BASE_URL", mock.url()),
+        ("MOCK_ROOT", format!("http://{}", mock.addr)),
+    ];
+    pytest("test_placeholder.py", &env).await;
     server.shutdown().await;
 }
 

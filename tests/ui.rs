@@ -93,6 +93,7 @@ async fn chat_ui_end_to_end_in_chromium() {
         reasoning_shows_collapsed_above_the_answer,
         websocket_closes_cleanly_in_the_browser,
         task_eventsource_stops_after_the_result,
+        model_picker_picks_the_replying_model_per_chat,
     ];
     // SLUICE_UI_ONLY=name,name plays only the scenarios whose names contain one of those.
     let only = std::env::var("SLUICE_UI_ONLY").unwrap_or_default();
@@ -1083,6 +1084,94 @@ async fn demo_provider_out_of_the_box(ctx: Arc<Ctx>) {
     )
     .await;
     screenshot(&c, "demo-chat").await;
+    ctx.finish(server).await;
+}
+
+/// The model picker lists `/v1/models`, starts at the default model (the upstream's own
+/// first model, as nothing is configured), and a pick answers the chat's replies and is
+/// remembered for that chat only, across a reload.
+async fn model_picker_picks_the_replying_model_per_chat(ctx: Arc<Ctx>) {
+    let mock = mock(MockConfig {
+        tokens: 5,
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = config_for(&mock);
+    cfg.upstream.demo.first_token = Duration::from_millis(1);
+    cfg.upstream.demo.between_tokens = Duration::from_millis(1);
+    let server = TestServer::start(cfg).await;
+    let c = ctx.browser().await;
+    c.goto(&format!("{}/", server.url)).await.unwrap();
+    wait_css(&c, "#shell:not([hidden]) #chat-empty:not([hidden])").await;
+    let picker = "const s = document.querySelector('#model');
+                  return {value: s.value, options: [...s.options].map(o => o.value)};";
+    wait_js(&c, "the picker at the default model", picker, |v| {
+        v["value"] == "mock"
+            && v["options"]
+                .as_array()
+                .is_some_and(|o| o.contains(&json!("demo")) && o.contains(&json!("mock")))
+    })
+    .await;
+    act(
+        &c,
+        "#model",
+        |e| async move { e.select_by_value("demo").await },
+    )
+    .await;
+    type_into(&c, "#input", &format!("Who answers?{ENTER}")).await;
+    let reply = |model: &'static str, n: usize| {
+        move |v: &Value| {
+            v["status"] == "complete"
+                && v["meta"].as_str().is_some_and(|m| m.contains(model))
+                && v["count"] == n
+        }
+    };
+    let last_reply_counted = concat!(
+        last_reply!(),
+        "reply.count = document.querySelectorAll('#messages .msg.assistant').length; return reply;"
+    );
+    let done = wait_js(&c, "the demo's reply", last_reply_counted, reply("demo", 1)).await;
+    assert!(
+        done["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Hello from sluice's built-in demo model."),
+        "{done}"
+    );
+    let picked = session_id(&c).await;
+    c.refresh().await.unwrap();
+    wait_js(&c, "the pick kept across a reload", picker, |v| {
+        v["value"] == "demo"
+    })
+    .await;
+    type_into(&c, "#input", &format!("Still you?{ENTER}")).await;
+    wait_js(&c, "the demo again", last_reply_counted, reply("demo", 2)).await;
+
+    c.goto(&format!("{}/#/new", server.url)).await.unwrap();
+    wait_css(&c, "#chat-empty:not([hidden])").await;
+    wait_js(&c, "a new chat at the default model", picker, |v| {
+        v["value"] == "mock"
+    })
+    .await;
+    type_into(&c, "#input", &format!("And now?{ENTER}")).await;
+    let done = wait_js(
+        &c,
+        "the upstream's reply",
+        last_reply_counted,
+        reply("mock", 1),
+    )
+    .await;
+    assert_eq!(
+        done["text"].as_str().unwrap().trim_end(),
+        full_reply(5).trim_end()
+    );
+    c.goto(&format!("{}/#/chat/{picked}", server.url))
+        .await
+        .unwrap();
+    wait_js(&c, "the first chat still on its pick", picker, |v| {
+        v["value"] == "demo"
+    })
+    .await;
     ctx.finish(server).await;
 }
 

@@ -79,6 +79,12 @@ pub struct ChatService {
     bus: Arc<dyn Bus>,
 }
 
+/// What the user sent, and the model they picked for it, if any.
+struct Turn<'a> {
+    content: &'a str,
+    model: Option<&'a str>,
+}
+
 /// A generation that has been accepted and is running.
 pub struct Started {
     pub generation_id: String,
@@ -220,13 +226,15 @@ impl ChatService {
         Ok(self.store.list_messages(session_id).await?)
     }
 
-    /// Stores the user message, then starts the generation in the background. The reply's
+    /// Stores the user message, then starts the generation in the background. `model`, when
+    /// given, answers this message instead of the session agent's model. The reply's
     /// message exists (status `streaming`) before the first token is requested.
     pub async fn post_message(
         &self,
         caller: &Caller,
         session_id: &str,
         content: &str,
+        model: Option<&str>,
     ) -> Result<Started, ChatError> {
         if content.trim().is_empty() {
             return Err(ChatError::Invalid("content: must not be empty".into()));
@@ -265,7 +273,14 @@ impl ChatService {
             });
         }
         match self
-            .begin(caller, &session, content, &generation_id, cancel, permit)
+            .begin(
+                caller,
+                &session,
+                Turn { content, model },
+                &generation_id,
+                cancel,
+                permit,
+            )
             .await
         {
             Ok(started) => Ok(started),
@@ -282,21 +297,34 @@ impl ChatService {
         &self,
         caller: &Caller,
         session: &Session,
-        content: &str,
+        Turn { content, model }: Turn<'_>,
         generation_id: &str,
         cancel: CancellationToken,
         permit: StreamPermit,
     ) -> Result<Started, ChatError> {
-        let agent = self.agent(session.agent.as_deref()).await?;
+        let mut agent = self.agent(session.agent.as_deref()).await?;
+        let chain = match model.map(str::trim) {
+            // A model picked for this reply is that model alone: falling back to another
+            // would answer as a model the user did not pick.
+            Some(m) if !m.is_empty() && m != agent.model => {
+                let chain = self
+                    .upstreams
+                    .chain_for(m, None, &[])
+                    .map_err(|e| ChatError::Invalid(format!("model: {e}")))?;
+                agent.model = m.to_owned();
+                agent.provider = None;
+                chain
+            }
+            _ => self
+                .upstreams
+                .chain_for(
+                    &agent.model,
+                    agent.provider.as_deref(),
+                    &agent.fallback_models,
+                )
+                .map_err(|e| ChatError::Invalid(format!("agent '{}': {e}", agent.name)))?,
+        };
         let model = agent.model.clone();
-        let chain = self
-            .upstreams
-            .chain_for(
-                &agent.model,
-                agent.provider.as_deref(),
-                &agent.fallback_models,
-            )
-            .map_err(|e| ChatError::Invalid(format!("agent '{}': {e}", agent.name)))?;
         let now = now_millis();
         let user_msg = StoredMessage {
             id: new_id(),

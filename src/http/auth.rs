@@ -8,7 +8,7 @@ use axum::http::request::Parts;
 use crate::app::AppState;
 use crate::chat::service::Caller;
 use crate::error::ApiError;
-use crate::store::cli::hash_key;
+use crate::store::cli::{KEY_PREFIX, hash_key};
 
 /// The authenticated caller of a request.
 #[derive(Debug, Clone)]
@@ -36,12 +36,30 @@ fn bearer(parts: &Parts) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// Whether `token` has the shape of a key `sluice keys create` makes.
+fn is_sluice_key(token: &str) -> bool {
+    token.starts_with(KEY_PREFIX)
+}
+
+fn local(user_id: &str) -> Principal {
+    Principal {
+        user_id: user_id.to_owned(),
+        key_id: None,
+        is_admin: true,
+    }
+}
+
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        // A key that is sent is always checked, even with auth off, so a typo is noticed.
+        // SDKs must send some key: where keys are not required, a placeholder that is not a
+        // sluice key stands for the local user. A sluice key is always checked, so a typo in
+        // a real key is still noticed.
         if let Some(token) = bearer(parts) {
+            if let Some(user_id) = st.local_user.as_ref().filter(|_| !is_sluice_key(token)) {
+                return Ok(local(user_id));
+            }
             return match st.store.find_api_key(&hash_key(token)).await {
                 Ok(Some(key)) => {
                     // The key's id (never the key) tags the request's log lines.
@@ -66,11 +84,7 @@ impl FromRequestParts<AppState> for Principal {
             ));
         }
         match &st.local_user {
-            Some(user_id) => Ok(Principal {
-                user_id: user_id.to_string(),
-                key_id: None,
-                is_admin: true,
-            }),
+            Some(user_id) => Ok(local(user_id)),
             None => Err(ApiError::Unauthorized(
                 "missing API key: send `Authorization: Bearer <key>`".into(),
             )),

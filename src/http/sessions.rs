@@ -136,6 +136,9 @@ async fn messages(
 #[serde(deny_unknown_fields)]
 struct PostMessage {
     content: String,
+    /// This reply's model instead of the session agent's.
+    #[serde(default)]
+    model: Option<String>,
 }
 
 fn wants_sse(headers: &HeaderMap) -> bool {
@@ -155,7 +158,10 @@ async fn post_message(
     ApiJson(b): ApiJson<PostMessage>,
 ) -> Result<Response, ApiError> {
     st.ensure_accepting()?;
-    let started = st.chat.post_message(&who.caller(), &id, &b.content).await?;
+    let started = st
+        .chat
+        .post_message(&who.caller(), &id, &b.content, b.model.as_deref())
+        .await?;
     if wants_sse(&headers) {
         let sub = started.channel.subscribe(None);
         return Ok(super::sse_response(

@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -14,12 +14,14 @@ use crate::app::{AppState, LogsAtEnd};
 use crate::cache::{self, CachedReply, ResponseCache};
 use crate::error::ApiError;
 use crate::transport::openai::{self, CompletionRequest, ResponseMeta};
-use crate::upstream::Relay;
+use crate::upstream::{ModelInfo, Relay, UpstreamError};
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        // A wildcard: upstream model ids may hold slashes (`meta-llama/Llama-3.1-8B`).
+        .route("/v1/models/{*id}", get(model))
 }
 
 async fn chat_completions(
@@ -98,14 +100,34 @@ async fn chat_completions(
     Ok(response)
 }
 
+fn model_object(m: &ModelInfo) -> serde_json::Value {
+    json!({"id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by})
+}
+
 async fn models(State(st): State<AppState>, _who: Principal) -> Json<serde_json::Value> {
     let data: Vec<_> = st
         .upstreams
         .models()
+        .await
         .iter()
-        .map(|m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by}))
+        .map(model_object)
         .collect();
     Json(json!({"object": "list", "data": data}))
+}
+
+/// One model of the list, as OpenAI's `models.retrieve` expects it.
+async fn model(
+    State(st): State<AppState>,
+    _who: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    st.upstreams
+        .models()
+        .await
+        .iter()
+        .find(|m| m.id == id)
+        .map(|m| Json(model_object(m)))
+        .ok_or_else(|| UpstreamError::UnknownModel(id).into())
 }
 
 /// A cached reply as a stream, so a hit is served exactly like a live reply.

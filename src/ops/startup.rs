@@ -5,13 +5,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::config::{AuthMode, Config};
 
-/// The lines logged once the server is ready, in order.
-pub fn next_steps(config: &Config, local: SocketAddr) -> [String; 3] {
+/// The lines logged once the server is ready, in order; `default_model` is the one sessions,
+/// tasks and the UI use (chosen from the providers when not configured).
+pub fn next_steps(config: &Config, default_model: &str, local: SocketAddr) -> [String; 3] {
     let base = browsable(local);
     [
         format!("chat UI at {base}/ · OpenAI-compatible API at {base}/v1"),
         keys_line(config),
-        providers_line(config),
+        providers_line(config, default_model),
     ]
 }
 
@@ -45,8 +46,7 @@ fn keys_line(config: &Config) -> String {
     }
 }
 
-fn providers_line(config: &Config) -> String {
-    let model = &config.chat.default_model;
+fn providers_line(config: &Config, model: &str) -> String {
     let providers = &config.upstream.providers;
     if providers.is_empty() {
         return format!(
@@ -81,7 +81,7 @@ mod tests {
     #[test]
     fn defaults_point_at_the_ui_need_no_key_and_name_the_demo() {
         let c = Config::default();
-        let [ui, keys, providers] = next_steps(&c, "127.0.0.1:8080".parse().unwrap());
+        let [ui, keys, providers] = next_steps(&c, "demo", "127.0.0.1:8080".parse().unwrap());
         assert_eq!(
             ui,
             "chat UI at http://127.0.0.1:8080/ · OpenAI-compatible API at http://127.0.0.1:8080/v1"
@@ -99,13 +99,12 @@ mod tests {
     fn public_addresses_require_keys_and_urls_hide_credentials() {
         let mut c = Config::default();
         c.server.addr = SocketAddr::from(([0, 0, 0, 0], 8080));
-        c.chat.default_model = "gpt-4o-mini".into();
         c.upstream.providers = vec![ProviderConfig::openai(
             "openai",
             "http://user:pw@10.0.0.5:8000/v1/",
             None,
         )];
-        let [ui, keys, providers] = next_steps(&c, c.server.addr);
+        let [ui, keys, providers] = next_steps(&c, "gpt-4o-mini", c.server.addr);
         assert!(ui.starts_with("chat UI at http://127.0.0.1:8080/"), "{ui}");
         assert!(keys.contains("`sluice keys create --name NAME`"), "{keys}");
         assert!(

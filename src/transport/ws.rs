@@ -91,6 +91,8 @@ enum ClientOp {
     Chat {
         session_id: String,
         content: String,
+        #[serde(default)]
+        model: Option<String>,
     },
     Subscribe {
         topic: String,
@@ -360,7 +362,8 @@ impl Conn<'_> {
             ClientOp::Chat {
                 session_id,
                 content,
-            } => self.chat(session_id, content).await,
+                model,
+            } => self.chat(session_id, content, model).await,
             ClientOp::Cancel { session_id } => {
                 let topic = format!("session:{session_id}");
                 if let Err(e) = self.ctx.chat.cancel(&self.ctx.caller, &session_id).await {
@@ -417,7 +420,7 @@ impl Conn<'_> {
         }
     }
 
-    async fn chat(&mut self, session_id: String, content: String) {
+    async fn chat(&mut self, session_id: String, content: String, model: Option<String>) {
         let topic = format!("session:{session_id}");
         if let Some(admit) = &self.ctx.admit {
             if let Err(r) = admit.chat().await {
@@ -427,7 +430,7 @@ impl Conn<'_> {
         match self
             .ctx
             .chat
-            .post_message(&self.ctx.caller, &session_id, &content)
+            .post_message(&self.ctx.caller, &session_id, &content, model.as_deref())
             .await
         {
             // A subscribed session's feed picks the new generation up by itself.

@@ -19,7 +19,9 @@ use std::sync::Arc;
 use crate::chat::{ChatRequest, Chunk};
 use crate::config::{ConfigError, ProviderKind, UpstreamConfig};
 
-pub use router::{ModelInfo, ModelMatch, Relay, RetryPolicy, Target, Timeouts, Upstreams};
+pub use router::{
+    DefaultModel, ModelInfo, ModelMatch, Relay, RetryPolicy, Target, Timeouts, Upstreams,
+};
 
 /// A live generation from one upstream, already past the response head.
 pub type EventStream = BoxStream<'static, Result<Chunk, UpstreamError>>;
@@ -34,6 +36,11 @@ pub trait Provider: Send + Sync {
     /// head. `Ok` means the upstream accepted the request and is about to stream; every
     /// failure after that arrives in the stream.
     async fn open(&self, req: &ChatRequest, model: &str) -> Result<EventStream, UpstreamError>;
+
+    /// The models the upstream itself lists, in its order; `None` when it has no such list.
+    async fn list_models(&self) -> Option<Result<Vec<String>, UpstreamError>> {
+        None
+    }
 }
 
 /// Which timeout fired.
@@ -173,6 +180,36 @@ impl UpstreamError {
     }
 }
 
+/// OpenAI's model for a key of theirs and no model configured: small, cheap and current.
+pub const OPENAI_DEFAULT_MODEL: &str = "gpt-4o-mini";
+/// Anthropic's, likewise.
+pub const ANTHROPIC_DEFAULT_MODEL: &str = "claude-sonnet-4-5";
+
+/// The default model when `SLUICE_DEFAULT_MODEL` is unset, from the first configured
+/// provider: the first model it lists by name; else OpenAI's or Anthropic's own default
+/// at their own APIs; else the first model an OpenAI-compatible server lists itself
+/// (Ollama, vLLM…); else `demo`.
+fn default_rule(cfg: &UpstreamConfig) -> DefaultModel {
+    let demo = || DefaultModel::Named(demo::Demo::NAME.to_owned());
+    let Some(p) = cfg.providers.first() else {
+        return demo();
+    };
+    if let Some(m) = p.models.iter().find(|m| !m.ends_with('*')) {
+        return DefaultModel::Named(m.clone());
+    }
+    let at_openai = p.urls().first().is_some_and(|u| {
+        reqwest::Url::parse(u).is_ok_and(|u| u.host_str() == Some("api.openai.com"))
+    });
+    match p.kind {
+        ProviderKind::Demo => demo(),
+        ProviderKind::Anthropic => DefaultModel::Named(ANTHROPIC_DEFAULT_MODEL.to_owned()),
+        ProviderKind::Openai if at_openai => DefaultModel::Named(OPENAI_DEFAULT_MODEL.to_owned()),
+        ProviderKind::Openai if p.models.is_empty() => DefaultModel::FirstListedBy(p.name.clone()),
+        // Only name patterns and no list of its own to pick from.
+        ProviderKind::Openai => demo(),
+    }
+}
+
 /// Builds every configured provider and model route. With no provider configured, the demo
 /// provider serves every model name, so a fresh install answers any client out of the box.
 pub fn from_config(
@@ -247,6 +284,7 @@ pub fn from_config(
         );
     }
     ups.list_model(demo::Demo::NAME, "sluice-demo");
+    ups.set_default_rule(default_rule(cfg));
     for m in &cfg.models {
         let mut chain = Vec::with_capacity(m.targets.len());
         for t in &m.targets {
@@ -262,4 +300,74 @@ pub fn from_config(
         ups.add_alias(m.name.clone(), chain);
     }
     Ok(ups)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, GuardConfig, ProviderConfig, Secret};
+
+    async fn default_of(providers: Vec<ProviderConfig>, explicit: &str) -> String {
+        let mut cfg = Config::default().upstream;
+        cfg.providers = providers;
+        let metrics = crate::ops::metrics::Metrics::new();
+        let mut ups = from_config(&cfg, &GuardConfig::default(), metrics).unwrap();
+        ups.choose_default_model(explicit).await.to_owned()
+    }
+
+    fn anthropic(models: &[&str]) -> ProviderConfig {
+        ProviderConfig {
+            name: "anthropic".into(),
+            kind: ProviderKind::Anthropic,
+            base_url: Some(crate::config::ANTHROPIC_DEFAULT_URL.into()),
+            base_urls: Vec::new(),
+            api_key: Some(Secret::new("k")),
+            api_key_env: None,
+            models: models.iter().map(|m| m.to_string()).collect(),
+            http2: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_default_model_follows_the_first_provider() {
+        let openai = || {
+            ProviderConfig::openai(
+                "openai",
+                crate::config::OPENAI_DEFAULT_URL,
+                Some(Secret::new("k")),
+            )
+        };
+        assert_eq!(default_of(vec![], "").await, "demo");
+        assert_eq!(default_of(vec![openai()], "").await, OPENAI_DEFAULT_MODEL);
+        assert_eq!(
+            default_of(vec![anthropic(&["claude-*"]), openai()], "").await,
+            ANTHROPIC_DEFAULT_MODEL
+        );
+        assert_eq!(
+            default_of(vec![anthropic(&["claude-*", "claude-opus-4-1"])], "").await,
+            "claude-opus-4-1"
+        );
+        let mut listed = openai();
+        listed.models = vec!["gpt-4.1".into(), "gpt-4.1-mini".into()];
+        assert_eq!(default_of(vec![listed], "").await, "gpt-4.1");
+        assert_eq!(default_of(vec![openai()], " gpt-5 ").await, "gpt-5");
+        // A server that cannot be asked for its list leaves the demo model.
+        let nowhere = ProviderConfig::openai("local", "http://127.0.0.1:9/v1", None);
+        assert_eq!(default_of(vec![nowhere], "").await, "demo");
+    }
+
+    #[tokio::test]
+    async fn demo_is_the_demo_beside_a_provider_taking_any_name() {
+        let mut cfg = Config::default().upstream;
+        cfg.providers = vec![ProviderConfig::openai(
+            "openai",
+            crate::config::OPENAI_DEFAULT_URL,
+            None,
+        )];
+        let metrics = crate::ops::metrics::Metrics::new();
+        let ups = from_config(&cfg, &GuardConfig::default(), metrics).unwrap();
+        let demo = ups.resolve("demo").unwrap();
+        assert_eq!(demo[0].provider.name(), "demo");
+        assert_eq!(ups.resolve("gpt-4o").unwrap()[0].provider.name(), "openai");
+    }
 }

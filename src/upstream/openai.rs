@@ -149,6 +149,54 @@ impl Provider for OpenAi {
         }
         Ok(translate_body(self.name.clone(), resp.bytes_stream()))
     }
+
+    async fn list_models(&self) -> Option<Result<Vec<String>, UpstreamError>> {
+        Some(self.fetch_models().await)
+    }
+}
+
+/// An upstream that answers its model list slowly is skipped rather than waited for.
+const LIST_MODELS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl OpenAi {
+    /// `GET <base>/models` of the first base URL: the ids, in the upstream's order.
+    async fn fetch_models(&self) -> Result<Vec<String>, UpstreamError> {
+        let completions = match self.endpoints.first() {
+            Some(Ok(u)) => u.as_str(),
+            Some(Err(raw)) => raw.as_str(),
+            None => "",
+        };
+        let base = completions
+            .strip_suffix("/chat/completions")
+            .unwrap_or(completions);
+        let url = format!("{base}/models");
+        let mut rb = self.client.get(url).timeout(LIST_MODELS_TIMEOUT);
+        if let Some(key) = &self.api_key {
+            rb = rb.bearer_auth(key.expose());
+        }
+        let resp = rb
+            .send()
+            .await
+            .map_err(|e| sse::send_error(&self.name, e))?;
+        if !resp.status().is_success() {
+            return Err(sse::status_error(&self.name, resp).await);
+        }
+        let malformed = |message: String| UpstreamError::Malformed {
+            provider: self.name.clone(),
+            message,
+        };
+        let v: Value = resp
+            .json()
+            .await
+            .map_err(|e| malformed(format!("model list: {e}")))?;
+        let data = v["data"]
+            .as_array()
+            .ok_or_else(|| malformed("model list without `data`".into()))?;
+        Ok(data
+            .iter()
+            .filter_map(|m| m["id"].as_str().map(str::to_owned))
+            .collect())
+    }
 }
 
 /// Items of one stream waiting to be handed out: a payload yields one chunk or one error.

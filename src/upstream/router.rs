@@ -92,7 +92,50 @@ pub struct ModelInfo {
     pub owned_by: String,
 }
 
-/// Every configured provider, and how models map to them.
+/// How long an upstream's own model list is reused, and how soon a failed fetch is retried.
+const CATALOG_TTL: Duration = Duration::from_secs(300);
+const CATALOG_RETRY: Duration = Duration::from_secs(30);
+
+/// The model list a provider serving any name publishes (`GET /models`), fetched when
+/// first asked for and kept for [`CATALOG_TTL`]; one fetch at a time.
+struct Catalog {
+    provider: Arc<dyn Provider>,
+    cached: tokio::sync::Mutex<Option<(Instant, Vec<String>)>>,
+}
+
+impl Catalog {
+    /// The upstream's models; after a failure, the last list it gave (or none).
+    async fn names(&self) -> Vec<String> {
+        let mut cached = self.cached.lock().await;
+        if let Some((expires, names)) = cached.as_ref() {
+            if Instant::now() < *expires {
+                return names.clone();
+            }
+        }
+        let (ttl, names) = match self.provider.list_models().await {
+            Some(Ok(names)) => (CATALOG_TTL, names),
+            Some(Err(e)) => {
+                tracing::warn!(provider = self.provider.name(), error = %e, "cannot list the upstream's models");
+                (
+                    CATALOG_RETRY,
+                    cached.take().map(|(_, n)| n).unwrap_or_default(),
+                )
+            }
+            None => (CATALOG_TTL, Vec::new()),
+        };
+        *cached = Some((Instant::now() + ttl, names.clone()));
+        names
+    }
+}
+
+/// Where the model of sessions and tasks comes from when `SLUICE_DEFAULT_MODEL` is unset.
+#[derive(Debug, Clone)]
+pub enum DefaultModel {
+    Named(String),
+    /// The first model this provider's own model list names.
+    FirstListedBy(String),
+}
+
 /// Health and capacity of one provider.
 struct ProviderLimits {
     breaker: Breaker,
@@ -110,6 +153,9 @@ pub struct Upstreams {
     providers: Vec<(Arc<dyn Provider>, ModelMatch)>,
     aliases: HashMap<String, Vec<Target>>,
     listed: Vec<ModelInfo>,
+    catalogs: Vec<Catalog>,
+    default_rule: DefaultModel,
+    default_model: String,
     timeouts: Timeouts,
     retry: RetryPolicy,
 }
@@ -150,6 +196,9 @@ impl Upstreams {
             providers: Vec::new(),
             aliases: HashMap::new(),
             listed: Vec::new(),
+            catalogs: Vec::new(),
+            default_rule: DefaultModel::Named(super::demo::Demo::NAME.to_owned()),
+            default_model: super::demo::Demo::NAME.to_owned(),
             timeouts,
             retry,
         }
@@ -192,12 +241,54 @@ impl Upstreams {
                 slots,
             }),
         );
-        if let ModelMatch::Listed(names) = &models {
-            for name in names.iter().filter(|n| !n.ends_with('*')) {
-                self.list_model(name, label);
+        match &models {
+            ModelMatch::Listed(names) => {
+                for name in names.iter().filter(|n| !n.ends_with('*')) {
+                    self.list_model(name, label);
+                }
             }
+            ModelMatch::Any => self.catalogs.push(Catalog {
+                provider: provider.clone(),
+                cached: tokio::sync::Mutex::new(None),
+            }),
         }
         self.providers.push((provider, models));
+    }
+
+    /// How the default model is chosen when none is configured.
+    pub fn set_default_rule(&mut self, rule: DefaultModel) {
+        self.default_rule = rule;
+    }
+
+    /// Settles the model of sessions and tasks: `explicit` when not empty, else the rule
+    /// [`Upstreams::set_default_rule`] set. An upstream whose list cannot be read leaves
+    /// `demo`, with a warning.
+    pub async fn choose_default_model(&mut self, explicit: &str) -> &str {
+        let chosen = match (explicit.trim(), &self.default_rule) {
+            (e, _) if !e.is_empty() => e.to_owned(),
+            (_, DefaultModel::Named(m)) => m.clone(),
+            (_, DefaultModel::FirstListedBy(p)) => {
+                let first = match self.catalogs.iter().find(|c| c.provider.name() == p) {
+                    Some(c) => c.names().await.into_iter().next(),
+                    None => None,
+                };
+                first.unwrap_or_else(|| {
+                    tracing::warn!(
+                        provider = p.as_str(),
+                        "the provider listed no model to use by default: sessions use `demo` \
+                         until SLUICE_DEFAULT_MODEL names one"
+                    );
+                    super::demo::Demo::NAME.to_owned()
+                })
+            }
+        };
+        self.default_model = chosen;
+        &self.default_model
+    }
+
+    /// The model of sessions and tasks whose agent names none of its own.
+    pub fn default_model(&self) -> &str {
+        &self.default_model
     }
 
     pub fn add_alias(&mut self, name: String, chain: Vec<Target>) {
@@ -222,8 +313,35 @@ impl Upstreams {
             .map(|(p, _)| p.clone())
     }
 
-    pub fn models(&self) -> &[ModelInfo] {
-        &self.listed
+    /// Every model `GET /v1/models` lists: the default, configured ones, `demo`, aliases,
+    /// and what each provider serving any name lists itself.
+    pub async fn models(&self) -> Vec<ModelInfo> {
+        let mut out = self.listed.clone();
+        for c in &self.catalogs {
+            for id in c.names().await {
+                if !out.iter().any(|m| m.id == id) {
+                    out.push(ModelInfo {
+                        id,
+                        owned_by: c.provider.name().to_owned(),
+                    });
+                }
+            }
+        }
+        if !out.iter().any(|m| m.id == self.default_model) {
+            let owner = self
+                .resolve(&self.default_model)
+                .ok()
+                .and_then(|chain| chain.first().map(|t| t.provider.name().to_owned()))
+                .unwrap_or_else(|| "sluice".into());
+            out.insert(
+                0,
+                ModelInfo {
+                    id: self.default_model.clone(),
+                    owned_by: owner,
+                },
+            );
+        }
+        out
     }
 
     pub fn provider_names(&self) -> Vec<String> {
@@ -238,6 +356,15 @@ impl Upstreams {
     pub fn resolve(&self, model: &str) -> Result<Vec<Target>, UpstreamError> {
         if let Some(chain) = self.aliases.get(model) {
             return Ok(chain.clone());
+        }
+        // `demo` stays the built-in demo even beside a provider that takes any name.
+        if model == super::demo::Demo::NAME {
+            if let Some(demo) = self.provider(super::demo::Demo::NAME) {
+                return Ok(vec![Target {
+                    provider: demo,
+                    model: None,
+                }]);
+            }
         }
         self.providers
             .iter()
@@ -616,6 +743,56 @@ impl Stream for Guarded {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lists `["m1", "m2"]` on its first call, fails on every later one.
+    struct Listing(std::sync::atomic::AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl Provider for Listing {
+        fn name(&self) -> &str {
+            "listing"
+        }
+        async fn open(&self, _: &ChatRequest, _: &str) -> Result<EventStream, UpstreamError> {
+            Err(UpstreamError::UnknownModel("none".into()))
+        }
+        async fn list_models(&self) -> Option<Result<Vec<String>, UpstreamError>> {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Some(if n == 0 {
+                Ok(vec!["m1".into(), "m2".into()])
+            } else {
+                Err(UpstreamError::Connect {
+                    provider: "listing".into(),
+                    message: "down".into(),
+                })
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_model_list_is_cached_and_survives_failures() {
+        let p = Arc::new(Listing(Default::default()));
+        let c = Catalog {
+            provider: p.clone(),
+            cached: tokio::sync::Mutex::new(None),
+        };
+        let calls = || p.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(calls(), 0, "nothing is fetched before it is asked for");
+        assert_eq!(c.names().await, ["m1", "m2"]);
+        assert_eq!(c.names().await, ["m1", "m2"]);
+        assert_eq!(calls(), 1);
+        tokio::time::advance(CATALOG_TTL).await;
+        assert_eq!(
+            c.names().await,
+            ["m1", "m2"],
+            "a failed refresh keeps the list"
+        );
+        assert_eq!(calls(), 2);
+        assert_eq!(c.names().await, ["m1", "m2"]);
+        assert_eq!(calls(), 2, "a failure is not retried at once");
+        tokio::time::advance(CATALOG_RETRY).await;
+        c.names().await;
+        assert_eq!(calls(), 3);
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -14,6 +14,8 @@ import { Follower } from './sse.js';
 
 const FINAL = new Set(['complete', 'cancelled', 'failed', 'interrupted']);
 const snapKey = (id) => `sluice.resume.${id}`;
+// The model picked for a chat, remembered in this browser; sent with each message.
+const modelKey = (id) => `sluice.model.${id}`;
 const TTFT_KEY = 'sluice.ttft';
 const TTFT_KEEP = 300;
 
@@ -59,7 +61,7 @@ export class Chat {
     this.dirty = new Set();
     this.els = {
       view: $('#view-chat'), messages: $('#messages'), empty: $('#chat-empty'),
-      agent: $('#agent'), agentInfo: $('#agent-info'), banner: $('#chat-banner'),
+      agent: $('#agent'), agentInfo: $('#agent-info'), banner: $('#chat-banner'), model: $('#model'),
       form: $('#composer'), input: $('#input'), send: $('#send'), stop: $('#stop'),
     };
     const { form, input, stop, agent } = this.els;
@@ -76,7 +78,13 @@ export class Chat {
     });
     input.addEventListener('input', () => this.grow());
     stop.addEventListener('click', () => this.stop());
-    agent.addEventListener('change', () => this.showAgentInfo());
+    agent.addEventListener('change', () => {
+      this.showAgentInfo();
+      if (!this.cur && !this.draftModel) this.showModel(this.agentModel(agent.value));
+    });
+    this.models = [];
+    this.draftModel = null;
+    this.els.model.addEventListener('change', () => this.pickModel(this.els.model.value));
     // A reload or closing the tab: write the latest resume point now, not in 250 ms.
     window.addEventListener('pagehide', () => this.cur && this.flushSnap(this.cur));
   }
@@ -96,6 +104,40 @@ export class Chat {
     agent.replaceChildren(...names.map((n) => h('option', { value: n, text: n })));
     agent.value = names.includes('default') ? 'default' : names[0];
     this.showAgentInfo();
+    await this.loadModels();
+  }
+
+  /** The models `/v1/models` lists, for the picker. */
+  async loadModels() {
+    try {
+      this.models = (await api('/v1/models')).data.map((m) => m.id);
+    } catch {
+      this.models = [];
+    }
+    this.showModel(this.chosenModel());
+  }
+
+  agentModel(name) {
+    return this.agents.find((a) => a.name === (name || 'default'))?.model ?? '';
+  }
+
+  /** The open chat's remembered pick, else its agent's model; a draft's pick likewise. */
+  chosenModel() {
+    const c = this.cur;
+    if (!c) return this.draftModel ?? this.agentModel(this.els.agent.value);
+    return localStorage.getItem(modelKey(c.id)) ?? this.agentModel(c.session?.agent);
+  }
+
+  showModel(chosen) {
+    const { model } = this.els;
+    const ids = chosen && !this.models.includes(chosen) ? [chosen, ...this.models] : this.models;
+    model.replaceChildren(...ids.map((id) => h('option', { value: id, text: id })));
+    if (chosen) model.value = chosen;
+  }
+
+  pickModel(id) {
+    if (this.cur) localStorage.setItem(modelKey(this.cur.id), id);
+    else this.draftModel = id;
   }
 
   showAgentInfo() {
@@ -108,6 +150,8 @@ export class Chat {
   /** An empty chat: the session is created with the chosen agent on the first message. */
   newDraft() {
     this.close();
+    this.draftModel = null;
+    this.showModel(this.chosenModel());
     this.setTitle('New chat');
     this.els.messages.replaceChildren();
     this.els.empty.hidden = false;
@@ -152,6 +196,7 @@ export class Chat {
       if (c !== this.cur) return;
     }
     this.setTitle(titleOf(c.session), c.session.agent);
+    this.showModel(this.chosenModel());
     // Opened by its address (another tab made it): list it even before the next refresh.
     if (!this.sidebar.sessions.some((s) => s.id === id)) this.sidebar.upsert(c.session);
     let snap = null;
@@ -386,6 +431,8 @@ export class Chat {
         return;
       }
       this.sidebar.upsert(s);
+      if (this.draftModel) localStorage.setItem(modelKey(s.id), this.draftModel);
+      this.draftModel = null;
       // Open first, so the route change that follows finds this chat already open.
       this.open(s.id, s);
       location.hash = `#/chat/${s.id}`;
@@ -397,7 +444,7 @@ export class Chat {
     c.sendAt = performance.now();
     try {
       const r = await api(`/api/sessions/${encodeURIComponent(c.id)}/messages`, {
-        method: 'POST', body: { content: text },
+        method: 'POST', body: { content: text, model: this.chosenModel() || undefined },
       });
       if (c !== this.cur) return;
       local.pending = false;

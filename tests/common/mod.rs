@@ -93,7 +93,11 @@ pub async fn mock_and_server() -> (MockServer, TestServer) {
 
 /// A new key of `user` (created if need be), straight in the store.
 pub async fn api_key(server: &TestServer, user: &str, admin: bool) -> String {
-    let key = format!("sk-test-{}", uuid::Uuid::new_v4().simple());
+    let key = format!(
+        "{}test{}",
+        sluice::store::cli::KEY_PREFIX,
+        uuid::Uuid::new_v4().simple()
+    );
     let store = &server.state.store;
     let u = store.ensure_user(user).await.unwrap();
     store
