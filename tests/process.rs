@@ -193,7 +193,7 @@ async fn the_first_lines_say_where_to_chat_whether_keys_are_needed_and_which_mod
     );
     assert!(
         text.contains(
-            "API keys not required (loopback address): requests without a key act as the local user"
+            "API keys not required (loopback address): requests without a key, or with an SDK's placeholder key, act as the local user"
         ),
         "{text}"
     );

@@ -40,8 +40,8 @@ fn keys_line(config: &Config) -> String {
         )
     } else {
         format!(
-            "API keys not required ({why}): requests without a key act as the local user; \
-             `sluice keys create --name NAME` makes one"
+            "API keys not required ({why}): requests without a key, or with an SDK's \
+             placeholder key, act as the local user; `sluice keys create --name NAME` makes one"
         )
     }
 }
