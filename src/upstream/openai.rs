@@ -134,19 +134,10 @@ impl Provider for OpenAi {
             Ok(url) => self.client.post(url),
             Err(raw) => self.client.post(raw),
         };
-        let mut rb = rb
+        let rb = rb
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .json(&body);
-        if let Some(key) = &self.api_key {
-            rb = rb.bearer_auth(key.expose());
-        }
-        let resp = rb
-            .send()
-            .await
-            .map_err(|e| sse::send_error(&self.name, e))?;
-        if !resp.status().is_success() {
-            return Err(sse::status_error(&self.name, resp).await);
-        }
+        let resp = self.send(rb).await?;
         Ok(translate_body(self.name.clone(), resp.bytes_stream()))
     }
 
@@ -159,6 +150,22 @@ impl Provider for OpenAi {
 const LIST_MODELS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl OpenAi {
+    /// Sends with the provider's key; a status other than success is the provider's error.
+    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, UpstreamError> {
+        let rb = match &self.api_key {
+            Some(key) => rb.bearer_auth(key.expose()),
+            None => rb,
+        };
+        let resp = rb
+            .send()
+            .await
+            .map_err(|e| sse::send_error(&self.name, e))?;
+        if !resp.status().is_success() {
+            return Err(sse::status_error(&self.name, resp).await);
+        }
+        Ok(resp)
+    }
+
     /// `GET <base>/models` of the first base URL: the ids, in the upstream's order.
     async fn fetch_models(&self) -> Result<Vec<String>, UpstreamError> {
         let completions = match self.endpoints.first() {
@@ -170,17 +177,9 @@ impl OpenAi {
             .strip_suffix("/chat/completions")
             .unwrap_or(completions);
         let url = format!("{base}/models");
-        let mut rb = self.client.get(url).timeout(LIST_MODELS_TIMEOUT);
-        if let Some(key) = &self.api_key {
-            rb = rb.bearer_auth(key.expose());
-        }
-        let resp = rb
-            .send()
-            .await
-            .map_err(|e| sse::send_error(&self.name, e))?;
-        if !resp.status().is_success() {
-            return Err(sse::status_error(&self.name, resp).await);
-        }
+        let resp = self
+            .send(self.client.get(url).timeout(LIST_MODELS_TIMEOUT))
+            .await?;
         let malformed = |message: String| UpstreamError::Malformed {
             provider: self.name.clone(),
             message,
