@@ -554,7 +554,7 @@ pub struct Config {
     pub guards: GuardConfig,
 }
 
-/// Rate, quota, concurrency and input limits (DESIGN §7).
+/// Rate, quota, concurrency and input limits.
 #[derive(Debug, Clone)]
 pub struct GuardConfig {
     pub trusted_proxies: Vec<ipnet::IpNet>,

@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-//! Guards (DESIGN §7) as a client sees them: rate limits per key and per IP, cluster-wide
+//! Guards as a client sees them: rate limits per key and per IP, cluster-wide
 //! quotas in Redis, input limits (body, content type, JSON, schema, request head, slow
 //! heads) and CORS.
 

@@ -1,4 +1,4 @@
-//! The response cache (DESIGN §7): replies to deterministic requests (temperature 0, or
+//! The response cache: replies to deterministic requests (temperature 0, or
 //! `"cache": true`), keyed by a SHA-256 of model, messages and parameters. One trait, two
 //! backends: in-process (moka, L1) and Redis (L2, shared by every instance); `Tiered`
 //! reads L1 then L2 and writes both.

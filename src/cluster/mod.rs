@@ -1,4 +1,4 @@
-//! The bus between instances (DESIGN §1, §3): a generation started on one instance is
+//! The bus between instances: a generation started on one instance is
 //! watched, live and from any `Last-Event-ID`, on every other.
 //!
 //! The hub stays the only thing subscribers read. The bus moves events between hubs: the

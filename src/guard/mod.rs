@@ -1,4 +1,4 @@
-//! Guards (DESIGN §7): rate limits, cluster-wide quotas, concurrency limits, CORS.
+//! Guards: rate limits, cluster-wide quotas, concurrency limits, CORS.
 
 pub mod cors;
 pub mod quota;

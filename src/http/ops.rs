@@ -1,4 +1,4 @@
-//! Operations: metrics, and the admin endpoints (DESIGN §2, §8).
+//! Operations: metrics, and the admin endpoints.
 
 use std::time::Instant;
 

@@ -1,4 +1,4 @@
-//! Chat sessions (DESIGN §2): stateful, resumable conversations.
+//! Chat sessions: stateful, resumable conversations.
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};

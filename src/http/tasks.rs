@@ -1,4 +1,4 @@
-//! Prompt jobs (DESIGN §2): `202` at once with where to follow the task, or the result
+//! Prompt jobs: `202` at once with where to follow the task, or the result
 //! with `?sync=true`.
 
 use axum::extract::{Path, Query, State};

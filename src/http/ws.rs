@@ -1,4 +1,4 @@
-//! `GET /ws` (DESIGN §4) and `POST /api/ws-token`.
+//! `GET /ws` and `POST /api/ws-token`.
 
 use axum::extract::{FromRequestParts, Query, State, WebSocketUpgrade};
 use axum::http::request::Parts;

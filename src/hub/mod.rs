@@ -2,10 +2,10 @@
 //!
 //! A channel is an append-only log of encoded events (bounded: the oldest are evicted past
 //! `capacity`) plus a `watch` of the latest sequence number. Subscribers hold only a cursor
-//! into the log: a slow subscriber costs no memory of its own — it reads from where it is
-//! when it is ready, which is the "resync from the replay log" of DESIGN §3 — and one whose
-//! cursor has been evicted is told it lagged. The same log serves live fan-out and
-//! `Last-Event-ID` resume, so both see exactly the same events in the same order.
+//! into the log: a slow subscriber costs no memory of its own — it resyncs from the replay
+//! log when it is ready — and one whose cursor has been evicted is told it lagged. The same
+//! log serves live fan-out and `Last-Event-ID` resume, so both see exactly the same events
+//! in the same order.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use parking_lot::RwLock;
 use serde::Serialize;
 use tokio::sync::watch;
 
-/// The event types of DESIGN §3 (generations) and §4 (tasks).
+/// The event types of generations and tasks (README: Chat sessions, prompt jobs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventKind {

@@ -1,4 +1,4 @@
-//! Metrics (DESIGN §8): Prometheus series through the `metrics` crate, and a JSON summary
+//! Metrics: Prometheus series through the `metrics` crate, and a JSON summary
 //! for people and dashboards computed from the same increments.
 //!
 //! Each server owns its recorder instead of installing a global one, so several servers

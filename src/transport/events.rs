@@ -1,4 +1,4 @@
-//! Hub events over SSE (DESIGN §3): `retry:` first, every event with its id, `: ping`
+//! Hub events over SSE: `retry:` first, every event with its id, `: ping`
 //! comments while nothing happens, and `error {code:"lagged"}` for a subscriber that fell
 //! behind the replay log — it can resume from its last id.
 

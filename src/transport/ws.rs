@@ -1,4 +1,4 @@
-//! The WebSocket protocol of DESIGN §4: JSON text frames, many topics per connection.
+//! The WebSocket protocol: JSON text frames, many topics per connection.
 //!
 //! The connection loop is written against a generic `Sink`/`Stream` of messages, so it is
 //! tested with channels as well as over real sockets. It is an adapter over the same hub
