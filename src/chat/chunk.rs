@@ -627,7 +627,13 @@ impl ChunkEncoder {
         }
     }
 
-    fn json_delta(&self, delta: &Value, flags: u8) -> Chunk {
+    /// A chunk whose first choice's delta is `delta`, any part of a reply the methods above
+    /// do not name (a provider's own fields, such as signed thinking blocks).
+    pub fn delta<T: Serialize>(&self, delta: &T) -> Chunk {
+        self.json_delta(delta, TOKEN)
+    }
+
+    fn json_delta<T: Serialize>(&self, delta: &T, flags: u8) -> Chunk {
         let mut body = br#"{"index":0,"delta":"#.to_vec();
         let _ = serde_json::to_writer(&mut body, delta);
         body.extend_from_slice(br#","logprobs":null,"finish_reason":null}]}"#);

@@ -8,7 +8,6 @@ use serde_json::{Map, Value, json};
 
 use super::sse::{self, ClientOptions};
 use super::{EventStream, Provider, UpstreamError};
-use crate::chat::chunk::Payload;
 use crate::chat::{ChatRequest, Chunk, ChunkEncoder, FinishReason, Message, Role, Usage};
 use crate::config::Secret;
 
@@ -946,34 +945,7 @@ enum Flow {
     Done,
 }
 
-#[derive(Deserialize, Default)]
-struct Head {
-    #[serde(default)]
-    id: String,
-    #[serde(default)]
-    created: u64,
-    #[serde(default)]
-    model: String,
-}
-
-/// A chunk in the encoder's field order, whose delta is one `thinking_blocks` entry.
-#[derive(Serialize)]
-struct ThinkingFrame<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    choices: [ThinkingChoice<'a>; 1],
-}
-
-#[derive(Serialize)]
-struct ThinkingChoice<'a> {
-    index: u32,
-    delta: ThinkingDelta<'a>,
-    logprobs: (),
-    finish_reason: (),
-}
-
+/// The delta of a chunk carrying one `thinking_blocks` entry.
 #[derive(Serialize)]
 struct ThinkingDelta<'a> {
     thinking_blocks: [ThinkingEntry<'a>; 1],
@@ -998,8 +970,6 @@ struct ThinkingEntry<'a> {
 struct Translator {
     provider: String,
     enc: ChunkEncoder,
-    /// The encoder's `id`, `created` and `model`, for the chunks it cannot build.
-    head: Option<Head>,
     /// Open content blocks by Anthropic's index (a handful at most).
     open: Vec<(u64, Open)>,
     tool_calls: u32,
@@ -1014,7 +984,6 @@ impl Translator {
         Self {
             provider,
             enc,
-            head: None,
             open: Vec::new(),
             tool_calls: 0,
             thoughts: 0,
@@ -1192,9 +1161,7 @@ impl Translator {
             },
             _ => return,
         };
-        if let Some(chunk) = self.thinking_chunk(entry) {
-            out.push(chunk);
-        }
+        out.push(self.thinking_chunk(entry));
     }
 
     /// Usage goes last, after the finish, as OpenAI sends it; once, even if the upstream
@@ -1219,32 +1186,11 @@ impl Translator {
             .map(|(_, b)| b)
     }
 
-    /// A chunk carrying one `thinking_blocks` entry, framed like the encoder's chunks (the
-    /// encoder has no method for it; its head is read back from its role chunk).
-    fn thinking_chunk(&mut self, entry: ThinkingEntry<'_>) -> Option<Chunk> {
-        let enc = &self.enc;
-        let head = self.head.get_or_insert_with(|| {
-            serde_json::from_slice(enc.role().payload()).unwrap_or_default()
-        });
-        let frame = ThinkingFrame {
-            id: &head.id,
-            object: "chat.completion.chunk",
-            created: head.created,
-            model: &head.model,
-            choices: [ThinkingChoice {
-                index: 0,
-                delta: ThinkingDelta {
-                    thinking_blocks: [entry],
-                },
-                logprobs: (),
-                finish_reason: (),
-            }],
-        };
-        let bytes = serde_json::to_vec(&frame).ok()?;
-        match Chunk::parse(&bytes) {
-            Ok(Payload::Chunk(c)) => Some(c),
-            _ => None,
-        }
+    /// A chunk carrying one `thinking_blocks` entry.
+    fn thinking_chunk(&self, entry: ThinkingEntry<'_>) -> Chunk {
+        self.enc.delta(&ThinkingDelta {
+            thinking_blocks: [entry],
+        })
     }
 
     fn malformed(&self, message: String) -> UpstreamError {
