@@ -356,9 +356,10 @@ pub fn router(state: AppState) -> Router {
         }
         next.run(req).await
     };
-    // Innermost first: admin check, then rate limits and quotas (before anything reaches
-    // the store), CORS outside them so a 429 still carries CORS headers and preflights
-    // are never limited, then metrics, request id and tracing around everything.
+    // Innermost first: admin check, then authentication, rate limits and quotas, the Host
+    // check of keyless servers (before any key is looked up), the head limit, CORS outside
+    // them so a 429 still carries CORS headers and preflights are never limited, then
+    // metrics, request id and tracing around everything.
     let routes = Router::new()
         .merge(crate::http::v1::router())
         .merge(crate::http::health::router())
@@ -378,6 +379,10 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::guard::rate::limit,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::guard::host::check,
         ))
         .layer(axum::middleware::from_fn(head_limit));
     let routes = match crate::guard::cors::layer(

@@ -210,6 +210,16 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub cors_origins: Vec<String>,
+    /// Host names served besides loopback ones when keys are not required, comma-separated
+    /// (e.g. sluice.lan). Any other `Host` gets 403, so a web page cannot reach a keyless
+    /// local server through a name it points at 127.0.0.1 (DNS rebinding).
+    #[arg(
+        long,
+        env = "SLUICE_ALLOWED_HOSTS",
+        value_name = "SLUICE_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
     /// Secret signing WebSocket tokens (POST /api/ws-token); set the same on every instance
     /// of a cluster. Default: random per process.
     #[arg(
@@ -720,6 +730,9 @@ pub struct ServerConfig {
     pub addr: SocketAddr,
     /// Origins allowed for CORS and WebSocket upgrades, besides the server's own.
     pub cors_origins: Vec<String>,
+    /// Host names served besides loopback ones when keys are not required; lower case,
+    /// without port.
+    pub allowed_hosts: Vec<String>,
     pub ws_token_secret: Option<Secret>,
     pub ws: crate::transport::ws::WsSettings,
     pub server_id: String,
@@ -837,6 +850,7 @@ impl Default for Config {
             server: ServerConfig {
                 addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
                 cors_origins: Vec::new(),
+                allowed_hosts: Vec::new(),
                 ws_token_secret: None,
                 ws: crate::transport::ws::WsSettings::default(),
                 server_id: new_server_id(),
@@ -956,6 +970,15 @@ impl Config {
                     .map(|o| o.trim().trim_end_matches('/').to_owned())
                     .filter(|o| !o.is_empty())
                     .collect(),
+                allowed_hosts: args
+                    .allowed_hosts
+                    .iter()
+                    .map(|h| {
+                        let h = h.trim().trim_start_matches('[').trim_end_matches(']');
+                        h.to_ascii_lowercase()
+                    })
+                    .filter(|h| !h.is_empty())
+                    .collect(),
                 ws_token_secret: args.ws_token_secret.clone().map(Secret::new),
                 ws: crate::transport::ws::WsSettings {
                     ping_every: Duration::from_millis(args.ws_ping_ms),
@@ -1058,6 +1081,17 @@ impl Config {
                 return Err(ConfigError::new(
                     "SLUICE_CORS_ORIGINS",
                     format!("'{o}' is not an origin like https://chat.example.com (or *)"),
+                ));
+            }
+        }
+        for h in &s.allowed_hosts {
+            let name = h
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+            if h.is_empty() || !(name || h.parse::<std::net::IpAddr>().is_ok()) {
+                return Err(ConfigError::new(
+                    "SLUICE_ALLOWED_HOSTS",
+                    format!("'{h}' is not a host name like sluice.lan (no scheme, no port)"),
                 ));
             }
         }

@@ -1,6 +1,7 @@
-//! Guards: rate limits, cluster-wide quotas, concurrency limits, CORS.
+//! Guards: rate limits, cluster-wide quotas, concurrency limits, CORS, the `Host` check.
 
 pub mod cors;
+pub mod host;
 pub mod quota;
 pub mod rate;
 pub mod streams;
