@@ -365,6 +365,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::http::health::router())
         .merge(crate::http::sessions::router())
         .merge(crate::http::ws::router())
+        .merge(crate::http::auth::router())
         .merge(crate::http::catalog::router())
         .merge(crate::http::tasks::router())
         .merge(crate::http::ui::router())

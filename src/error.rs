@@ -13,6 +13,9 @@ pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     /// Valid JSON that does not fit the schema; the message names the field.
+    /// A request head that cannot be read one way only (two `Authorization` headers).
+    #[error("{0}")]
+    BadHeader(String),
     #[error("{0}")]
     Unprocessable(String),
     #[error("{0}")]
@@ -67,7 +70,7 @@ struct Envelope<'a> {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::BadHeader(_) => StatusCode::BAD_REQUEST,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -87,6 +90,7 @@ impl ApiError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::BadRequest(_)
+            | Self::BadHeader(_)
             | Self::Unprocessable(_)
             | Self::UnsupportedMediaType(_)
             | Self::PayloadTooLarge(_)
@@ -116,6 +120,7 @@ impl ApiError {
     pub fn code(&self) -> &str {
         match self {
             Self::BadRequest(_) => "invalid_json",
+            Self::BadHeader(_) => "invalid_header",
             Self::Unprocessable(_) => "invalid_request",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::PayloadTooLarge(_) => "payload_too_large",

@@ -1,18 +1,20 @@
-//! Request rate limits per client and route class, checked before anything touches the
-//! store: a flood is refused with 429 on the cheapest path.
+//! Request rate limits per client and route class, checked before the request reaches its
+//! handler: a flood is refused with 429 on the cheapest path.
 //!
-//! A client is its API key when it sends one (the SHA-256 of the bearer token, computed
-//! without a store lookup, so forged keys cost nothing either), else its IP address. The IP
-//! comes from `X-Forwarded-For` / `X-Real-IP` only when the TCP peer is a trusted proxy:
-//! anyone else could write any address there and get a fresh bucket per request.
+//! A client is its API key once the store knows the key, else its IP address. A bearer
+//! token that fails authentication counts against the address, and an address that has
+//! spent its budget on failures is refused before the store is asked again: random forged
+//! keys cannot each get a fresh bucket. The IP comes from `X-Forwarded-For` / `X-Real-IP`
+//! only when the TCP peer is a trusted proxy: anyone else could write any address there
+//! and get a fresh bucket per request.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, Method, header};
+use axum::http::{HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::clock::Clock;
@@ -21,9 +23,11 @@ use governor::{DefaultKeyedRateLimiter, Quota as Rate, RateLimiter};
 use crate::app::AppState;
 use crate::config::GuardConfig;
 use crate::error::ApiError;
+use crate::http::auth::{self, Principal};
+use crate::store::cli::hash_key;
 
 /// Routes limited together, each with its own per-minute rate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RouteClass {
     /// Requests that start a generation: the expensive ones.
     Chat,
@@ -36,8 +40,8 @@ pub enum RouteClass {
 /// Who a request is counted against.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Client {
-    /// SHA-256 of the bearer token.
-    Key([u8; 32]),
+    /// The id of a key the store knows.
+    Key(String),
     /// The client address; IPv6 addresses are cut to their /64, the smallest block one
     /// subscriber is usually given, so rotating through it gains nothing.
     Ip(IpAddr),
@@ -56,6 +60,12 @@ pub struct RateLimits {
     admin: Option<Limiter>,
     trusted: Vec<ipnet::IpNet>,
     checks: AtomicU64,
+    /// Addresses whose budget of a class is spent on failed authentications, until when:
+    /// their next bearer token is refused without a store lookup.
+    failing: moka::future::Cache<(RouteClass, IpAddr), Instant>,
+    /// SHA-256 of bearer tokens the store knew lately. Only lets them past a failing
+    /// address to be looked up again; the lookup still decides.
+    known: moka::future::Cache<[u8; 32], ()>,
 }
 
 impl RateLimits {
@@ -72,6 +82,15 @@ impl RateLimits {
             admin: limiter(cfg.rate_admin_per_min),
             trusted: cfg.trusted_proxies.clone(),
             checks: AtomicU64::new(0),
+            // A per-minute rate never makes anyone wait longer than a minute.
+            failing: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(61))
+                .build(),
+            known: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
         }
     }
 
@@ -100,13 +119,31 @@ impl RateLimits {
             .map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
     }
 
-    /// The client a request counts against: its key, else its address (see the module doc).
-    pub fn client(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Client {
-        if let Some(token) = bearer(headers) {
-            return Client::Key(crate::store::cli::hash_key(token));
-        }
+    /// The client address of a request (see the module doc).
+    pub fn address(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Client {
         let ip = peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip().to_canonical());
         Client::Ip(coarse(self.client_ip(headers, ip)))
+    }
+
+    /// How long `address` still has to wait after spending its budget of `class` on failed
+    /// authentications.
+    async fn failing(&self, class: RouteClass, address: &Client) -> Option<Duration> {
+        let Client::Ip(ip) = address else { return None };
+        let until = self.failing.get(&(class, *ip)).await?;
+        until.checked_duration_since(Instant::now())
+    }
+
+    /// Counts a failed authentication against `address`; `Err` once its budget is spent.
+    async fn failed(&self, class: RouteClass, address: &Client) -> Result<(), Duration> {
+        let Err(wait) = self.check(class, address) else {
+            return Ok(());
+        };
+        if let Client::Ip(ip) = address {
+            self.failing
+                .insert((class, *ip), Instant::now() + wait)
+                .await;
+        }
+        Err(wait)
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
@@ -170,15 +207,6 @@ fn coarse(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
-}
-
 /// The class of a request, or `None` for what is never limited: health, metrics, the
 /// WebSocket upgrade (its messages have their own limits) and the UI.
 pub fn classify(method: &Method, path: &str) -> Option<RouteClass> {
@@ -225,9 +253,10 @@ fn secs(wait: Duration) -> u64 {
     (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
-/// The middleware: the local rate limit of the request's class, then, for chat requests
-/// with a key, the cluster-wide quota.
-pub async fn limit(State(st): State<AppState>, req: Request, next: Next) -> Response {
+/// The middleware: authentication (see the module doc), the local rate limit of the
+/// request's class, then, for chat requests with a key, the cluster-wide quota. The caller
+/// it found is handed to the handler, so the key is looked up once.
+pub async fn limit(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let Some(class) = classify(req.method(), req.uri().path()) else {
         return next.run(req).await;
     };
@@ -240,11 +269,66 @@ pub async fn limit(State(st): State<AppState>, req: Request, next: Next) -> Resp
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    let client = guards.rate.client(req.headers(), peer);
-    if let Err(e) = admit(&st, class, &client, None).await {
+    let address = guards.rate.address(req.headers(), peer);
+    let who = match authenticate(&st, class, req.headers(), &address).await {
+        Ok(who) => who,
+        Err(e) => return e.into_response(),
+    };
+    let client = who.key_id.clone().map_or(address, Client::Key);
+    if let Err(e) = admit(&st, class, &client, who.key_id.as_deref()).await {
         return e.into_response();
     }
+    req.extensions_mut().insert(who);
     next.run(req).await
+}
+
+fn too_many(wait: Duration) -> ApiError {
+    ApiError::TooManyRequests {
+        message: "rate limit exceeded; retry after the time in the Retry-After header".into(),
+        code: "rate_limited",
+        retry_after: secs(wait),
+    }
+}
+
+/// The caller of a request, with failed authentications counted against `address`: once
+/// its budget of `class` is spent, its bearer tokens get 429 without a store lookup.
+pub async fn authenticate(
+    st: &AppState,
+    class: RouteClass,
+    headers: &HeaderMap,
+    address: &Client,
+) -> Result<Principal, ApiError> {
+    let rate = &st.guards.rate;
+    let token = auth::bearer(headers)?;
+    if !auth::is_local(st, token) {
+        if let Some(wait) = rate.failing(class, address).await {
+            // Keys in use from the same address (an office's NAT) keep working.
+            let known = token.is_some_and(|t| rate.known.contains_key(&hash_key(t)));
+            if !known {
+                st.metrics.rate_limited();
+                return Err(too_many(wait));
+            }
+        }
+    }
+    match auth::authenticate(st, headers).await {
+        Ok(who) => {
+            if let Some(t) = token.filter(|_| who.key_id.is_some()) {
+                let hash = hash_key(t);
+                if !rate.known.contains_key(&hash) {
+                    rate.known.insert(hash, ()).await;
+                }
+            }
+            Ok(who)
+        }
+        Err(e @ ApiError::Unauthorized(_)) => match rate.failed(class, address).await {
+            Ok(()) => Err(e),
+            Err(wait) => {
+                st.metrics.rate_limited();
+                Err(too_many(wait))
+            }
+        },
+        other => other,
+    }
 }
 
 /// The checks one request of `class` from `client` passes: its rate limit, then for chat
@@ -259,17 +343,13 @@ pub async fn admit(
     let guards = &st.guards;
     if let Err(wait) = guards.rate.check(class, client) {
         st.metrics.rate_limited();
-        return Err(ApiError::TooManyRequests {
-            message: "rate limit exceeded; retry after the time in the Retry-After header".into(),
-            code: "rate_limited",
-            retry_after: secs(wait),
-        });
+        return Err(too_many(wait));
     }
     let quota = guards.quota.as_ref().filter(|_| class == RouteClass::Chat);
     if let Some(quota) = quota {
         let key_id = match (key_id, client) {
             (Some(k), _) => Some(k.to_owned()),
-            (None, Client::Key(hash)) => quota.key_id(hash, st.store.as_ref()).await,
+            (None, Client::Key(id)) => Some(id.clone()),
             (None, Client::Ip(_)) => None,
         };
         if let Some(key_id) = key_id {
@@ -348,23 +428,24 @@ mod tests {
         let peer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
         let stranger: SocketAddr = "203.0.113.9:5000".parse().unwrap();
         let xff = headers(&[("x-forwarded-for", "6.6.6.6, 198.51.100.7, 10.0.0.2")]);
-        assert_eq!(l.client(&xff, Some(peer)), ip("198.51.100.7"));
-        assert_eq!(l.client(&xff, Some(stranger)), ip("203.0.113.9"));
+        assert_eq!(l.address(&xff, Some(peer)), ip("198.51.100.7"));
+        assert_eq!(l.address(&xff, Some(stranger)), ip("203.0.113.9"));
         let split = headers(&[
             ("x-forwarded-for", "6.6.6.6"),
             ("x-forwarded-for", "198.51.100.7:443"),
         ]);
-        assert_eq!(l.client(&split, Some(peer)), ip("198.51.100.7"));
+        assert_eq!(l.address(&split, Some(peer)), ip("198.51.100.7"));
         let real = headers(&[("x-real-ip", "198.51.100.8")]);
-        assert_eq!(l.client(&real, Some(peer)), ip("198.51.100.8"));
+        assert_eq!(l.address(&real, Some(peer)), ip("198.51.100.8"));
         let all_trusted = headers(&[("x-forwarded-for", "10.1.1.1, 10.2.2.2")]);
-        assert_eq!(l.client(&all_trusted, Some(peer)), ip("10.1.1.1"));
+        assert_eq!(l.address(&all_trusted, Some(peer)), ip("10.1.1.1"));
         let garbage = headers(&[("x-forwarded-for", "198.51.100.7, nonsense")]);
-        assert_eq!(l.client(&garbage, Some(peer)), ip("10.0.0.1"));
+        assert_eq!(l.address(&garbage, Some(peer)), ip("10.0.0.1"));
         let v6: SocketAddr = "[2001:db8:1:2:3:4:5:6]:1".parse().unwrap();
-        assert_eq!(l.client(&HeaderMap::new(), Some(v6)), ip("2001:db8:1:2::"));
-        let keyed = headers(&[("authorization", "Bearer sk-1"), ("x-real-ip", "1.1.1.1")]);
-        assert!(matches!(l.client(&keyed, Some(peer)), Client::Key(_)));
+        assert_eq!(l.address(&HeaderMap::new(), Some(v6)), ip("2001:db8:1:2::"));
+        // A bearer token proves nothing before the store knows it: still the address.
+        let keyed = headers(&[("authorization", "Bearer sk-1")]);
+        assert_eq!(l.address(&keyed, Some(peer)), ip("10.0.0.1"));
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! `Authorization: Bearer <key>` → the caller. Keys are looked up by their SHA-256, so the
 //! secret itself is never stored nor compared byte by byte.
 
-use axum::extract::FromRequestParts;
-use axum::http::header;
+use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, header};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use serde_json::json;
 
 use crate::app::AppState;
 use crate::chat::service::Caller;
@@ -27,18 +30,43 @@ impl Principal {
     }
 }
 
-fn bearer(parts: &Parts) -> Option<&str> {
-    let v = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
+/// The bearer token of a request: `None` without an `Authorization` header. More than one
+/// header is refused (400): which one counts would differ between sluice and the proxies
+/// in front of it, so an admin key could ride along with a user's. The one parser of the
+/// header, for the rate limits and the key check alike.
+pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::BadHeader(
+            "more than one Authorization header: send exactly one `Authorization: Bearer <key>`"
+                .into(),
+        ));
+    }
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
         .filter(|t| !t.is_empty())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::Unauthorized("malformed Authorization header: expected `Bearer <key>`".into())
+        })
 }
 
 /// Whether `token` has the shape of a key `sluice keys create` makes.
 fn is_sluice_key(token: &str) -> bool {
     token.starts_with(KEY_PREFIX)
+}
+
+/// Whether the request would act as the local user without any key being looked up: keys
+/// not required, and no token or a placeholder that is not a sluice key.
+pub fn is_local(st: &AppState, token: Option<&str>) -> bool {
+    st.local_user.is_some() && token.is_none_or(|t| !is_sluice_key(t))
 }
 
 fn local(user_id: &str) -> Principal {
@@ -49,46 +77,105 @@ fn local(user_id: &str) -> Principal {
     }
 }
 
+fn store_unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Unavailable {
+        message: format!("cannot check the API key: {e}"),
+        code: "store_unavailable",
+        retry_after: 1,
+    }
+}
+
+/// The caller a request's headers name, its key looked up in the store.
+pub async fn authenticate(st: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    // SDKs must send some key: where keys are not required, a placeholder that is not a
+    // sluice key stands for the local user. A sluice key is always checked, so a typo in
+    // a real key is still noticed.
+    let token = bearer(headers)?;
+    if let Some(user_id) = st.local_user.as_ref().filter(|_| is_local(st, token)) {
+        return Ok(local(user_id));
+    }
+    let Some(token) = token else {
+        return Err(ApiError::Unauthorized(
+            "missing API key: send `Authorization: Bearer <key>`".into(),
+        ));
+    };
+    match st.store.find_api_key(&hash_key(token)).await {
+        Ok(Some(key)) => {
+            // The key's id (never the key) tags the request's log lines.
+            tracing::Span::current().record("key_id", key.id.as_str());
+            Ok(Principal {
+                user_id: key.user_id,
+                key_id: Some(key.id),
+                is_admin: key.is_admin,
+            })
+        }
+        Ok(None) => Err(revoked()),
+        Err(e) => Err(store_unavailable(e)),
+    }
+}
+
+fn store_error(e: crate::store::StoreError) -> ApiError {
+    ApiError::from(crate::chat::service::ChatError::Store(e))
+}
+
+fn revoked() -> ApiError {
+    ApiError::Unauthorized("invalid or revoked API key".into())
+}
+
+/// Whether the key a connection was opened with is still active; asked of the store each
+/// time, so a revocation by any instance or by `sluice keys revoke` counts at once.
+pub async fn check_still_active(st: &AppState, key_id: Option<&str>) -> Result<(), ApiError> {
+    let Some(id) = key_id else {
+        return Ok(());
+    };
+    match st.store.find_api_key_by_id(id).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(ApiError::Unauthorized(
+            "this connection's API key has been revoked".into(),
+        )),
+        Err(e) => Err(store_unavailable(e)),
+    }
+}
+
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        // SDKs must send some key: where keys are not required, a placeholder that is not a
-        // sluice key stands for the local user. A sluice key is always checked, so a typo in
-        // a real key is still noticed.
-        if let Some(token) = bearer(parts) {
-            if let Some(user_id) = st.local_user.as_ref().filter(|_| !is_sluice_key(token)) {
-                return Ok(local(user_id));
-            }
-            return match st.store.find_api_key(&hash_key(token)).await {
-                Ok(Some(key)) => {
-                    // The key's id (never the key) tags the request's log lines.
-                    tracing::Span::current().record("key_id", key.id.as_str());
-                    Ok(Principal {
-                        user_id: key.user_id,
-                        key_id: Some(key.id),
-                        is_admin: key.is_admin,
-                    })
-                }
-                Ok(None) => Err(ApiError::Unauthorized("invalid or revoked API key".into())),
-                Err(e) => Err(ApiError::Unavailable {
-                    message: format!("cannot check the API key: {e}"),
-                    code: "store_unavailable",
-                    retry_after: 1,
-                }),
-            };
+        // The rate-limit middleware authenticated the request already.
+        if let Some(p) = parts.extensions.get::<Principal>() {
+            return Ok(p.clone());
         }
-        if parts.headers.contains_key(header::AUTHORIZATION) {
-            return Err(ApiError::Unauthorized(
-                "malformed Authorization header: expected `Bearer <key>`".into(),
-            ));
-        }
-        match &st.local_user {
-            Some(user_id) => Ok(local(user_id)),
-            None => Err(ApiError::Unauthorized(
-                "missing API key: send `Authorization: Bearer <key>`".into(),
-            )),
-        }
+        authenticate(st, &parts.headers).await
+    }
+}
+
+/// Keys, for admins: listed (never the keys themselves) and revoked. A revocation counts at
+/// once on every instance: each request, ws-token and WebSocket op looks its key up.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/admin/keys", get(list_keys))
+        .route("/api/admin/keys/{id_or_name}", delete(revoke_key))
+}
+
+async fn list_keys(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let keys = st.store.list_api_keys().await.map_err(store_error)?;
+    Ok(Json(json!({ "data": keys })))
+}
+
+async fn revoke_key(
+    State(st): State<AppState>,
+    Path(id_or_name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    match st
+        .store
+        .revoke_api_key(&id_or_name)
+        .await
+        .map_err(store_error)?
+    {
+        0 => Err(ApiError::NotFound(format!(
+            "no active key with the id or name '{id_or_name}'"
+        ))),
+        n => Ok(Json(json!({ "revoked": n }))),
     }
 }
 
@@ -146,6 +233,32 @@ pub fn verify_ws_token(token: &str, secret: &[u8], now_ms: i64) -> Option<Princi
         key_id,
         is_admin,
     })
+}
+
+/// The caller a WebSocket token stands for, if its key still exists: a token outlives
+/// neither its key nor, for the local user's, a server where keys became required.
+pub async fn ws_token_principal(st: &AppState, token: &str) -> Result<Principal, ApiError> {
+    let p = verify_ws_token(token, &st.ws_secret, crate::store::now_millis())
+        .ok_or_else(|| ApiError::Unauthorized("invalid or expired WebSocket token".into()))?;
+    let Some(id) = p.key_id.as_deref() else {
+        return match &st.local_user {
+            Some(user_id) => Ok(local(user_id)),
+            None => Err(ApiError::Unauthorized(
+                "this WebSocket token has no key and keys are required".into(),
+            )),
+        };
+    };
+    match st.store.find_api_key_by_id(id).await {
+        Ok(Some(key)) => Ok(Principal {
+            user_id: key.user_id,
+            key_id: Some(key.id),
+            is_admin: key.is_admin,
+        }),
+        Ok(None) => Err(ApiError::Unauthorized(
+            "the API key this WebSocket token was issued for has been revoked".into(),
+        )),
+        Err(e) => Err(store_unavailable(e)),
+    }
 }
 
 #[cfg(test)]

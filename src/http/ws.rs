@@ -10,9 +10,10 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::auth::{Principal, WS_TOKEN_TTL_MS, issue_ws_token, verify_ws_token};
+use super::auth::{self, Principal, WS_TOKEN_TTL_MS, issue_ws_token};
 use crate::app::AppState;
 use crate::error::ApiError;
+use crate::guard::rate::{self as rate, Client, RouteClass};
 use crate::store::now_millis;
 use std::sync::Arc;
 
@@ -61,29 +62,31 @@ async fn upgrade(
     Query(q): Query<WsQuery>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
-    mut parts: RequestParts,
+    parts: RequestParts,
 ) -> Result<Response, ApiError> {
     if !origin_allowed(&headers, &st.config.server.cors_origins) {
         return Err(ApiError::Forbidden(
             "origin not allowed: add it to SLUICE_CORS_ORIGINS".into(),
         ));
     }
-    let who = match q.token {
-        Some(t) => verify_ws_token(&t, &st.ws_secret, now_millis())
-            .ok_or_else(|| ApiError::Unauthorized("invalid or expired WebSocket token".into()))?,
-        None => Principal::from_request_parts(&mut parts.0, &st).await?,
-    };
-    st.ensure_accepting()?;
-    let settings = st.config.server.ws.clone();
-    let metrics = st.metrics.clone();
     let peer = parts
         .0
         .extensions
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0);
+    let address = st.guards.rate.address(&headers, peer);
+    // Two Authorization headers are refused even beside a token: the request is ambiguous.
+    auth::bearer(&headers)?;
+    let who = match q.token {
+        Some(t) => auth::ws_token_principal(&st, &t).await?,
+        None => rate::authenticate(&st, RouteClass::Api, &headers, &address).await?,
+    };
+    st.ensure_accepting()?;
+    let settings = st.config.server.ws.clone();
+    let metrics = st.metrics.clone();
     let admit: Arc<dyn Admit> = Arc::new(ChatAdmission {
-        client: st.guards.rate.client(&headers, peer),
-        key_id: who.caller().key_id,
+        client: who.key_id.clone().map_or(address, Client::Key),
+        key_id: who.key_id.clone(),
         st: st.clone(),
     });
     let ctx = WsContext {
@@ -107,23 +110,42 @@ async fn upgrade(
 }
 
 /// Each `chat` op passes the checks a `POST …/messages` would: the rate limit of the
-/// connection's client (its key, else its address) and the key's quota.
+/// connection's client (its key, else its address) and the key's quota; each `chat` and
+/// `subscribe` op first finds the key still active.
 struct ChatAdmission {
     st: AppState,
-    client: crate::guard::rate::Client,
+    client: Client,
     key_id: Option<String>,
+}
+
+fn refusal(e: &ApiError) -> Refusal {
+    Refusal {
+        code: e.code().to_owned(),
+        message: e.message(),
+        fatal: matches!(e, ApiError::Unauthorized(_)),
+    }
 }
 
 #[async_trait::async_trait]
 impl Admit for ChatAdmission {
-    async fn chat(&self) -> Result<(), Refusal> {
-        let chat = crate::guard::rate::RouteClass::Chat;
-        crate::guard::rate::admit(&self.st, chat, &self.client, self.key_id.as_deref())
+    async fn authorize(&self) -> Result<(), Refusal> {
+        auth::check_still_active(&self.st, self.key_id.as_deref())
             .await
-            .map_err(|e| Refusal {
-                code: e.code().to_owned(),
-                message: e.message(),
-            })
+            .map_err(|e| refusal(&e))
+    }
+
+    async fn chat(&self) -> Result<(), Refusal> {
+        rate::admit(
+            &self.st,
+            RouteClass::Chat,
+            &self.client,
+            self.key_id.as_deref(),
+        )
+        .await
+        .map_err(|e| Refusal {
+            fatal: false,
+            ..refusal(&e)
+        })
     }
 }
 

@@ -294,6 +294,8 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_api_key(&self, id_or_name: &str) -> Result<u64, StoreError>;
     /// The active (not revoked) key with this SHA-256.
     async fn find_api_key(&self, key_hash: &[u8; 32]) -> Result<Option<ApiKey>, StoreError>;
+    /// The active (not revoked) key with this id.
+    async fn find_api_key_by_id(&self, id: &str) -> Result<Option<ApiKey>, StoreError>;
 
     async fn create_session(
         &self,

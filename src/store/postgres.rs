@@ -452,6 +452,19 @@ impl Store for PgStore {
         row.as_ref().map(key_row).transpose()
     }
 
+    async fn find_api_key_by_id(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        let row = self
+            .conn()
+            .await?
+            .query_opt(
+                "SELECT id, user_id, name, prefix, is_admin, created_at, revoked_at
+                 FROM api_keys WHERE id = $1 AND revoked_at IS NULL",
+                &[&id],
+            )
+            .await?;
+        row.as_ref().map(key_row).transpose()
+    }
+
     async fn create_session(
         &self,
         user_id: &str,

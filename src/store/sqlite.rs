@@ -500,6 +500,21 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn find_api_key_by_id(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| {
+            let key = c
+                .prepare_cached(
+                    "SELECT id, user_id, name, prefix, is_admin, created_at, revoked_at
+                     FROM api_keys WHERE id = ?1 AND revoked_at IS NULL",
+                )?
+                .query_row([&id], key_row)
+                .optional()?;
+            Ok(key)
+        })
+        .await
+    }
+
     async fn create_session(
         &self,
         user_id: &str,

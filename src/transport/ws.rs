@@ -59,17 +59,23 @@ pub mod close {
     pub const RESTART: u16 = 1012;
 }
 
-/// Why a `chat` op was not admitted: the same code and message an HTTP request would get.
+/// Why an op was not admitted: the same code and message an HTTP request would get.
 #[derive(Debug, Clone)]
 pub struct Refusal {
     pub code: String,
     pub message: String,
+    /// The credentials are gone for good (a revoked key): the connection is closed with
+    /// 1008 instead of answered with an error frame.
+    pub fatal: bool,
 }
 
 /// The admission checks an HTTP request passes before it starts a generation (rate
 /// limits, quotas), applied to each `chat` op of a connection.
 #[async_trait::async_trait]
 pub trait Admit: Send + Sync {
+    /// Whether the connection's key is still valid; asked before each `chat` and
+    /// `subscribe` op, so a key revoked after the upgrade stops at its next op.
+    async fn authorize(&self) -> Result<(), Refusal>;
     async fn chat(&self) -> Result<(), Refusal>;
 }
 
@@ -180,10 +186,13 @@ where
     let mut writer = tokio::spawn(write_loop(write, out_rx, close_rx, grace, ctx.stop.clone()));
     // Tripped by anyone who finds the queue full.
     let overflow = CancellationToken::new();
+    // Tripped when the connection's key turns out to be revoked.
+    let revoked = CancellationToken::new();
     let mut conn = Conn {
         ctx: &ctx,
         out: out.clone(),
         overflow: overflow.clone(),
+        revoked: revoked.clone(),
         topics: HashMap::new(),
         forwarders: JoinSet::new(),
     };
@@ -198,6 +207,7 @@ where
             biased;
             _ = ctx.stop.cancelled() => break Ending::Close(close_msg(close::RESTART, "server restarting; reconnect and resume")),
             _ = overflow.cancelled() => break Ending::Close(close_msg(close::POLICY, "send queue full: the client is not reading")),
+            _ = revoked.cancelled() => break Ending::Close(close_msg(close::POLICY, "API key revoked: reconnect with a valid key")),
             // Awaited here once; a JoinHandle polled again after that panics.
             _ = &mut writer => {
                 writer_done = true;
@@ -309,6 +319,7 @@ struct Conn<'a> {
     ctx: &'a WsContext,
     out: mpsc::Sender<Message>,
     overflow: CancellationToken,
+    revoked: CancellationToken,
     topics: HashMap<String, AbortHandle>,
     forwarders: JoinSet<()>,
 }
@@ -345,6 +356,11 @@ impl Conn<'_> {
             Ok(op) => op,
             Err(e) => return self.send(error_frame("bad_request", &e.to_string(), None)),
         };
+        if matches!(op, ClientOp::Chat { .. } | ClientOp::Subscribe { .. })
+            && !self.authorized().await
+        {
+            return;
+        }
         match op {
             ClientOp::Ping => self.send(Message::Text(Utf8Bytes::from_static("{\"op\":\"pong\"}"))),
             ClientOp::Subscribe {
@@ -369,6 +385,25 @@ impl Conn<'_> {
                 if let Err(e) = self.ctx.chat.cancel(&self.ctx.caller, &session_id).await {
                     self.chat_error(e, &topic);
                 }
+            }
+        }
+    }
+
+    /// The connection's key checked again: a refusal is an error frame, a revoked key
+    /// ends the connection.
+    async fn authorized(&self) -> bool {
+        let Some(admit) = &self.ctx.admit else {
+            return true;
+        };
+        match admit.authorize().await {
+            Ok(()) => true,
+            Err(r) if r.fatal => {
+                self.revoked.cancel();
+                false
+            }
+            Err(r) => {
+                self.send(error_frame(&r.code, &r.message, None));
+                false
             }
         }
     }

@@ -1,0 +1,419 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+//! Who gets in: revoked keys on open WebSockets and ws-tokens (alone and across instances),
+//! Host names on servers without keys (DNS rebinding), forged keys against the rate
+//! limits, and requests with more than one `Authorization` header.
+
+mod common;
+
+use common::db::{self, Backend};
+use common::*;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use sluice::config::{AuthMode, Config, RedisConfig, Secret};
+use sluice::mock::MockConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn redis_url() -> String {
+    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+async fn keyed_server() -> (sluice::mock::MockServer, TestServer) {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.chat.auth = AuthMode::Required;
+    let server = TestServer::start(cfg).await;
+    (mock, server)
+}
+
+fn ws_url(server: &TestServer) -> String {
+    format!("{}/ws", server.url.replacen("http", "ws", 1))
+}
+
+async fn open_ws(server: &TestServer, key: &str) -> Ws {
+    let mut req = ws_url(server).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    tokio_tungstenite::connect_async(req).await.unwrap().0
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+/// The next JSON text frame (pings and pongs skipped).
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("no frame")
+            .expect("closed")
+            .unwrap();
+        match m {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+/// Reads frames until the close frame; a revoked key's connection ends with 1008 and a
+/// reason that says so.
+async fn closed_as_revoked(ws: &mut Ws) {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("not closed")
+        {
+            Some(Ok(Message::Close(Some(f)))) => {
+                assert_eq!(f.code, CloseCode::Policy, "{f:?}");
+                assert!(f.reason.contains("revoked"), "{f:?}");
+                return;
+            }
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                assert_ne!(v["event"], "token", "the revoked key started a reply: {v}");
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("ended without a close frame: {other:?}"),
+        }
+    }
+}
+
+async fn new_session(base: &str, key: &str) -> String {
+    let r = client()
+        .post(format!("{base}/api/sessions"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Reads a chat op's events until its final one.
+async fn until_final(ws: &mut Ws) -> Value {
+    loop {
+        let v = next_json(ws).await;
+        assert_ne!(v["op"], "error", "{v}");
+        if matches!(v["event"].as_str(), Some("done" | "error" | "interrupted")) {
+            return v;
+        }
+    }
+}
+
+async fn ws_token(base: &str, key: &str) -> String {
+    let t: Value = client()
+        .post(format!("{base}/api/ws-token"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    t["token"].as_str().unwrap().to_owned()
+}
+
+async fn ws_status_with_token(server: &TestServer, token: &str) -> u16 {
+    let req = format!("{}?token={token}", ws_url(server))
+        .into_client_request()
+        .unwrap();
+    match tokio_tungstenite::connect_async(req).await {
+        Ok(_) => 101,
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+async fn revoke_via_api(base: &str, admin: &str, name: &str) {
+    let r = client()
+        .delete(format!("{base}/api/admin/keys/{name}"))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+#[tokio::test]
+async fn a_key_revoked_by_the_admin_api_is_refused_on_its_open_websocket() {
+    let (_mock, server) = keyed_server().await;
+    let alice = api_key(&server, "alice", false).await;
+    let admin = api_key(&server, "ops", true).await;
+    let session = new_session(&server.url, &alice).await;
+    let mut ws = open_ws(&server, &alice).await;
+    send(
+        &mut ws,
+        json!({"op": "chat", "session_id": session, "content": "hi"}),
+    )
+    .await;
+    assert_eq!(until_final(&mut ws).await["event"], "done");
+
+    revoke_via_api(&server.url, &admin, "alice").await;
+    send(
+        &mut ws,
+        json!({"op": "chat", "session_id": session, "content": "again"}),
+    )
+    .await;
+    closed_as_revoked(&mut ws).await;
+    // The revoked key started nothing: the session has the first exchange only.
+    let messages: Value = client()
+        .get(format!("{}/api/sessions/{session}/messages", server.url))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        messages["data"].as_array().is_none_or(|m| m.len() <= 2),
+        "{messages}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_key_revoked_in_the_store_is_refused_on_subscribe_and_its_ws_tokens_with_it() {
+    let (_mock, server) = keyed_server().await;
+    let alice = api_key(&server, "alice", false).await;
+    let session = new_session(&server.url, &alice).await;
+    let token = ws_token(&server.url, &alice).await;
+    assert_eq!(ws_status_with_token(&server, &token).await, 101);
+    let mut ws = open_ws(&server, &alice).await;
+    send(&mut ws, json!({"op": "ping"})).await;
+    assert_eq!(next_json(&mut ws).await["op"], "pong");
+
+    // What `sluice keys revoke` does: straight to the store, no server told.
+    assert_eq!(server.state.store.revoke_api_key("alice").await.unwrap(), 1);
+    assert_eq!(ws_status_with_token(&server, &token).await, 401);
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "topic": format!("session:{session}")}),
+    )
+    .await;
+    closed_as_revoked(&mut ws).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_key_revoked_on_one_instance_is_refused_on_the_other() {
+    let dbase = db::fresh(Backend::Postgres).await;
+    let prefix = format!("sluice-access-{}", uuid::Uuid::new_v4().simple());
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.chat.auth = AuthMode::Required;
+    cfg.store = dbase.config.clone();
+    cfg.server.ws_token_secret = Some(Secret::new("a-secret-both-instances-share"));
+    cfg.redis = Some(RedisConfig {
+        url: Secret::new(redis_url()),
+        prefix,
+    });
+    let a = TestServer::start(cfg.clone()).await;
+    let b = TestServer::start(cfg).await;
+    let alice = api_key(&a, "alice", false).await;
+    let admin = api_key(&a, "ops", true).await;
+    let session = new_session(&b.url, &alice).await;
+    let mut ws = open_ws(&b, &alice).await;
+    send(
+        &mut ws,
+        json!({"op": "chat", "session_id": session, "content": "hi"}),
+    )
+    .await;
+    assert_eq!(until_final(&mut ws).await["event"], "done");
+    let token = ws_token(&a.url, &alice).await;
+    assert_eq!(ws_status_with_token(&b, &token).await, 101);
+
+    revoke_via_api(&a.url, &admin, "alice").await;
+    assert_eq!(ws_status_with_token(&b, &token).await, 401);
+    send(
+        &mut ws,
+        json!({"op": "chat", "session_id": session, "content": "again"}),
+    )
+    .await;
+    closed_as_revoked(&mut ws).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+async fn status_with_host(url: &str, host: &str, key: Option<&str>) -> (u16, Value) {
+    let mut req = client().get(url).header("host", host);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn without_keys_only_loopback_and_allowed_host_names_are_served() {
+    let mut cfg = base_config();
+    cfg.server.allowed_hosts = vec!["sluice.lan".into()];
+    let server = TestServer::start(cfg).await;
+    let port = server.url.rsplit(':').next().unwrap().to_owned();
+    let me = format!("{}/api/me", server.url);
+    for host in [
+        "attacker.example".to_owned(),
+        format!("attacker.example:{port}"),
+        format!("127.0.0.1.attacker.example:{port}"),
+        format!("localhost.attacker.example:{port}"),
+    ] {
+        let (status, body) = status_with_host(&me, &host, None).await;
+        assert_eq!(status, 403, "{host}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("SLUICE_ALLOWED_HOSTS"), "{message}");
+    }
+    let (status, _) = status_with_host(
+        &format!("{}/api/admin/cache/clear", server.url),
+        "attacker.example",
+        None,
+    )
+    .await;
+    assert_eq!(status, 403);
+    for host in [
+        format!("localhost:{port}"),
+        "localhost".to_owned(),
+        format!("app.localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("127.1.2.3:{port}"),
+        format!("[::1]:{port}"),
+        "[::1]".to_owned(),
+        format!("sluice.lan:{port}"),
+        "SLUICE.lan".to_owned(),
+    ] {
+        assert_eq!(status_with_host(&me, &host, None).await.0, 200, "{host}");
+    }
+    server.shutdown().await;
+
+    // Keys required: the key is what keeps other pages out, so any name is served.
+    let (_mock, server) = keyed_server().await;
+    let key = api_key(&server, "alice", false).await;
+    let me = format!("{}/api/me", server.url);
+    assert_eq!(
+        status_with_host(&me, "attacker.example", Some(&key))
+            .await
+            .0,
+        200
+    );
+    server.shutdown().await;
+}
+
+#[test]
+fn allowed_hosts_are_validated() {
+    let mut cfg = Config::default();
+    cfg.server.allowed_hosts = vec!["https://chat.example.com".into()];
+    assert!(cfg.validate().is_err());
+    cfg.server.allowed_hosts = vec!["chat.example.com:8080".into()];
+    assert!(cfg.validate().is_err());
+    cfg.server.allowed_hosts = vec!["chat.example.com".into(), "192.168.1.5".into()];
+    assert!(cfg.validate().is_ok());
+}
+
+async fn rate_limited_server() -> (sluice::mock::MockServer, TestServer) {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.chat.auth = AuthMode::Required;
+    cfg.guards.rate_api_per_min = 1;
+    cfg.guards.rate_burst = 5;
+    let server = TestServer::start(cfg).await;
+    (mock, server)
+}
+
+#[tokio::test]
+async fn a_flood_of_forged_keys_is_limited_by_address_and_spares_real_keys() {
+    let (_mock, server) = rate_limited_server().await;
+    let alice = api_key(&server, "alice", false).await;
+    let url = format!("{}/api/sessions", server.url);
+    // Alice's key is in use from the address the flood comes from.
+    let r = client().get(&url).bearer_auth(&alice).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut statuses = Vec::new();
+    for i in 0..12 {
+        let forged = if i % 2 == 0 {
+            format!(
+                "{}{}",
+                sluice::store::cli::KEY_PREFIX,
+                uuid::Uuid::new_v4().simple()
+            )
+        } else {
+            format!("forged-{}", uuid::Uuid::new_v4().simple())
+        };
+        let r = client().get(&url).bearer_auth(forged).send().await.unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    // The address's burst of 5 failures, then refused before any lookup.
+    assert_eq!(&statuses[..5], &[401; 5], "{statuses:?}");
+    assert!(statuses[5..].iter().all(|s| *s == 429), "{statuses:?}");
+    // Her key has a budget of its own, untouched by the failures.
+    for _ in 0..4 {
+        let r = client().get(&url).bearer_auth(&alice).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(
+        client()
+            .get(&url)
+            .bearer_auth(&alice)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        429,
+        "the key's own budget is spent after its burst"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_authorization_headers_are_refused_over_http_and_websocket() {
+    for limited in [false, true] {
+        let (_mock, server) = if limited {
+            rate_limited_server().await
+        } else {
+            keyed_server().await
+        };
+        let admin = api_key(&server, "ops", true).await;
+        let alice = api_key(&server, "alice", false).await;
+        for path in ["/api/admin/streams", "/api/sessions"] {
+            for (first, second) in [(&admin, &alice), (&alice, &admin)] {
+                let r = client()
+                    .get(format!("{}{path}", server.url))
+                    .header("authorization", format!("Bearer {first}"))
+                    .header("authorization", format!("Bearer {second}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 400, "{path} limited={limited}");
+                let body: Value = r.json().await.unwrap();
+                assert!(
+                    body["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("Authorization"),
+                    "{body}"
+                );
+            }
+        }
+        let mut req = ws_url(&server).into_client_request().unwrap();
+        req.headers_mut()
+            .append("authorization", format!("Bearer {admin}").parse().unwrap());
+        req.headers_mut()
+            .append("authorization", format!("Bearer {alice}").parse().unwrap());
+        match tokio_tungstenite::connect_async(req).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status(), 400)
+            }
+            other => panic!("expected 400, got {other:?}"),
+        }
+        server.shutdown().await;
+    }
+}
