@@ -159,6 +159,30 @@ async fn a_key_revoked_by_the_admin_api_is_refused_on_its_open_websocket() {
     assert_eq!(until_final(&mut ws).await["event"], "done");
 
     revoke_via_api(&server.url, &admin, "alice").await;
+    let keys: Value = client()
+        .get(format!("{}/api/admin/keys", server.url))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = keys["data"].as_array().unwrap();
+    let alices = listed.iter().find(|k| k["name"] == "alice").unwrap();
+    assert!(alices["revoked_at"].is_i64(), "{keys}");
+    assert!(
+        !keys.to_string().contains(&alice),
+        "the list never holds a key"
+    );
+    // Not twice: nothing active is left under that name.
+    let again = client()
+        .delete(format!("{}/api/admin/keys/alice", server.url))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 404);
     send(
         &mut ws,
         json!({"op": "chat", "session_id": session, "content": "again"}),
@@ -354,6 +378,15 @@ async fn a_flood_of_forged_keys_is_limited_by_address_and_spares_real_keys() {
     // The address's burst of 5 failures, then refused before any lookup.
     assert_eq!(&statuses[..5], &[401; 5], "{statuses:?}");
     assert!(statuses[5..].iter().all(|s| *s == 429), "{statuses:?}");
+    // The WebSocket upgrade counts the same failures.
+    let mut req = ws_url(&server).into_client_request().unwrap();
+    let forged = format!("Bearer {}forged", sluice::store::cli::KEY_PREFIX);
+    req.headers_mut()
+        .insert("authorization", forged.parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 429),
+        other => panic!("expected 429, got {other:?}"),
+    }
     // Her key has a budget of its own, untouched by the failures.
     for _ in 0..4 {
         let r = client().get(&url).bearer_auth(&alice).send().await.unwrap();
