@@ -528,7 +528,7 @@ async fn a_long_reply_is_joined_at_its_start_middle_and_end_exactly_once() {
     let mut all = Vec::new();
     while all.len() < 2_000 {
         let v = next_json(&mut chatter).await;
-        assert_eq!(v["event"] == "done", false, "the reply ended too soon");
+        assert_ne!(v["event"], "done", "the reply ended too soon");
         all.push(v);
     }
     let mut middle = e.connect().await;
