@@ -162,7 +162,8 @@ pub struct Upstreams {
 
 /// A generation that an upstream accepted, wrapped in the configured timeouts.
 pub struct Relay {
-    /// The provider that accepted the request (after any fallback).
+    /// The provider that accepted the request (after any fallback; from
+    /// [`Upstreams::open`], the first that accepted it).
     pub provider: String,
     /// The model name that provider was asked for.
     pub model: String,
