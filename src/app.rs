@@ -554,6 +554,13 @@ async fn serve_until_drained(
     let drain = state.config.server.drain;
     let generations = state.chat.tasks().clone();
     let workers = state.tasks.workers().clone();
+    // Quota counts of replies that ended last, sent in the background.
+    let flushes = state
+        .guards
+        .quota
+        .as_ref()
+        .map(|q| q.tasks().clone())
+        .unwrap_or_default();
     let closing = CancellationToken::new();
     let signal = {
         let (lifecycle, closing) = (lifecycle.clone(), closing.clone());
@@ -637,6 +644,7 @@ async fn serve_until_drained(
     // Connections and generations whose clients left both get the drain window.
     generations.close();
     workers.close();
+    flushes.close();
     let deadline = tokio::time::Instant::now() + drain;
     let mut served = None;
     let drained = async {
@@ -644,6 +652,7 @@ async fn serve_until_drained(
         served = Some(r);
         generations.wait().await;
         workers.wait().await;
+        flushes.wait().await;
     };
     if tokio::time::timeout_at(deadline, drained).await.is_ok() {
         tracing::info!("drained: every stream and generation finished");
@@ -661,6 +670,7 @@ async fn serve_until_drained(
         };
         generations.wait().await;
         workers.wait().await;
+        flushes.wait().await;
         r
     };
     match tokio::time::timeout(STOP_GRACE, finish).await {

@@ -245,7 +245,7 @@ pub struct ServeArgs {
         default_value_t = 60_000
     )]
     pub ws_idle_timeout_ms: u64,
-    /// Outgoing WebSocket frames queued per connection before it counts as not reading.
+    /// Outgoing WebSocket event frames queued per connection.
     #[arg(
         long,
         env = "SLUICE_WS_QUEUE",
@@ -253,6 +253,15 @@ pub struct ServeArgs {
         default_value_t = 1024
     )]
     pub ws_queue: usize,
+    /// A WebSocket client whose full queue takes no frame for this long counts as not
+    /// reading and is closed with 1008 (ms).
+    #[arg(
+        long,
+        env = "SLUICE_WS_SEND_TIMEOUT_MS",
+        value_name = "SLUICE_WS_SEND_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub ws_send_timeout_ms: u64,
     /// API keys: auto (off on a loopback address, required otherwise), required, off.
     #[arg(long, env = "SLUICE_AUTH", value_name = "SLUICE_AUTH", value_enum, default_value_t = AuthMode::Auto)]
     pub auth: AuthMode,
@@ -985,6 +994,7 @@ impl Config {
                     idle_timeout: Duration::from_millis(args.ws_idle_timeout_ms),
                     max_message: 64 * 1024,
                     queue: args.ws_queue,
+                    send_timeout: Duration::from_millis(args.ws_send_timeout_ms),
                 },
                 server_id: args.server_id.clone().unwrap_or_else(new_server_id),
                 drain: Duration::from_secs(args.drain_secs),
@@ -1124,6 +1134,12 @@ impl Config {
             return Err(ConfigError::new(
                 "SLUICE_WS_IDLE_TIMEOUT_MS",
                 "must be longer than SLUICE_WS_PING_MS (at least 10)",
+            ));
+        }
+        if s.ws.send_timeout < Duration::from_millis(10) {
+            return Err(ConfigError::new(
+                "SLUICE_WS_SEND_TIMEOUT_MS",
+                "must be at least 10",
             ));
         }
         if s.ws_token_secret

@@ -568,3 +568,211 @@ async fn cors_allows_listed_origins_only() {
     );
     server.shutdown().await;
 }
+
+/// Tokens counted against `key_id`'s quota in every window (a test may straddle a minute).
+async fn tokens_counted(prefix: &str, key_id: &str) -> u64 {
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:quota:{{{key_id}}}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut total = 0;
+    for k in keys {
+        let t: Option<u64> = redis::cmd("HGET")
+            .arg(&k)
+            .arg("t")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        total += t.unwrap_or(0);
+    }
+    total
+}
+
+/// Waits until the quota holds `want` tokens of `key_id`; fails with what it holds.
+async fn assert_counted(prefix: &str, key_id: &str, want: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = tokens_counted(prefix, key_id).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the quota counted {got} tokens, {want} were streamed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A keyed server with a token quota in Redis under its own prefix. Idle SSE streams are
+/// pinged often, so a client that went away is noticed quickly.
+async fn metered_server(mock: &MockServer) -> (TestServer, RedisPrefix, String, String) {
+    let prefix = RedisPrefix::new();
+    let mut cfg = keyed_config(mock);
+    cfg.redis = Some(RedisConfig {
+        url: Secret::new(redis_url()),
+        prefix: prefix.0.clone(),
+    });
+    cfg.guards.quota_tpm = 1_000_000;
+    cfg.server.ping_interval = Duration::from_millis(50);
+    let server = TestServer::start(cfg).await;
+    let (key, key_id) = new_key(&server.state, "alice").await;
+    (server, prefix, key, key_id)
+}
+
+/// 20 tokens (more than one metering batch, not a multiple of it), then a stall.
+const STREAMED: u64 = 20;
+
+#[tokio::test]
+async fn a_v1_stream_left_by_its_client_is_charged_every_token_it_streamed() {
+    use eventsource_stream::Eventsource;
+    use futures::StreamExt;
+    let mock = mock(MockConfig::default()).await;
+    let (server, prefix, key, key_id) = metered_server(&mock).await;
+    let resp = client()
+        .post(server.chat_url())
+        .bearer_auth(&key)
+        .json(&body(
+            true,
+            json!({"tokens": STREAMED * 2, "fault": "stall_mid"}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut events = resp.bytes_stream().eventsource();
+    let mut tokens = 0;
+    while tokens < STREAMED {
+        let ev = tokio::time::timeout(WAIT, events.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let v: Value = serde_json::from_str(&ev.data).unwrap();
+        if v["choices"][0]["delta"]["content"].is_string() {
+            tokens += 1;
+        }
+    }
+    drop(events);
+    assert_counted(&prefix.0, &key_id, STREAMED).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_v1_stream_cut_by_an_upstream_error_is_charged_every_token_it_streamed() {
+    let mock = mock(MockConfig::default()).await;
+    let (server, prefix, key, key_id) = metered_server(&mock).await;
+    let resp = client()
+        .post(server.chat_url())
+        .bearer_auth(&key)
+        .json(&body(
+            true,
+            json!({"tokens": STREAMED * 2, "fault": "error_chunk"}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    let out = read_stream(resp).await;
+    assert!(out.error.is_some(), "{out:?}");
+    assert_eq!(out.text, full_reply(STREAMED as usize));
+    assert_counted(&prefix.0, &key_id, STREAMED).await;
+    server.shutdown().await;
+}
+
+/// A session's reply, read over SSE until `STREAMED` tokens have come.
+async fn session_after_tokens(
+    server: &TestServer,
+    key: &str,
+) -> (String, impl futures::Stream<Item = Value> + Unpin + use<>) {
+    use eventsource_stream::Eventsource;
+    use futures::StreamExt;
+    let s: Value = client()
+        .post(format!("{}/api/sessions", server.url))
+        .bearer_auth(key)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = s["id"].as_str().unwrap().to_owned();
+    let resp = client()
+        .post(format!("{}/api/sessions/{sid}/messages", server.url))
+        .bearer_auth(key)
+        .header("accept", "text/event-stream")
+        .json(&json!({"content": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let mut events = Box::pin(resp.bytes_stream().eventsource().map(|ev| {
+        let ev = ev.unwrap();
+        json!({"event": ev.event, "data": serde_json::from_str::<Value>(&ev.data).unwrap()})
+    }));
+    let mut tokens = 0;
+    while tokens < STREAMED {
+        let v = tokio::time::timeout(WAIT, events.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(v["event"], "error", "{v}");
+        if v["event"] == "token" {
+            tokens += 1;
+        }
+    }
+    (sid, events)
+}
+
+#[tokio::test]
+async fn a_cancelled_session_generation_is_charged_every_token_it_streamed() {
+    use futures::StreamExt;
+    let mock = mock(MockConfig {
+        tokens: STREAMED as usize * 2,
+        fault: Some(sluice::mock::Fault::StallMid),
+        ..Default::default()
+    })
+    .await;
+    let (server, prefix, key, key_id) = metered_server(&mock).await;
+    let (sid, mut events) = session_after_tokens(&server, &key).await;
+    let r = client()
+        .post(format!("{}/api/sessions/{sid}/cancel", server.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let done = tokio::time::timeout(WAIT, events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done["data"]["finish_reason"], "cancelled", "{done}");
+    assert_counted(&prefix.0, &key_id, STREAMED).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_session_generation_cut_by_an_upstream_error_is_charged_every_token_it_streamed() {
+    use futures::StreamExt;
+    let mock = mock(MockConfig {
+        tokens: STREAMED as usize * 2,
+        fault: Some(sluice::mock::Fault::ErrorChunk),
+        ..Default::default()
+    })
+    .await;
+    let (server, prefix, key, key_id) = metered_server(&mock).await;
+    let (_, mut events) = session_after_tokens(&server, &key).await;
+    let end = tokio::time::timeout(WAIT, events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(end["event"], "error", "{end}");
+    assert_counted(&prefix.0, &key_id, STREAMED).await;
+    server.shutdown().await;
+}

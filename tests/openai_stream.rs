@@ -388,6 +388,45 @@ async fn fallback_to_the_next_provider_of_a_model() {
     server.shutdown().await;
 }
 
+/// The most common failure: the provider answers the request, then sends nothing. Past
+/// the first-token timeout the alias's next target answers, streamed or not.
+#[tokio::test]
+async fn a_target_that_stalls_before_its_first_token_falls_back_to_the_next() {
+    let stalled = mock(MockConfig {
+        fault: Some(sluice::mock::Fault::StallFirst),
+        ..Default::default()
+    })
+    .await;
+    let good = mock(MockConfig::default()).await;
+    let mut cfg = base_config();
+    cfg.upstream.timeouts.first_token = Duration::from_millis(300);
+    cfg.upstream.providers = vec![
+        sluice::config::ProviderConfig::openai("stalled", &stalled.url(), None),
+        sluice::config::ProviderConfig::openai("good", &good.url(), None),
+    ];
+    cfg.upstream.models = vec![sluice::config::ModelRoute {
+        name: "smart".into(),
+        targets: vec!["stalled:big".into(), "good:small".into()],
+    }];
+    let server = TestServer::start(cfg).await;
+    let mut b = body(true, json!({"tokens": 3}));
+    b["model"] = json!("smart");
+    let r = read_stream(post(&server.chat_url(), &b).await).await;
+    assert!(r.done, "{r:?}");
+    assert!(r.error.is_none(), "{r:?}");
+    assert_eq!(r.text, full_reply(3));
+    assert_eq!(r.chunks[0]["model"], "small");
+
+    b["stream"] = json!(false);
+    let resp = post(&server.chat_url(), &b).await;
+    assert_eq!(resp.status(), 200);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], full_reply(3));
+    assert_eq!(stalled.stats().chat_requests, 2);
+    assert_eq!(good.stats().chat_requests, 2);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn anthropic_stream_is_translated() {
     // Anthropic takes no unknown body fields, so the knobs are the mock's process defaults.

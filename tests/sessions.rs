@@ -48,7 +48,64 @@ both_backends!(
     a_reasoning_model_streams_its_thinking_before_the_answer,
     a_cancelled_reply_keeps_the_thinking_so_far,
     the_thinking_is_saved_while_it_streams,
+    an_agents_model_that_stalls_before_its_first_token_falls_back,
 );
+
+/// A server whose `slow-model` is served by a provider that accepts requests and then
+/// never sends a token; an agent on it falls back to `mock-model`.
+async fn stalling_agent_env(backend: Backend) -> (Env, MockServer) {
+    let stalled = mock(MockConfig {
+        fault: Some(Fault::StallFirst),
+        ..Default::default()
+    })
+    .await;
+    let e = env_with(
+        backend,
+        MockConfig {
+            tokens: 5,
+            ..Default::default()
+        },
+        |c| {
+            c.upstream.timeouts.first_token = Duration::from_millis(300);
+            let mut slow = ProviderConfig::openai("slow", &stalled.url(), None);
+            slow.models = vec!["slow-model".into()];
+            c.upstream.providers.insert(0, slow);
+        },
+    )
+    .await;
+    let admin = api_key(&e.server, "root", true).await;
+    let r = client()
+        .post(e.url("/api/agents"))
+        .bearer_auth(&admin)
+        .json(
+            &json!({"name": "stalling", "model": "slow-model", "fallback_models": ["mock-model"]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    (e, stalled)
+}
+
+async fn an_agents_model_that_stalls_before_its_first_token_falls_back(b: Backend) {
+    let (e, stalled) = stalling_agent_env(b).await;
+    let r = e
+        .req(reqwest::Method::POST, "/api/sessions")
+        .json(&json!({"agent": "stalling"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let s = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let events = read_until_final(e.chat(&s, "hi").await, 10_000).await;
+    assert_eq!(events.last().unwrap().event, "done", "{events:?}");
+    assert_eq!(text(&events), full_reply(5));
+    assert_eq!(stalled.stats().chat_requests, 1);
+    e.server.shutdown().await;
+}
 
 struct Env {
     mock: MockServer,

@@ -41,6 +41,7 @@ both_backends!(
     tasks_are_private,
     restart_completes_queued_tasks,
     a_reasoning_task_keeps_its_thinking_with_the_result,
+    a_task_whose_model_stalls_before_its_first_token_falls_back,
 );
 
 struct Env {
@@ -254,6 +255,52 @@ async fn a_finished_tasks_events_end_with_204_on_reconnect() {
     assert_eq!(rest.last().unwrap().0, *last_id);
     let again = e.task_events(&id, None).await;
     assert_eq!(again.last().unwrap().1, "succeeded");
+    e.server.shutdown().await;
+}
+
+/// An agent whose model's provider accepts the request and then never sends a token: past
+/// the first-token timeout, the task is answered by the agent's fallback model.
+async fn a_task_whose_model_stalls_before_its_first_token_falls_back(b: Backend) {
+    let stalled = mock(MockConfig {
+        fault: Some(Fault::StallFirst),
+        ..Default::default()
+    })
+    .await;
+    let e = env(
+        b,
+        MockConfig {
+            tokens: 5,
+            ..Default::default()
+        },
+        |c| {
+            c.upstream.timeouts.first_token = Duration::from_millis(300);
+            let mut slow = ProviderConfig::openai("slow", &stalled.url(), None);
+            slow.models = vec!["slow-model".into()];
+            c.upstream.providers.insert(0, slow);
+        },
+    )
+    .await;
+    let (s, v) = e
+        .call(
+            &e.admin,
+            reqwest::Method::POST,
+            "/api/agents",
+            Some(json!({"name": "stalling", "model": "slow-model", "fallback_models": ["mock-model"]})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = e
+        .call(
+            &e.user,
+            reqwest::Method::POST,
+            "/api/tasks?sync=true",
+            Some(json!({"agent": "stalling", "messages": [{"role": "user", "content": "hi"}]})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["status"], "succeeded", "{v}");
+    assert_eq!(v["result"], full_reply(5));
+    assert_eq!(stalled.stats().chat_requests, 1);
     e.server.shutdown().await;
 }
 

@@ -434,22 +434,9 @@ async fn a_peer_that_never_answers_pings_is_closed() {
     e.server.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_is_closed_and_others_are_unaffected() {
-    let e = env(
-        MockConfig {
-            tokens: 60_000,
-            ..Default::default()
-        },
-        |c| {
-            c.server.ws.queue = 64;
-            c.chat.replay_max_events = 200_000;
-        },
-    )
-    .await;
-    let s = e.new_session().await;
-    let topic = format!("session:{s}");
-    // A paused client with a small receive buffer: the socket fills fast.
+/// A client with a small receive buffer, which the test then does not read: the socket
+/// fills fast.
+async fn paused_client(e: &Env) -> Ws {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     let addr: std::net::SocketAddr = e.server.url.trim_start_matches("http://").parse().unwrap();
@@ -459,10 +446,29 @@ async fn a_client_that_stops_reading_is_closed_and_others_are_unaffected() {
         "authorization",
         format!("Bearer {}", e.key).parse().unwrap(),
     );
-    let (mut paused, _) =
-        tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(stream))
-            .await
-            .unwrap();
+    tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+        .await
+        .unwrap()
+        .0
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_and_others_are_unaffected() {
+    let e = env(
+        MockConfig {
+            tokens: 60_000,
+            ..Default::default()
+        },
+        |c| {
+            c.server.ws.queue = 64;
+            c.server.ws.send_timeout = Duration::from_millis(300);
+            c.chat.replay_max_events = 200_000;
+        },
+    )
+    .await;
+    let s = e.new_session().await;
+    let topic = format!("session:{s}");
+    let mut paused = paused_client(&e).await;
     send(&mut paused, json!({"op": "subscribe", "topic": topic})).await;
 
     let mut reader = e.connect().await;
@@ -471,7 +477,13 @@ async fn a_client_that_stops_reading_is_closed_and_others_are_unaffected() {
         json!({"op": "chat", "session_id": s, "content": "flood"}),
     )
     .await;
-    let events = events_until_final(&mut reader, &topic).await;
+    let mut events = Vec::new();
+    while events.len() < 10_000 {
+        events.push(next_json(&mut reader).await);
+    }
+    let mut late = paused_client(&e).await;
+    send(&mut late, json!({"op": "subscribe", "topic": topic})).await;
+    events.extend(events_until_final(&mut reader, &topic).await);
     assert_eq!(events.last().unwrap()["event"], "done");
     assert_eq!(text(&events).len(), full_reply(60_000).len());
 
@@ -479,7 +491,75 @@ async fn a_client_that_stops_reading_is_closed_and_others_are_unaffected() {
     let (code, reason) = close_code(&mut paused).await;
     assert_eq!(code, CloseCode::Policy);
     assert!(reason.contains("not reading"), "{reason}");
+    // So was the one that joined half-way, its backlog unread.
+    let (code, reason) = close_code(&mut late).await;
+    assert_eq!(code, CloseCode::Policy);
+    assert!(reason.contains("not reading"), "{reason}");
     drop(e.mock);
+    e.server.shutdown().await;
+}
+
+/// Far more events than a connection's queue holds, whenever a client joins: from the
+/// start, half-way through (the running reply is shown from its start), after the end
+/// (resuming from its first event and from its middle). A client reading at full speed gets
+/// every event once, in order, and is never taken for one that stopped reading.
+#[tokio::test]
+async fn a_long_reply_is_joined_at_its_start_middle_and_end_exactly_once() {
+    const TOKENS: usize = 5_000;
+    let e = env(
+        MockConfig {
+            tokens: TOKENS,
+            token_delay: Duration::from_millis(1),
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let s = e.new_session().await;
+    let topic = format!("session:{s}");
+    let mut at_start = e.connect().await;
+    send(&mut at_start, json!({"op": "subscribe", "topic": topic})).await;
+    let mut chatter = e.connect().await;
+    send(
+        &mut chatter,
+        json!({"op": "chat", "session_id": s, "content": "a long one"}),
+    )
+    .await;
+    let mut all = Vec::new();
+    while all.len() < 2_000 {
+        let v = next_json(&mut chatter).await;
+        assert_ne!(v["event"], "done", "the reply ended too soon");
+        all.push(v);
+    }
+    let mut middle = e.connect().await;
+    send(&mut middle, json!({"op": "subscribe", "topic": topic})).await;
+    all.extend(events_until_final(&mut chatter, &topic).await);
+    assert_eq!(all.last().unwrap()["event"], "done");
+    assert_eq!(text(&all), full_reply(TOKENS));
+
+    let mut after_end = e.connect().await;
+    let first = all[0]["id"].as_str().unwrap();
+    send(
+        &mut after_end,
+        json!({"op": "subscribe", "topic": topic, "last_event_id": first}),
+    )
+    .await;
+    let half = all.len() / 2;
+    let mut from_half = e.connect().await;
+    let cut = all[half]["id"].as_str().unwrap();
+    send(
+        &mut from_half,
+        json!({"op": "subscribe", "topic": topic, "last_event_id": cut}),
+    )
+    .await;
+
+    assert_eq!(events_until_final(&mut at_start, &topic).await, all);
+    assert_eq!(events_until_final(&mut middle, &topic).await, all);
+    assert_eq!(events_until_final(&mut after_end, &topic).await, all[1..]);
+    assert_eq!(
+        events_until_final(&mut from_half, &topic).await,
+        all[half + 1..]
+    );
     e.server.shutdown().await;
 }
 

@@ -15,6 +15,10 @@ use serde::{Deserialize, Serialize};
 #[async_trait::async_trait]
 pub trait TokenMeter: Send + Sync {
     async fn add_tokens(&self, key_id: &str, n: u64);
+
+    /// [`add_tokens`](Self::add_tokens) from where nothing can wait (a reply dropped
+    /// mid-stream): the count is sent in the background.
+    fn add_tokens_later(self: std::sync::Arc<Self>, key_id: String, n: u64);
 }
 
 /// How many tokens are counted at once: often enough to stop a runaway stream, rarely

@@ -679,11 +679,11 @@ impl GenerationDeps {
         out.provider = relay.provider.clone();
         let mut events = relay.events;
         let mut finish = FinishReason::Stop;
-        let meter = match (&self.meter, &g.caller.key_id) {
-            (Some(m), Some(k)) => Some((m.clone(), k.clone())),
+        // Charged as the reply streams; what is left is charged however the reply ends.
+        let mut tally = match (&self.meter, &g.caller.key_id) {
+            (Some(m), Some(k)) => Some(crate::guard::quota::Tally::new(m.clone(), k.clone())),
             _ => None,
         };
-        let mut unmetered = 0u64;
         let mut checkpoint =
             tokio::time::interval_at(tokio::time::Instant::now() + SAVE_EVERY, SAVE_EVERY);
         checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -715,12 +715,8 @@ impl GenerationDeps {
                             g.channel.publish_json(EventKind::Token, &TextData { text: t });
                             out.reply.text.push_str(t);
                         }
-                        if chunk.is_token() {
-                            unmetered += 1;
-                            if let Some((m, k)) = meter.as_ref().filter(|_| unmetered >= super::METER_EVERY) {
-                                m.add_tokens(k, unmetered).await;
-                                unmetered = 0;
-                            }
+                        if let Some(t) = tally.as_mut().filter(|_| chunk.is_token()) {
+                            t.token().await;
                         }
                         if let Some(u) = chunk.usage() {
                             out.usage = Some(u);
@@ -734,8 +730,8 @@ impl GenerationDeps {
                         return out;
                     }
                     None => {
-                        if let Some((m, k)) = meter.as_ref().filter(|_| unmetered > 0) {
-                            m.add_tokens(k, unmetered).await;
+                        if let Some(t) = &mut tally {
+                            t.flush().await;
                         }
                         out.ending = Ending::Complete(finish);
                         return out;

@@ -10,10 +10,14 @@
 //! default) requests pass and a warning is logged at most every 10 s; otherwise they are
 //! refused with 503 `quota_unavailable`.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::ConnectionManager;
+use tokio_util::task::TaskTracker;
+
+use crate::chat::{METER_EVERY, TokenMeter};
 
 use crate::config::GuardConfig;
 use crate::error::ApiError;
@@ -104,6 +108,8 @@ pub struct Quota {
     /// SHA-256 of a bearer token → the key's id (`None`: no such key), so the middleware
     /// can count a key before the handler looks it up, without a store query per request.
     key_ids: moka::future::Cache<[u8; 32], Option<String>>,
+    /// Counts sent in the background (the rest of a dropped reply), waited for at shutdown.
+    flushes: TaskTracker,
 }
 
 impl Quota {
@@ -139,7 +145,13 @@ impl Quota {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(60))
                 .build(),
+            flushes: TaskTracker::new(),
         })
+    }
+
+    /// The background counts still being sent; each ends within the Redis wait.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.flushes
     }
 
     /// The id of the key whose token hashes to `hash`, cached for a minute. `None` for an
@@ -241,8 +253,65 @@ impl Quota {
 }
 
 #[async_trait::async_trait]
-impl crate::chat::TokenMeter for Quota {
+impl TokenMeter for Quota {
     async fn add_tokens(&self, key_id: &str, n: u64) {
         Quota::add_tokens(self, key_id, n).await
+    }
+
+    fn add_tokens_later(self: Arc<Self>, key_id: String, n: u64) {
+        if self.tpm == 0 || n == 0 {
+            return;
+        }
+        let tracker = self.flushes.clone();
+        tracker.spawn(async move { self.add_tokens(&key_id, n).await });
+    }
+}
+
+/// The tokens one reply has streamed and its key has not been charged for yet. They are
+/// counted a batch at a time as the reply streams, and whatever is left when the tally is
+/// dropped — the reply completed, failed, was cancelled or lost its client — is counted
+/// then, so every streamed token is charged.
+pub struct Tally {
+    meter: Arc<dyn TokenMeter>,
+    key_id: String,
+    unmetered: u64,
+}
+
+impl Tally {
+    pub fn new(meter: Arc<dyn TokenMeter>, key_id: String) -> Self {
+        Self {
+            meter,
+            key_id,
+            unmetered: 0,
+        }
+    }
+
+    /// One more token streamed: a full batch is counted before the reply goes on, so a
+    /// runaway reply is stopped on time.
+    pub async fn token(&mut self) {
+        self.unmetered += 1;
+        if self.unmetered >= METER_EVERY {
+            self.flush().await;
+        }
+    }
+
+    /// Counts what is left now, rather than in the background at drop.
+    pub async fn flush(&mut self) {
+        let n = self.unmetered;
+        if n > 0 {
+            self.meter.add_tokens(&self.key_id, n).await;
+            // After the count: a reply dropped while it is sent still charges these at drop.
+            self.unmetered -= n;
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        if self.unmetered > 0 {
+            self.meter
+                .clone()
+                .add_tokens_later(std::mem::take(&mut self.key_id), self.unmetered);
+        }
     }
 }

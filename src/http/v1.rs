@@ -169,7 +169,9 @@ fn record(relay: Relay, cache: std::sync::Arc<dyn ResponseCache>, key: String) -
     }
 }
 
-/// Counts the reply's tokens against the key's tokens-per-minute quota as they stream.
+/// Counts the reply's tokens against the key's tokens-per-minute quota as they stream. The
+/// tally goes with the stream: a client that leaves, or an upstream error that ends the
+/// reply, still charges every token already relayed.
 fn metered(
     relay: Relay,
     meter: std::sync::Arc<crate::guard::quota::Quota>,
@@ -180,22 +182,16 @@ fn metered(
         model,
         events,
     } = relay;
+    let mut tally = crate::guard::quota::Tally::new(meter, key_id);
     let events = Box::pin(async_stream::stream! {
         let mut events = events;
-        let mut unmetered = 0u64;
         while let Some(ev) = futures::StreamExt::next(&mut events).await {
             if ev.as_ref().is_ok_and(|c| c.is_token()) {
-                unmetered += 1;
-                if unmetered >= crate::chat::METER_EVERY {
-                    meter.add_tokens(&key_id, unmetered).await;
-                    unmetered = 0;
-                }
+                tally.token().await;
             }
             yield ev;
         }
-        if unmetered > 0 {
-            meter.add_tokens(&key_id, unmetered).await;
-        }
+        tally.flush().await;
     });
     Relay {
         provider,

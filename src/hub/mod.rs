@@ -263,30 +263,41 @@ impl Channel {
             if log.finished_at.is_some() {
                 return None;
             }
-            let seq = log.next_seq;
-            log.next_seq += 1;
-            log.events.push_back(Event::encode_with(
-                &self.generation_id,
-                seq,
-                kind,
-                data_len,
-                write,
-            ));
-            if log.events.len() > self.capacity {
-                log.events.pop_front();
-                log.first_seq += 1;
-            }
-            if kind.is_final() {
-                log.finished_at = Some(Instant::now());
-            }
-            // Thinking is part of the reply the model produces, so it counts as tokens too.
-            if matches!(kind, EventKind::Token | EventKind::Reasoning) {
-                self.tokens.fetch_add(1, Ordering::Relaxed);
-            }
-            seq
+            self.push(&mut log, kind, data_len, write)
         };
         self.notify.send_replace(seq);
         Some(seq)
+    }
+
+    /// Appends the next event to a log the caller holds locked (and not finished).
+    fn push(
+        &self,
+        log: &mut Log,
+        kind: EventKind,
+        data_len: usize,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) -> u64 {
+        let seq = log.next_seq;
+        log.next_seq += 1;
+        log.events.push_back(Event::encode_with(
+            &self.generation_id,
+            seq,
+            kind,
+            data_len,
+            write,
+        ));
+        if log.events.len() > self.capacity {
+            log.events.pop_front();
+            log.first_seq += 1;
+        }
+        if kind.is_final() {
+            log.finished_at = Some(Instant::now());
+        }
+        // Thinking is part of the reply the model produces, so it counts as tokens too.
+        if matches!(kind, EventKind::Token | EventKind::Reasoning) {
+            self.tokens.fetch_add(1, Ordering::Relaxed);
+        }
+        seq
     }
 
     /// Sequence number the next event will get.
@@ -297,9 +308,11 @@ impl Channel {
     /// Appends an event produced elsewhere with its own sequence number (a remote copy).
     /// Events already held are ignored, so redelivery is harmless; one past a gap is
     /// refused, and the caller fetches the missing ones first.
+    /// The check and the append share one lock: the bus applies from concurrent tasks, and
+    /// two of them must not both find `seq` missing and append it twice.
     pub fn apply(&self, seq: u64, kind: EventKind, data: &[u8]) -> Applied {
         {
-            let log = self.log.read();
+            let mut log = self.log.write();
             if seq < log.next_seq || log.finished_at.is_some() {
                 return Applied::Duplicate;
             }
@@ -308,11 +321,12 @@ impl Channel {
                     expected: log.next_seq,
                 };
             }
+            self.push(&mut log, kind, data.len(), |buf| {
+                buf.extend_from_slice(data)
+            });
         }
-        match self.publish(kind, data) {
-            Some(_) => Applied::Appended,
-            None => Applied::Duplicate,
-        }
+        self.notify.send_replace(seq);
+        Applied::Appended
     }
 
     /// Publishes a JSON-serialisable payload.
@@ -857,6 +871,60 @@ mod tests {
             &batch[0].sse[..],
             b"id: g3.1\nevent: reasoning\ndata: {\"text\":\"hm\"}\n\n"
         );
+    }
+
+    /// The cluster bus applies one generation's events from several tasks at once: each
+    /// sequence number must land once, under its own number, whoever applies it first.
+    #[test]
+    fn concurrent_applies_append_each_event_exactly_once() {
+        const EVENTS: u64 = 20_000;
+        const THREADS: usize = 4;
+        let hub = Hub::new(100_000, Duration::from_secs(60));
+        // A race shows only now and then: several rounds make the test fail reliably.
+        for round in 0..10 {
+            applies_race(
+                &hub.mirror(&format!("g{round}"), "s", "u", 0),
+                EVENTS,
+                THREADS,
+            );
+        }
+    }
+
+    /// `threads` threads apply seqs `0..events` to `ch`, each all of them, in order.
+    fn applies_race(ch: &Arc<Channel>, events: u64, threads: usize) {
+        let start = std::sync::Barrier::new(threads);
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    start.wait();
+                    for seq in 0..events {
+                        let data = format!("{{\"text\":\"{seq}\"}}");
+                        // A gap means another thread has not applied `seq - 1` yet.
+                        while let Applied::Gap { .. } =
+                            ch.apply(seq, EventKind::Token, data.as_bytes())
+                        {
+                            std::hint::spin_loop();
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(ch.next_seq(), events);
+        assert_eq!(ch.tokens(), events);
+        let (mut sub, mut batch, mut seen) = (ch.subscribe(None), Vec::new(), 0);
+        while sub.now_batch(&mut batch) {
+            for e in &batch {
+                assert_eq!(e.seq, seen);
+                let data = format!("{{\"text\":\"{seen}\"}}");
+                assert_eq!(
+                    &e.data()[..],
+                    data.as_bytes(),
+                    "event {seen} holds another's payload"
+                );
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, events);
     }
 
     #[tokio::test]

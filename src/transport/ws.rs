@@ -5,10 +5,12 @@
 //! feeds as SSE: a topic's events are the SSE events, reframed as
 //! `{"topic","id","event","data"}`.
 //!
-//! Backpressure: every outgoing frame goes through one bounded queue drained by a writer
-//! task. A client that stops reading blocks the writer; the queue fills; the connection is
-//! closed with a reason. Nothing is buffered beyond the queue, and other connections are
-//! not affected.
+//! Backpressure: outgoing frames go through bounded queues drained by a writer task. A
+//! topic's events are read from the hub's replay log only as fast as the client takes them,
+//! so a backlog of any length costs no more than the queue. A client that stops reading
+//! blocks the writer; the queue stays full; once it has taken no frame for `send_timeout`
+//! the connection is closed with a reason. Nothing is buffered beyond the queues, and other
+//! connections are not affected.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,8 +37,10 @@ pub struct WsSettings {
     pub idle_timeout: Duration,
     /// Largest text message accepted; larger closes with 1009.
     pub max_message: usize,
-    /// Outgoing frames queued per connection before it counts as not reading.
+    /// Event frames queued per connection; the feeds wait for room.
     pub queue: usize,
+    /// A client whose queue stays full this long, taking no frame, is not reading.
+    pub send_timeout: Duration,
 }
 
 impl Default for WsSettings {
@@ -46,6 +50,7 @@ impl Default for WsSettings {
             idle_timeout: Duration::from_secs(60),
             max_message: 64 * 1024,
             queue: 1024,
+            send_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -177,13 +182,23 @@ where
     W::Error: Send,
     R: Stream<Item = Result<Message, E>> + Unpin + Send,
 {
-    let (out, out_rx) = mpsc::channel::<Message>(ctx.settings.queue.max(8));
+    // Replies to the client's ops and pings have their own small queue, ahead of the
+    // events: a feed keeps the event queue full while a backlog is read.
+    let (out, out_rx) = mpsc::channel::<Message>(CONTROL_QUEUE);
+    let (events, events_rx) = mpsc::channel::<Message>(ctx.settings.queue.max(8));
     // `Some(frame)`: send our close; `None`: flush the echo of the client's.
     let (close_tx, close_rx) = oneshot::channel::<Option<Message>>();
     // A close frame may wait behind frames a paused client has not read yet; it gets as
     // long as an idle peer would, so a client that resumes reading learns why it was cut.
     let grace = ctx.settings.idle_timeout;
-    let mut writer = tokio::spawn(write_loop(write, out_rx, close_rx, grace, ctx.stop.clone()));
+    let mut writer = tokio::spawn(write_loop(
+        write,
+        out_rx,
+        events_rx,
+        close_rx,
+        grace,
+        ctx.stop.clone(),
+    ));
     // Tripped by anyone who finds the queue full.
     let overflow = CancellationToken::new();
     // Tripped when the connection's key turns out to be revoked.
@@ -191,6 +206,7 @@ where
     let mut conn = Conn {
         ctx: &ctx,
         out: out.clone(),
+        events,
         overflow: overflow.clone(),
         revoked: revoked.clone(),
         topics: HashMap::new(),
@@ -275,6 +291,7 @@ where
 async fn write_loop<W>(
     mut write: W,
     mut rx: mpsc::Receiver<Message>,
+    mut events: mpsc::Receiver<Message>,
     mut close: oneshot::Receiver<Option<Message>>,
     grace: Duration,
     stop: CancellationToken,
@@ -285,7 +302,13 @@ async fn write_loop<W>(
         tokio::select! {
             biased;
             request = &mut close => break request.ok(),
-            msg = rx.recv() => {
+            msg = async {
+                tokio::select! {
+                    biased;
+                    m = rx.recv() => m,
+                    m = events.recv() => m,
+                }
+            } => {
                 let Some(msg) = msg else { break None };
                 tokio::select! {
                     biased;
@@ -315,9 +338,15 @@ async fn write_loop<W>(
     }
 }
 
+/// Frames of the connection's own (pongs, pings, errors) queued before it counts as not
+/// reading.
+const CONTROL_QUEUE: usize = 64;
+
 struct Conn<'a> {
     ctx: &'a WsContext,
     out: mpsc::Sender<Message>,
+    /// The topics' events.
+    events: mpsc::Sender<Message>,
     overflow: CancellationToken,
     revoked: CancellationToken,
     topics: HashMap<String, AbortHandle>,
@@ -479,10 +508,13 @@ impl Conn<'_> {
         }
     }
 
-    /// Relays a feed's events to the queue until the feed ends or the queue is full.
+    /// Relays a feed's events to the queue until the feed ends or the client stops reading.
+    /// The feed is read only as the queue makes room, so a long backlog streams from the
+    /// replay log at the client's pace.
     fn forward<F: EventFeed + 'static>(&mut self, topic: String, mut feed: F) {
-        let out = self.out.clone();
+        let out = self.events.clone();
         let overflow = self.overflow.clone();
+        let send_timeout = self.ctx.settings.send_timeout;
         let topic_json = serde_json::to_vec(&topic).unwrap_or_default();
         let t = topic.clone();
         let handle = self.forwarders.spawn(async move {
@@ -491,10 +523,22 @@ impl Conn<'_> {
                 match feed.next_batch(&mut batch).await {
                     Ok(()) => {
                         for e in batch.drain(..) {
-                            if out.try_send(event_frame(&topic_json, &e)).is_err() {
-                                overflow.cancel();
-                                return;
-                            }
+                            let room = match out.try_reserve() {
+                                Ok(room) => room,
+                                Err(mpsc::error::TrySendError::Full(())) => {
+                                    match tokio::time::timeout(send_timeout, out.reserve()).await {
+                                        Ok(Ok(room)) => room,
+                                        // The connection is ending.
+                                        Ok(Err(_)) => return,
+                                        Err(_) => {
+                                            overflow.cancel();
+                                            return;
+                                        }
+                                    }
+                                }
+                                Err(mpsc::error::TrySendError::Closed(())) => return,
+                            };
+                            room.send(event_frame(&topic_json, &e));
                         }
                     }
                     Err(End::Finished) => return,

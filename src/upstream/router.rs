@@ -162,7 +162,8 @@ pub struct Upstreams {
 
 /// A generation that an upstream accepted, wrapped in the configured timeouts.
 pub struct Relay {
-    /// The provider that accepted the request (after any fallback).
+    /// The provider that accepted the request (after any fallback; from
+    /// [`Upstreams::open`], the first that accepted it).
     pub provider: String,
     /// The model name that provider was asked for.
     pub model: String,
@@ -382,11 +383,31 @@ impl Upstreams {
     }
 
     /// Starts a generation: walks the model's chain, retrying each provider on connect
-    /// errors, 429 and 5xx with backoff, and returns the first stream an upstream accepts.
-    /// Once this returns, nothing is retried: the caller may already have sent tokens.
-    pub async fn open(&self, req: &ChatRequest) -> Result<Relay, UpstreamError> {
+    /// errors, 429 and 5xx with backoff, and returns as soon as an upstream accepts the
+    /// request, so the caller can start its response (and keep it alive) while the first
+    /// token is awaited. Until that token, any failure — a first-token timeout included —
+    /// moves on to the chain's next target inside the returned stream; from it on, nothing
+    /// is retried: the caller may already have sent tokens. `provider` and `model` name the
+    /// target that accepted first.
+    pub async fn open(self: &Arc<Self>, req: &ChatRequest) -> Result<Relay, UpstreamError> {
         let chain = self.resolve(&req.model)?;
-        self.open_chain(req, &chain).await
+        let deadline = Instant::now() + self.timeouts.total;
+        let first = self.accept(req, &chain, 0, None, deadline).await?;
+        let (provider, model) = (first.provider.clone(), first.model.clone());
+        let (this, req) = (self.clone(), req.clone());
+        let starting = async move {
+            let (served, head) = this.to_first_token(&req, &chain, first, deadline).await?;
+            Ok((head, served.events))
+        };
+        Ok(Relay {
+            provider,
+            model,
+            events: Box::pin(FirstToken {
+                starting: Some(Box::pin(starting)),
+                head: Vec::new().into_iter(),
+                rest: None,
+            }),
+        })
     }
 
     /// The chain of an agent: its model (on its provider, when it names one), then each of
@@ -412,16 +433,69 @@ impl Upstreams {
         Ok(chain)
     }
 
-    /// [`Upstreams::open`] over an explicit chain.
+    /// Starts a generation over an explicit chain and waits for its first token: every
+    /// failure before it (a first-token timeout included) moves on to the chain's next
+    /// target, so the relay returned names the target that is answering.
     pub async fn open_chain(
         &self,
         req: &ChatRequest,
         chain: &[Target],
     ) -> Result<Relay, UpstreamError> {
-        let started = Instant::now();
-        let total_deadline = started + self.timeouts.total;
-        let mut last_err = None;
-        for target in chain {
+        let deadline = Instant::now() + self.timeouts.total;
+        let first = self.accept(req, chain, 0, None, deadline).await?;
+        let (served, head) = self.to_first_token(req, chain, first, deadline).await?;
+        let events = if head.is_empty() {
+            served.events
+        } else {
+            Box::pin(FirstToken {
+                starting: None,
+                head: head.into_iter(),
+                rest: Some(served.events),
+            })
+        };
+        Ok(Relay {
+            provider: served.provider,
+            model: served.model,
+            events,
+        })
+    }
+
+    /// Reads an accepted target's stream up to its first token (or its end), falling back
+    /// along the chain while targets fail before it. Returns the target that got there and
+    /// what it sent before the token (a role chunk, say) with the token itself.
+    async fn to_first_token(
+        &self,
+        req: &ChatRequest,
+        chain: &[Target],
+        mut current: Accepted,
+        total_deadline: Instant,
+    ) -> Result<(Accepted, Vec<Chunk>), UpstreamError> {
+        loop {
+            match first_token(&mut current.events).await {
+                Ok(head) => return Ok((current, head)),
+                Err(err) if err.may_fall_back() => {
+                    tracing::warn!(provider = %current.provider, model = %current.model, error = %err, "upstream failed before the first token; falling back");
+                    current = self
+                        .accept(req, chain, current.index + 1, Some(err), total_deadline)
+                        .await?;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// The first target of `chain[from..]` that accepts the request (response head
+    /// received), wrapped in the timeouts; the total one counts from the generation's
+    /// start, fallbacks included. `last_err` is what is reported when none accepts.
+    async fn accept(
+        &self,
+        req: &ChatRequest,
+        chain: &[Target],
+        from: usize,
+        mut last_err: Option<UpstreamError>,
+        total_deadline: Instant,
+    ) -> Result<Accepted, UpstreamError> {
+        for (index, target) in chain.iter().enumerate().skip(from) {
             let model = target.model.as_deref().unwrap_or(&req.model);
             let name = target.provider.name();
             let Some(limits) = self.limits.get(name).cloned() else {
@@ -458,9 +532,10 @@ impl Upstreams {
                 Ok((events, attempt_start)) => {
                     limits.breaker.success();
                     let first_deadline = attempt_start + self.timeouts.first_token;
-                    return Ok(Relay {
+                    return Ok(Accepted {
                         provider: target.provider.name().to_owned(),
                         model: model.to_owned(),
+                        index,
                         events: Box::pin(
                             Guarded::new(
                                 events,
@@ -540,6 +615,69 @@ impl Upstreams {
             tracing::info!(provider = provider.name(), attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying upstream");
             tokio::time::sleep(delay).await;
             attempt += 1;
+        }
+    }
+}
+
+/// A target that accepted a request, its stream not yet past the first token.
+struct Accepted {
+    provider: String,
+    model: String,
+    /// Its place in the chain: a fallback goes on from the next one.
+    index: usize,
+    events: EventStream,
+}
+
+/// Reads `events` up to and including the first token (or a finish), or to its end.
+async fn first_token(events: &mut EventStream) -> Result<Vec<Chunk>, UpstreamError> {
+    let mut head = Vec::new();
+    while let Some(event) = events.next().await {
+        let chunk = event?;
+        let started = chunk.is_token() || chunk.finish().is_some();
+        head.push(chunk);
+        if started {
+            break;
+        }
+    }
+    Ok(head)
+}
+
+type Starting =
+    Pin<Box<dyn Future<Output = Result<(Vec<Chunk>, EventStream), UpstreamError>> + Send>>;
+
+/// A generation's stream around its first token: `starting` reaches it (falling back
+/// along the chain), then what came up to it is handed out, then the rest is passed
+/// through untouched, one check per event.
+struct FirstToken {
+    starting: Option<Starting>,
+    head: std::vec::IntoIter<Chunk>,
+    rest: Option<EventStream>,
+}
+
+impl Stream for FirstToken {
+    type Item = Result<Chunk, UpstreamError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(starting) = &mut self.starting {
+            match starting.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok((head, rest))) => {
+                    self.starting = None;
+                    self.head = head.into_iter();
+                    self.rest = Some(rest);
+                }
+                Poll::Ready(Err(err)) => {
+                    self.starting = None;
+                    return Poll::Ready(Some(Err(err)));
+                }
+            }
+        }
+        if let Some(chunk) = self.head.next() {
+            return Poll::Ready(Some(Ok(chunk)));
+        }
+        match &mut self.rest {
+            Some(rest) => rest.poll_next_unpin(cx),
+            None => Poll::Ready(None),
         }
     }
 }
