@@ -21,7 +21,6 @@ use crate::chat::{METER_EVERY, TokenMeter};
 
 use crate::config::GuardConfig;
 use crate::error::ApiError;
-use crate::store::Store;
 
 /// Checks (`mode` "req") or adds tokens to (`mode` "tok") one key's current window.
 /// Returns `{verdict, seconds left in the window}`; verdict 0 = allowed, 1 = over the
@@ -105,9 +104,6 @@ pub struct Quota {
     fail_open: bool,
     /// Milliseconds since the epoch of the last "unreachable" warning.
     last_warning: AtomicU64,
-    /// SHA-256 of a bearer token → the key's id (`None`: no such key), so the middleware
-    /// can count a key before the handler looks it up, without a store query per request.
-    key_ids: moka::future::Cache<[u8; 32], Option<String>>,
     /// Counts sent in the background (the rest of a dropped reply), waited for at shutdown.
     flushes: TaskTracker,
 }
@@ -141,10 +137,6 @@ impl Quota {
             tpm: cfg.quota_tpm,
             fail_open: cfg.quota_fail_open,
             last_warning: AtomicU64::new(0),
-            key_ids: moka::future::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(Duration::from_secs(60))
-                .build(),
             flushes: TaskTracker::new(),
         })
     }
@@ -152,22 +144,6 @@ impl Quota {
     /// The background counts still being sent; each ends within the Redis wait.
     pub fn tasks(&self) -> &TaskTracker {
         &self.flushes
-    }
-
-    /// The id of the key whose token hashes to `hash`, cached for a minute. `None` for an
-    /// unknown key (the handler answers 401) or when the store cannot say (it answers 503).
-    pub async fn key_id(&self, hash: &[u8; 32], store: &dyn Store) -> Option<String> {
-        self.key_ids
-            .try_get_with(*hash, async {
-                store
-                    .find_api_key(hash)
-                    .await
-                    .map(|k| k.map(|k| k.id))
-                    .map_err(|e| e.to_string())
-            })
-            .await
-            .ok()
-            .flatten()
     }
 
     fn key(&self, key_id: &str) -> String {
