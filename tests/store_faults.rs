@@ -11,8 +11,20 @@ use std::time::{Duration, Instant};
 
 use common::db::{Backend, TestDb, fresh};
 use common::proxy::Proxy;
-use sluice::config::Secret;
-use sluice::store::{Store, StoreError};
+use common::{TestServer, api_key, client, config_for, mock};
+use serde_json::{Value, json};
+use sluice::chat::Role;
+use sluice::config::{AuthMode, Secret};
+use sluice::mock::MockConfig;
+use sluice::store::{
+    Agent, KnowledgeDoc, MessageStatus, MessageUpdate, Store, StoreError, StoredMessage, Task,
+    TaskStatus, UsageRecord, new_id, now_millis,
+};
+
+crate::backend_tests!(
+    nul_in_any_stored_text_becomes_the_replacement_character,
+    client_text_with_nul_is_refused_naming_the_field,
+);
 
 /// A PostgreSQL store of a fresh schema, reached through a proxy the test controls.
 async fn pg_behind_proxy(
@@ -135,4 +147,275 @@ async fn a_refusing_database_fails_fast_and_recovers_by_itself() {
     let took = recovers_within(store.as_ref(), Duration::from_secs(5)).await;
     assert!(took < Duration::from_secs(4), "{took:?}");
     store.list_agents().await.unwrap();
+}
+
+const NUL_TEXT: &str = "a\0b";
+const CLEANED: &str = "a\u{FFFD}b";
+
+/// Text with NUL never fails a write, on either backend, and reads back the same on both:
+/// each NUL as U+FFFD.
+async fn nul_in_any_stored_text_becomes_the_replacement_character(backend: Backend) {
+    let db = fresh(backend).await;
+    let store = sluice::store::open(&db.config).await.unwrap();
+    let user = store.ensure_user(NUL_TEXT).await.unwrap();
+    assert_eq!(user.name, CLEANED);
+    let key = store
+        .create_api_key(&user.id, NUL_TEXT, &[7; 32], "sk-x", false)
+        .await
+        .unwrap();
+    assert_eq!(store.list_api_keys().await.unwrap()[0].name, CLEANED);
+    assert_eq!(store.revoke_api_key(NUL_TEXT).await.unwrap(), 1, "{key:?}");
+
+    let session = store
+        .create_session(&user.id, None, Some(NUL_TEXT))
+        .await
+        .unwrap();
+    let got = store
+        .get_session(&user.id, &session.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.title.as_deref(), Some(CLEANED));
+    let renamed = store
+        .update_session_title(&user.id, &session.id, Some("r\0"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(renamed.title.as_deref(), Some("r\u{FFFD}"));
+    assert!(
+        store
+            .get_session(&user.id, "no\0such")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let now = now_millis();
+    let m = StoredMessage {
+        id: new_id(),
+        session_id: session.id.clone(),
+        role: Role::Assistant,
+        content: NUL_TEXT.into(),
+        reasoning: Some(NUL_TEXT.into()),
+        status: MessageStatus::Streaming,
+        generation_id: Some(new_id()),
+        model: Some(NUL_TEXT.into()),
+        prompt_tokens: None,
+        completion_tokens: None,
+        error: None,
+        created_at: now,
+        updated_at: now,
+    };
+    store.insert_message(&m).await.unwrap();
+    let stored = &store.list_messages(&session.id).await.unwrap()[0];
+    assert_eq!(stored.content, CLEANED);
+    assert_eq!(stored.reasoning.as_deref(), Some(CLEANED));
+    // A provider's reply is the usual source: it cannot be refused, only stored.
+    store
+        .update_message(
+            &m.id,
+            &MessageUpdate {
+                content: "reply\0".into(),
+                reasoning: Some("think\0".into()),
+                status: MessageStatus::Failed,
+                prompt_tokens: Some(1),
+                completion_tokens: Some(2),
+                error: Some("err\0".into()),
+            },
+        )
+        .await
+        .unwrap();
+    let stored = &store.list_messages(&session.id).await.unwrap()[0];
+    assert_eq!(stored.content, "reply\u{FFFD}");
+    assert_eq!(stored.reasoning.as_deref(), Some("think\u{FFFD}"));
+    assert_eq!(stored.error.as_deref(), Some("err\u{FFFD}"));
+
+    store
+        .record_usage(&UsageRecord {
+            user_id: user.id.clone(),
+            key_id: None,
+            session_id: Some(session.id.clone()),
+            provider: NUL_TEXT.into(),
+            model: NUL_TEXT.into(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            reasoning_tokens: 0,
+            created_at: now,
+        })
+        .await
+        .unwrap();
+
+    let agent = Agent {
+        id: new_id(),
+        name: NUL_TEXT.into(),
+        provider: None,
+        model: NUL_TEXT.into(),
+        system_prompt: Some(NUL_TEXT.into()),
+        temperature: None,
+        max_tokens: None,
+        fallback_models: vec![NUL_TEXT.into()],
+        knowledge: false,
+        is_active: true,
+        created_at: now,
+        updated_at: now,
+    };
+    store.create_agent(&agent).await.unwrap();
+    let a = store.get_agent(NUL_TEXT).await.unwrap().unwrap();
+    assert_eq!(a.name, CLEANED);
+    assert_eq!(a.system_prompt.as_deref(), Some(CLEANED));
+    assert_eq!(a.fallback_models, vec![CLEANED.to_owned()]);
+
+    store
+        .add_knowledge(&KnowledgeDoc {
+            id: new_id(),
+            title: NUL_TEXT.into(),
+            content: "body\0 text".into(),
+            tags: vec![NUL_TEXT.into()],
+            created_at: now,
+        })
+        .await
+        .unwrap();
+    store.search_knowledge("body\0", 5).await.unwrap();
+
+    let task = Task {
+        id: new_id(),
+        user_id: user.id.clone(),
+        key_id: None,
+        agent: NUL_TEXT.into(),
+        scene: None,
+        input: "{\"messages\":[]}\0".into(),
+        status: TaskStatus::Queued,
+        result: None,
+        reasoning: None,
+        error: None,
+        progress_tokens: 0,
+        created_at: now,
+        started_at: None,
+        finished_at: None,
+    };
+    store.create_task(&task).await.unwrap();
+    store.claim_task(&task.id, now).await.unwrap().unwrap();
+    assert!(
+        store
+            .finish_task(
+                &task.id,
+                TaskStatus::Succeeded,
+                Some(NUL_TEXT),
+                Some(NUL_TEXT),
+                None,
+                now
+            )
+            .await
+            .unwrap()
+    );
+    let t = store.get_task(None, &task.id).await.unwrap().unwrap();
+    assert_eq!(t.result.as_deref(), Some(CLEANED));
+    assert_eq!(t.reasoning.as_deref(), Some(CLEANED));
+    assert_eq!(t.agent, CLEANED);
+}
+
+/// Text a client sends with NUL is refused with a 422 that names the field, on every path
+/// that stores it, on both backends alike.
+async fn client_text_with_nul_is_refused_naming_the_field(backend: Backend) {
+    let db = fresh(backend).await;
+    let m = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&m);
+    cfg.store = db.config.clone();
+    cfg.chat.auth = AuthMode::Required;
+    cfg.chat.default_model = "mock-model".into();
+    let server = TestServer::start(cfg).await;
+    let key = api_key(&server, "admin", true).await;
+    let send = |method: reqwest::Method, path: &str, body: Value| {
+        client()
+            .request(method, format!("{}{path}", server.url))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+    };
+    let refused = |r: reqwest::Response, field: &'static str| async move {
+        assert_eq!(r.status(), 422, "{field}");
+        let v: Value = r.json().await.unwrap();
+        let msg = v["error"]["message"].as_str().unwrap().to_owned();
+        assert!(msg.starts_with(&format!("{field}: ")), "{field}: {v}");
+        assert!(msg.contains("NUL"), "{v}");
+    };
+    use reqwest::Method;
+    refused(
+        send(Method::POST, "/api/sessions", json!({"title": "a\0b"}))
+            .await
+            .unwrap(),
+        "title",
+    )
+    .await;
+    let r = send(Method::POST, "/api/sessions", json!({"title": "ok"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    refused(
+        send(
+            Method::PATCH,
+            &format!("/api/sessions/{id}"),
+            json!({"title": "\0"}),
+        )
+        .await
+        .unwrap(),
+        "title",
+    )
+    .await;
+    refused(
+        send(
+            Method::POST,
+            &format!("/api/sessions/{id}/messages"),
+            json!({"content": "hi\0"}),
+        )
+        .await
+        .unwrap(),
+        "content",
+    )
+    .await;
+    refused(
+        send(
+            Method::POST,
+            "/api/tasks",
+            json!({"messages": [{"role": "user", "content": "x\0"}]}),
+        )
+        .await
+        .unwrap(),
+        "messages[0].content",
+    )
+    .await;
+    refused(
+        send(
+            Method::POST,
+            "/api/agents",
+            json!({"name": "n", "model": "mock-model", "system_prompt": "p\0"}),
+        )
+        .await
+        .unwrap(),
+        "system_prompt",
+    )
+    .await;
+    // A literal backslash-u in text is not a NUL, and is stored as sent.
+    let r = send(
+        Method::PATCH,
+        &format!("/api/sessions/{id}"),
+        json!({"title": "\\u0000"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["title"], "\\u0000");
+    // Nothing with a NUL got in, and nothing failed with a 500.
+    let r = client()
+        .get(format!("{}/api/sessions/{id}/messages", server.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    server.shutdown().await;
 }

@@ -107,6 +107,7 @@ fn is_json(value: Option<&header::HeaderValue>) -> bool {
 }
 
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    refuse_nul(body)?;
     // The path-tracking pass costs about 3 % of a short request's CPU; a body that parses
     // needs no path, so it is only run to explain a body that does not.
     if let Ok(value) = serde_json::from_slice(body) {
@@ -128,6 +129,56 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     de.end()
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
     Ok(value)
+}
+
+/// Client text with NUL (U+0000) is refused, naming the field, rather than stored altered:
+/// PostgreSQL cannot hold it and the client can resend. JSON can carry NUL only as the
+/// escape `\u0000`, so bodies without one skip the walk.
+fn refuse_nul(body: &[u8]) -> Result<(), ApiError> {
+    if !body.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+        return Ok(());
+    }
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Ok(());
+    };
+    let mut path = String::new();
+    if nul_at(&value, &mut path) {
+        let field = if path.is_empty() { "." } else { path.as_str() };
+        return Err(ApiError::Unprocessable(format!(
+            "{field}: must not contain NUL (\\u0000)"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `v` holds a NUL in a string or a key; `path` is then where, as `a.b[0].c`.
+fn nul_at(v: &serde_json::Value, path: &mut String) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().enumerate().any(|(i, item)| {
+            let len = path.len();
+            path.push_str(&format!("[{i}]"));
+            let found = nul_at(item, path);
+            if !found {
+                path.truncate(len);
+            }
+            found
+        }),
+        Value::Object(map) => map.iter().any(|(k, item)| {
+            let len = path.len();
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(k);
+            let found = k.contains('\0') || nul_at(item, path);
+            if !found {
+                path.truncate(len);
+            }
+            found
+        }),
+        _ => false,
+    }
 }
 
 #[cfg(test)]
