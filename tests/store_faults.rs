@@ -419,3 +419,150 @@ async fn client_text_with_nul_is_refused_naming_the_field(backend: Backend) {
     assert_eq!(r.status(), 200);
     server.shutdown().await;
 }
+
+const REPLY_TOKENS: usize = 30;
+
+/// A server on PostgreSQL behind `proxy`, its mock upstream streaming a reply of
+/// `REPLY_TOKENS` over about 1.5 s, and a data dir that outlives it.
+async fn chat_server(
+    db: &TestDb,
+    proxy: &Proxy,
+    data_dir: &std::path::Path,
+) -> (TestServer, String) {
+    let m = mock(MockConfig {
+        tokens: REPLY_TOKENS,
+        token_delay: Duration::from_millis(50),
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = config_for(&m);
+    cfg.store = db.config.clone();
+    cfg.store.database_url = Some(Secret::new(
+        db.database_url()
+            .unwrap()
+            .replace("127.0.0.1:5432", &proxy.addr.to_string()),
+    ));
+    cfg.store.data_dir = data_dir.to_owned();
+    cfg.store.acquire_timeout = Duration::from_millis(500);
+    cfg.store.breaker_open = Duration::from_millis(300);
+    cfg.server.drain = Duration::from_millis(300);
+    cfg.chat.auth = AuthMode::Required;
+    cfg.chat.default_model = "mock-model".into();
+    let server = TestServer::start(cfg).await;
+    // The mock lives as long as the process; the server holds its URL only.
+    std::mem::forget(m);
+    let key = api_key(&server, "alice", false).await;
+    (server, key)
+}
+
+/// Starts a reply, cuts the database off after its first tokens, and reads the reply to
+/// its end; the assistant message id.
+async fn reply_while_the_database_goes_away(
+    server: &TestServer,
+    key: &str,
+    proxy: &mut Proxy,
+) -> (String, String) {
+    use eventsource_stream::Eventsource;
+    use futures::StreamExt;
+    let r = client()
+        .post(format!("{}/api/sessions", server.url))
+        .bearer_auth(key)
+        .json(&json!({"title": "t"}))
+        .send()
+        .await
+        .unwrap();
+    let session = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = client()
+        .post(format!("{}/api/sessions/{session}/messages", server.url))
+        .bearer_auth(key)
+        .header("accept", "text/event-stream")
+        .json(&json!({"content": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut events = r.bytes_stream().eventsource();
+    let mut message_id = None;
+    let mut tokens = 0;
+    let mut ending = None;
+    while let Some(ev) = tokio::time::timeout(common::WAIT, events.next())
+        .await
+        .unwrap()
+    {
+        let ev = ev.unwrap();
+        let data: Value = serde_json::from_str(&ev.data).unwrap_or_default();
+        match ev.event.as_str() {
+            "start" => message_id = data["message_id"].as_str().map(str::to_owned),
+            "token" => {
+                tokens += 1;
+                if tokens == 3 {
+                    proxy.stop();
+                }
+            }
+            "done" | "error" | "interrupted" => {
+                ending = Some(ev.event.clone());
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(ending.as_deref(), Some("done"));
+    assert_eq!(tokens, REPLY_TOKENS);
+    (session, message_id.unwrap())
+}
+
+/// Polls the store (directly, not through the proxy) until the message is final.
+async fn stored_reply(db: &TestDb, session: &str, limit: Duration) -> sluice::store::StoredMessage {
+    let store = sluice::store::open(&db.config).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let msgs = store.list_messages(session).await.unwrap();
+        if let Some(m) = msgs.iter().find(|m| m.role == Role::Assistant)
+            && m.status != MessageStatus::Streaming
+            && m.status != MessageStatus::Interrupted
+        {
+            return m.clone();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "the reply was not stored in {limit:?}: {msgs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_that_ends_while_the_database_is_away_is_stored_when_it_is_back() {
+    let db = fresh(Backend::Postgres).await;
+    let mut proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let data = tempfile::tempdir().unwrap();
+    let (server, key) = chat_server(&db, &proxy, data.path()).await;
+    let (session, message_id) = reply_while_the_database_goes_away(&server, &key, &mut proxy).await;
+    proxy.resume().await;
+    let m = stored_reply(&db, &session, Duration::from_secs(8)).await;
+    assert_eq!(m.id, message_id);
+    assert_eq!(m.status, MessageStatus::Complete);
+    assert_eq!(m.content, sluice::mock::full_reply(REPLY_TOKENS));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_not_stored_before_shutdown_is_stored_by_the_next_start() {
+    let db = fresh(Backend::Postgres).await;
+    let mut proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let data = tempfile::tempdir().unwrap();
+    let (server, key) = chat_server(&db, &proxy, data.path()).await;
+    let (session, message_id) = reply_while_the_database_goes_away(&server, &key, &mut proxy).await;
+    // The process stops while the database is still away.
+    server.shutdown().await;
+    proxy.resume().await;
+    let (server, _) = chat_server(&db, &proxy, data.path()).await;
+    let m = stored_reply(&db, &session, Duration::from_secs(2)).await;
+    assert_eq!(m.id, message_id);
+    assert_eq!(m.status, MessageStatus::Complete);
+    assert_eq!(m.content, sluice::mock::full_reply(REPLY_TOKENS));
+    server.shutdown().await;
+}

@@ -11,6 +11,7 @@ use crate::config::StoreConfig;
 
 pub mod cli;
 mod codec;
+pub mod finals;
 pub mod postgres;
 pub mod sqlite;
 pub mod text;
