@@ -214,6 +214,7 @@ impl AppState {
                 workers: config.tasks.workers,
                 server_id: config.server.server_id.clone(),
                 shared: config.redis.is_some(),
+                data_dir: config.store.data_dir.clone(),
             },
             lifecycle.drain_token(),
             lifecycle.stop_token(),

@@ -566,3 +566,67 @@ async fn a_reply_not_stored_before_shutdown_is_stored_by_the_next_start() {
     assert_eq!(m.content, sluice::mock::full_reply(REPLY_TOKENS));
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_ends_while_the_database_is_away_keeps_its_result() {
+    use eventsource_stream::Eventsource;
+    use futures::StreamExt;
+    let db = fresh(Backend::Postgres).await;
+    let mut proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let data = tempfile::tempdir().unwrap();
+    let (server, key) = chat_server(&db, &proxy, data.path()).await;
+    let r = client()
+        .post(format!("{}/api/tasks", server.url))
+        .bearer_auth(&key)
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = client()
+        .get(format!("{}/api/tasks/{id}/events", server.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut events = r.bytes_stream().eventsource();
+    let mut last = None;
+    while let Some(ev) = tokio::time::timeout(common::WAIT, events.next())
+        .await
+        .expect("the task's events stalled")
+    {
+        let ev = ev.unwrap();
+        match ev.event.as_str() {
+            // Part-way through the reply: the database goes away until it has ended.
+            "progress" => proxy.stop(),
+            "succeeded" | "failed" | "cancelled" => {
+                last = Some(ev.event);
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(last.as_deref(), Some("succeeded"));
+    proxy.resume().await;
+    let store = sluice::store::open(&db.config).await.unwrap();
+    let start = Instant::now();
+    let task = loop {
+        let t = store.get_task(None, &id).await.unwrap().unwrap();
+        if t.status.is_final() {
+            break t;
+        }
+        assert!(start.elapsed() < Duration::from_secs(8), "{t:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(task.status, TaskStatus::Succeeded);
+    assert_eq!(
+        task.result.as_deref(),
+        Some(sluice::mock::full_reply(REPLY_TOKENS).as_str())
+    );
+    server.shutdown().await;
+}

@@ -1,11 +1,12 @@
-//! The last write of a reply, kept until the store has it.
+//! The last write of a reply or a task, kept until the store has it.
 //!
-//! A reply's final state and text are written once, when it ends. If the store cannot take
-//! that write, it goes first to a spill file (`<data dir>/spill/<message id>.json`), then
-//! is retried in the background with backoff; the file is removed once the store has it.
-//! A process that stops before then (shutdown, retries used up, a crash) leaves the file,
-//! and the next start applies it before anything else reads the store, so the message gets
-//! its final state and full text instead of staying `streaming` or `interrupted`.
+//! A reply's (or task's) final state and text are written once, when it ends. If the store
+//! cannot take that write, it goes first to a spill file (`<data dir>/spill/<id>.json`),
+//! then is retried in the background with backoff; the file is removed once the store has
+//! it. A process that stops before then (shutdown, retries used up, a crash) leaves the
+//! file, and the next start applies it before anything else reads the store, so the message
+//! gets its final state and full text instead of staying `streaming` or `interrupted`, and
+//! the task its result instead of running again.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,34 +16,90 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{MessageStatus, MessageUpdate, Store, StoreError};
+use super::{MessageStatus, MessageUpdate, Millis, Store, StoreError, TaskStatus};
 
 /// Retries of one final write before it is left to the next start: about two minutes.
 const ATTEMPTS: u32 = 30;
 const FIRST_DELAY: Duration = Duration::from_millis(200);
 const MAX_DELAY: Duration = Duration::from_secs(5);
 
-/// A spill file's content.
-#[derive(Debug, Serialize, Deserialize)]
-struct Spilled {
-    message_id: String,
-    content: String,
-    reasoning: Option<String>,
-    status: MessageStatus,
-    prompt_tokens: Option<i64>,
-    completion_tokens: Option<i64>,
-    error: Option<String>,
+/// A final write, as a spill file holds it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum Final {
+    Message {
+        message_id: String,
+        content: String,
+        reasoning: Option<String>,
+        status: MessageStatus,
+        prompt_tokens: Option<i64>,
+        completion_tokens: Option<i64>,
+        error: Option<String>,
+    },
+    Task {
+        task_id: String,
+        status: TaskStatus,
+        result: Option<String>,
+        reasoning: Option<String>,
+        error: Option<String>,
+        finished_at: Millis,
+    },
 }
 
-impl Spilled {
-    fn update(&self) -> MessageUpdate {
-        MessageUpdate {
-            content: self.content.clone(),
-            reasoning: self.reasoning.clone(),
-            status: self.status,
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens: self.completion_tokens,
-            error: self.error.clone(),
+impl Final {
+    fn id(&self) -> &str {
+        match self {
+            Self::Message { message_id, .. } => message_id,
+            Self::Task { task_id, .. } => task_id,
+        }
+    }
+
+    /// Applies it; `Ok(false)` when there was nothing left to write (a deleted message, a
+    /// task already final).
+    async fn apply(&self, store: &dyn Store) -> Result<bool, StoreError> {
+        match self {
+            Self::Message {
+                message_id,
+                content,
+                reasoning,
+                status,
+                prompt_tokens,
+                completion_tokens,
+                error,
+            } => {
+                let update = MessageUpdate {
+                    content: content.clone(),
+                    reasoning: reasoning.clone(),
+                    status: *status,
+                    prompt_tokens: *prompt_tokens,
+                    completion_tokens: *completion_tokens,
+                    error: error.clone(),
+                };
+                match store.update_message(message_id, &update).await {
+                    Ok(()) => Ok(true),
+                    Err(StoreError::NotFound(_)) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
+            Self::Task {
+                task_id,
+                status,
+                result,
+                reasoning,
+                error,
+                finished_at,
+            } => {
+                store
+                    .finish_task(
+                        task_id,
+                        *status,
+                        result.as_deref(),
+                        reasoning.as_deref(),
+                        error.as_deref(),
+                        *finished_at,
+                    )
+                    .await
+            }
         }
     }
 }
@@ -71,15 +128,7 @@ impl FinalWrites {
         tasks: &TaskTracker,
         stop: &CancellationToken,
     ) -> bool {
-        let e = match self.store.update_message(id, &update).await {
-            Ok(()) => return true,
-            Err(e) => e,
-        };
-        if !matches!(e, StoreError::Unavailable(_)) {
-            tracing::error!(message_id = %id, error = %e, "cannot store the reply");
-            return false;
-        }
-        let spilled = Spilled {
+        let f = Final::Message {
             message_id: id.to_owned(),
             content: update.content,
             reasoning: update.reasoning,
@@ -88,44 +137,87 @@ impl FinalWrites {
             completion_tokens: update.completion_tokens,
             error: update.error,
         };
-        let path = match self.spill(&spilled).await {
+        match self.save(f, tasks, stop).await {
+            Ok(Some(_)) => true,
+            Ok(None) => false,
+            Err(e) => {
+                tracing::error!(message_id = %id, error = %e, "cannot store the reply");
+                false
+            }
+        }
+    }
+
+    /// `finish_task`, kept and retried like [`Self::save_message`] while the store is
+    /// unreachable: `Ok(Some(finished))` when stored now, `Ok(None)` when kept for later.
+    #[allow(clippy::too_many_arguments)] // the fields of `finish_task`, and where to retry
+    pub async fn finish_task(
+        self: &Arc<Self>,
+        id: &str,
+        status: TaskStatus,
+        result: Option<&str>,
+        reasoning: Option<&str>,
+        error: Option<&str>,
+        now: Millis,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> Result<Option<bool>, StoreError> {
+        let f = Final::Task {
+            task_id: id.to_owned(),
+            status,
+            result: result.map(str::to_owned),
+            reasoning: reasoning.map(str::to_owned),
+            error: error.map(str::to_owned),
+            finished_at: now,
+        };
+        self.save(f, tasks, stop).await
+    }
+
+    async fn save(
+        self: &Arc<Self>,
+        f: Final,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> Result<Option<bool>, StoreError> {
+        let e = match f.apply(self.store.as_ref()).await {
+            Ok(done) => return Ok(Some(done)),
+            Err(e @ StoreError::Unavailable(_)) => e,
+            Err(e) => return Err(e),
+        };
+        let path = match self.spill(&f).await {
             Ok(p) => Some(p),
             Err(err) => {
-                tracing::error!(message_id = %id, error = %err, "cannot spill the reply; retrying in memory only");
+                tracing::error!(id = %f.id(), error = %err, "cannot spill a final write; retrying in memory only");
                 None
             }
         };
-        tracing::warn!(message_id = %id, error = %e, "store unavailable; the reply is kept and its save retried");
+        tracing::warn!(id = %f.id(), error = %e, "store unavailable; the final write is kept and retried");
         let this = self.clone();
         let stop = stop.clone();
-        tasks.spawn(async move { this.retry(spilled, path, stop).await });
-        false
+        tasks.spawn(async move { this.retry(f, path, stop).await });
+        Ok(None)
     }
 
-    async fn retry(&self, s: Spilled, path: Option<PathBuf>, stop: CancellationToken) {
-        let update = s.update();
+    async fn retry(&self, f: Final, path: Option<PathBuf>, stop: CancellationToken) {
         let mut delay = FIRST_DELAY;
         for _ in 0..ATTEMPTS {
             let stopping = tokio::select! {
                 _ = stop.cancelled() => true,
                 _ = tokio::time::sleep(delay) => false,
             };
-            match self.store.update_message(&s.message_id, &update).await {
-                Ok(()) => {
-                    tracing::info!(message_id = %s.message_id, "the reply kept while the store was down is stored");
+            match f.apply(self.store.as_ref()).await {
+                Ok(_) => {
+                    tracing::info!(id = %f.id(), "a final write kept while the store was away is stored");
                     return remove(path).await;
                 }
-                // Gone with its session: nothing left to write.
-                Err(StoreError::NotFound(_)) => return remove(path).await,
-                Err(e) if stopping => {
-                    tracing::warn!(message_id = %s.message_id, error = %e, "stopping before the reply was stored; the next start stores it");
+                Err(e) if stopping || !matches!(e, StoreError::Unavailable(_)) => {
+                    tracing::warn!(id = %f.id(), error = %e, "final write not stored; the next start stores it");
                     return;
                 }
                 Err(_) => {}
             }
             delay = (delay * 2).min(MAX_DELAY);
         }
-        tracing::error!(message_id = %s.message_id, "the store stayed down; the next start stores the reply");
+        tracing::error!(id = %f.id(), "the store stayed away; the next start stores the final write");
     }
 
     /// Applies the spill files a stopped process left; how many were stored. Run at start,
@@ -149,14 +241,12 @@ impl FinalWrites {
             let text = tokio::fs::read(&path)
                 .await
                 .map_err(|e| spill_error(&path, e))?;
-            let Ok(s) = serde_json::from_slice::<Spilled>(&text) else {
+            let Ok(f) = serde_json::from_slice::<Final>(&text) else {
                 tracing::warn!(path = %path.display(), "unreadable spill file left as it is");
                 continue;
             };
-            match self.store.update_message(&s.message_id, &s.update()).await {
-                Ok(()) => stored += 1,
-                Err(StoreError::NotFound(_)) => {}
-                Err(e) => return Err(e),
+            if f.apply(self.store.as_ref()).await? {
+                stored += 1;
             }
             remove(Some(path)).await;
         }
@@ -164,15 +254,16 @@ impl FinalWrites {
     }
 
     /// Written to a temporary name and renamed, so a crash mid-write leaves no torn file.
-    async fn spill(&self, s: &Spilled) -> std::io::Result<PathBuf> {
+    async fn spill(&self, f: &Final) -> std::io::Result<PathBuf> {
         tokio::fs::create_dir_all(&self.dir).await?;
-        // Message ids are ours (hex); anything else would not be a safe file name.
-        if !s.message_id.chars().all(|c| c.is_ascii_alphanumeric()) {
-            return Err(std::io::Error::other("message id is not a file name"));
+        // Ids are ours (hex); anything else would not be a safe file name.
+        let id = f.id();
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(std::io::Error::other("id is not a file name"));
         }
-        let path = self.dir.join(format!("{}.json", s.message_id));
-        let tmp = self.dir.join(format!("{}.tmp", s.message_id));
-        tokio::fs::write(&tmp, serde_json::to_vec(s)?).await?;
+        let path = self.dir.join(format!("{id}.json"));
+        let tmp = self.dir.join(format!("{id}.tmp"));
+        tokio::fs::write(&tmp, serde_json::to_vec(f)?).await?;
         tokio::fs::rename(&tmp, &path).await?;
         Ok(path)
     }
