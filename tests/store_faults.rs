@@ -630,3 +630,40 @@ async fn a_task_that_ends_while_the_database_is_away_keeps_its_result() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_get_their_503_in_milliseconds_while_the_database_is_down() {
+    let db = fresh(Backend::Postgres).await;
+    let mut proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let data = tempfile::tempdir().unwrap();
+    let (server, key) = chat_server(&db, &proxy, data.path()).await;
+    let list = || {
+        client()
+            .get(format!("{}/api/sessions", server.url))
+            .bearer_auth(&key)
+            .send()
+    };
+    assert_eq!(list().await.unwrap().status(), 200);
+    proxy.stop();
+    // The first request finds the database down.
+    assert_eq!(list().await.unwrap().status(), 503);
+    for _ in 0..10 {
+        let start = Instant::now();
+        let r = list().await.unwrap();
+        assert_eq!(r.status(), 503);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
+        assert!(
+            start.elapsed() < Duration::from_millis(200),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+    proxy.resume().await;
+    let start = Instant::now();
+    while list().await.unwrap().status() != 200 {
+        assert!(start.elapsed() < Duration::from_secs(5), "no recovery");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.shutdown().await;
+}
