@@ -213,6 +213,21 @@ mod tests {
     }
 
     #[test]
+    fn nul_in_any_string_is_422_naming_where() {
+        let e = parse::<T>(br#"{"a":1,"b":[{"c":"x"},{"c":"y\u0000"}]}"#).unwrap_err();
+        assert_eq!(e.status(), 422);
+        assert!(
+            e.to_string().starts_with("b[1].c: must not contain NUL"),
+            "{e}"
+        );
+        // Also in a field the schema ignores, and in a key.
+        let e = parse::<T>(br#"{"a":1,"b":[],"extra":{"k\u0000":1}}"#).unwrap_err();
+        assert!(e.to_string().starts_with("extra.k"), "{e}");
+        // An escaped backslash before `u0000` is text, not NUL.
+        assert!(parse::<T>(br#"{"a":1,"b":[{"c":"\\u0000"}]}"#).is_ok());
+    }
+
+    #[test]
     fn content_types() {
         for ok in [
             "application/json",
