@@ -106,6 +106,18 @@ impl AppState {
             .await;
         let upstreams = Arc::new(upstreams);
         let store = store::open(&config.store).await?;
+        // Final writes a stopped process could not store go in before anything else.
+        let finals = Arc::new(store::finals::FinalWrites::new(
+            store.clone(),
+            &config.store.data_dir,
+        ));
+        let repaired = finals.repair().await?;
+        if repaired > 0 {
+            tracing::info!(
+                messages = repaired,
+                "replies kept while the store was away are stored"
+            );
+        }
         if store.backend() == "sqlite" || config.redis.is_none() {
             // Without the bus there is no other instance to share generations with: this
             // process was their only producer, so nothing still streams. (With it, leases
@@ -176,6 +188,7 @@ impl AppState {
             streams: streams.clone(),
             meter: quota.clone().map(|q| q as Arc<dyn crate::chat::TokenMeter>),
             bus: bus.clone(),
+            finals,
         }));
         let (queue, recover): (Arc<dyn TaskQueue>, bool) = match &config.redis {
             Some(r) => (
@@ -201,6 +214,7 @@ impl AppState {
                 workers: config.tasks.workers,
                 server_id: config.server.server_id.clone(),
                 shared: config.redis.is_some(),
+                data_dir: config.store.data_dir.clone(),
             },
             lifecycle.drain_token(),
             lifecycle.stop_token(),

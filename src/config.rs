@@ -542,6 +542,24 @@ pub struct ServeArgs {
         default_value_t = 1_800
     )]
     pub db_max_lifetime_secs: u64,
+    /// Longest a PostgreSQL statement may take, answer included (ms); the connection of one
+    /// that takes longer is dropped, so a hung database cannot hold the pool.
+    #[arg(
+        long,
+        env = "SLUICE_DB_QUERY_TIMEOUT_MS",
+        value_name = "SLUICE_DB_QUERY_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub db_query_timeout_ms: u64,
+    /// After the database is found down, requests fail at once for this long (ms) before one
+    /// tries it again.
+    #[arg(
+        long,
+        env = "SLUICE_DB_BREAKER_OPEN_MS",
+        value_name = "SLUICE_DB_BREAKER_OPEN_MS",
+        default_value_t = 2_000
+    )]
+    pub db_breaker_open_ms: u64,
     /// Demo provider: delay before its first token (ms).
     #[arg(
         long,
@@ -708,6 +726,11 @@ pub struct StoreConfig {
     pub pool_size: u32,
     pub acquire_timeout: Duration,
     pub max_lifetime: Duration,
+    /// Longest a PostgreSQL statement may take, answer included; a connection that
+    /// exceeds it is dropped, as it may be hung.
+    pub query_timeout: Duration,
+    /// How long the store fails fast after it was found down, before a trial.
+    pub breaker_open: Duration,
 }
 
 impl Default for StoreConfig {
@@ -718,6 +741,8 @@ impl Default for StoreConfig {
             pool_size: 16,
             acquire_timeout: Duration::from_secs(5),
             max_lifetime: Duration::from_secs(1800),
+            query_timeout: Duration::from_secs(30),
+            breaker_open: Duration::from_secs(2),
         }
     }
 }
@@ -730,6 +755,8 @@ impl StoreConfig {
             pool_size: args.db_pool_size,
             acquire_timeout: Duration::from_millis(args.db_acquire_timeout_ms),
             max_lifetime: Duration::from_secs(args.db_max_lifetime_secs),
+            query_timeout: Duration::from_millis(args.db_query_timeout_ms),
+            breaker_open: Duration::from_millis(args.db_breaker_open_ms),
         }
     }
 }
@@ -1199,6 +1226,14 @@ impl Config {
                 "SLUICE_DB_POOL_SIZE",
                 "must be at least 1",
             ));
+        }
+        for (name, d) in [
+            ("SLUICE_DB_QUERY_TIMEOUT_MS", self.store.query_timeout),
+            ("SLUICE_DB_BREAKER_OPEN_MS", self.store.breaker_open),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::new(name, "must be greater than 0"));
+            }
         }
         let u = &self.upstream;
         for (name, d) in [

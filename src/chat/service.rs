@@ -19,6 +19,7 @@ use super::{ChatRequest, FinishReason, Message, Role, Usage};
 use crate::cluster::Bus;
 use crate::guard::streams::{Limit, StreamLimits, StreamPermit};
 use crate::hub::{Channel, EventId, EventKind, Hub, SessionFeed};
+use crate::store::finals::FinalWrites;
 use crate::store::{
     MessageStatus, MessageUpdate, Session, SessionCursor, Store, StoreError, StoredMessage,
     UsageRecord, new_id, now_millis,
@@ -77,6 +78,8 @@ pub struct ChatService {
     meter: Option<Arc<dyn super::TokenMeter>>,
     /// Carries generations to and from other instances.
     bus: Arc<dyn Bus>,
+    /// Final writes of replies, kept and retried while the store is unreachable.
+    finals: Arc<FinalWrites>,
 }
 
 /// What the user sent, and the model they picked for it, if any.
@@ -112,6 +115,7 @@ pub struct ChatParts {
     pub streams: Arc<StreamLimits>,
     pub meter: Option<Arc<dyn super::TokenMeter>>,
     pub bus: Arc<dyn Bus>,
+    pub finals: Arc<FinalWrites>,
 }
 
 impl ChatService {
@@ -127,6 +131,7 @@ impl ChatService {
             streams: p.streams,
             meter: p.meter,
             bus: p.bus,
+            finals: p.finals,
         }
     }
 
@@ -395,6 +400,8 @@ impl ChatService {
             stop: self.stop.clone(),
             meter: self.meter.clone(),
             bus: self.bus.clone(),
+            finals: self.finals.clone(),
+            tasks: self.tasks.clone(),
         };
         self.tasks.spawn(deps.run(job));
         // Tracked with the generation, so shutdown waits until its last event left too.
@@ -543,6 +550,9 @@ struct GenerationDeps {
     stop: CancellationToken,
     meter: Option<Arc<dyn super::TokenMeter>>,
     bus: Arc<dyn Bus>,
+    finals: Arc<FinalWrites>,
+    /// Where a retried final write runs, so shutdown waits for it too.
+    tasks: TaskTracker,
 }
 
 /// How a generation ended.
@@ -595,10 +605,11 @@ impl GenerationDeps {
             error,
         };
         // Stored before the final event goes out, so a client that reads history on `done`
-        // sees the final state.
-        if let Err(e) = self.store.update_message(&g.message_id, &update).await {
-            tracing::error!(generation_id = %g.generation_id, error = %e, "cannot store the reply");
-        }
+        // sees the final state. With the store away, the write is kept and retried instead
+        // of holding up `done`.
+        self.finals
+            .save_message(&g.message_id, update, &self.tasks, &self.stop)
+            .await;
         if let Some(u) = outcome.usage {
             let record = UsageRecord {
                 user_id: g.caller.user_id.clone(),

@@ -11,8 +11,10 @@ use crate::config::StoreConfig;
 
 pub mod cli;
 mod codec;
+pub mod finals;
 pub mod postgres;
 pub mod sqlite;
+pub mod text;
 
 /// Milliseconds since the Unix epoch; the one time representation of both backends.
 pub type Millis = i64;
@@ -461,10 +463,13 @@ pub struct UsageRow {
 
 pub use postgres::PoolState;
 
-/// Opens the configured backend and applies its migrations.
+/// Opens the configured backend and applies its migrations. Text reaching either backend
+/// has NUL replaced (see [`text`]), so the two store the same.
 pub async fn open(cfg: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match &cfg.database_url {
-        Some(url) => Arc::new(postgres::PgStore::connect(url.expose(), cfg).await?),
-        None => Arc::new(sqlite::SqliteStore::open(cfg).await?),
+        Some(url) => Arc::new(text::NulSafe(
+            postgres::PgStore::connect(url.expose(), cfg).await?,
+        )),
+        None => Arc::new(text::NulSafe(sqlite::SqliteStore::open(cfg).await?)),
     })
 }

@@ -5,14 +5,17 @@
 //! that schema for both the pool and the migration connection.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bb8::{ErrorSink, PooledConnection, RunError};
-use bb8_postgres::PostgresConnectionManager;
+use bb8::{ErrorSink, ManageConnection, PooledConnection, RunError};
 use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Config, NoTls, Row};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Config, NoTls, Row, SimpleQueryMessage, ToStatement};
 
 use super::codec::{
     BadValue, brief, check_final, json_list, parse_json_list, parse_role, role_str, search_terms,
@@ -23,16 +26,17 @@ use super::{
     UsageRow, User, new_id, now_millis,
 };
 use crate::config::StoreConfig;
+use crate::upstream::breaker::{Breaker, BreakerSettings};
 
 mod embedded {
     refinery::embed_migrations!("migrations/postgres");
 }
 
-type Manager = PostgresConnectionManager<NoTls>;
-
 pub struct PgStore {
-    pool: bb8::Pool<Manager>,
+    pool: bb8::Pool<PgManager>,
     acquire_timeout: Duration,
+    query_timeout: Duration,
+    health: Arc<Health>,
     /// Why the pool last failed to connect: bb8 reports only "timed out" to the caller.
     last_connect_error: LastError,
     applied: Vec<String>,
@@ -49,14 +53,206 @@ pub struct PoolState {
 #[derive(Debug, Clone, Default)]
 struct LastError(Arc<Mutex<Option<(Instant, String)>>>);
 
-impl ErrorSink<tokio_postgres::Error> for LastError {
-    fn sink(&self, e: tokio_postgres::Error) {
+impl ErrorSink<StoreError> for LastError {
+    fn sink(&self, e: StoreError) {
         tracing::warn!(error = %e, "postgres connection failed");
         *self.0.lock() = Some((Instant::now(), e.to_string()));
     }
 
-    fn boxed_clone(&self) -> Box<dyn ErrorSink<tokio_postgres::Error>> {
+    fn boxed_clone(&self) -> Box<dyn ErrorSink<StoreError>> {
         Box::new(self.clone())
+    }
+}
+
+/// A circuit breaker on the database: once it is found down (connects or statements
+/// failing in a row), calls fail at once instead of each waiting the acquire timeout,
+/// until a trial call after the open period finds it back.
+struct Health {
+    breaker: Breaker,
+    /// Wakes the calls waiting for a connection when the circuit opens.
+    opened: Notify,
+}
+
+impl Health {
+    fn new(open_for: Duration) -> Self {
+        Self {
+            breaker: Breaker::new(BreakerSettings {
+                failures_to_open: 2,
+                open_for,
+                successes_to_close: 1,
+            }),
+            opened: Notify::new(),
+        }
+    }
+
+    fn failure(&self) {
+        if self.breaker.failure() {
+            tracing::warn!("postgres unreachable: failing fast until a trial finds it back");
+            self.opened.notify_waiters();
+        }
+    }
+
+    fn success(&self) {
+        self.breaker.success();
+    }
+
+    /// Feeds the breaker with the outcome of one call to the database.
+    fn observe<T>(&self, r: &Result<T, StoreError>) {
+        match r {
+            Ok(_) => self.success(),
+            Err(StoreError::Unavailable(_)) => self.failure(),
+            // The database answered: it is up, whatever the statement's fault.
+            Err(_) => self.success(),
+        }
+    }
+}
+
+/// One pooled connection. It is marked broken while a statement is in flight, so one that
+/// timed out or whose caller gave up is dropped rather than handed out again: its answer
+/// may never come, or come late to the next user.
+pub struct PgConn {
+    client: Client,
+    broken: AtomicBool,
+    driver: JoinHandle<()>,
+}
+
+impl Drop for PgConn {
+    fn drop(&mut self) {
+        // A healthy connection's driver ends by itself once the client is gone; a broken
+        // one's may wait on a socket that never answers.
+        if self.broken.load(Ordering::Relaxed) {
+            self.driver.abort();
+        }
+    }
+}
+
+impl PgConn {
+    /// Runs one exchange with the server within `limit`; the connection stays marked
+    /// broken unless it completes.
+    async fn guarded<T>(
+        &self,
+        limit: Duration,
+        f: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, StoreError> {
+        self.broken.store(true, Ordering::Relaxed);
+        match tokio::time::timeout(limit, f).await {
+            Ok(r) => {
+                // An error answer leaves the connection usable; a closed one reports itself.
+                self.broken.store(false, Ordering::Relaxed);
+                Ok(r?)
+            }
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer from the database within {limit:?}"
+            ))),
+        }
+    }
+}
+
+/// Makes connections for the pool. Each step has a deadline: a server that accepts TCP and
+/// then says nothing must not hold a pool slot forever.
+struct PgManager {
+    config: Config,
+    connect_timeout: Duration,
+    check_timeout: Duration,
+    health: Arc<Health>,
+}
+
+impl ManageConnection for PgManager {
+    type Connection = PgConn;
+    type Error = StoreError;
+
+    async fn connect(&self) -> Result<PgConn, StoreError> {
+        let r = match tokio::time::timeout(self.connect_timeout, self.config.connect(NoTls)).await {
+            Ok(Ok((client, connection))) => {
+                let driver = tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "postgres connection ended");
+                    }
+                });
+                Ok(PgConn {
+                    client,
+                    broken: AtomicBool::new(false),
+                    driver,
+                })
+            }
+            Ok(Err(e)) => Err(StoreError::from(e)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "connecting took longer than {:?}",
+                self.connect_timeout
+            ))),
+        };
+        match &r {
+            Ok(_) => self.health.success(),
+            Err(_) => self.health.failure(),
+        }
+        r
+    }
+
+    async fn is_valid(&self, conn: &mut PgConn) -> Result<(), StoreError> {
+        conn.guarded(self.check_timeout, conn.client.simple_query(""))
+            .await
+            .map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut PgConn) -> bool {
+        conn.broken.load(Ordering::Relaxed) || conn.client.is_closed()
+    }
+}
+
+/// A connection checked out of the pool: every statement has the query timeout and feeds
+/// the breaker.
+struct Conn<'a> {
+    inner: PooledConnection<'a, PgManager>,
+    limit: Duration,
+    health: &'a Health,
+}
+
+type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
+
+impl Conn<'_> {
+    async fn run<T>(
+        &self,
+        f: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, StoreError> {
+        let r = self.inner.guarded(self.limit, f).await;
+        self.health.observe(&r);
+        r
+    }
+
+    async fn execute<Q: ToStatement + ?Sized + Sync>(
+        &self,
+        q: &Q,
+        p: Params<'_>,
+    ) -> Result<u64, StoreError> {
+        self.run(self.inner.client.execute(q, p)).await
+    }
+
+    async fn query<Q: ToStatement + ?Sized + Sync>(
+        &self,
+        q: &Q,
+        p: Params<'_>,
+    ) -> Result<Vec<Row>, StoreError> {
+        self.run(self.inner.client.query(q, p)).await
+    }
+
+    async fn query_opt<Q: ToStatement + ?Sized + Sync>(
+        &self,
+        q: &Q,
+        p: Params<'_>,
+    ) -> Result<Option<Row>, StoreError> {
+        self.run(self.inner.client.query_opt(q, p)).await
+    }
+
+    async fn query_one<Q: ToStatement + ?Sized + Sync>(
+        &self,
+        q: &Q,
+        p: Params<'_>,
+    ) -> Result<Row, StoreError> {
+        self.run(self.inner.client.query_one(q, p)).await
+    }
+
+    async fn simple_query(&self, q: &str) -> Result<Vec<SimpleQueryMessage>, StoreError> {
+        self.run(self.inner.client.simple_query(q)).await
     }
 }
 
@@ -74,21 +270,54 @@ impl PgStore {
         if pg.get_application_name().is_none() {
             pg.application_name("sluice");
         }
+        // A dead peer or path (no RST ever comes) ends the socket instead of leaving it
+        // open: unacknowledged data for the query timeout, or failed keepalive probes.
+        if pg.get_tcp_user_timeout().is_none() {
+            pg.tcp_user_timeout(cfg.query_timeout);
+        }
+        if pg.get_keepalives_interval().is_none() {
+            pg.keepalives(true)
+                .keepalives_idle(Duration::from_secs(30))
+                .keepalives_interval(Duration::from_secs(5))
+                .keepalives_retries(3);
+        }
+        let connect_timeout = pg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(cfg.acquire_timeout);
         let applied = migrate(&pg).await?;
         if !applied.is_empty() {
             tracing::info!(migrations = ?applied, "postgres store migrated");
         }
+        // The server stops a statement at the same limit the client waits for it (the
+        // migrations above may take longer, on a connection of their own).
+        let options = pg.get_options().unwrap_or_default();
+        if !options.contains("statement_timeout") {
+            let ms = cfg.query_timeout.as_millis().max(1);
+            pg.options(format!("{options} -c statement_timeout={ms}").trim_start());
+        }
+        let health = Arc::new(Health::new(cfg.breaker_open));
         let sink = LastError::default();
+        let manager = PgManager {
+            config: pg,
+            connect_timeout,
+            // A check is one round trip with nothing to do; it gets half the acquire
+            // timeout, so a hung connection is found and dropped within one acquire.
+            check_timeout: (cfg.acquire_timeout / 2).min(cfg.query_timeout),
+            health: health.clone(),
+        };
         let pool = bb8::Pool::builder()
             .max_size(cfg.pool_size.max(1))
             .connection_timeout(cfg.acquire_timeout)
             .max_lifetime(Some(cfg.max_lifetime))
             .error_sink(Box::new(sink.clone()))
-            .build(PostgresConnectionManager::new(pg, NoTls))
+            .build(manager)
             .await?;
         Ok(Self {
             pool,
             acquire_timeout: cfg.acquire_timeout,
+            query_timeout: cfg.query_timeout,
+            health,
             last_connect_error: sink,
             applied,
         })
@@ -108,26 +337,60 @@ impl PgStore {
         }
     }
 
-    async fn conn(&self) -> Result<PooledConnection<'_, Manager>, StoreError> {
-        self.pool.get().await.map_err(|e| match e {
-            RunError::User(e) => e.into(),
-            RunError::TimedOut => {
-                let mut msg = format!(
+    /// The breaker's state: `closed`, `half_open` or `open`.
+    pub fn breaker_state(&self) -> &'static str {
+        self.health.breaker.state()
+    }
+
+    async fn conn(&self) -> Result<Conn<'_>, StoreError> {
+        if !self.health.breaker.allow() {
+            return Err(StoreError::Unavailable(self.down_message(format!(
+                "database unreachable; next try in {}s",
+                self.health.breaker.retry_after()
+            ))));
+        }
+        // Registered before waiting, so an opening during the wait is not missed.
+        let opened = self.health.opened.notified();
+        let got = tokio::select! {
+            got = self.pool.get() => got,
+            _ = opened => {
+                return Err(StoreError::Unavailable(
+                    self.down_message("database unreachable".into()),
+                ));
+            }
+        };
+        match got {
+            Ok(inner) => Ok(Conn {
+                inner,
+                limit: self.query_timeout,
+                health: &self.health,
+            }),
+            Err(RunError::User(e)) => {
+                self.health
+                    .observe::<()>(&Err(StoreError::Unavailable(String::new())));
+                Err(e)
+            }
+            Err(RunError::TimedOut) => {
+                self.health.failure();
+                Err(StoreError::Unavailable(self.down_message(format!(
                     "no database connection within {:?} ({} open, pool max {})",
                     self.acquire_timeout,
                     self.pool.state().connections,
                     self.pool.config().max_size
-                );
-                // Only a recent failure explains this timeout; an old one would mislead.
-                if let Some((at, err)) = &*self.last_connect_error.0.lock()
-                    && at.elapsed() <= self.acquire_timeout * 2
-                {
-                    msg.push_str(": ");
-                    msg.push_str(err);
-                }
-                StoreError::Unavailable(msg)
+                ))))
             }
-        })
+        }
+    }
+
+    /// `msg`, with the last connect error when it is recent enough to explain it.
+    fn down_message(&self, mut msg: String) -> String {
+        if let Some((at, err)) = &*self.last_connect_error.0.lock()
+            && at.elapsed() <= self.acquire_timeout * 2
+        {
+            msg.push_str(": ");
+            msg.push_str(err);
+        }
+        msg
     }
 }
 
@@ -1005,26 +1268,43 @@ impl Store for PgStore {
         // row is locked as it is read, so no finish can slip in between. Dropping the
         // transaction on an early return (or a cancelled caller) rolls it back.
         let mut c = self.conn().await?;
-        let tx = c.transaction().await?;
-        let Some(row) = tx
-            .query_opt(
-                "SELECT status FROM tasks WHERE id = $1 AND user_id = $2 FOR UPDATE",
-                &[&id, &user_id],
-            )
-            .await?
-        else {
-            return Ok(None);
-        };
-        let before = task_status(row.try_get(0)?)?;
-        if !before.is_final() {
-            tx.execute(
-                "UPDATE tasks SET status = 'cancelled', finished_at = $2 WHERE id = $1",
-                &[&id, &now],
-            )
-            .await?;
+        let limit = c.limit;
+        // Broken until the transaction is over: an abandoned one must not be reused.
+        c.inner.broken.store(true, Ordering::Relaxed);
+        let r = tokio::time::timeout(limit, async {
+            let tx = c.inner.client.transaction().await?;
+            let Some(row) = tx
+                .query_opt(
+                    "SELECT status FROM tasks WHERE id = $1 AND user_id = $2 FOR UPDATE",
+                    &[&id, &user_id],
+                )
+                .await?
+            else {
+                tx.rollback().await?;
+                return Ok(None);
+            };
+            let before = task_status(row.try_get(0)?)?;
+            if !before.is_final() {
+                tx.execute(
+                    "UPDATE tasks SET status = 'cancelled', finished_at = $2 WHERE id = $1",
+                    &[&id, &now],
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok::<_, StoreError>(Some(before))
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "no answer from the database within {limit:?}"
+            )))
+        });
+        if r.is_ok() {
+            c.inner.broken.store(false, Ordering::Relaxed);
         }
-        tx.commit().await?;
-        Ok(Some(before))
+        c.health.observe(&r);
+        r
     }
 
     async fn list_unfinished_tasks(&self) -> Result<Vec<Task>, StoreError> {

@@ -15,6 +15,7 @@ use crate::chat::agent::{DEFAULT_AGENT, build_request, render};
 use crate::chat::service::{Caller, ChatError};
 use crate::chat::{Message, Role};
 use crate::hub::{Channel, EventId, EventKind, Hub, Subscription};
+use crate::store::finals::FinalWrites;
 use crate::store::{Agent, Store, StoreError, Task, TaskStatus, new_id, now_millis};
 use crate::upstream::Upstreams;
 
@@ -40,6 +41,8 @@ pub struct TaskSettings {
     /// Other instances' workers take tasks from the same queue: a task's events are then
     /// read from the store unless it runs here.
     pub shared: bool,
+    /// Where a result the store could not take is kept until it can (see `FinalWrites`).
+    pub data_dir: std::path::PathBuf,
 }
 
 /// What `GET /api/tasks/{id}` shows.
@@ -82,6 +85,8 @@ pub struct TaskService {
     /// Fired when the drain window is over: running tasks are abandoned unacknowledged,
     /// so the queue delivers them again (to another instance, or after the restart).
     stop: CancellationToken,
+    /// Final writes, kept and retried while the store is unreachable.
+    finals: Arc<FinalWrites>,
 }
 
 /// Emit a progress event at most every this many tokens, so a fast stream does not flood
@@ -104,7 +109,9 @@ impl TaskService {
         drain: CancellationToken,
         stop: CancellationToken,
     ) -> Arc<Self> {
+        let finals = Arc::new(FinalWrites::new(store.clone(), &settings.data_dir));
         Arc::new(Self {
+            finals,
             store,
             upstreams,
             hub,
@@ -452,9 +459,11 @@ impl TaskService {
         };
         self.running.remove(&task.id);
         let now = now_millis();
+        // With the store away, the result is kept and its write retried (see
+        // `FinalWrites`); the outcome is told and the delivery settled all the same.
         let finished = match &outcome {
             Ok(reply) => {
-                self.store
+                self.finals
                     .finish_task(
                         &task.id,
                         TaskStatus::Succeeded,
@@ -462,19 +471,30 @@ impl TaskService {
                         reply.reasoning(),
                         None,
                         now,
+                        &self.workers,
+                        &self.stop,
                     )
                     .await
             }
             Err(Some(e)) => {
-                self.store
-                    .finish_task(&task.id, TaskStatus::Failed, None, None, Some(e), now)
+                self.finals
+                    .finish_task(
+                        &task.id,
+                        TaskStatus::Failed,
+                        None,
+                        None,
+                        Some(e),
+                        now,
+                        &self.workers,
+                        &self.stop,
+                    )
                     .await
             }
             // Cancelled: the store was updated by `cancel`.
-            Err(None) => Ok(false),
+            Err(None) => Ok(Some(false)),
         };
         match finished {
-            Ok(true) => match outcome {
+            Ok(Some(true) | None) => match outcome {
                 Ok(reply) => {
                     channel.publish_json(
                         EventKind::Succeeded,
@@ -486,7 +506,7 @@ impl TaskService {
                 }
                 Err(None) => {}
             },
-            Ok(false) => {}
+            Ok(Some(false)) => {}
             Err(e) => {
                 tracing::error!(task_id = %task.id, error = %e, "cannot store the task result");
                 return;
