@@ -82,6 +82,10 @@ impl<S: Store> Store for NulSafe<S> {
         self.0.find_api_key(key_hash).await
     }
 
+    async fn find_api_key_by_id(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        self.0.find_api_key_by_id(&nul_free(id)).await
+    }
+
     async fn create_session(
         &self,
         user_id: &str,
