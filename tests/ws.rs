@@ -283,6 +283,22 @@ async fn errors_keep_the_connection_open() {
     assert_eq!(next_json(&mut ws).await["code"], "bad_request");
     send(&mut ws, json!({"op": "ping"})).await;
     assert_eq!(next_json(&mut ws).await["op"], "pong");
+    // NUL cannot be stored alike by both backends: refused naming the field, as over HTTP.
+    let s = e.new_session().await;
+    send(
+        &mut ws,
+        json!({"op": "chat", "session_id": s, "content": "a\u{0}b"}),
+    )
+    .await;
+    let v = next_json(&mut ws).await;
+    assert_eq!(v["op"], "error", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("content: must not contain NUL"),
+        "{v}"
+    );
     e.server.shutdown().await;
 }
 

@@ -244,6 +244,12 @@ impl ChatService {
         if content.trim().is_empty() {
             return Err(ChatError::Invalid("content: must not be empty".into()));
         }
+        // The HTTP body parser refuses NUL already; the WebSocket `chat` op arrives here.
+        if content.contains('\0') {
+            return Err(ChatError::Invalid(
+                "content: must not contain NUL (\\u0000)".into(),
+            ));
+        }
         if content.chars().count() > self.settings.max_message_chars {
             return Err(ChatError::Invalid(format!(
                 "content: longer than {} characters",
