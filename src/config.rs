@@ -96,6 +96,10 @@ pub struct ServeArgs {
         default_value = "info"
     )]
     pub log: String,
+    /// Lets the HTTP, WebSocket and database libraries log at debug and trace, where they
+    /// write frames, bodies and statements (prompts, replies, keys); for debugging only.
+    #[arg(long, env = "SLUICE_LOG_WIRE", value_name = "SLUICE_LOG_WIRE", default_value_t = false, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub log_wire: bool,
     /// On SIGTERM, how long running streams may take to finish before they are cut.
     #[arg(
         long,
@@ -732,6 +736,8 @@ pub struct ServerConfig {
 pub struct LogConfig {
     pub format: LogFormat,
     pub filter: String,
+    /// Whether the wire libraries may log below WARN (see `SLUICE_LOG_WIRE`).
+    pub wire: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -847,6 +853,7 @@ impl Default for Config {
             log: LogConfig {
                 format: LogFormat::Text,
                 filter: "info".into(),
+                wire: false,
             },
             upstream: UpstreamConfig {
                 connect_timeout: Duration::from_secs(5),
@@ -971,6 +978,7 @@ impl Config {
             log: LogConfig {
                 format: args.log_format,
                 filter: args.log.clone(),
+                wire: args.log_wire,
             },
             upstream: UpstreamConfig {
                 connect_timeout: Duration::from_millis(args.connect_timeout_ms),
