@@ -576,7 +576,11 @@ async fn serve_until_drained(
         // WebSockets over HTTP/2 (RFC 8441), as `axum::serve` allows.
         .enable_connect_protocol()
         .max_header_list_size(u32::try_from(guards.max_header_bytes).unwrap_or(u32::MAX));
-    let app = router(state);
+    let edge = Arc::new(Edge {
+        body_timeout: Some(guards.body_timeout).filter(|t| !t.is_zero()),
+        metrics: state.metrics.clone(),
+        app: router(state),
+    });
     let server = async move {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tokio::pin!(signal);
@@ -593,18 +597,13 @@ async fn serve_until_drained(
             };
             // Tokens are small writes: without this, Nagle holds each back up to an RTT.
             let _ = stream.set_nodelay(true);
-            let app = app.clone();
-            let service =
-                hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
-                    app,
-                    move |mut req: Request<hyper::body::Incoming>| {
-                        // What `into_make_service_with_connect_info` provided: the TCP peer,
-                        // for the rate limits' client address.
-                        req.extensions_mut()
-                            .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
-                        req.map(axum::body::Body::new)
-                    },
-                ));
+            let edge = edge.clone();
+            let service = hyper_util::service::TowerToHyperService::new(tower::service_fn(
+                move |req: Request<hyper::body::Incoming>| {
+                    let edge = edge.clone();
+                    async move { Ok::<_, std::convert::Infallible>(edge.handle(peer, req).await) }
+                },
+            ));
             let io = hyper_util::rt::TokioIo::new(HeadDeadline::new(stream, header_timeout));
             let conn = builder
                 .serve_connection_with_upgrades(io, service)
@@ -662,6 +661,34 @@ async fn serve_until_drained(
         Err(_) => {
             tracing::warn!("connections still open after stop; exiting anyway");
             Ok(())
+        }
+    }
+}
+
+/// In front of the router on every connection: the client's address and the body deadline.
+struct Edge {
+    app: Router,
+    metrics: Arc<Metrics>,
+    body_timeout: Option<Duration>,
+}
+
+impl Edge {
+    async fn handle(
+        &self,
+        peer: SocketAddr,
+        req: Request<hyper::body::Incoming>,
+    ) -> Response<axum::body::Body> {
+        let mut req = match self.body_timeout {
+            Some(t) => crate::http::extract::time_body(req, t, &self.metrics),
+            None => req.map(axum::body::Body::new),
+        };
+        // What `into_make_service_with_connect_info` provided: the TCP peer, for the rate
+        // limits' client address.
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
+        match tower::ServiceExt::oneshot(self.app.clone(), req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
         }
     }
 }

@@ -439,6 +439,14 @@ pub struct ServeArgs {
         default_value_t = 10_000
     )]
     pub header_timeout_ms: u64,
+    /// How long a client may take to send a request body after its head (ms); 0 = no limit.
+    #[arg(
+        long,
+        env = "SLUICE_BODY_TIMEOUT_MS",
+        value_name = "SLUICE_BODY_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub body_timeout_ms: u64,
     /// Whether browsers may send credentials (cookies) cross-origin; refused with a `*` origin.
     #[arg(long, env = "SLUICE_CORS_CREDENTIALS", value_name = "SLUICE_CORS_CREDENTIALS", default_value_t = false, action = clap::ArgAction::Set)]
     pub cors_credentials: bool,
@@ -580,6 +588,8 @@ pub struct GuardConfig {
     pub breaker_successes: u32,
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
+    /// Time to receive a request body once its head is in; zero = no limit.
+    pub body_timeout: Duration,
     pub cors_credentials: bool,
 }
 
@@ -603,6 +613,7 @@ impl Default for GuardConfig {
             breaker_successes: 3,
             max_header_bytes: 16_384,
             header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
             cors_credentials: false,
         }
     }
@@ -1031,6 +1042,7 @@ impl Config {
                 breaker_successes: args.breaker_successes,
                 max_header_bytes: args.max_header_bytes,
                 header_timeout: Duration::from_millis(args.header_timeout_ms),
+                body_timeout: Duration::from_millis(args.body_timeout_ms),
                 cors_credentials: args.cors_credentials,
             },
             cache: CacheConfig {
