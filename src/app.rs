@@ -693,8 +693,11 @@ impl Edge {
         req: Request<hyper::body::Incoming>,
     ) -> Response<axum::body::Body> {
         let mut req = match self.body_timeout {
-            Some(t) => crate::http::extract::time_body(req, t, &self.metrics),
-            None => req.map(axum::body::Body::new),
+            // A request without a body (most GETs) needs no deadline.
+            Some(t) if !hyper::body::Body::is_end_stream(req.body()) => {
+                crate::http::extract::time_body(req, t, &self.metrics)
+            }
+            _ => req.map(axum::body::Body::new),
         };
         // What `into_make_service_with_connect_info` provided: the TCP peer, for the rate
         // limits' client address.

@@ -275,9 +275,11 @@ async fn traced_run(wire: bool) -> (String, String, String, String) {
     let marker = format!("marker-{}", uuid::Uuid::new_v4().simple());
     let upstream_key = format!("sk-upstream-{}", uuid::Uuid::new_v4().simple());
     let mock_url = mock.url();
+    let redis_url =
+        std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let envs = [
         ("DATABASE_URL", database_url.as_str()),
-        ("REDIS_URL", "redis://127.0.0.1:6379"),
+        ("REDIS_URL", redis_url.as_str()),
         ("SLUICE_REDIS_PREFIX", prefix.as_str()),
         ("OPENAI_BASE_URL", mock_url.as_str()),
         ("OPENAI_API_KEY", upstream_key.as_str()),

@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use futures::StreamExt;
 use serde_json::json;
 use sluice::mock::{MockConfig, full_reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -124,5 +125,33 @@ async fn a_trickled_body_gets_408_and_a_normal_large_body_still_works() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], full_reply(2));
     assert_eq!(timeouts_counted(&metrics(&server.url).await), 1);
+    server.shutdown().await;
+}
+
+/// The same over HTTP/2 (h2c): a stream whose body never ends gets its 408.
+#[tokio::test]
+async fn an_http2_body_that_never_ends_gets_408() {
+    let (_mock, server) = server().await;
+    sluice::upstream::sse::install_crypto_provider();
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    // One chunk, then nothing, forever.
+    let chunks = futures::stream::once(async { Ok::<_, std::io::Error>("{\"model\":") })
+        .chain(futures::stream::pending());
+    let started = Instant::now();
+    let r = tokio::time::timeout(
+        WAIT,
+        h2.post(server.chat_url())
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(chunks))
+            .send(),
+    )
+    .await
+    .expect("no answer")
+    .unwrap();
+    assert_eq!(r.status(), 408);
+    assert!(started.elapsed() < BODY_TIMEOUT * 5);
     server.shutdown().await;
 }
