@@ -291,6 +291,16 @@ impl AppState {
         }
     }
 
+    /// When WebSockets are closed (with 1001): in a cluster as soon as draining starts,
+    /// like session streams; alone, when the drain is over, however it ended.
+    pub fn ws_close_token(&self) -> CancellationToken {
+        if self.bus.is_shared() {
+            self.lifecycle.drain_token()
+        } else {
+            self.lifecycle.close_token()
+        }
+    }
+
     /// New generations are refused while draining, so the instance can empty out.
     pub fn ensure_accepting(&self) -> Result<(), ApiError> {
         if self.lifecycle.is_draining() {
@@ -428,12 +438,16 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// How long streams get to write their final event after the drain window, before the
-/// process exits regardless.
+/// How long streams get to write their final event after the drain window, and
+/// WebSockets to close, before the process exits regardless.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// The part of [`STOP_GRACE`] kept for WebSockets to send their Close and hear the answer.
+const WS_CLOSE_GRACE: Duration = Duration::from_millis(1_500);
+
 /// Serves until `shutdown` resolves, then drains: the listener closes, running streams get
-/// the drain window to finish, and whatever still runs after it ends with an error event.
+/// the drain window to finish, and whatever still runs after it ends with an error event;
+/// last, open WebSockets are closed with 1001.
 pub async fn serve(
     state: AppState,
     listener: TcpListener,
@@ -575,13 +589,11 @@ async fn serve_until_drained(
         .as_ref()
         .map(|q| q.tasks().clone())
         .unwrap_or_default();
-    let closing = CancellationToken::new();
     let signal = {
-        let (lifecycle, closing) = (lifecycle.clone(), closing.clone());
+        let lifecycle = lifecycle.clone();
         async move {
             shutdown.await;
             lifecycle.start_drain();
-            closing.cancel();
         }
     };
     // Our own accept loop instead of `axum::serve`, which cannot bound the request head:
@@ -603,9 +615,13 @@ async fn serve_until_drained(
         // WebSockets over HTTP/2 (RFC 8441), as `axum::serve` allows.
         .enable_connect_protocol()
         .max_header_list_size(u32::try_from(guards.max_header_bytes).unwrap_or(u32::MAX));
-    let app = router(state);
-    let server = async move {
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let edge = Arc::new(Edge {
+        body_timeout: Some(guards.body_timeout).filter(|t| !t.is_zero()),
+        metrics: state.metrics.clone(),
+        app: router(state),
+    });
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    {
         tokio::pin!(signal);
         loop {
             let (stream, peer) = tokio::select! {
@@ -620,24 +636,20 @@ async fn serve_until_drained(
             };
             // Tokens are small writes: without this, Nagle holds each back up to an RTT.
             let _ = stream.set_nodelay(true);
-            let app = app.clone();
-            let service =
-                hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
-                    app,
-                    move |mut req: Request<hyper::body::Incoming>| {
-                        // What `into_make_service_with_connect_info` provided: the TCP peer,
-                        // for the rate limits' client address.
-                        req.extensions_mut()
-                            .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
-                        req.map(axum::body::Body::new)
-                    },
-                ));
+            let edge = edge.clone();
+            let service = hyper_util::service::TowerToHyperService::new(tower::service_fn(
+                move |req: Request<hyper::body::Incoming>| {
+                    let edge = edge.clone();
+                    async move { Ok::<_, std::convert::Infallible>(edge.handle(peer, req).await) }
+                },
+            ));
             let io = hyper_util::rt::TokioIo::new(HeadDeadline::new(stream, header_timeout));
             let conn = builder
                 .serve_connection_with_upgrades(io, service)
                 .into_owned();
-            // Watched: on shutdown idle connections close, busy ones after their response
-            // (an SSE stream included); upgraded WebSockets are on their own, as before.
+            // Watched: on shutdown idle connections close at once (a proxy then sends the
+            // next request elsewhere), busy ones after their response (an SSE stream
+            // included); upgraded WebSockets close through the lifecycle's `close`.
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
@@ -645,53 +657,85 @@ async fn serve_until_drained(
                 }
             });
         }
-        drop(listener);
-        graceful.shutdown().await;
-        Ok::<(), std::io::Error>(())
-    };
-    tokio::pin!(server);
-
-    tokio::select! {
-        r = &mut server => return r,
-        _ = closing.cancelled() => {}
     }
+    drop(listener);
+    let connections = graceful.shutdown();
+    tokio::pin!(connections);
+    let mut connections_done = false;
+
     // Connections and generations whose clients left both get the drain window.
     generations.close();
     workers.close();
     flushes.close();
-    let deadline = tokio::time::Instant::now() + drain;
-    let mut served = None;
-    let drained = async {
-        let r = (&mut server).await;
-        served = Some(r);
+    let running = async {
+        (&mut connections).await;
+        connections_done = true;
         generations.wait().await;
         workers.wait().await;
         flushes.wait().await;
     };
-    if tokio::time::timeout_at(deadline, drained).await.is_ok() {
+    if tokio::time::timeout(drain, running).await.is_ok() {
         tracing::info!("drained: every stream and generation finished");
-        return served.unwrap_or(Ok(()));
+    } else {
+        tracing::warn!(
+            drain_secs = drain.as_secs(),
+            "drain window over: ending streams still running"
+        );
+        lifecycle.stop();
     }
-    tracing::warn!(
-        drain_secs = drain.as_secs(),
-        "drain window over: ending streams still running"
-    );
-    lifecycle.stop();
-    let finish = async {
-        let r = match served.take() {
-            Some(r) => r,
-            None => (&mut server).await,
-        };
+    // Streams ended by `stop` write their last events first; then WebSockets relay what
+    // they hold and get their Close frame, whether or not every stream managed to end.
+    let streams_end = async {
+        if !connections_done {
+            (&mut connections).await;
+        }
         generations.wait().await;
         workers.wait().await;
         flushes.wait().await;
-        r
     };
-    match tokio::time::timeout(STOP_GRACE, finish).await {
-        Ok(r) => r,
-        Err(_) => {
-            tracing::warn!("connections still open after stop; exiting anyway");
-            Ok(())
+    if tokio::time::timeout(STOP_GRACE - WS_CLOSE_GRACE, streams_end)
+        .await
+        .is_err()
+    {
+        tracing::warn!("streams still running after stop; closing connections anyway");
+    }
+    lifecycle.close_connections();
+    if tokio::time::timeout(WS_CLOSE_GRACE, lifecycle.websockets_closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!("WebSockets still open after their Close; exiting anyway");
+    }
+    Ok(())
+}
+
+/// In front of the router on every connection: the client's address and the body deadline.
+struct Edge {
+    app: Router,
+    metrics: Arc<Metrics>,
+    body_timeout: Option<Duration>,
+}
+
+impl Edge {
+    async fn handle(
+        &self,
+        peer: SocketAddr,
+        req: Request<hyper::body::Incoming>,
+    ) -> Response<axum::body::Body> {
+        let mut req = match self.body_timeout {
+            // A request without a body (most GETs) needs no deadline.
+            Some(t) if !hyper::body::Body::is_end_stream(req.body()) => {
+                crate::http::extract::time_body(req, t, &self.metrics)
+            }
+            _ => req.map(axum::body::Body::new),
+        };
+        // What `into_make_service_with_connect_info` provided: the TCP peer, for the rate
+        // limits' client address.
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
+        match tower::ServiceExt::oneshot(self.app.clone(), req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
         }
     }
 }

@@ -96,6 +96,10 @@ pub struct ServeArgs {
         default_value = "info"
     )]
     pub log: String,
+    /// Lets the HTTP, WebSocket and database libraries log at debug and trace, where they
+    /// write frames, bodies and statements (prompts, replies, keys); for debugging only.
+    #[arg(long, env = "SLUICE_LOG_WIRE", value_name = "SLUICE_LOG_WIRE", default_value_t = false, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub log_wire: bool,
     /// On SIGTERM, how long running streams may take to finish before they are cut.
     #[arg(
         long,
@@ -454,6 +458,14 @@ pub struct ServeArgs {
         default_value_t = 10_000
     )]
     pub header_timeout_ms: u64,
+    /// How long a client may take to send a request body after its head (ms); 0 = no limit.
+    #[arg(
+        long,
+        env = "SLUICE_BODY_TIMEOUT_MS",
+        value_name = "SLUICE_BODY_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub body_timeout_ms: u64,
     /// Whether browsers may send credentials (cookies) cross-origin; refused with a `*` origin.
     #[arg(long, env = "SLUICE_CORS_CREDENTIALS", value_name = "SLUICE_CORS_CREDENTIALS", default_value_t = false, action = clap::ArgAction::Set)]
     pub cors_credentials: bool,
@@ -613,6 +625,8 @@ pub struct GuardConfig {
     pub breaker_successes: u32,
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
+    /// Time to receive a request body once its head is in; zero = no limit.
+    pub body_timeout: Duration,
     pub cors_credentials: bool,
 }
 
@@ -636,6 +650,7 @@ impl Default for GuardConfig {
             breaker_successes: 3,
             max_header_bytes: 16_384,
             header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
             cors_credentials: false,
         }
     }
@@ -781,6 +796,8 @@ pub struct ServerConfig {
 pub struct LogConfig {
     pub format: LogFormat,
     pub filter: String,
+    /// Whether the wire libraries may log below WARN (see `SLUICE_LOG_WIRE`).
+    pub wire: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -897,6 +914,7 @@ impl Default for Config {
             log: LogConfig {
                 format: LogFormat::Text,
                 filter: "info".into(),
+                wire: false,
             },
             upstream: UpstreamConfig {
                 connect_timeout: Duration::from_secs(5),
@@ -1031,6 +1049,7 @@ impl Config {
             log: LogConfig {
                 format: args.log_format,
                 filter: args.log.clone(),
+                wire: args.log_wire,
             },
             upstream: UpstreamConfig {
                 connect_timeout: Duration::from_millis(args.connect_timeout_ms),
@@ -1083,6 +1102,7 @@ impl Config {
                 breaker_successes: args.breaker_successes,
                 max_header_bytes: args.max_header_bytes,
                 header_timeout: Duration::from_millis(args.header_timeout_ms),
+                body_timeout: Duration::from_millis(args.body_timeout_ms),
                 cors_credentials: args.cors_credentials,
             },
             cache: CacheConfig {

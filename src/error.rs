@@ -22,6 +22,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The request body did not arrive within the body timeout.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -74,6 +77,7 @@ impl ApiError {
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -94,6 +98,7 @@ impl ApiError {
             | Self::Unprocessable(_)
             | Self::UnsupportedMediaType(_)
             | Self::PayloadTooLarge(_)
+            | Self::RequestTimeout(_)
             | Self::NotFound(_)
             | Self::Conflict { .. }
             | Self::MethodNotAllowed(_) => "invalid_request_error",
@@ -124,6 +129,7 @@ impl ApiError {
             Self::Unprocessable(_) => "invalid_request",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::RequestTimeout(_) => "request_timeout",
             Self::NotFound(_) => "not_found",
             Self::Unauthorized(_) => "invalid_api_key",
             Self::Forbidden(_) => "forbidden",

@@ -106,6 +106,7 @@ fn mock_upstream(args: sluice::mock::MockArgs) -> anyhow::Result<()> {
     init_tracing(&LogConfig {
         format: LogFormat::Text,
         filter: "warn".into(),
+        wire: false,
     })?;
     raise_open_file_limit();
     runtime()?
@@ -138,12 +139,43 @@ fn bench(args: sluice::bench::BenchArgs) -> anyhow::Result<()> {
 /// Crates logged at most at this level unless the log filter names them.
 const QUIET_CRATES: [(&str, &str); 1] = [("refinery_core", "warn")];
 
-fn init_tracing(log: &LogConfig) -> anyhow::Result<()> {
-    let (spec, var) = match std::env::var("RUST_LOG") {
-        Ok(f) if !f.is_empty() => (f, "RUST_LOG"),
-        _ => (log.filter.clone(), "SLUICE_LOG"),
+/// Libraries that write what passes through them at DEBUG and TRACE: WebSocket frames,
+/// HTTP bodies, SQL parameters, Redis commands, that is prompts, replies and keys. They log
+/// at WARN at most unless `SLUICE_LOG_WIRE` lets them through, whatever the filter says.
+const WIRE_CRATES: [&str; 13] = [
+    "tungstenite",
+    "tokio_tungstenite",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "reqwest",
+    "tokio_postgres",
+    "postgres_protocol",
+    "bb8",
+    "redis",
+    "rusqlite",
+    "axum::rejection",
+];
+
+/// Whether a filter directive (`target[span{field}]=level`) names a wire library.
+fn names_wire_crate(directive: &str) -> bool {
+    let target = directive.split(['=', '[']).next().unwrap_or("").trim();
+    WIRE_CRATES
+        .iter()
+        .any(|c| target == *c || target.strip_prefix(c).is_some_and(|r| r.starts_with("::")))
+}
+
+/// The log filter: the operator's, with the wire libraries held at WARN unless `wire`.
+fn log_filter(spec: &str, wire: bool) -> anyhow::Result<EnvFilter> {
+    let spec = if wire {
+        spec.to_owned()
+    } else {
+        spec.split(',')
+            .filter(|d| !names_wire_crate(d))
+            .collect::<Vec<_>>()
+            .join(",")
     };
-    let mut filter = EnvFilter::try_new(&spec).with_context(|| format!("invalid {var}"))?;
+    let mut filter = EnvFilter::try_new(&spec)?;
     // Libraries' routine chatter (refinery lists each migration at INFO) would bury the
     // lines that say what to do next; a filter that names the crate still gets it.
     for (krate, level) in QUIET_CRATES {
@@ -151,6 +183,20 @@ fn init_tracing(log: &LogConfig) -> anyhow::Result<()> {
             filter = filter.add_directive(format!("{krate}={level}").parse()?);
         }
     }
+    if !wire {
+        for krate in WIRE_CRATES {
+            filter = filter.add_directive(format!("{krate}=warn").parse()?);
+        }
+    }
+    Ok(filter)
+}
+
+fn init_tracing(log: &LogConfig) -> anyhow::Result<()> {
+    let (spec, var) = match std::env::var("RUST_LOG") {
+        Ok(f) if !f.is_empty() => (f, "RUST_LOG"),
+        _ => (log.filter.clone(), "SLUICE_LOG"),
+    };
+    let filter = log_filter(&spec, log.wire).with_context(|| format!("invalid {var}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
@@ -196,5 +242,30 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => tracing::info!("SIGINT received"),
         _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_directives_are_recognised_by_their_target() {
+        for d in [
+            "hyper=trace",
+            "hyper::proto::h1=debug",
+            "tungstenite",
+            "redis[x]=trace",
+        ] {
+            assert!(names_wire_crate(d), "{d}");
+        }
+        for d in [
+            "trace",
+            "sluice=trace",
+            "hyperlocal=trace",
+            "tower_http=debug",
+        ] {
+            assert!(!names_wire_crate(d), "{d}");
+        }
     }
 }

@@ -136,3 +136,247 @@ async fn a_completion_logs_one_line_when_it_ends() {
     assert_eq!(got[0]["status"], 200);
     server.shutdown().await;
 }
+
+/// The binary at `SLUICE_LOG=trace`, on PostgreSQL and Redis, with every line it writes to
+/// stdout and stderr.
+struct Traced {
+    child: tokio::process::Child,
+    url: String,
+    out: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traced {
+    async fn start(envs: &[(&str, &str)]) -> Self {
+        use tokio::io::AsyncReadExt;
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.env_clear()
+            .env("SLUICE_ADDR", "127.0.0.1:0")
+            .env("SLUICE_LOG", "trace")
+            .current_dir(tempfile::tempdir().unwrap().keep())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        // Both pipes are read all along: a full pipe would stall the server.
+        let mut readers = Vec::new();
+        let pipes: [Box<dyn tokio::io::AsyncRead + Unpin + Send>; 2] = [
+            Box::new(child.stdout.take().unwrap()),
+            Box::new(child.stderr.take().unwrap()),
+        ];
+        for mut pipe in pipes {
+            let out = out.clone();
+            readers.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = pipe.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    out.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            }));
+        }
+        let deadline = std::time::Instant::now() + WAIT;
+        let url = loop {
+            let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+            if let Some(rest) = text.split("listening on ").nth(1) {
+                break rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || ":/.".contains(*c))
+                    .collect::<String>();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not listening: {text}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        Self {
+            child,
+            url,
+            out,
+            readers,
+        }
+    }
+
+    /// Stops the server and hands back everything it wrote.
+    async fn finish(mut self) -> String {
+        let pid = self.child.id().unwrap().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success());
+        for r in self.readers {
+            r.await.unwrap();
+        }
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+}
+
+/// Polls a session until its last reply is complete.
+async fn wait_complete(url: &str, key: &str, session: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let v: Value = client()
+            .get(format!("{url}/api/sessions/{session}/messages"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let done = v["data"].as_array().is_some_and(|m| {
+            m.iter()
+                .any(|m| m["role"] == "assistant" && m["status"] == "complete")
+        });
+        if done {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no reply: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+async fn new_session(url: &str, key: &str) -> String {
+    let s: Value = client()
+        .post(format!("{url}/api/sessions"))
+        .bearer_auth(key)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    s["id"].as_str().unwrap().to_owned()
+}
+
+/// What the traced server wrote while a prompt went through `/v1`, a session and a
+/// WebSocket, and the secrets it was given: (log, prompt marker, API key, upstream key).
+async fn traced_run(wire: bool) -> (String, String, String, String) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let mock = mock(sluice::mock::MockConfig::default()).await;
+    let db = common::db::fresh(common::db::Backend::Postgres).await;
+    let database_url = db.database_url().unwrap().to_owned();
+    let prefix = format!("sluice-test-{}", sluice::store::new_id());
+    let marker = format!("marker-{}", uuid::Uuid::new_v4().simple());
+    let upstream_key = format!("sk-upstream-{}", uuid::Uuid::new_v4().simple());
+    let mock_url = mock.url();
+    let redis_url =
+        std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let envs = [
+        ("DATABASE_URL", database_url.as_str()),
+        ("REDIS_URL", redis_url.as_str()),
+        ("SLUICE_REDIS_PREFIX", prefix.as_str()),
+        ("OPENAI_BASE_URL", mock_url.as_str()),
+        ("OPENAI_API_KEY", upstream_key.as_str()),
+        ("SLUICE_DEFAULT_MODEL", "mock-model"),
+        ("SLUICE_LOG_WIRE", if wire { "1" } else { "0" }),
+    ];
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .env_clear()
+        .env("DATABASE_URL", &database_url)
+        .args(["keys", "create", "--name", "traced"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let p = Traced::start(&envs).await;
+
+    // /v1, streamed.
+    let mut req = body(true, json!({"tokens": 3}));
+    req["messages"][0]["content"] = json!(format!("say {marker}"));
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", p.url))
+        .bearer_auth(&key)
+        .json(&req)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(read_stream(resp).await.done);
+
+    // A session message.
+    let s = new_session(&p.url, &key).await;
+    let r = client()
+        .post(format!("{}/api/sessions/{s}/messages", p.url))
+        .bearer_auth(&key)
+        .json(&json!({"content": format!("session {marker}")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    wait_complete(&p.url, &key, &s).await;
+
+    // A WebSocket chat, followed to its end.
+    let s = new_session(&p.url, &key).await;
+    let mut ws_req = format!("{}/ws", p.url.replace("http://", "ws://"))
+        .into_client_request()
+        .unwrap();
+    ws_req
+        .headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_req).await.unwrap();
+    let chat = json!({"op": "chat", "session_id": s, "content": format!("ws {marker}")});
+    ws.send(Message::Text(chat.to_string().into()))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Text(t) = m {
+                if serde_json::from_str::<Value>(t.as_str()).unwrap()["event"] == "done" {
+                    return;
+                }
+            }
+        }
+        panic!("the socket ended before done");
+    })
+    .await
+    .unwrap();
+    ws.close(None).await.unwrap();
+
+    (p.finish().await, marker, key, upstream_key)
+}
+
+/// At `SLUICE_LOG=trace` the HTTP, WebSocket, PostgreSQL and Redis libraries would write
+/// frames, bodies and statements: no prompt and no key may reach the log through them.
+#[tokio::test]
+async fn at_trace_level_no_prompt_or_key_reaches_the_log() {
+    let (log, marker, key, upstream_key) = traced_run(false).await;
+    assert!(log.contains(" DEBUG "), "not a debug-level log");
+    for (what, secret) in [
+        ("prompt", marker.as_str()),
+        ("API key", key.as_str()),
+        ("upstream key", upstream_key.as_str()),
+    ] {
+        if let Some(at) = log.find(secret) {
+            let from = log[..at].rfind('\n').map_or(0, |i| i + 1);
+            let to = log[at..].find('\n').map_or(log.len(), |i| at + i);
+            panic!("{what} logged: {}", &log[from..to]);
+        }
+    }
+}
+
+/// `SLUICE_LOG_WIRE=1` is the one way to see what passes through those libraries.
+#[tokio::test]
+async fn log_wire_lets_the_libraries_log_what_passes_through() {
+    let (log, marker, _, _) = traced_run(true).await;
+    assert!(
+        log.contains(&marker),
+        "SLUICE_LOG_WIRE=1 showed no statement"
+    );
+}

@@ -175,6 +175,189 @@ async fn streams_past_the_drain_window_end_with_an_error_event() {
     wait_stats(&mock, Duration::from_secs(2), |s| s.active_streams == 0).await;
 }
 
+/// Reads one HTTP/1.1 response with a `Content-Length` body from a kept-alive connection.
+async fn read_response(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("no response")
+            .unwrap_or(0);
+        if n == 0 {
+            return text;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// An idle keep-alive connection is closed at SIGTERM, as the README says, so a client
+/// (or a proxy) sends its next request elsewhere instead of into a draining instance; a
+/// running stream on another connection goes on to its end.
+#[tokio::test]
+async fn a_keep_alive_connection_opened_before_sigterm_is_closed_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = mock(MockConfig::default()).await;
+    let p = start(&[
+        ("OPENAI_BASE_URL", mock.url()),
+        ("SLUICE_DRAIN_SECS", "30".into()),
+    ])
+    .await;
+    let addr = p.url.trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    conn.write_all(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_response(&mut conn).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(!first.to_ascii_lowercase().contains("connection: close"));
+    // A stream keeps the drain going meanwhile.
+    let resp = post(
+        &format!("{}/v1/chat/completions", p.url),
+        &body(true, json!({"tokens": 30, "token_ms": 100})),
+    )
+    .await;
+    let reader = tokio::spawn(read_stream(resp));
+    wait_stats(&mock, WAIT, |s| s.active_streams == 1).await;
+
+    p.sigterm();
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, conn.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection stayed open")
+        .unwrap();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert!(!reader.is_finished(), "closed only when the drain ended");
+
+    assert!(reader.await.unwrap().done);
+    assert_eq!(p.exit_code().await, 0);
+}
+
+/// The events a WebSocket received up to the server's Close, and that Close.
+async fn ws_until_close(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> (Vec<Value>, u16, String) {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut events = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("no Close frame within the wait");
+        match msg {
+            Some(Ok(Message::Text(t))) => events.push(serde_json::from_str(t.as_str()).unwrap()),
+            Some(Ok(Message::Close(Some(f)))) => {
+                // Read on, as a client does: that sends the answer to the server's Close.
+                while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
+                return (events, f.code.into(), f.reason.to_string());
+            }
+            Some(Ok(Message::Close(None))) => panic!("a Close frame without a code"),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("the socket failed before a Close frame: {e} ({events:?})"),
+            None => panic!("the socket ended without a Close frame ({events:?})"),
+        }
+    }
+}
+
+/// Whatever ends the drain, an open WebSocket gets a Close with 1001 and a reason: with
+/// nothing running (the drain ends at once), after the reply it follows finished within the
+/// drain window, and when the drain window ran out under a reply.
+#[tokio::test]
+async fn an_open_websocket_is_closed_with_1001_on_every_shutdown_path() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    struct Case {
+        name: &'static str,
+        /// Tokens of the reply the socket follows; 0: no reply.
+        tokens: usize,
+        drain_secs: u64,
+        /// The last event the socket received before the Close.
+        last_event: Option<&'static str>,
+    }
+    for case in [
+        Case {
+            name: "nothing running",
+            tokens: 0,
+            drain_secs: 30,
+            last_event: None,
+        },
+        Case {
+            name: "reply finished within the drain",
+            tokens: 15,
+            drain_secs: 30,
+            last_event: Some("done"),
+        },
+        Case {
+            name: "drain window over",
+            tokens: 5_000,
+            drain_secs: 1,
+            last_event: Some("interrupted"),
+        },
+    ] {
+        let mock = mock(MockConfig {
+            tokens: case.tokens.max(1),
+            token_delay: Duration::from_millis(50),
+            ..Default::default()
+        })
+        .await;
+        let mut p = start(&[
+            ("OPENAI_BASE_URL", mock.url()),
+            ("SLUICE_DEFAULT_MODEL", "mock-model".into()),
+            ("SLUICE_DRAIN_SECS", case.drain_secs.to_string()),
+        ])
+        .await;
+        let ws_url = format!("{}/ws", p.url.replace("http://", "ws://"));
+        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+        if case.tokens > 0 {
+            let s: Value = client()
+                .post(format!("{}/api/sessions", p.url))
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let chat = json!({"op": "chat", "session_id": s["id"], "content": "go on"});
+            ws.send(Message::Text(chat.to_string().into()))
+                .await
+                .unwrap();
+            wait_stats(&mock, WAIT, |s| s.active_streams == 1).await;
+        } else {
+            ws.send(Message::Text(r#"{"op":"ping"}"#.into()))
+                .await
+                .unwrap();
+        }
+        p.sigterm();
+        p.wait_line("draining").await;
+        let (events, code, reason) = ws_until_close(&mut ws).await;
+        assert_eq!(code, 1001, "{}: {reason}", case.name);
+        assert!(!reason.is_empty(), "{}: no reason", case.name);
+        if let Some(last) = case.last_event {
+            let kinds: Vec<_> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+            assert_eq!(kinds.last(), Some(&last), "{}: {kinds:?}", case.name);
+        }
+        assert_eq!(p.exit_code().await, 0, "{}", case.name);
+    }
+}
+
 #[tokio::test]
 async fn the_first_lines_say_where_to_chat_whether_keys_are_needed_and_which_model_answers() {
     let dir = tempfile::tempdir().unwrap();

@@ -377,7 +377,7 @@ async fn a_client_close_is_answered_with_its_code() {
 }
 
 /// A close the server starts keeps its code and reason, and ends once the client has
-/// answered it. At a restart, every connection learns why it is cut.
+/// answered it. At shutdown, every connection learns why it is cut.
 #[tokio::test]
 async fn server_closes_keep_their_code_and_reason() {
     let e = env(MockConfig::default(), |_| {}).await;
@@ -402,11 +402,17 @@ async fn server_closes_keep_their_code_and_reason() {
         assert_eq!(next_json(&mut ws).await["op"], "pong");
         clients.push(ws);
     }
-    e.server.state.lifecycle.stop();
+    // The end of the drain, however it ended.
+    e.server.state.lifecycle.close_connections();
     for ws in &mut clients {
         let (code, reason) = close_code(ws).await;
-        assert_eq!(code, CloseCode::Restart);
+        assert_eq!(code, CloseCode::Away);
         assert!(reason.contains("reconnect"), "{reason}");
+        // Reading on answers it, so the server need not wait for the answer.
+        let end = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("still open");
+        assert!(end.is_none(), "{end:?}");
     }
     e.server.shutdown().await;
 }

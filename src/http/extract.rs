@@ -1,13 +1,112 @@
 //! A JSON body extractor whose rejections are OpenAI-shaped and precise: 415 for a wrong
 //! content type, 413 over the body limit, 400 for broken JSON, 422 naming the field that
-//! does not fit the schema.
+//! does not fit the schema, 408 for a body that does not arrive in time.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::header;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
+use crate::ops::metrics::Metrics;
+
+/// In a request's extensions: set once its body missed the body timeout, so the extractors
+/// answer 408 instead of a generic read error.
+#[derive(Clone, Default)]
+pub struct BodyTimer(Arc<AtomicBool>);
+
+impl BodyTimer {
+    fn expired(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A request body that must arrive in full within a deadline counted from the request
+/// head, or it fails: hyper bounds the head, not the body, so a client sending a head and
+/// then nothing (or a byte at a time) would hold its connection indefinitely.
+pub struct TimedBody {
+    inner: Incoming,
+    deadline: tokio::time::Instant,
+    /// Armed only once the body makes the reader wait: a body already in the buffer costs
+    /// no timer.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    timer: BodyTimer,
+    metrics: Arc<Metrics>,
+}
+
+/// Wraps `req`'s body in a [`TimedBody`] and records its [`BodyTimer`] in the extensions.
+pub fn time_body(
+    req: axum::http::Request<Incoming>,
+    timeout: Duration,
+    metrics: &Arc<Metrics>,
+) -> Request {
+    let timer = BodyTimer::default();
+    let mut req = req.map(|inner| {
+        axum::body::Body::new(TimedBody {
+            inner,
+            deadline: tokio::time::Instant::now() + timeout,
+            sleep: None,
+            timer: timer.clone(),
+            metrics: metrics.clone(),
+        })
+    });
+    req.extensions_mut().insert(timer);
+    req
+}
+
+impl Body for TimedBody {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let deadline = this.deadline;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if !this.timer.0.swap(true, Ordering::Relaxed) {
+            this.metrics.body_timeout();
+        }
+        Poll::Ready(Some(Err(
+            "request body not received within the body timeout".into(),
+        )))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn body_timeout() -> ApiError {
+    ApiError::RequestTimeout(
+        "the request body did not arrive within the body timeout (SLUICE_BODY_TIMEOUT_MS)".into(),
+    )
+}
+
+fn expired(timer: Option<&BodyTimer>) -> bool {
+    timer.is_some_and(BodyTimer::expired)
+}
 
 pub struct ApiJson<T>(pub T);
 
@@ -24,8 +123,11 @@ where
                 "expected a body with Content-Type: application/json".into(),
             ));
         }
+        let timer = req.extensions().get::<BodyTimer>().cloned();
         let body = Bytes::from_request(req, state).await.map_err(|r| {
-            if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            if expired(timer.as_ref()) {
+                body_timeout()
+            } else if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge("request body exceeds the size limit".into())
             } else {
                 ApiError::BadRequest(format!("cannot read request body: {}", r.body_text()))
@@ -48,9 +150,14 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let has_type = req.headers().contains_key(header::CONTENT_TYPE);
         if !has_type {
-            let body = Bytes::from_request(req, state)
-                .await
-                .map_err(|r| ApiError::BadRequest(r.body_text()))?;
+            let timer = req.extensions().get::<BodyTimer>().cloned();
+            let body = Bytes::from_request(req, state).await.map_err(|r| {
+                if expired(timer.as_ref()) {
+                    body_timeout()
+                } else {
+                    ApiError::BadRequest(r.body_text())
+                }
+            })?;
             if body.iter().all(u8::is_ascii_whitespace) {
                 return Ok(Self(None));
             }

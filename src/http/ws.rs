@@ -95,13 +95,16 @@ async fn upgrade(
         tasks: st.tasks.clone(),
         caller: who.caller(),
         settings,
-        stop: st.handoff_token(),
+        stop: st.ws_close_token(),
     };
+    // The process waits for the connection's closing handshake before it exits.
+    let held = st.lifecycle.websocket();
     Ok(ws
         // Frames up to 1 MiB are read so an oversized message gets a clean 1009 close;
         // beyond that the WebSocket layer refuses them.
         .max_message_size(1024 * 1024)
         .on_upgrade(move |socket| async move {
+            let _held = held;
             let _open = metrics.connection("ws");
             let (write, read) = socket.split();
             ws::serve(write, read, ctx).await;

@@ -2,11 +2,13 @@
 //!
 //! On SIGTERM the instance drains: readiness fails at once and new generations are refused,
 //! while running streams may finish until the drain window ends. Then `stop` fires and
-//! every stream still running ends with an error event, so the process can exit.
+//! every stream still running ends with an error event, so the process can exit. Last,
+//! `close` fires: WebSockets get their Close frame and the last connections close.
 
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
 #[derive(Debug)]
 pub struct Lifecycle {
@@ -14,6 +16,10 @@ pub struct Lifecycle {
     drain: CancellationToken,
     /// Fired when the drain window is over; running streams end when it fires.
     stop: CancellationToken,
+    /// Fired when the drain is over, however it ended: open WebSockets are closed.
+    close: CancellationToken,
+    /// Open WebSocket connections: the process waits for their closing handshake.
+    websockets: TaskTracker,
     /// For `uptime_s` in health output.
     started: Instant,
 }
@@ -29,6 +35,8 @@ impl Lifecycle {
         Self {
             drain: CancellationToken::new(),
             stop: CancellationToken::new(),
+            close: CancellationToken::new(),
+            websockets: TaskTracker::new(),
             started: Instant::now(),
         }
     }
@@ -61,6 +69,27 @@ impl Lifecycle {
     /// A token running streams select on, to end cleanly when the drain window is over.
     pub fn stop_token(&self) -> CancellationToken {
         self.stop.clone()
+    }
+
+    /// Ends the drain for connections: open WebSockets are closed with 1001.
+    pub fn close_connections(&self) {
+        self.close.cancel();
+    }
+
+    /// A token fired when the drain is over (see [`Self::close_connections`]).
+    pub fn close_token(&self) -> CancellationToken {
+        self.close.clone()
+    }
+
+    /// Held by a WebSocket connection until it has closed.
+    pub fn websocket(&self) -> TaskTrackerToken {
+        self.websockets.token()
+    }
+
+    /// Resolves once every WebSocket connection has closed.
+    pub async fn websockets_closed(&self) {
+        self.websockets.close();
+        self.websockets.wait().await
     }
 
     pub fn uptime_secs(&self) -> u64 {

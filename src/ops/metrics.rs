@@ -28,6 +28,7 @@ pub struct Metrics {
     tokens: Counter,
     active_streams: Gauge,
     rate_limited: Counter,
+    body_timeouts: Counter,
     // The JSON summary's own tallies, moved together with the series above.
     total_requests: AtomicU64,
     in_flight: AtomicI64,
@@ -69,15 +70,18 @@ impl Metrics {
         let c = |name: &'static str| recorder.register_counter(&Key::from_name(name), &META);
         let tokens = c("sluice_tokens_streamed_total");
         let rate_limited = c("sluice_rate_limited_total");
+        let body_timeouts = c("sluice_body_timeouts_total");
         let active_streams =
             recorder.register_gauge(&Key::from_name("sluice_active_streams"), &META);
         tokens.increment(0);
         rate_limited.increment(0);
+        body_timeouts.increment(0);
         active_streams.increment(0.0);
         let m = Self {
             tokens,
             active_streams,
             rate_limited,
+            body_timeouts,
             total_requests: AtomicU64::new(0),
             in_flight: AtomicI64::new(0),
             latency_us: AtomicU64::new(0),
@@ -179,6 +183,11 @@ impl Metrics {
     pub fn rate_limited(&self) {
         self.rate_limited.increment(1);
         self.rate_limited_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request answered 408: its body did not arrive within the body timeout.
+    pub fn body_timeout(&self) {
+        self.body_timeouts.increment(1);
     }
 
     pub fn cache(&self, hit: bool) {

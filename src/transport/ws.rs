@@ -61,7 +61,6 @@ pub mod close {
     pub const UNSUPPORTED: u16 = 1003;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
-    pub const RESTART: u16 = 1012;
 }
 
 /// Why an op was not admitted: the same code and message an HTTP request would get.
@@ -92,7 +91,8 @@ pub struct WsContext {
     pub tasks: Arc<TaskService>,
     pub caller: Caller,
     pub settings: WsSettings,
-    /// Fired when the drain window is over: clients are told to reconnect elsewhere.
+    /// Fired when the server shuts down: clients are closed with 1001 and told to
+    /// reconnect (elsewhere, in a cluster) and resume.
     pub stop: CancellationToken,
 }
 
@@ -166,6 +166,8 @@ enum Ending {
     Close(Message),
     /// Ours to send to a peer that has gone silent: no answer is waited for.
     Abandon(Message),
+    /// The server shuts down: the events already relayed go out first, then this Close.
+    Shutdown(Message),
     /// Nothing can be sent: the client went away, or the writer already failed.
     Gone,
 }
@@ -174,6 +176,10 @@ enum Ending {
 /// Dropping it before the answer arrives makes the kernel reset the connection, which
 /// clients may report as an abnormal close.
 const CLOSE_ANSWER_WAIT: Duration = Duration::from_secs(5);
+
+/// The same at shutdown, where the process waits for it: shorter, since a client that
+/// has read the Close loses nothing when the socket then closes.
+const SHUTDOWN_ANSWER_WAIT: Duration = Duration::from_secs(1);
 
 /// Serves one connection until either side ends it.
 pub async fn serve<W, R, E>(write: W, mut read: R, ctx: WsContext)
@@ -221,7 +227,7 @@ where
     let ending = loop {
         tokio::select! {
             biased;
-            _ = ctx.stop.cancelled() => break Ending::Close(close_msg(close::RESTART, "server restarting; reconnect and resume")),
+            _ = ctx.stop.cancelled() => break Ending::Shutdown(close_msg(close::GOING_AWAY, "server shutting down; reconnect and resume")),
             _ = overflow.cancelled() => break Ending::Close(close_msg(close::POLICY, "send queue full: the client is not reading")),
             _ = revoked.cancelled() => break Ending::Close(close_msg(close::POLICY, "API key revoked: reconnect with a valid key")),
             // Awaited here once; a JoinHandle polled again after that panics.
@@ -256,13 +262,34 @@ where
     };
     // The close request goes first: the writer prefers it to anything still queued, and
     // must not mistake the queue closing below for the end of the connection.
-    let ours = matches!(ending, Ending::Close(_));
-    match ending {
-        Ending::Close(frame) | Ending::Abandon(frame) => {
-            let _ = close_tx.send(Some(frame));
+    let ours = matches!(ending, Ending::Close(_) | Ending::Shutdown(_));
+    let answer_wait = if matches!(ending, Ending::Shutdown(_)) {
+        SHUTDOWN_ANSWER_WAIT
+    } else {
+        CLOSE_ANSWER_WAIT
+    };
+    let mut close_tx = Some(close_tx);
+    let mut request_close = |frame: Option<Message>| {
+        if let Some(tx) = close_tx.take() {
+            let _ = tx.send(frame);
         }
-        Ending::Answer => {
-            let _ = close_tx.send(None);
+    };
+    // A shutdown's Close waits behind the queued events, so a reading client gets the
+    // end of its reply (`done`, `interrupted`) before it.
+    let mut queued_close = false;
+    match ending {
+        Ending::Close(frame) | Ending::Abandon(frame) => request_close(Some(frame)),
+        Ending::Answer => request_close(None),
+        Ending::Shutdown(frame) => {
+            // Forwarders end at `stop` once they have relayed what the hub holds.
+            let relayed = async { while conn.forwarders.join_next().await.is_some() {} };
+            let _ = tokio::time::timeout(CLOSE_ANSWER_WAIT, relayed).await;
+            // Behind the events still queued, not in the control queue that overtakes them.
+            match conn.events.try_send(frame) {
+                Ok(()) => queued_close = true,
+                // A client that is not reading gets it ahead of the queue, as any close.
+                Err(e) => request_close(Some(e.into_inner())),
+            }
         }
         Ending::Gone => {}
     }
@@ -271,7 +298,18 @@ where
     drop(out);
     // Bounded: the writer ends within `grace` of the close, or at stop.
     if !writer_done {
-        let _ = writer.await;
+        // Polled to completion at most once: a JoinHandle polled again after that panics.
+        let finished = queued_close && tokio::time::timeout(grace, &mut writer).await.is_ok();
+        if !finished {
+            if queued_close {
+                // Stuck behind a client that stopped reading: the Close goes ahead after all.
+                request_close(Some(close_msg(
+                    close::GOING_AWAY,
+                    "server shutting down; reconnect and resume",
+                )));
+            }
+            let _ = writer.await;
+        }
     }
     if ours {
         // The handshake completes when the client answers; only then is the socket dropped.
@@ -282,7 +320,7 @@ where
                 }
             }
         };
-        let _ = tokio::time::timeout(CLOSE_ANSWER_WAIT, answered).await;
+        let _ = tokio::time::timeout(answer_wait, answered).await;
     }
 }
 
@@ -302,13 +340,7 @@ async fn write_loop<W>(
         tokio::select! {
             biased;
             request = &mut close => break request.ok(),
-            msg = async {
-                tokio::select! {
-                    biased;
-                    m = rx.recv() => m,
-                    m = events.recv() => m,
-                }
-            } => {
+            msg = next_frame(&mut rx, &mut events) => {
                 let Some(msg) = msg else { break None };
                 tokio::select! {
                     biased;
@@ -335,6 +367,20 @@ async fn write_loop<W>(
         biased;
         _ = tokio::time::timeout(grace, finish) => {}
         _ = stop.cancelled() => {}
+    }
+}
+
+/// The next frame to write: the connection's own first, then the topics' events; `None`
+/// only once both queues are closed and empty, so neither loses what it still holds.
+async fn next_frame(
+    control: &mut mpsc::Receiver<Message>,
+    events: &mut mpsc::Receiver<Message>,
+) -> Option<Message> {
+    tokio::select! {
+        biased;
+        Some(m) = control.recv() => Some(m),
+        Some(m) = events.recv() => Some(m),
+        else => None,
     }
 }
 
@@ -508,10 +554,14 @@ impl Conn<'_> {
         }
     }
 
-    /// Relays a feed's events to the queue until the feed ends or the client stops reading.
-    /// The feed is read only as the queue makes room, so a long backlog streams from the
-    /// replay log at the client's pace.
-    fn forward<F: EventFeed + 'static>(&mut self, topic: String, mut feed: F) {
+    /// Relays a feed's events to the queue until the feed ends, the server shuts down or
+    /// the client stops reading. The feed is read only as the queue makes room, so a long
+    /// backlog streams from the replay log at the client's pace.
+    fn forward<F: EventFeed + 'static>(&mut self, topic: String, feed: F) {
+        let mut feed = UntilShutdown {
+            feed,
+            shutdown: self.ctx.stop.clone(),
+        };
         let out = self.events.clone();
         let overflow = self.overflow.clone();
         let send_timeout = self.ctx.settings.send_timeout;
@@ -554,6 +604,23 @@ impl Conn<'_> {
             }
         });
         self.topics.insert(topic, handle);
+    }
+}
+
+/// A feed that ends at shutdown once nothing more is ready: what the hub already holds is
+/// still relayed before the connection's Close.
+struct UntilShutdown<F> {
+    feed: F,
+    shutdown: CancellationToken,
+}
+
+impl<F: EventFeed> EventFeed for UntilShutdown<F> {
+    async fn next_batch(&mut self, out: &mut Vec<Event>) -> Result<(), End> {
+        tokio::select! {
+            biased;
+            r = self.feed.next_batch(out) => r,
+            _ = self.shutdown.cancelled() => Err(End::Finished),
+        }
     }
 }
 
