@@ -142,7 +142,7 @@ const QUIET_CRATES: [(&str, &str); 1] = [("refinery_core", "warn")];
 /// Libraries that write what passes through them at DEBUG and TRACE: WebSocket frames,
 /// HTTP bodies, SQL parameters, Redis commands, that is prompts, replies and keys. They log
 /// at WARN at most unless `SLUICE_LOG_WIRE` lets them through, whatever the filter says.
-const WIRE_CRATES: [&str; 13] = [
+const WIRE_CRATES: [&str; 12] = [
     "tungstenite",
     "tokio_tungstenite",
     "hyper",
