@@ -417,6 +417,17 @@ async fn client_text_with_nul_is_refused_naming_the_field(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // `/v1` stores no text: the request goes to the provider as the client wrote it.
+    let r = send(
+        Method::POST,
+        "/v1/chat/completions",
+        json!({"model": "mock-model", "messages": [{"role": "user", "content": "a\0b"}]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let sent: Value = serde_json::from_slice(&m.last_request_body().unwrap()).unwrap();
+    assert_eq!(sent["messages"][0]["content"], "a\0b");
     server.shutdown().await;
 }
 

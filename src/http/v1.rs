@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use super::auth::Principal;
-use super::extract::ApiJson;
+use super::extract::RelayJson;
 use crate::app::{AppState, LogsAtEnd};
 use crate::cache::{self, CachedReply, ResponseCache};
 use crate::error::ApiError;
@@ -27,7 +27,7 @@ pub fn router() -> Router<AppState> {
 async fn chat_completions(
     State(st): State<AppState>,
     who: Principal,
-    ApiJson(req): ApiJson<CompletionRequest>,
+    RelayJson(req): RelayJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     st.ensure_accepting()?;
     let (mut chat, opts) = req.into_domain().map_err(ApiError::Unprocessable)?;
