@@ -393,6 +393,10 @@ impl Upstreams {
         let chain = self.resolve(&req.model)?;
         let deadline = Instant::now() + self.timeouts.total;
         let first = self.accept(req, &chain, 0, None, deadline).await?;
+        // With no target left to fall back to, the stream goes out as it comes.
+        if first.index + 1 >= chain.len() {
+            return Ok(first.into_relay());
+        }
         let (provider, model) = (first.provider.clone(), first.model.clone());
         let (this, req) = (self.clone(), req.clone());
         let starting = async move {
@@ -443,6 +447,9 @@ impl Upstreams {
     ) -> Result<Relay, UpstreamError> {
         let deadline = Instant::now() + self.timeouts.total;
         let first = self.accept(req, chain, 0, None, deadline).await?;
+        if first.index + 1 >= chain.len() {
+            return Ok(first.into_relay());
+        }
         let (served, head) = self.to_first_token(req, chain, first, deadline).await?;
         let events = if head.is_empty() {
             served.events
@@ -626,6 +633,16 @@ struct Accepted {
     /// Its place in the chain: a fallback goes on from the next one.
     index: usize,
     events: EventStream,
+}
+
+impl Accepted {
+    fn into_relay(self) -> Relay {
+        Relay {
+            provider: self.provider,
+            model: self.model,
+            events: self.events,
+        }
+    }
 }
 
 /// Reads `events` up to and including the first token (or a finish), or to its end.
