@@ -1036,3 +1036,57 @@ async fn a_resume_id_at_or_past_the_end_replays_nothing_and_the_stream_stays_up(
     }
     e.server.shutdown().await;
 }
+
+/// JSON nested 10,000 deep is refused with a 4xx — a 400 where it is read as free-form JSON
+/// (fields relayed to the provider, message content) — and the server keeps serving.
+#[tokio::test]
+async fn deeply_nested_json_is_refused_with_a_4xx() {
+    let e = env(Backend::Sqlite, MockConfig::default()).await;
+    let s = e.new_session().await;
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let relayed = [
+        format!(
+            r#"{{"model":"mock-model","messages":[{{"role":"user","content":"hi"}}],"x":{deep}}}"#
+        ),
+        format!(r#"{{"model":"mock-model","messages":[{{"role":"user","content":{deep}}}]}}"#),
+    ];
+    for body in relayed {
+        let r = e
+            .req(reqwest::Method::POST, "/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await.unwrap();
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("recursion limit"), "{msg}");
+    }
+    // A schema that wants something else there refuses it first (422).
+    let typed = [
+        ("/v1/chat/completions".to_owned(), deep.clone()),
+        (format!("/api/sessions/{s}/messages"), deep.clone()),
+        (
+            format!("/api/sessions/{s}/messages"),
+            format!(r#"{{"content":"hi","model":{deep}}}"#),
+        ),
+    ];
+    for (path, body) in typed {
+        let r = e
+            .req(reqwest::Method::POST, &path)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_client_error(), "{path}: {}", r.status());
+    }
+    let r = e
+        .req(reqwest::Method::GET, "/api/sessions")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    e.server.shutdown().await;
+}
