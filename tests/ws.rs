@@ -928,3 +928,67 @@ async fn a_resume_id_at_or_past_the_end_replays_nothing_and_the_connection_stays
     }
     e.server.shutdown().await;
 }
+
+/// A task topic resumed at or past its last event replays nothing, and the connection
+/// stays up.
+#[tokio::test]
+async fn a_task_resumed_past_its_end_replays_nothing() {
+    let e = env(
+        MockConfig {
+            tokens: 5,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let r = client()
+        .post(format!("{}/api/tasks", e.server.url))
+        .bearer_auth(&e.key)
+        .json(&json!({"messages": [{"role": "user", "content": "work"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let topic = format!("task:{id}");
+    let mut ws = e.connect().await;
+    send(&mut ws, json!({"op": "subscribe", "topic": topic})).await;
+    let last = loop {
+        let v = next_json(&mut ws).await;
+        if v["event"] == "succeeded" {
+            break split_id(v["id"].as_str().unwrap()).1;
+        }
+    };
+    let ch = e.server.state.chat.hub().get(&id).unwrap();
+    for after in [u64::MAX, u64::MAX - 1, last, last + 1] {
+        let mut ws = e.connect().await;
+        let resume = |seq: u64| json!({"op": "subscribe", "topic": topic, "last_event_id": format!("{id}.{seq}")});
+        send(&mut ws, resume(after)).await;
+        send(&mut ws, json!({"op": "ping"})).await;
+        assert_eq!(
+            next_json(&mut ws).await,
+            json!({"op": "pong"}),
+            "after {after}"
+        );
+        // Once that subscription has ended, all it sent is queued; a resume from the
+        // last-but-one event then sends exactly the last one, after anything replayed.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while ch.subscriber_count() > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "still subscribed");
+            tokio::task::yield_now().await;
+        }
+        let v = loop {
+            send(&mut ws, resume(last - 1)).await;
+            let v = next_json(&mut ws).await;
+            if v["code"] != "already_subscribed" {
+                break v;
+            }
+        };
+        assert_eq!(v["event"], "succeeded", "replayed after {after}: {v}");
+        assert_eq!(split_id(v["id"].as_str().unwrap()).1, last);
+    }
+    e.server.shutdown().await;
+}
