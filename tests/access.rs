@@ -450,3 +450,121 @@ async fn two_authorization_headers_are_refused_over_http_and_websocket() {
         server.shutdown().await;
     }
 }
+
+/// Spellings of admin paths that the admin gate and the rate limits both read as admin:
+/// dot segments, backslashes, repeated or trailing slashes, case, percent-encoding
+/// (including an encoded `/` and `..%2f` inside the `{id}` of `/api/admin/keys/{id}`).
+const ADMIN_SPELLINGS: &[&str] = &[
+    "/api/admin/streams",
+    "/api/./admin/streams",
+    "/api/%2e/admin/streams",
+    "/api\\admin\\streams",
+    "/api%5cadmin%5cstreams",
+    "//api/admin/streams",
+    "/api//admin//streams",
+    "/api/admin/streams/",
+    "/api/admin/streams/.",
+    "/API/Admin/Streams",
+    "/api/%61dmin/streams",
+    "/api/%41DMIN/streams",
+    "/api%2Fadmin%2Fstreams",
+    "/api%2fadmin/usage",
+    "/api/admin/cache%2fclear",
+    "/api/admin/./drain",
+    "/api/admin/keys/..",
+    "/api/admin/keys/%2e%2e",
+    "/api/admin/keys/..%2f..%2fsessions",
+    "/api/admin/keys/%2e%2e%2f%2e%2e%2f%2e%2e",
+    "/api/admin",
+    "/api/admin/",
+];
+
+/// Spellings whose `..` would climb out of `/api/admin` if resolved: the router matches
+/// the raw path, where none of them is an admin route, so they are no admin path either.
+const CLIMBING_SPELLINGS: &[&str] = &[
+    "/api/x/../admin/streams",
+    "/api/admin/../admin/streams",
+    "/api/sessions/%2e%2e%2fadmin%2fstreams",
+    "/api/sessions/..%2f..%2fapi%2fadmin%2fstreams",
+];
+
+/// Status code of a request sent byte for byte as given: an HTTP client would resolve the
+/// dot segments and backslashes before sending.
+async fn raw_status(server: &TestServer, method: &str, path: &str, key: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = server.url.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut resp))
+        .await
+        .expect("no answer")
+        .unwrap();
+    let resp = String::from_utf8_lossy(&resp);
+    resp.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer to {method} {path}: {resp}"))
+}
+
+/// No spelling of an admin path reaches an admin handler with a non-admin key: the gate
+/// refuses it (403) or the router matches nothing (404), whatever the method.
+#[tokio::test]
+async fn no_spelling_of_an_admin_path_reaches_an_admin_handler_without_an_admin_key() {
+    let (_mock, server) = keyed_server().await;
+    let admin = api_key(&server, "ops", true).await;
+    let alice = api_key(&server, "alice", false).await;
+    // The harness reaches the handler with an admin key.
+    assert_eq!(
+        raw_status(&server, "GET", "/api/admin/streams", &admin).await,
+        200
+    );
+    for path in ADMIN_SPELLINGS {
+        for method in ["GET", "POST", "DELETE"] {
+            let status = raw_status(&server, method, path, &alice).await;
+            assert_eq!(status, 403, "{method} {path}");
+        }
+    }
+    for path in CLIMBING_SPELLINGS {
+        for method in ["GET", "POST", "DELETE"] {
+            let status = raw_status(&server, method, path, &alice).await;
+            // 405: a session route that takes other methods, never an admin one.
+            assert!(
+                [403, 404, 405].contains(&status),
+                "{method} {path}: {status}"
+            );
+        }
+    }
+    server.shutdown().await;
+}
+
+/// The rate limits read every admin spelling as admin, as the gate does: once a key has
+/// spent its admin budget, each of them is refused with 429.
+#[tokio::test]
+async fn every_spelling_of_an_admin_path_counts_against_the_admin_rate_limit() {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.chat.auth = AuthMode::Required;
+    cfg.guards.rate_admin_per_min = 1;
+    cfg.guards.rate_burst = 1;
+    let server = TestServer::start(cfg).await;
+    let alice = api_key(&server, "alice", false).await;
+    assert_eq!(
+        raw_status(&server, "GET", "/api/admin/streams", &alice).await,
+        403
+    );
+    for path in ADMIN_SPELLINGS {
+        let status = raw_status(&server, "GET", path, &alice).await;
+        assert_eq!(status, 429, "{path} is not limited as admin");
+    }
+    // Other routes are not in the admin budget.
+    assert_eq!(
+        raw_status(&server, "GET", "/api/sessions", &alice).await,
+        200
+    );
+    server.shutdown().await;
+}

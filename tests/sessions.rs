@@ -919,3 +919,174 @@ async fn the_thinking_is_saved_while_it_streams(b: Backend) {
     assert_eq!(e.messages(&s).await[1]["reasoning"], thinking());
     e.server.shutdown().await;
 }
+
+/// The resume ids at or past the end of a generation whose next event would be `end`.
+fn ids_past_the_end(end: u64) -> [u64; 4] {
+    [u64::MAX, u64::MAX - 1, end, end + 1]
+}
+
+/// The generation id and sequence number of an event id.
+fn split_id(id: &str) -> (String, u64) {
+    let (g, seq) = id.rsplit_once('.').unwrap();
+    (g.to_owned(), seq.parse().unwrap())
+}
+
+/// Events until the final one of a generation other than `first`.
+async fn read_until_final_of_another(resp: reqwest::Response, first: &str) -> Vec<Ev> {
+    let mut out = Vec::new();
+    let mut events = resp.bytes_stream().eventsource();
+    while let Some(ev) = tokio::time::timeout(WAIT, events.next())
+        .await
+        .expect("stalled")
+    {
+        let ev = ev.expect("the stream broke");
+        let e = Ev {
+            id: ev.id.clone(),
+            event: ev.event.clone(),
+            data: serde_json::from_str(&ev.data).unwrap(),
+        };
+        let last = matches!(e.event.as_str(), "done" | "error" | "interrupted")
+            && split_id(&e.id).0 != first;
+        out.push(e);
+        if last {
+            return out;
+        }
+    }
+    panic!("the stream ended: {out:?}");
+}
+
+/// `Last-Event-ID` at or past the end of a generation — up to `u64::MAX`, as the header or
+/// `?last_event_id=`, on a running and on a finished generation — sends nothing at or
+/// before it again, and the stream stays up to carry the session's next reply.
+#[tokio::test]
+async fn a_resume_id_at_or_past_the_end_replays_nothing_and_the_stream_stays_up() {
+    let e = env(
+        Backend::Sqlite,
+        MockConfig {
+            tokens: 40,
+            token_delay: Duration::from_millis(30),
+            ..Default::default()
+        },
+    )
+    .await;
+    let s = e.new_session().await;
+    let open = |id: String, query: bool| {
+        let mut r = e.req(
+            reqwest::Method::GET,
+            &if query {
+                format!("/api/sessions/{s}/stream?last_event_id={id}")
+            } else {
+                format!("/api/sessions/{s}/stream")
+            },
+        );
+        if !query {
+            r = r.header("last-event-id", id);
+        }
+        async move {
+            let r = r.send().await.expect("the server dropped the request");
+            assert_eq!(r.status(), 200);
+            r
+        }
+    };
+    let mut live = e.chat(&s, "first").await.bytes_stream().eventsource();
+    let start = tokio::time::timeout(WAIT, live.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let (first, _) = split_id(&start.id);
+    let ch = e.server.state.chat.hub().get(&first).unwrap();
+    let mut streams = Vec::new();
+    let running_end = ch.next_seq();
+    for after in ids_past_the_end(running_end) {
+        for query in [false, true] {
+            streams.push((after, open(format!("{first}.{after}"), query).await));
+        }
+    }
+    assert!(
+        !ch.is_finished(),
+        "the reply ended before the resumes were made"
+    );
+    while let Some(ev) = tokio::time::timeout(WAIT, live.next()).await.unwrap() {
+        if ev.unwrap().event == "done" {
+            break;
+        }
+    }
+    assert!(ch.is_finished());
+    for after in ids_past_the_end(ch.next_seq()) {
+        for query in [false, true] {
+            streams.push((after, open(format!("{first}.{after}"), query).await));
+        }
+    }
+    let second = read_until_final(e.chat(&s, "second").await, 10_000).await;
+    assert_eq!(second.last().unwrap().event, "done");
+    for (after, resp) in streams {
+        let got = read_until_final_of_another(resp, &first).await;
+        let (old, new): (Vec<_>, Vec<_>) = got.iter().partition(|ev| split_id(&ev.id).0 == first);
+        for ev in &old {
+            assert!(
+                split_id(&ev.id).1 > after,
+                "{} replayed after {after}",
+                ev.id
+            );
+        }
+        let new: Vec<&str> = new.iter().map(|ev| ev.id.as_str()).collect();
+        let want: Vec<&str> = second.iter().map(|ev| ev.id.as_str()).collect();
+        assert_eq!(new, want, "resumed after {after}");
+    }
+    e.server.shutdown().await;
+}
+
+/// JSON nested 10,000 deep is refused with a 4xx — a 400 where it is read as free-form JSON
+/// (fields relayed to the provider, message content) — and the server keeps serving.
+#[tokio::test]
+async fn deeply_nested_json_is_refused_with_a_4xx() {
+    let e = env(Backend::Sqlite, MockConfig::default()).await;
+    let s = e.new_session().await;
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let relayed = [
+        format!(
+            r#"{{"model":"mock-model","messages":[{{"role":"user","content":"hi"}}],"x":{deep}}}"#
+        ),
+        format!(r#"{{"model":"mock-model","messages":[{{"role":"user","content":{deep}}}]}}"#),
+    ];
+    for body in relayed {
+        let r = e
+            .req(reqwest::Method::POST, "/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await.unwrap();
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("recursion limit"), "{msg}");
+    }
+    // A schema that wants something else there refuses it first (422).
+    let typed = [
+        ("/v1/chat/completions".to_owned(), deep.clone()),
+        (format!("/api/sessions/{s}/messages"), deep.clone()),
+        (
+            format!("/api/sessions/{s}/messages"),
+            format!(r#"{{"content":"hi","model":{deep}}}"#),
+        ),
+    ];
+    for (path, body) in typed {
+        let r = e
+            .req(reqwest::Method::POST, &path)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_client_error(), "{path}: {}", r.status());
+    }
+    let r = e
+        .req(reqwest::Method::GET, "/api/sessions")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    e.server.shutdown().await;
+}

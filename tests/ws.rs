@@ -830,3 +830,165 @@ async fn a_reasoning_task_streams_its_thinking_over_ws() {
     assert_eq!(task["reasoning"], thinking());
     e.server.shutdown().await;
 }
+
+/// The generation id and sequence number of an event id.
+fn split_id(id: &str) -> (String, u64) {
+    let (g, seq) = id.rsplit_once('.').unwrap();
+    (g.to_owned(), seq.parse().unwrap())
+}
+
+/// `last_event_id` at or past the end of a generation — up to `u64::MAX`, on a running and
+/// on a finished generation — sends nothing at or before it again, and the connection
+/// stays up: it carries the session's next reply and answers a ping.
+#[tokio::test]
+async fn a_resume_id_at_or_past_the_end_replays_nothing_and_the_connection_stays_up() {
+    let e = env(
+        MockConfig {
+            tokens: 40,
+            token_delay: Duration::from_millis(30),
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let s = e.new_session().await;
+    let topic = format!("session:{s}");
+    let post = |content: &'static str| {
+        client()
+            .post(format!("{}/api/sessions/{s}/messages", e.server.url))
+            .bearer_auth(&e.key)
+            .header("accept", "text/event-stream")
+            .json(&json!({ "content": content }))
+            .send()
+    };
+    let mut live = post("first").await.unwrap().bytes_stream().eventsource();
+    let start = tokio::time::timeout(WAIT, live.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let (first, _) = split_id(&start.id);
+    let ch = e.server.state.chat.hub().get(&first).unwrap();
+    let ids = |end: u64| [u64::MAX, u64::MAX - 1, end, end + 1];
+    let mut conns = Vec::new();
+    for after in ids(ch.next_seq()) {
+        let mut ws = e.connect().await;
+        send(
+            &mut ws,
+            json!({"op": "subscribe", "topic": topic, "last_event_id": format!("{first}.{after}")}),
+        )
+        .await;
+        conns.push((after, ws));
+    }
+    // Every resume is made (the live stream is the fifth subscriber) while the reply runs.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ch.subscriber_count() < 5 {
+        assert!(tokio::time::Instant::now() < deadline, "resumes not made");
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !ch.is_finished(),
+        "the reply ended before the resumes were made"
+    );
+    while let Some(ev) = tokio::time::timeout(WAIT, live.next()).await.unwrap() {
+        if ev.unwrap().event == "done" {
+            break;
+        }
+    }
+    assert!(ch.is_finished());
+    for after in ids(ch.next_seq()) {
+        let mut ws = e.connect().await;
+        send(
+            &mut ws,
+            json!({"op": "subscribe", "topic": topic, "last_event_id": format!("{first}.{after}")}),
+        )
+        .await;
+        conns.push((after, ws));
+    }
+    let (second, _sse) = sse_until_done(post("second").await.unwrap()).await;
+    for (after, mut ws) in conns {
+        let mut new = Vec::new();
+        loop {
+            let v = next_json(&mut ws).await;
+            assert_eq!(v["topic"], topic.as_str(), "{v}");
+            let (g, seq) = split_id(v["id"].as_str().unwrap());
+            if g == first {
+                assert!(seq > after, "{} replayed after {after}", v["id"]);
+                continue;
+            }
+            let last = v["event"] == "done";
+            new.push(v);
+            if last {
+                break;
+            }
+        }
+        assert_eq!(as_sse(new.iter()), second, "resumed after {after}");
+        send(&mut ws, json!({"op": "ping"})).await;
+        assert_eq!(next_json(&mut ws).await, json!({"op": "pong"}));
+    }
+    e.server.shutdown().await;
+}
+
+/// A task topic resumed at or past its last event replays nothing, and the connection
+/// stays up.
+#[tokio::test]
+async fn a_task_resumed_past_its_end_replays_nothing() {
+    let e = env(
+        MockConfig {
+            tokens: 5,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let r = client()
+        .post(format!("{}/api/tasks", e.server.url))
+        .bearer_auth(&e.key)
+        .json(&json!({"messages": [{"role": "user", "content": "work"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let topic = format!("task:{id}");
+    let mut ws = e.connect().await;
+    send(&mut ws, json!({"op": "subscribe", "topic": topic})).await;
+    let last = loop {
+        let v = next_json(&mut ws).await;
+        if v["event"] == "succeeded" {
+            break split_id(v["id"].as_str().unwrap()).1;
+        }
+    };
+    let ch = e.server.state.chat.hub().get(&id).unwrap();
+    for after in [u64::MAX, u64::MAX - 1, last, last + 1] {
+        let mut ws = e.connect().await;
+        let resume = |seq: u64| json!({"op": "subscribe", "topic": topic, "last_event_id": format!("{id}.{seq}")});
+        send(&mut ws, resume(after)).await;
+        send(&mut ws, json!({"op": "ping"})).await;
+        assert_eq!(
+            next_json(&mut ws).await,
+            json!({"op": "pong"}),
+            "after {after}"
+        );
+        // Once that subscription has ended, all it sent is queued; a resume from the
+        // last-but-one event then sends exactly the last one, after anything replayed.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while ch.subscriber_count() > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "still subscribed");
+            tokio::task::yield_now().await;
+        }
+        let v = loop {
+            send(&mut ws, resume(last - 1)).await;
+            let v = next_json(&mut ws).await;
+            if v["code"] != "already_subscribed" {
+                break v;
+            }
+        };
+        assert_eq!(v["event"], "succeeded", "replayed after {after}: {v}");
+        assert_eq!(split_id(v["id"].as_str().unwrap()).1, last);
+    }
+    e.server.shutdown().await;
+}

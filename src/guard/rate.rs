@@ -210,8 +210,8 @@ fn coarse(ip: IpAddr) -> IpAddr {
 /// The class of a request, or `None` for what is never limited: health, metrics, the
 /// WebSocket upgrade (its messages have their own limits) and the UI.
 pub fn classify(method: &Method, path: &str) -> Option<RouteClass> {
-    // The same spelling rules as the admin guard, so `/API//admin/` is still admin.
-    let path = normalize(path);
+    // The admin gate's normal form, so the two never disagree on what is admin.
+    let path = crate::http::path::normalize(path);
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match segs.as_slice() {
         ["api", "admin", ..] => Some(RouteClass::Admin),
@@ -226,26 +226,6 @@ pub fn classify(method: &Method, path: &str) -> Option<RouteClass> {
         ["api", ..] | ["v1", ..] => Some(RouteClass::Api),
         _ => None,
     }
-}
-
-/// Percent-decoded and lower-cased.
-fn normalize(path: &str) -> String {
-    let bytes = path.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).to_ascii_lowercase()
 }
 
 fn secs(wait: Duration) -> u64 {

@@ -119,8 +119,7 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let body = json_body(req, state).await?;
-        refuse_nul(&body)?;
-        parse(&body).map(ApiJson)
+        decode(&body).map(ApiJson)
     }
 }
 
@@ -236,6 +235,15 @@ fn is_json(value: Option<&header::HeaderValue>) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
+/// A body sluice stores, as [`ApiJson`] reads it: NUL refused, then [`parse`]d.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    refuse_nul(body)?;
+    parse(body)
+}
+
+/// JSON nested deeper than serde_json's recursion limit (128) is refused as invalid JSON
+/// (400) in both passes, including into `serde_json::Value` and flattened fields, so no
+/// body can overflow the stack.
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     // The path-tracking pass costs about 3 % of a short request's CPU; a body that parses
     // needs no path, so it is only run to explain a body that does not.
@@ -370,5 +378,139 @@ mod tests {
             assert!(!is_json(Some(&HeaderValue::from_static(bad))), "{bad}");
         }
         assert!(!is_json(None));
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::*;
+    use crate::chat::Message;
+    use crate::transport::openai::CompletionRequest;
+
+    /// Shaped like the request types: unknown fields refused, optional and free-form parts.
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Strict {
+        content: String,
+        #[serde(default)]
+        model: Option<String>,
+        #[serde(default)]
+        tags: Vec<String>,
+        #[serde(default)]
+        meta: Option<Value>,
+    }
+
+    const VALID: [&str; 4] = [
+        r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"temperature":0.5,"extra":{"a":[1,2,{"b":null}]}}"#,
+        r#"{"content":"hello","model":"m","tags":["a","b"],"meta":{"x":[true,1.5e3,"\u00e9"]}}"#,
+        r#"[{"role":"system","content":"s"},{"role":"user","content":[{"type":"text","text":"t"}]}]"#,
+        r#"{"content":"a\u0000b"}"#,
+    ];
+
+    /// Every way the request parser can answer `body`, for each request shape: a value or
+    /// a 4xx, and never a panic.
+    fn outcomes(body: &[u8]) -> Vec<Result<(), u16>> {
+        let status = |r: Result<(), ApiError>| r.map_err(|e| e.status().as_u16());
+        vec![
+            status(decode::<CompletionRequest>(body).map(drop)),
+            status(parse::<CompletionRequest>(body).map(drop)),
+            status(decode::<Strict>(body).map(drop)),
+            status(decode::<Vec<Message>>(body).map(drop)),
+            status(decode::<Value>(body).map(drop)),
+        ]
+    }
+
+    /// A valid body with bytes replaced, inserted or cut, at random places.
+    fn mutated() -> impl Strategy<Value = Vec<u8>> {
+        (
+            0..VALID.len(),
+            proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8),
+        )
+            .prop_map(|(which, edits)| {
+                let mut b = VALID[which].as_bytes().to_vec();
+                for (at, byte, how) in edits {
+                    let i = at.index(b.len() + 1);
+                    match how {
+                        0 if i < b.len() => b[i] = byte,
+                        1 => b.insert(i, byte),
+                        _ => b.truncate(i),
+                    }
+                }
+                b
+            })
+    }
+
+    /// Deeply nested arrays and objects, alone or inside a field of each kind.
+    fn nested(depth: usize, open: &str, close: &str, inner: &str) -> Vec<u8> {
+        let mut s = String::with_capacity(depth * (open.len() + close.len()) + inner.len());
+        for _ in 0..depth {
+            s.push_str(open);
+        }
+        s.push_str(inner);
+        for _ in 0..depth {
+            s.push_str(close);
+        }
+        s.into_bytes()
+    }
+
+    proptest! {
+        #[test]
+        fn random_bodies_are_parsed_or_refused_with_a_4xx(
+            body in prop_oneof![mutated(), proptest::collection::vec(any::<u8>(), 0..64)],
+        ) {
+            for outcome in outcomes(&body) {
+                if let Err(status) = outcome {
+                    prop_assert!((400..500).contains(&status), "{} for {:?}", status, String::from_utf8_lossy(&body));
+                }
+            }
+        }
+
+        #[test]
+        fn nesting_past_the_limit_is_a_400_wherever_it_is(
+            depth in prop_oneof![129usize..400, Just(10_000usize), Just(30_000usize)],
+            shape in 0u8..2,
+            at in 0u8..4,
+        ) {
+            let (open, close) = if shape == 0 { ("[", "]") } else { (r#"{"a":"#, "}") };
+            let deep = String::from_utf8(nested(depth, open, close, "1")).unwrap();
+            let body = match at {
+                0 => deep,
+                // A flattened field of the relay request, kept as `serde_json::Value`.
+                1 => format!(r#"{{"model":"m","messages":[],"x":{deep}}}"#),
+                // A message's content, a `Value` too.
+                2 => format!(r#"{{"model":"m","messages":[{{"role":"user","content":{deep}}}]}}"#),
+                _ => format!(r#"{{"content":"\u0000","meta":{deep}}}"#),
+            };
+            let got = outcomes(body.as_bytes());
+            // A schema may refuse the body (422) before reaching the depth; never accepted.
+            for outcome in &got {
+                prop_assert!(matches!(outcome, Err(400 | 422)), "{:?}", got);
+            }
+            // Where the deep part is read as JSON, the limit is what refuses it.
+            prop_assert_eq!(got[4], Err(400));
+            if at == 1 || at == 2 {
+                prop_assert_eq!(got[0], Err(400));
+                prop_assert_eq!(got[1], Err(400));
+            }
+            if at == 3 {
+                prop_assert_eq!(got[2], Err(400));
+            }
+        }
+    }
+
+    /// Nesting up to the limit still parses: the limit refuses only what is deeper.
+    #[test]
+    fn nesting_within_the_limit_parses() {
+        let body = nested(100, "[", "]", "1");
+        assert!(parse::<Value>(&body).is_ok());
+        let body = format!(
+            r#"{{"model":"m","messages":[],"x":{}}}"#,
+            String::from_utf8(nested(100, "[", "]", "1")).unwrap()
+        );
+        assert!(parse::<CompletionRequest>(body.as_bytes()).is_ok());
     }
 }

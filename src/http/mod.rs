@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod extract;
 pub mod health;
 pub mod ops;
+pub mod path;
 pub mod sessions;
 pub mod tasks;
 pub mod ui;

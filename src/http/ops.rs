@@ -48,10 +48,10 @@ pub async fn track(State(st): State<AppState>, req: Request, next: Next) -> Resp
 }
 
 /// Every path that could reach an admin endpoint — whatever its case, repeated or trailing
-/// slashes, or method — needs an admin key before routing decides anything.
+/// slashes, encoding, or method — needs an admin key before routing decides anything. The
+/// rate limits class paths by the same normal form ([`super::path`]).
 pub async fn guard_admin(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let norm = normalize(req.uri().path());
-    if norm == "/api/admin" || norm.starts_with("/api/admin/") {
+    if super::path::is_admin(req.uri().path()) {
         let (mut parts, body) = req.into_parts();
         let who =
             match <Principal as axum::extract::FromRequestParts<AppState>>::from_request_parts(
@@ -68,36 +68,6 @@ pub async fn guard_admin(State(st): State<AppState>, req: Request, next: Next) -
         return next.run(Request::from_parts(parts, body)).await;
     }
     next.run(req).await
-}
-
-/// Percent-decoded, lower-cased, with empty segments dropped: every spelling of a path
-/// maps to one form.
-fn normalize(path: &str) -> String {
-    let bytes = path.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                decoded.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        decoded.push(bytes[i]);
-        i += 1;
-    }
-    let path = String::from_utf8_lossy(&decoded).to_ascii_lowercase();
-    let mut norm = String::with_capacity(path.len());
-    for seg in path
-        .split(['/', '\\'])
-        .filter(|s| !s.is_empty() && *s != ".")
-    {
-        norm.push('/');
-        norm.push_str(seg);
-    }
-    norm
 }
 
 /// Values read at scrape time rather than kept up to date.

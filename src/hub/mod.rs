@@ -342,12 +342,15 @@ impl Channel {
         })
     }
 
-    /// A cursor that will read every event after `after` (or from the start).
+    /// A cursor that will read every event after `after` (or from the start). `after` comes
+    /// from the client: an id at or past the end (up to `u64::MAX`) replays nothing, and
+    /// only events numbered above it are ever read.
     pub fn subscribe(self: &Arc<Self>, after: Option<u64>) -> Subscription {
         self.subscribers.fetch_add(1, Ordering::Relaxed);
         Subscription {
             channel: self.clone(),
-            next: after.map(|s| s + 1).unwrap_or(self.origin),
+            // Saturating: `u64::MAX + 1` wrapping to 0 would replay the whole generation.
+            next: after.map_or(self.origin, |s| s.saturating_add(1)),
             rx: self.notify.subscribe(),
         }
     }
@@ -430,7 +433,8 @@ impl Subscription {
                 if self.next < log.first_seq {
                     return Err(End::Lagged);
                 }
-                let start = (self.next - log.first_seq) as usize;
+                // A cursor far past the end (a client's id) is no index into the log.
+                let start = usize::try_from(self.next - log.first_seq).unwrap_or(usize::MAX);
                 if start < log.events.len() {
                     out.extend(log.events.range(start..).take(BATCH).cloned());
                     self.next += out.len() as u64;
@@ -973,5 +977,87 @@ mod tests {
         assert_eq!(rx.borrow().as_ref().unwrap().generation_id, "0002");
         hub.drop_mirrors("s");
         assert!(hub.get("0001").is_none());
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use futures::FutureExt;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// What a subscriber at `after` reads now: the seqs, and how the reading stopped
+    /// (`None`: still waiting on a running generation).
+    fn read_now(sub: &mut Subscription) -> (Vec<u64>, Option<End>) {
+        let (mut seqs, mut batch) = (Vec::new(), Vec::new());
+        loop {
+            match sub.next_batch(&mut batch).now_or_never() {
+                Some(Ok(())) => seqs.extend(batch.iter().map(|e| e.seq)),
+                Some(Err(end)) => return (seqs, Some(end)),
+                None => return (seqs, None),
+            }
+        }
+    }
+
+    proptest! {
+        /// Whatever id a client resumes from — inside the log, evicted, at its end, past it,
+        /// up to `u64::MAX` — no event at or before it is read, the rest come in order with
+        /// no gap, a cursor behind the log is told it lagged, and nothing panics.
+        #[test]
+        fn resume_never_replays_at_or_before_the_id(
+            len in 0u64..200,
+            capacity in 16usize..64,
+            origin in prop_oneof![Just(0u64), 0u64..1_000, Just(u64::MAX - 300)],
+            finished in any::<bool>(),
+            pick in 0u8..4,
+            offset in 0u64..210,
+            below_max in 0u64..4,
+            anything in any::<u64>(),
+        ) {
+            let hub = Hub::new(capacity, Duration::from_secs(60));
+            let ch = hub.mirror("0193-g", "s", "u", origin);
+            for i in 0..len {
+                let kind = if finished && i + 1 == len { EventKind::Done } else { EventKind::Token };
+                prop_assert_eq!(ch.apply(origin + i, kind, b"{}"), Applied::Appended);
+            }
+            let end = origin + len;
+            let after = match pick {
+                0 => origin.saturating_add(offset),
+                1 => u64::MAX - below_max,
+                2 => end.saturating_add(below_max),
+                _ => anything,
+            };
+            // The id as a client sends it back.
+            let id = EventId::parse(&format!("0193-g.{after}"));
+            prop_assert_eq!(id.as_ref().map(|i| i.seq), Some(after));
+            let mut sub = ch.subscribe(Some(after));
+            let (seqs, stop) = read_now(&mut sub);
+            prop_assert!(seqs.iter().all(|&s| s > after), "replayed at or before {}: {:?}", after, seqs);
+            prop_assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "gap: {:?}", seqs);
+            let first_held = end - (len.min(capacity.max(16) as u64));
+            let next = after.saturating_add(1);
+            if next < first_held {
+                prop_assert_eq!(stop, Some(End::Lagged));
+                prop_assert!(seqs.is_empty());
+            } else {
+                let expected: Vec<u64> = (next..end).collect();
+                prop_assert_eq!(&seqs, &expected);
+                let ended = finished && len > 0;
+                prop_assert_eq!(stop, ended.then_some(End::Finished));
+                prop_assert_eq!(sub.is_exhausted(), ended);
+            }
+        }
+
+        /// Any text as `Last-Event-ID`: parsed or refused, never a panic; what parses names
+        /// a generation and round-trips through the id a frame carries.
+        #[test]
+        fn any_last_event_id_parses_or_is_refused(s in ".{0,40}|[0-9a-f-]{1,12}\\.[0-9+-]{0,25}") {
+            if let Some(id) = EventId::parse(&s) {
+                prop_assert!(!id.generation_id.is_empty());
+                let again = EventId::parse(&format!("{}.{}", id.generation_id, id.seq));
+                prop_assert_eq!(again, Some(id));
+            }
+        }
     }
 }

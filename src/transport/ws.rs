@@ -129,6 +129,25 @@ fn error_frame(code: &str, message: &str, topic: Option<&str>) -> Message {
     Message::Text(v.to_string().into())
 }
 
+/// A client's text frame as an op, or the error frame that answers it. serde_json's
+/// recursion limit refuses JSON nested deeper than 128 as `bad_request`, so no frame can
+/// overflow the stack.
+fn parse_op(text: &str) -> Result<ClientOp, Message> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| error_frame("bad_request", &format!("invalid JSON: {e}"), None))?;
+    let Some(op) = value.get("op").and_then(Value::as_str) else {
+        return Err(error_frame("bad_request", "missing \"op\"", None));
+    };
+    if !OPS.contains(&op) {
+        return Err(error_frame(
+            "unknown_op",
+            &format!("unknown op '{op}'; expected one of {}", OPS.join(", ")),
+            None,
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| error_frame("bad_request", &e.to_string(), None))
+}
+
 /// `{"topic","id","event","data"}` with the event's JSON payload spliced in unparsed.
 fn event_frame(topic_json: &[u8], e: &Event) -> Message {
     let data = e.data();
@@ -407,29 +426,9 @@ impl Conn<'_> {
     }
 
     async fn handle(&mut self, text: &str) {
-        let value: Value = match serde_json::from_str(text) {
-            Ok(v) => v,
-            Err(e) => {
-                return self.send(error_frame(
-                    "bad_request",
-                    &format!("invalid JSON: {e}"),
-                    None,
-                ));
-            }
-        };
-        let Some(op) = value.get("op").and_then(Value::as_str) else {
-            return self.send(error_frame("bad_request", "missing \"op\"", None));
-        };
-        if !OPS.contains(&op) {
-            return self.send(error_frame(
-                "unknown_op",
-                &format!("unknown op '{op}'; expected one of {}", OPS.join(", ")),
-                None,
-            ));
-        }
-        let op: ClientOp = match serde_json::from_value(value) {
+        let op = match parse_op(text) {
             Ok(op) => op,
-            Err(e) => return self.send(error_frame("bad_request", &e.to_string(), None)),
+            Err(frame) => return self.send(frame),
         };
         if matches!(op, ClientOp::Chat { .. } | ClientOp::Subscribe { .. })
             && !self.authorized().await
@@ -689,5 +688,90 @@ mod tests {
         // The client's answer completes the handshake, and the connection ends.
         tx.unbounded_send(Ok(Message::Close(None))).unwrap();
         task.await.unwrap();
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const VALID: [&str; 6] = [
+        r#"{"op":"chat","session_id":"s1","content":"hi","model":"m"}"#,
+        r#"{"op":"subscribe","topic":"session:s1","last_event_id":"0193-g.18446744073709551615"}"#,
+        r#"{"op":"subscribe","topic":"task:t1"}"#,
+        r#"{"op":"unsubscribe","topic":"session:s1"}"#,
+        r#"{"op":"cancel","session_id":"s1"}"#,
+        r#"{"op":"ping"}"#,
+    ];
+
+    /// The error frame's code, or `None` for a valid op.
+    fn answer(text: &str) -> Result<(), String> {
+        match parse_op(text) {
+            Ok(_) => Ok(()),
+            Err(Message::Text(t)) => {
+                let v: Value = serde_json::from_str(t.as_str()).map_err(|e| e.to_string())?;
+                assert_eq!(v["op"], "error", "{v}");
+                Err(v["code"].as_str().unwrap_or("").to_owned())
+            }
+            Err(other) => panic!("not an error frame: {other:?}"),
+        }
+    }
+
+    /// A valid op with bytes replaced, inserted or cut, kept as text (frames are UTF-8).
+    fn mutated() -> impl Strategy<Value = String> {
+        (
+            0..VALID.len(),
+            proptest::collection::vec((any::<prop::sample::Index>(), any::<char>(), 0u8..3), 1..8),
+        )
+            .prop_map(|(which, edits)| {
+                let mut s: Vec<char> = VALID[which].chars().collect();
+                for (at, c, how) in edits {
+                    let i = at.index(s.len() + 1);
+                    match how {
+                        0 if i < s.len() => s[i] = c,
+                        1 => s.insert(i, c),
+                        _ => s.truncate(i),
+                    }
+                }
+                s.into_iter().collect()
+            })
+    }
+
+    proptest! {
+        /// Any text frame is a valid op or an error frame with a code, never a panic.
+        #[test]
+        fn any_frame_is_an_op_or_an_error_frame(
+            text in prop_oneof![mutated(), ".{0,80}", "\\{\"op\":\"[a-z_]{0,12}\"(,\"[a-z_]{1,12}\":(\"[^\"]{0,8}\"|[0-9]{1,3}|null|\\[\\]|\\{\\}))*\\}"],
+        ) {
+            if let Err(code) = answer(&text) {
+                prop_assert!(["bad_request", "unknown_op"].contains(&code.as_str()), "{} for {:?}", code, text);
+            }
+        }
+
+        /// Nesting past serde_json's limit, anywhere in a frame, is a `bad_request`.
+        #[test]
+        fn deep_nesting_is_refused(
+            depth in prop_oneof![128usize..300, Just(10_000usize), Just(30_000usize)],
+            shape in 0u8..2,
+            at in 0u8..3,
+        ) {
+            let (open, close) = if shape == 0 { ("[", "]") } else { ("{\"a\":", "}") };
+            let deep = format!("{}1{}", open.repeat(depth), close.repeat(depth));
+            let text = match at {
+                0 => deep,
+                1 => format!(r#"{{"op":"ping","x":{deep}}}"#),
+                _ => format!(r#"{{"op":"subscribe","topic":"session:s","last_event_id":{deep}}}"#),
+            };
+            prop_assert_eq!(answer(&text), Err("bad_request".to_owned()));
+        }
+    }
+
+    #[test]
+    fn every_valid_op_parses() {
+        for v in VALID {
+            assert_eq!(answer(v), Ok(()), "{v}");
+        }
     }
 }
