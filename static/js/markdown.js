@@ -378,7 +378,7 @@ function inline(text, base) {
   const closers = EMPHASIS.map(() => new Positions());
   const ticks = new Map(); // backtick run length → starts
   for (let i = 0; i < n; i++) {
-    if (escaped[i]) continue;
+    // Runs of backticks as they stand: inside code a backslash is just a backslash.
     if (text[i] === '`') {
       let k = 1;
       while (text[i + k] === '`') k++;
@@ -388,7 +388,7 @@ function inline(text, base) {
       continue;
     }
     const c = text[i];
-    if (c !== '*' && c !== '_' && c !== '~') continue;
+    if (escaped[i] || (c !== '*' && c !== '_' && c !== '~')) continue;
     for (let e = 0; e < EMPHASIS.length; e++) {
       const [d, , , closes] = EMPHASIS[e];
       if (d[0] === c && (d.length === 1 || text[i + 1] === c) && closes(text, i)) closers[e].at.push(i);
