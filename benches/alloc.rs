@@ -225,6 +225,33 @@ fn whole(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, f64)> {
     ]
 }
 
+/// Heap bytes gained in a region. stats_alloc already adds a realloc's growth to
+/// `bytes_allocated` (and a shrink to `bytes_deallocated`); `bytes_reallocated` is that
+/// same growth again, so adding it would count every realloc twice.
+fn heap_growth(c: &stats_alloc::Stats) -> f64 {
+    c.bytes_allocated as f64 - c.bytes_deallocated as f64
+}
+
+/// The heap figure must equal what was really kept: a buffer grown by reallocation,
+/// held, counts its capacity once.
+fn check_heap_growth() {
+    let r = Region::new(GLOBAL);
+    let mut kept: Vec<u8> = Vec::with_capacity(1024);
+    for _ in 0..64 {
+        kept.reserve_exact(1024);
+        kept.resize(kept.capacity(), 1);
+    }
+    let c = r.change();
+    let growth = heap_growth(&c);
+    assert!(c.reallocations > 0, "the check must exercise realloc");
+    assert_eq!(
+        growth,
+        kept.capacity() as f64,
+        "heap growth counts reallocations once: {c:?}"
+    );
+    drop(std::hint::black_box(kept));
+}
+
 /// Streams held open at once for the heap measurement.
 const HELD: usize = 200;
 
@@ -285,9 +312,7 @@ fn held(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, f64)> {
             tokio::time::sleep(Duration::from_millis(300)).await;
             s
         });
-        let c = r.change();
-        let net =
-            c.bytes_allocated as f64 - c.bytes_deallocated as f64 + c.bytes_reallocated as f64;
+        let net = heap_growth(&r.change());
         drop(streams);
         rt.block_on(async { tokio::time::sleep(Duration::from_millis(200)).await });
         net / HELD as f64 / 1024.0
@@ -306,6 +331,7 @@ fn held(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, f64)> {
 }
 
 fn main() {
+    check_heap_growth();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -1,6 +1,7 @@
 # Shared by scripts/test.sh and scripts/cluster.sh (sourced, not run): provisioning of
 # what the tests and a local cluster need on a Debian machine, PostgreSQL, Redis and
-# nginx, started only when they are not already answering, and the SDK tests' venv.
+# nginx, started only when they are not already answering, the SDK tests' venv and the
+# Node tests' packages.
 # shellcheck shell=bash
 
 log() { printf '\n==> %s\n' "$*"; }
@@ -94,5 +95,31 @@ ensure_sdk_venv() {
     "$python" -m venv --clear "$SDK_VENV"
     "$SDK_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
         -r "$SDK_REQUIREMENTS"
+    echo "$want" >"$stamp"
+}
+
+# The Node tests (tests/node: the UI's Markdown renderer) run on Node 20 or newer with the
+# packages pinned by tests/node/package-lock.json. `npm ci` runs only when the lock file's
+# hash differs from the one recorded at the last install, so a second run costs a hash.
+NODE_TESTS=tests/node
+
+node_major() { node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0; }
+
+ensure_node_packages() {
+    if ! command -v npm >/dev/null || [ "$(node_major)" -lt 20 ]; then
+        log "installing Node.js and npm"
+        apt_install nodejs npm
+    fi
+    if [ "$(node_major)" -lt 20 ]; then
+        echo "the Node tests need Node 20 or newer; this machine has $(node --version)" >&2
+        return 1
+    fi
+    local stamp="$NODE_TESTS/node_modules/.package-lock.sha256" want
+    want=$(sha256sum "$NODE_TESTS/package-lock.json" | cut -d' ' -f1)
+    if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+        return 0
+    fi
+    log "npm ci in $NODE_TESTS"
+    (cd "$NODE_TESTS" && npm ci --no-audit --no-fund --loglevel=error)
     echo "$want" >"$stamp"
 }

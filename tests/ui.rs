@@ -94,6 +94,7 @@ async fn chat_ui_end_to_end_in_chromium() {
         websocket_closes_cleanly_in_the_browser,
         task_eventsource_stops_after_the_result,
         model_picker_picks_the_replying_model_per_chat,
+        deep_nesting_renders_and_the_next_reply_too,
     ];
     // SLUICE_UI_ONLY=name,name plays only the scenarios whose names contain one of those.
     let only = std::env::var("SLUICE_UI_ONLY").unwrap_or_default();
@@ -1621,4 +1622,90 @@ async fn watch(c: &Client, full: &str, script: &str) -> Vec<String> {
             "the reply never completed; states seen: {seen:?}"
         );
     }
+}
+
+/// A reply nested 10,000 quotes deep shows, its nesting bounded and the rest as text, and
+/// the reply after it renders too: no message can stop the conversation from painting.
+async fn deep_nesting_renders_and_the_next_reply_too(ctx: Arc<Ctx>) {
+    let upstream = scripted_upstream(|prompt| {
+        if prompt.contains("deep") {
+            format!("{} bottom", ">".repeat(10_000))
+        } else {
+            "After the **deep** one.".into()
+        }
+    })
+    .await;
+    let mut cfg = base_config();
+    cfg.upstream.providers = vec![ProviderConfig::openai("scripted", &upstream, None)];
+    cfg.chat.auth = AuthMode::Required;
+    cfg.chat.default_model = "scripted-model".into();
+    let server = TestServer::start(cfg).await;
+    let key = api_key(&server, "frank", false).await;
+    let c = ctx.browser().await;
+    sign_in(&c, &server.url, &key).await;
+    type_into(&c, "#input", &format!("Go deep{ENTER}")).await;
+    let deep = wait_js(
+        &c,
+        "the deep reply, rendered",
+        concat!(
+            last_reply!(),
+            "let depth = 0;
+             for (let e = m?.querySelector('.body'); (e = e?.querySelector(':scope > blockquote')); ) depth++;
+             return {...reply, depth};"
+        ),
+        |v| v["status"] == "complete" && v["text"].as_str().is_some_and(|t| t.contains("bottom")),
+    )
+    .await;
+    let depth = deep["depth"].as_u64().unwrap();
+    assert!(
+        (1..=32).contains(&depth),
+        "quotes nest {depth} deep, the rest shows as text"
+    );
+
+    type_into(&c, "#input", &format!("And now?{ENTER}")).await;
+    wait_js(
+        &c,
+        "the next reply, rendered",
+        "const all = document.querySelectorAll('#messages .msg.assistant');
+         const m = all[1];
+         return [all.length, m?.dataset.status, m?.querySelector('.body strong')?.textContent];",
+        |v| v == &json!([2, "complete", "deep"]),
+    )
+    .await;
+    ctx.finish(server).await;
+}
+
+/// A tiny OpenAI-compatible upstream that streams `reply(last message)` in pieces.
+async fn scripted_upstream(reply: fn(&str) -> String) -> String {
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move |axum::Json(req): axum::Json<Value>| async move {
+            let last = req["messages"]
+                .as_array()
+                .and_then(|m| m.last())
+                .map(Value::to_string)
+                .unwrap_or_default();
+            let chunk = |delta: Value, finish: Value| {
+                let c = json!({
+                    "id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": 0,
+                    "model": "scripted-model",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                });
+                format!("data: {c}\n\n")
+            };
+            let chars: Vec<char> = reply(&last).chars().collect();
+            let mut body = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
+            for piece in chars.chunks(500) {
+                let text: String = piece.iter().collect();
+                body += &chunk(json!({"content": text}), Value::Null);
+            }
+            body += &chunk(json!({}), json!("stop"));
+            body += "data: [DONE]\n\n";
+            ([("content-type", "text/event-stream")], body)
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/v1")
 }

@@ -8,7 +8,7 @@
 import { api } from './api.js';
 import { $, fill, fmtMs, h } from './dom.js';
 import { plainError } from './errors.js';
-import { renderMarkdown } from './markdown.js';
+import { renderMarkdownInto } from './markdown.js';
 import { titleOf } from './sessions.js';
 import { Follower } from './sse.js';
 
@@ -524,7 +524,7 @@ export class Chat {
       const c = this.cur;
       if (!c) return;
       const stick = this.atBottom();
-      for (const d of this.dirty) if (c.byId.get(d.id) === d) this.paint(d);
+      for (const d of this.dirty) if (c.byId.get(d.id) === d) this.paintSafely(d);
       this.dirty.clear();
       if (stick) this.scrollDown();
       this.updateControls();
@@ -536,7 +536,7 @@ export class Chat {
   paintAll(c, forceScroll = false) {
     if (c !== this.cur) return;
     const stick = forceScroll || this.atBottom() || this.els.messages.querySelector('.loading');
-    this.els.messages.replaceChildren(...c.messages.map((m) => this.paint(m)));
+    this.els.messages.replaceChildren(...c.messages.map((m) => this.paintSafely(m)));
     if (!c.messages.length) {
       this.els.messages.append(h('p', { class: 'empty-note', text: 'No messages yet. Say hello below.' }));
     }
@@ -551,6 +551,24 @@ export class Chat {
 
   scrollDown() {
     this.els.messages.scrollTop = this.els.messages.scrollHeight;
+  }
+
+  // One message that cannot be painted must not stop the others (or the next frame).
+  paintSafely(m) {
+    try {
+      return this.paint(m);
+    } catch (e) {
+      console.error('painting a message failed', e);
+      // Its text still shows, plain; the next change to it tries again.
+      m.el ??= h('article', { class: `msg ${m.role}` }, h('div', { class: 'bubble' }, h('div', { class: 'body' })));
+      const body = m.el.querySelector('.body');
+      if (body) {
+        body.textContent = m.content ?? '';
+        body.classList.add('plain');
+      }
+      m.painted = undefined;
+      return m.el;
+    }
   }
 
   paint(m) {
@@ -579,8 +597,16 @@ export class Chat {
     if (m.role === 'user') {
       body.textContent = m.content;
     } else if (m.painted !== m.content) {
-      body.replaceChildren(renderMarkdown(m.content ?? ''));
       m.painted = m.content;
+      try {
+        renderMarkdownInto(body, m.content ?? '');
+        body.classList.remove('plain');
+      } catch (e) {
+        // A reply the renderer cannot handle still shows, as the text the model sent.
+        console.error('rendering a reply failed', e);
+        body.textContent = m.content ?? '';
+        body.classList.add('plain');
+      }
     }
     const failed = m.status === 'failed' || m.status === 'interrupted';
     // Rebuilt only when the error changes, so a focused Retry button stays put.

@@ -285,7 +285,14 @@ export class Tasks {
       els.reasoning.hidden = false;
     }
     if (s.result != null) {
-      els.result.replaceChildren(renderMarkdown(s.result));
+      try {
+        els.result.replaceChildren(renderMarkdown(s.result));
+      } catch (e) {
+        // A result the renderer cannot handle still shows, as plain text.
+        console.error('rendering a result failed', e);
+        els.result.textContent = s.result;
+        els.result.classList.add('plain');
+      }
       els.result.hidden = false;
     }
     if (s.status === 'failed' || s.note) {
