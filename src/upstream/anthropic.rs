@@ -6,7 +6,7 @@ use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::sse::{self, ClientOptions};
+use super::sse::{self, BodyLimits, ClientOptions};
 use super::{EventStream, Provider, UpstreamError};
 use crate::chat::{ChatRequest, Chunk, ChunkEncoder, FinishReason, Message, Role, Usage};
 use crate::config::Secret;
@@ -24,6 +24,7 @@ pub struct Anthropic {
     client: reqwest::Client,
     endpoint: String,
     api_key: Option<Secret>,
+    limits: BodyLimits,
 }
 
 impl Anthropic {
@@ -38,6 +39,7 @@ impl Anthropic {
             client: sse::client(opts)?,
             endpoint: format!("{}/messages", base_url.trim_end_matches('/')),
             api_key,
+            limits: opts.limits.clone(),
         })
     }
 }
@@ -747,7 +749,7 @@ impl Provider for Anthropic {
                 crate::chat::chunk::unix_now(),
                 model,
             ),
-            sse::events(self.name.clone(), resp),
+            sse::events(self.name.clone(), self.limits.clone(), resp),
         ))
     }
 }
@@ -1392,6 +1394,42 @@ mod tests {
                 format!("{whole:?}"),
                 "piece {piece}"
             );
+        }
+    }
+
+    /// `raw` through SSE decoding and translation, as bytes.
+    async fn run_bytes(raw: &[u8], piece: usize) -> Vec<Result<Chunk, UpstreamError>> {
+        let chunks: Vec<Result<Bytes, std::io::Error>> = raw
+            .chunks(piece)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        translate(
+            "a".into(),
+            ChunkEncoder::new("chatcmpl-test", 0, "claude"),
+            sse::decode("a".into(), futures::stream::iter(chunks)),
+        )
+        .collect()
+        .await
+    }
+
+    #[tokio::test]
+    async fn event_types_and_ids_that_are_not_utf8_are_ignored_as_on_openai() {
+        // The fixture with a broken `event:` on one event and a broken `id:` (which carries
+        // over to every later event) on another.
+        let mut raw = Vec::new();
+        for (i, line) in FIXTURE.split_inclusive('\n').enumerate() {
+            if i == 0 {
+                raw.extend_from_slice(b"id: \xC3\x28\n");
+            }
+            match line.strip_prefix("event: ") {
+                Some(_) if i % 3 == 0 => raw.extend_from_slice(b"event: \xFFping\n"),
+                _ => raw.extend_from_slice(line.as_bytes()),
+            }
+        }
+        let want = run(FIXTURE, usize::MAX).await;
+        assert!(want.iter().all(Result::is_ok));
+        for piece in [1, 7, usize::MAX] {
+            assert_eq!(run_bytes(&raw, piece).await, want, "pieces of {piece}");
         }
     }
 
@@ -2108,3 +2146,4 @@ mod tests {
         );
     }
 }
+

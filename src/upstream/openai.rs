@@ -10,7 +10,7 @@ use futures::{Stream, StreamExt};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::sse::{self, ClientOptions, Polled, SseBody};
+use super::sse::{self, BodyLimits, ClientOptions, Polled, SseBody};
 use super::{EventStream, Provider, UpstreamError};
 use crate::chat::chunk::{self, Chunk, Payload};
 use crate::chat::{ChatRequest, GenParams, Message};
@@ -26,6 +26,7 @@ pub struct OpenAi {
     endpoints: Vec<Result<reqwest::Url, String>>,
     next: AtomicUsize,
     api_key: Option<Secret>,
+    limits: BodyLimits,
 }
 
 impl OpenAi {
@@ -47,6 +48,7 @@ impl OpenAi {
                 .collect(),
             next: AtomicUsize::new(0),
             api_key,
+            limits: opts.limits.clone(),
         })
     }
 
@@ -138,7 +140,11 @@ impl Provider for OpenAi {
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .json(&body);
         let resp = self.send(rb).await?;
-        Ok(translate_body(self.name.clone(), resp.bytes_stream()))
+        Ok(translate_body_limited(
+            self.name.clone(),
+            self.limits.clone(),
+            resp.bytes_stream(),
+        ))
     }
 
     async fn list_models(&self) -> Option<Result<Vec<String>, UpstreamError>> {
@@ -269,8 +275,18 @@ where
     B: AsRef<[u8]>,
     E: std::error::Error + Send + 'static,
 {
+    translate_body_limited(provider, BodyLimits::default(), body)
+}
+
+/// [`translate_body`] with the provider's limits.
+pub fn translate_body_limited<S, B, E>(provider: String, limits: BodyLimits, body: S) -> EventStream
+where
+    S: Stream<Item = Result<B, E>> + Send + 'static,
+    B: AsRef<[u8]>,
+    E: std::error::Error + Send + 'static,
+{
     Box::pin(Relay {
-        body: SseBody::new(provider.clone(), body),
+        body: SseBody::with_limits(provider.clone(), limits, body),
         provider,
         pending: None,
         done: false,
@@ -524,3 +540,4 @@ mod tests {
         ));
     }
 }
+
