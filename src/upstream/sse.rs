@@ -917,3 +917,156 @@ mod tests {
     }
 }
 
+/// Property tests: `PROPTEST_CASES` sets how many cases each runs (256 by default).
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// (type, data, id, retry in ms) of one event, its bytes decoded as the spec decodes them.
+    type Ev = (String, String, String, Option<u64>);
+
+    /// The WHATWG "interpret an event stream" algorithm, read plainly: decode the stream as
+    /// UTF-8 (bad bytes as U+FFFD, one leading BOM dropped), split it into lines at CRLF, LF
+    /// or CR, and act on each line. The last line has no end and is dropped, as is an event
+    /// that no blank line dispatched. `retry` is kept with the event it came in, as sluice
+    /// reads it (the spec sets the reconnection time at once).
+    fn reference(raw: &[u8]) -> Vec<Ev> {
+        let decoded = String::from_utf8_lossy(raw);
+        let mut rest: &str = decoded.strip_prefix('\u{feff}').unwrap_or(&decoded);
+        let mut lines = Vec::new();
+        while let Some(i) = rest.find(['\r', '\n']) {
+            lines.push(&rest[..i]);
+            let end = if rest[i..].starts_with("\r\n") { 2 } else { 1 };
+            rest = &rest[i + end..];
+        }
+        let mut out = Vec::new();
+        let (mut data, mut event, mut id, mut retry) =
+            (String::new(), String::new(), String::new(), None);
+        for line in lines {
+            if line.is_empty() {
+                // Dispatch: nothing when the data buffer is empty (no `data` field at all).
+                if !data.is_empty() {
+                    data.pop();
+                    out.push((event.clone(), data.clone(), id.clone(), retry));
+                }
+                data.clear();
+                event.clear();
+                retry = None;
+                continue;
+            }
+            if line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (line, ""),
+            };
+            match field {
+                "event" => event = value.to_owned(),
+                "data" => {
+                    data.push_str(value);
+                    data.push('\n');
+                }
+                "id" if !value.contains('\0') => id = value.to_owned(),
+                "retry" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
+                    if let Ok(ms) = value.parse() {
+                        retry = Some(ms);
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// The events of `raw` read in pieces cut at `cuts`, by a parser limited to `max`, and
+    /// whether it stopped on the limit.
+    fn run(raw: &[u8], cuts: &[prop::sample::Index], max: usize) -> (Vec<Ev>, bool) {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(raw.len() + 1)).collect();
+        at.push(0);
+        at.push(raw.len());
+        at.sort_unstable();
+        let mut p = SseParser::with_limit(max);
+        let mut out = Vec::new();
+        for w in at.windows(2) {
+            p.push(&raw[w[0]..w[1]]);
+            while let Some(ev) = p.next_event() {
+                let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                out.push((
+                    s(ev.event),
+                    s(ev.data),
+                    s(ev.id),
+                    ev.retry.map(|d| d.as_millis() as u64),
+                ));
+            }
+        }
+        (out, p.oversized())
+    }
+
+    /// Bytes of event streams: field names, separators, line ends, BOMs, NULs, numbers,
+    /// multi-byte and broken UTF-8, and any bytes at all.
+    fn stream() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            prop::sample::select(vec![
+                &b"data"[..],
+                b"data:",
+                b"data: ",
+                b"event:",
+                b"event: ",
+                b"id:",
+                b"id: ",
+                b"retry:",
+                b"retry: ",
+                b":",
+                b" ",
+                b"\n",
+                b"\r",
+                b"\r\n",
+                b"\n\n",
+                b"\r\n\r\n",
+                b"\xEF\xBB\xBF",
+                b"\0",
+                b"+5",
+                b"42",
+                "é🦀".as_bytes(),
+                b"\xFF",
+                b"\xE2\x82",
+                b"\xF0\x9F\xA6",
+            ])
+            .prop_map(<[u8]>::to_vec),
+            "[a-z0-9 ]{0,6}".prop_map(String::into_bytes),
+            prop::collection::vec(any::<u8>(), 0..6),
+        ];
+        prop::collection::vec(piece, 0..64).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn agrees_with_the_whatwg_algorithm(
+            raw in stream(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let (events, stopped) = run(&raw, &cuts, DEFAULT_MAX_EVENT_BYTES);
+            prop_assert!(!stopped);
+            prop_assert_eq!(events, reference(&raw));
+        }
+
+        #[test]
+        fn the_same_bytes_split_anywhere_give_the_same_events(
+            raw in stream(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 1..16),
+            max in prop_oneof![Just(DEFAULT_MAX_EVENT_BYTES), 1usize..48],
+        ) {
+            let whole = run(&raw, &[], max);
+            prop_assert_eq!(&run(&raw, &cuts, max), &whole);
+            // With a limit, the events before it are the spec's; without one hit, all are.
+            let want = reference(&raw);
+            if whole.1 {
+                prop_assert!(want.starts_with(&whole.0), "{:?} vs {:?}", whole.0, want);
+            } else {
+                prop_assert_eq!(&whole.0, &want);
+            }
+        }
+    }
+}
