@@ -190,10 +190,21 @@ impl OpenAi {
             provider: self.name.clone(),
             message,
         };
-        let v: Value = resp
-            .json()
-            .await
-            .map_err(|e| malformed(format!("model list: {e}")))?;
+        // Read up to the provider's limit, not whole: an upstream could send without end.
+        let max = self.limits.max_event_bytes;
+        let mut body = Vec::new();
+        let mut chunks = resp.bytes_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| malformed(format!("model list: {e}")))?;
+            if body.len() + chunk.len() > max {
+                return Err(malformed(format!(
+                    "model list longer than {max} bytes (SLUICE_UPSTREAM_MAX_EVENT_BYTES)"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let v: Value =
+            serde_json::from_slice(&body).map_err(|e| malformed(format!("model list: {e}")))?;
         let data = v["data"]
             .as_array()
             .ok_or_else(|| malformed("model list without `data`".into()))?;
@@ -431,6 +442,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_model_list_over_the_limit_is_refused_without_reading_on() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = sock.read(&mut buf).await.unwrap();
+                head.extend_from_slice(&buf[..n]);
+            }
+            let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{\"data\":\"".to_vec();
+            let mut written = 0;
+            while sock.write_all(&out).await.is_ok() {
+                written += out.len();
+                out = vec![b'x'; 16 * 1024];
+            }
+            let _ = tx.send(written);
+        });
+        let opts = ClientOptions {
+            connect_timeout: std::time::Duration::from_secs(1),
+            http2_prior_knowledge: false,
+            limits: BodyLimits {
+                max_event_bytes: 64 * 1024,
+                ..BodyLimits::default()
+            },
+        };
+        let p = OpenAi::new("p".into(), &[format!("http://{addr}/v1")], None, &opts).unwrap();
+        match p.fetch_models().await {
+            Err(UpstreamError::Malformed { message, .. }) => {
+                assert!(message.contains("longer than 65536 bytes"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // The connection is closed, a bounded way past the limit (socket buffers).
+        let written = tokio::time::timeout(std::time::Duration::from_secs(10), rx)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(written < 32 << 20, "{written} bytes read");
     }
 
     #[tokio::test]
