@@ -151,6 +151,15 @@ pub struct ServeArgs {
         default_value_t = 600
     )]
     pub max_generation_secs: u64,
+    /// Longest line, and most data of one event, an upstream stream may send (bytes); past
+    /// it the stream fails as `upstream_malformed`.
+    #[arg(
+        long,
+        env = "SLUICE_UPSTREAM_MAX_EVENT_BYTES",
+        value_name = "SLUICE_UPSTREAM_MAX_EVENT_BYTES",
+        default_value_t = crate::upstream::sse::DEFAULT_MAX_EVENT_BYTES
+    )]
+    pub upstream_max_event_bytes: usize,
     /// Tries per provider before the first token, the first included.
     #[arg(
         long,
@@ -805,6 +814,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub timeouts: Timeouts,
     pub retry: RetryPolicy,
+    /// Longest line, and most data of one event, in an upstream stream (bytes).
+    pub max_event_bytes: usize,
     /// Real providers, in order of preference for models they both serve.
     pub providers: Vec<ProviderConfig>,
     /// Model aliases with a fallback chain.
@@ -929,6 +940,7 @@ impl Default for Config {
                     factor: 2.0,
                     max: Duration::from_secs(10),
                 },
+                max_event_bytes: crate::upstream::sse::DEFAULT_MAX_EVENT_BYTES,
                 providers: Vec::new(),
                 models: Vec::new(),
                 demo: DemoConfig {
@@ -1064,6 +1076,7 @@ impl Config {
                     factor: args.retry_factor,
                     max: Duration::from_millis(args.retry_max_ms),
                 },
+                max_event_bytes: args.upstream_max_event_bytes,
                 providers,
                 models: file.models,
                 demo: DemoConfig {
@@ -1266,6 +1279,12 @@ impl Config {
                 return Err(ConfigError::new(name, "must be greater than 0"));
             }
         }
+        if u.max_event_bytes < 1024 {
+            return Err(ConfigError::new(
+                "SLUICE_UPSTREAM_MAX_EVENT_BYTES",
+                "must be at least 1024",
+            ));
+        }
         if u.retry.max_attempts == 0 {
             return Err(ConfigError::new(
                 "SLUICE_RETRY_ATTEMPTS",
@@ -1439,6 +1458,7 @@ mod tests {
         assert_eq!(c.store.pool_size, d.store.pool_size);
         assert_eq!(c.chat.replay_max_events, d.chat.replay_max_events);
         assert_eq!(c.server.max_body_bytes, d.server.max_body_bytes);
+        assert_eq!(c.upstream.max_event_bytes, d.upstream.max_event_bytes);
     }
 
     #[test]
@@ -1449,6 +1469,8 @@ mod tests {
         assert_eq!(e.setting, "SLUICE_RETRY_ATTEMPTS");
         let e = parse(&["--openai-base-url", "ftp://x"]).unwrap_err();
         assert_eq!(e.setting, "OPENAI_BASE_URL");
+        let e = parse(&["--upstream-max-event-bytes", "100"]).unwrap_err();
+        assert_eq!(e.setting, "SLUICE_UPSTREAM_MAX_EVENT_BYTES");
         let e = Cli::try_parse_from(["sluice", "--drain-secs", "soon"])
             .err()
             .unwrap()

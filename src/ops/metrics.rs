@@ -180,6 +180,17 @@ impl Metrics {
         *self.upstream_errors.entry(provider.to_owned()).or_insert(0) += 1;
     }
 
+    /// The counter of `provider`'s streams failed for a line or event over
+    /// `SLUICE_UPSTREAM_MAX_EVENT_BYTES`; registered at zero, so the series exists from the start.
+    pub fn upstream_oversized(&self, provider: &str) -> Counter {
+        let c = self.labelled_counter(
+            "sluice_upstream_oversized_events_total",
+            &[("provider", provider)],
+        );
+        c.increment(0);
+        c
+    }
+
     pub fn rate_limited(&self) {
         self.rate_limited.increment(1);
         self.rate_limited_total.fetch_add(1, Ordering::Relaxed);

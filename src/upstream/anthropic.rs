@@ -6,7 +6,7 @@ use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::sse::{self, ClientOptions};
+use super::sse::{self, BodyLimits, ClientOptions};
 use super::{EventStream, Provider, UpstreamError};
 use crate::chat::{ChatRequest, Chunk, ChunkEncoder, FinishReason, Message, Role, Usage};
 use crate::config::Secret;
@@ -24,6 +24,7 @@ pub struct Anthropic {
     client: reqwest::Client,
     endpoint: String,
     api_key: Option<Secret>,
+    limits: BodyLimits,
 }
 
 impl Anthropic {
@@ -38,6 +39,7 @@ impl Anthropic {
             client: sse::client(opts)?,
             endpoint: format!("{}/messages", base_url.trim_end_matches('/')),
             api_key,
+            limits: opts.limits.clone(),
         })
     }
 }
@@ -747,7 +749,7 @@ impl Provider for Anthropic {
                 crate::chat::chunk::unix_now(),
                 model,
             ),
-            sse::events(self.name.clone(), resp),
+            sse::events(self.name.clone(), self.limits.clone(), resp),
         ))
     }
 }
@@ -1392,6 +1394,42 @@ mod tests {
                 format!("{whole:?}"),
                 "piece {piece}"
             );
+        }
+    }
+
+    /// `raw` through SSE decoding and translation, as bytes.
+    async fn run_bytes(raw: &[u8], piece: usize) -> Vec<Result<Chunk, UpstreamError>> {
+        let chunks: Vec<Result<Bytes, std::io::Error>> = raw
+            .chunks(piece)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        translate(
+            "a".into(),
+            ChunkEncoder::new("chatcmpl-test", 0, "claude"),
+            sse::decode("a".into(), futures::stream::iter(chunks)),
+        )
+        .collect()
+        .await
+    }
+
+    #[tokio::test]
+    async fn event_types_and_ids_that_are_not_utf8_are_ignored_as_on_openai() {
+        // The fixture with a broken `event:` on one event and a broken `id:` (which carries
+        // over to every later event) on another.
+        let mut raw = Vec::new();
+        for (i, line) in FIXTURE.split_inclusive('\n').enumerate() {
+            if i == 0 {
+                raw.extend_from_slice(b"id: \xC3\x28\n");
+            }
+            match line.strip_prefix("event: ") {
+                Some(_) if i % 3 == 0 => raw.extend_from_slice(b"event: \xFFping\n"),
+                _ => raw.extend_from_slice(line.as_bytes()),
+            }
+        }
+        let want = run(FIXTURE, usize::MAX).await;
+        assert!(want.iter().all(Result::is_ok));
+        for piece in [1, 7, usize::MAX] {
+            assert_eq!(run_bytes(&raw, piece).await, want, "pieces of {piece}");
         }
     }
 
@@ -2106,5 +2144,311 @@ mod tests {
             crate::error::ApiError::from(e).status(),
             axum::http::StatusCode::BAD_REQUEST
         );
+    }
+}
+
+/// Property tests: `PROPTEST_CASES` sets how many cases each runs (256 by default).
+#[cfg(test)]
+mod props {
+    use super::*;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Block {
+        Text(Vec<String>),
+        /// Pieces of thinking, and the signature (empty: unsigned).
+        Thinking(Vec<String>, String),
+        /// id, name, fragments of the input JSON.
+        Tool(String, String, Vec<String>),
+    }
+
+    /// What the client reads, in order, from the chunks' JSON.
+    #[derive(Debug, Clone, PartialEq)]
+    enum Piece {
+        Text(String),
+        Reasoning(String),
+        Call(u64, String, String),
+        Args(u64, String),
+        Signed(String, String),
+        Finish(String),
+        Usage,
+    }
+
+    fn block() -> impl Strategy<Value = Block> {
+        let texts = prop::collection::vec("(?s).{0,10}", 0..5);
+        prop_oneof![
+            texts.clone().prop_map(Block::Text),
+            (texts.clone(), "[A-Za-z0-9]{0,6}").prop_map(|(t, s)| Block::Thinking(t, s)),
+            ("toolu_[a-z0-9]{1,6}", "[a-z_]{1,8}", texts)
+                .prop_map(|(i, n, f)| Block::Tool(i, n, f)),
+        ]
+    }
+
+    /// The Messages API stream of `blocks`, as (event type, data) with a ping now and then.
+    fn events(blocks: &[Block], pings: &[bool]) -> Vec<(String, Value)> {
+        let mut ev = vec![(
+            "message_start".to_owned(),
+            json!({"type": "message_start", "message": {"usage": {"input_tokens": 3, "output_tokens": 1}}}),
+        )];
+        let ping = |ev: &mut Vec<(String, Value)>, k: usize| {
+            if pings.get(k % pings.len().max(1)).copied().unwrap_or(false) {
+                ev.push(("ping".into(), json!({"type": "ping"})));
+            }
+        };
+        for (j, b) in blocks.iter().enumerate() {
+            let (start, deltas): (Value, Vec<Value>) = match b {
+                Block::Text(t) => (
+                    json!({"type": "text", "text": ""}),
+                    t.iter()
+                        .map(|t| json!({"type": "text_delta", "text": t}))
+                        .collect(),
+                ),
+                Block::Thinking(t, sig) => (
+                    json!({"type": "thinking", "thinking": ""}),
+                    t.iter()
+                        .map(|t| json!({"type": "thinking_delta", "thinking": t}))
+                        .chain(
+                            (!sig.is_empty())
+                                .then(|| json!({"type": "signature_delta", "signature": sig})),
+                        )
+                        .collect(),
+                ),
+                Block::Tool(id, name, f) => (
+                    json!({"type": "tool_use", "id": id, "name": name, "input": {}}),
+                    f.iter()
+                        .map(|f| json!({"type": "input_json_delta", "partial_json": f}))
+                        .collect(),
+                ),
+            };
+            ev.push((
+                "content_block_start".into(),
+                json!({"type": "content_block_start", "index": j, "content_block": start}),
+            ));
+            for (k, d) in deltas.into_iter().enumerate() {
+                ping(&mut ev, j + k);
+                ev.push((
+                    "content_block_delta".into(),
+                    json!({"type": "content_block_delta", "index": j, "delta": d}),
+                ));
+            }
+            ev.push((
+                "content_block_stop".into(),
+                json!({"type": "content_block_stop", "index": j}),
+            ));
+        }
+        ev.push((
+            "message_delta".into(),
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}}),
+        ));
+        ev.push(("message_stop".into(), json!({"type": "message_stop"})));
+        ev
+    }
+
+    /// What the client should read of `blocks`.
+    fn expected(blocks: &[Block]) -> Vec<Piece> {
+        let mut out = Vec::new();
+        let mut calls = 0;
+        for b in blocks {
+            match b {
+                Block::Text(t) => {
+                    out.extend(t.iter().filter(|t| !t.is_empty()).cloned().map(Piece::Text))
+                }
+                Block::Thinking(t, sig) => {
+                    out.extend(
+                        t.iter()
+                            .filter(|t| !t.is_empty())
+                            .cloned()
+                            .map(Piece::Reasoning),
+                    );
+                    if !sig.is_empty() {
+                        out.push(Piece::Signed(t.concat(), sig.clone()));
+                    }
+                }
+                Block::Tool(id, name, f) => {
+                    out.push(Piece::Call(calls, id.clone(), name.clone()));
+                    out.extend(
+                        f.iter()
+                            .filter(|f| !f.is_empty())
+                            .map(|f| Piece::Args(calls, f.clone())),
+                    );
+                    calls += 1;
+                }
+            }
+        }
+        out.push(Piece::Finish("stop".into()));
+        out.push(Piece::Usage);
+        out
+    }
+
+    fn pieces_of(c: &Chunk) -> Vec<Piece> {
+        let v: Value = serde_json::from_slice(c.payload()).unwrap_or_default();
+        let choice = &v["choices"][0];
+        let delta = &choice["delta"];
+        let text = |k: &str| {
+            delta[k]
+                .as_str()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+        };
+        let mut out = Vec::new();
+        out.extend(text("content").map(Piece::Text));
+        out.extend(text("reasoning_content").map(Piece::Reasoning));
+        for call in delta["tool_calls"].as_array().into_iter().flatten() {
+            let i = call["index"].as_u64().unwrap_or(u64::MAX);
+            let f = &call["function"];
+            match call["id"].as_str() {
+                Some(id) => out.push(Piece::Call(
+                    i,
+                    id.into(),
+                    f["name"].as_str().unwrap_or_default().into(),
+                )),
+                None => out.push(Piece::Args(
+                    i,
+                    f["arguments"].as_str().unwrap_or_default().into(),
+                )),
+            }
+        }
+        for b in delta["thinking_blocks"].as_array().into_iter().flatten() {
+            let s = |k: &str| b[k].as_str().unwrap_or_default().to_owned();
+            out.push(Piece::Signed(s("thinking"), s("signature")));
+        }
+        out.extend(
+            choice["finish_reason"]
+                .as_str()
+                .map(|r| Piece::Finish(r.into())),
+        );
+        if !v["usage"].is_null() {
+            out.push(Piece::Usage);
+        }
+        out
+    }
+
+    /// Frames events as Anthropic does (`event:` then `data:`), with the line ends and
+    /// extra `id:` lines (any bytes) of `framing`.
+    fn frame(events: &[(String, Value)], framing: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        let mut raw = Vec::new();
+        for (i, (name, data)) in events.iter().enumerate() {
+            let (how, extra) = &framing[i % framing.len()];
+            let eol: &[u8] = [&b"\n"[..], b"\r\n", b"\r"][usize::from(how % 3)];
+            if how & 4 != 0 {
+                raw.extend_from_slice(b"id: ");
+                raw.extend_from_slice(extra);
+                raw.extend_from_slice(eol);
+            }
+            raw.extend_from_slice(b"event: ");
+            raw.extend_from_slice(if how & 8 != 0 {
+                &extra[..]
+            } else {
+                name.as_bytes()
+            });
+            raw.extend_from_slice(eol);
+            raw.extend_from_slice(b"data: ");
+            raw.extend_from_slice(data.to_string().as_bytes());
+            raw.extend_from_slice(eol);
+            raw.extend_from_slice(eol);
+        }
+        raw
+    }
+
+    fn framing() -> impl Strategy<Value = Vec<(u8, Vec<u8>)>> {
+        let extra = prop::collection::vec(any::<u8>(), 0..6).prop_map(|b| {
+            b.into_iter()
+                .filter(|b| !matches!(b, b'\r' | b'\n'))
+                .collect::<Vec<u8>>()
+        });
+        prop::collection::vec((any::<u8>(), extra), 1..8)
+    }
+
+    fn run(raw: &[u8], cuts: &[prop::sample::Index]) -> Vec<Result<Chunk, UpstreamError>> {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(raw.len() + 1)).collect();
+        at.extend([0, raw.len()]);
+        at.sort_unstable();
+        let chunks: Vec<Result<Bytes, std::io::Error>> = at
+            .windows(2)
+            .map(|w| Ok(Bytes::copy_from_slice(&raw[w[0]..w[1]])))
+            .collect();
+        futures::executor::block_on(
+            translate(
+                "a".into(),
+                ChunkEncoder::new("chatcmpl-p", 0, "claude"),
+                sse::decode("a".into(), futures::stream::iter(chunks)),
+            )
+            .collect(),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn text_reasoning_and_tool_calls_arrive_in_order(
+            blocks in prop::collection::vec(block(), 0..6),
+            pings in prop::collection::vec(any::<bool>(), 0..4),
+            framing in framing(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+        ) {
+            let raw = frame(&events(&blocks, &pings), &framing);
+            let out = run(&raw, &cuts);
+            prop_assert!(out.iter().all(Result::is_ok), "{:?}", out);
+            let got: Vec<Piece> = out.iter().flatten().flat_map(pieces_of).collect();
+            prop_assert_eq!(got, expected(&blocks));
+        }
+
+        /// Cut, garbled or padded streams: never a panic, an error only last, and an event
+        /// whose data is not JSON fails the stream (unless it ended before).
+        #[test]
+        fn a_mutated_stream_never_panics_nor_drops_bad_data_silently(
+            blocks in prop::collection::vec(block(), 1..4),
+            framing in framing(),
+            edits in prop::collection::vec(
+                (any::<prop::sample::Index>(), 0usize..4, prop::collection::vec(any::<u8>(), 0..4)),
+                1..6,
+            ),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let mut raw = frame(&events(&blocks, &[true]), &framing);
+            for (at, kind, bytes) in edits {
+                let i = at.index(raw.len() + 1);
+                match kind {
+                    0 => raw.truncate(i),
+                    1 => drop(raw.splice(i..i, bytes)),
+                    2 => drop(raw.drain(i..(i + bytes.len()).min(raw.len()))),
+                    _ => {
+                        if let Some(b) = raw.get_mut(i) {
+                            *b ^= bytes.first().copied().unwrap_or(0x20) | 1;
+                        }
+                    }
+                }
+            }
+            let out = run(&raw, &cuts);
+            if let Some(i) = out.iter().position(Result::is_err) {
+                prop_assert_eq!(i, out.len() - 1, "nothing after an error");
+                let code = out[i].as_ref().err().map(UpstreamError::code);
+                prop_assert!(matches!(code, Some("upstream_malformed" | "upstream_error")), "{:?}", code);
+            }
+            // The first event whose data is not JSON, before the stream's own end, fails it.
+            let mut p = sse::SseParser::default();
+            p.push(&raw);
+            let mut bad = false;
+            while let Some(ev) = p.next_event() {
+                let Ok(data) = std::str::from_utf8(ev.data) else {
+                    bad = true;
+                    break;
+                };
+                if data.trim().is_empty() {
+                    continue;
+                }
+                match serde_json::from_str::<Value>(data) {
+                    Err(_) => {
+                        bad = true;
+                        break;
+                    }
+                    Ok(v) if matches!(v["type"].as_str(), Some("message_stop" | "error")) => break,
+                    Ok(_) => {}
+                }
+            }
+            if bad {
+                prop_assert!(matches!(out.last(), Some(Err(_))), "{:?}", out.last());
+            }
+        }
     }
 }

@@ -217,9 +217,13 @@ pub fn from_config(
     guards: &crate::config::GuardConfig,
     metrics: Arc<crate::ops::metrics::Metrics>,
 ) -> Result<Upstreams, ConfigError> {
-    let opts = |http2| sse::ClientOptions {
+    let opts = |p: &crate::config::ProviderConfig| sse::ClientOptions {
         connect_timeout: cfg.connect_timeout,
-        http2_prior_knowledge: http2,
+        http2_prior_knowledge: p.http2,
+        limits: sse::BodyLimits {
+            max_event_bytes: cfg.max_event_bytes,
+            oversized: metrics.upstream_oversized(&p.name),
+        },
     };
     let client_err = |name: &str, e: reqwest::Error| {
         ConfigError::new(
@@ -227,7 +231,7 @@ pub fn from_config(
             format!("cannot build HTTP client: {e}"),
         )
     };
-    let mut ups = Upstreams::new(cfg.timeouts, cfg.retry, metrics);
+    let mut ups = Upstreams::new(cfg.timeouts, cfg.retry, metrics.clone());
     ups.set_limits(
         guards.provider_concurrency,
         guards.provider_queue,
@@ -240,7 +244,7 @@ pub fn from_config(
     for p in &cfg.providers {
         let provider: Arc<dyn Provider> = match p.kind {
             ProviderKind::Openai => Arc::new(
-                openai::OpenAi::new(p.name.clone(), &p.urls(), p.api_key.clone(), &opts(p.http2))
+                openai::OpenAi::new(p.name.clone(), &p.urls(), p.api_key.clone(), &opts(p))
                     .map_err(|e| client_err(&p.name, e))?,
             ),
             ProviderKind::Anthropic => Arc::new(
@@ -248,7 +252,7 @@ pub fn from_config(
                     p.name.clone(),
                     p.urls().first().map(String::as_str).unwrap_or_default(),
                     p.api_key.clone(),
-                    &opts(p.http2),
+                    &opts(p),
                 )
                 .map_err(|e| client_err(&p.name, e))?,
             ),

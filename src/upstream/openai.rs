@@ -10,7 +10,7 @@ use futures::{Stream, StreamExt};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::sse::{self, ClientOptions, Polled, SseBody};
+use super::sse::{self, BodyLimits, ClientOptions, Polled, SseBody};
 use super::{EventStream, Provider, UpstreamError};
 use crate::chat::chunk::{self, Chunk, Payload};
 use crate::chat::{ChatRequest, GenParams, Message};
@@ -26,6 +26,7 @@ pub struct OpenAi {
     endpoints: Vec<Result<reqwest::Url, String>>,
     next: AtomicUsize,
     api_key: Option<Secret>,
+    limits: BodyLimits,
 }
 
 impl OpenAi {
@@ -47,6 +48,7 @@ impl OpenAi {
                 .collect(),
             next: AtomicUsize::new(0),
             api_key,
+            limits: opts.limits.clone(),
         })
     }
 
@@ -138,7 +140,11 @@ impl Provider for OpenAi {
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .json(&body);
         let resp = self.send(rb).await?;
-        Ok(translate_body(self.name.clone(), resp.bytes_stream()))
+        Ok(translate_body_limited(
+            self.name.clone(),
+            self.limits.clone(),
+            resp.bytes_stream(),
+        ))
     }
 
     async fn list_models(&self) -> Option<Result<Vec<String>, UpstreamError>> {
@@ -184,10 +190,21 @@ impl OpenAi {
             provider: self.name.clone(),
             message,
         };
-        let v: Value = resp
-            .json()
-            .await
-            .map_err(|e| malformed(format!("model list: {e}")))?;
+        // Read up to the provider's limit, not whole: an upstream could send without end.
+        let max = self.limits.max_event_bytes;
+        let mut body = Vec::new();
+        let mut chunks = resp.bytes_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| malformed(format!("model list: {e}")))?;
+            if body.len() + chunk.len() > max {
+                return Err(malformed(format!(
+                    "model list longer than {max} bytes (SLUICE_UPSTREAM_MAX_EVENT_BYTES)"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let v: Value =
+            serde_json::from_slice(&body).map_err(|e| malformed(format!("model list: {e}")))?;
         let data = v["data"]
             .as_array()
             .ok_or_else(|| malformed("model list without `data`".into()))?;
@@ -269,8 +286,18 @@ where
     B: AsRef<[u8]>,
     E: std::error::Error + Send + 'static,
 {
+    translate_body_limited(provider, BodyLimits::default(), body)
+}
+
+/// [`translate_body`] with the provider's limits.
+pub fn translate_body_limited<S, B, E>(provider: String, limits: BodyLimits, body: S) -> EventStream
+where
+    S: Stream<Item = Result<B, E>> + Send + 'static,
+    B: AsRef<[u8]>,
+    E: std::error::Error + Send + 'static,
+{
     Box::pin(Relay {
-        body: SseBody::new(provider.clone(), body),
+        body: SseBody::with_limits(provider.clone(), limits, body),
         provider,
         pending: None,
         done: false,
@@ -418,6 +445,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_model_list_over_the_limit_is_refused_without_reading_on() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = sock.read(&mut buf).await.unwrap();
+                head.extend_from_slice(&buf[..n]);
+            }
+            let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{\"data\":\"".to_vec();
+            let mut written = 0;
+            while sock.write_all(&out).await.is_ok() {
+                written += out.len();
+                out = vec![b'x'; 16 * 1024];
+            }
+            let _ = tx.send(written);
+        });
+        let opts = ClientOptions {
+            connect_timeout: std::time::Duration::from_secs(1),
+            http2_prior_knowledge: false,
+            limits: BodyLimits {
+                max_event_bytes: 64 * 1024,
+                ..BodyLimits::default()
+            },
+        };
+        let p = OpenAi::new("p".into(), &[format!("http://{addr}/v1")], None, &opts).unwrap();
+        match p.fetch_models().await {
+            Err(UpstreamError::Malformed { message, .. }) => {
+                assert!(message.contains("longer than 65536 bytes"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // The connection is closed, a bounded way past the limit (socket buffers).
+        let written = tokio::time::timeout(std::time::Duration::from_secs(10), rx)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(written < 32 << 20, "{written} bytes read");
+    }
+
+    #[tokio::test]
     async fn relay_path_reports_a_broken_body() {
         let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
             Ok(Bytes::from_static(
@@ -522,5 +594,210 @@ mod tests {
             events.as_slice(),
             [Err(UpstreamError::Malformed { .. })]
         ));
+    }
+}
+
+/// Property tests: `PROPTEST_CASES` sets how many cases each runs (256 by default).
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    /// One piece of a reply, as a `delta` says it.
+    #[derive(Debug, Clone, PartialEq)]
+    enum Piece {
+        Text(String),
+        Reasoning(String),
+        /// A tool call's arguments fragment: (call index, fragment).
+        Args(u32, String),
+    }
+
+    fn piece() -> impl Strategy<Value = Piece> {
+        let text = "(?s).{0,12}";
+        prop_oneof![
+            text.prop_map(Piece::Text),
+            text.prop_map(Piece::Reasoning),
+            (0u32..3, text).prop_map(|(i, t)| Piece::Args(i, t)),
+        ]
+    }
+
+    fn chunk_json(p: &Piece) -> Value {
+        let delta = match p {
+            Piece::Text(t) => json!({"content": t}),
+            Piece::Reasoning(t) => json!({"reasoning_content": t}),
+            Piece::Args(i, t) => {
+                json!({"tool_calls": [{"index": i, "function": {"arguments": t}}]})
+            }
+        };
+        json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": null}]})
+    }
+
+    /// The pieces a chunk's delta carries, read back from its JSON.
+    fn pieces_of(c: &Chunk) -> Vec<Piece> {
+        let v: Value = serde_json::from_slice(c.payload()).unwrap_or_default();
+        let delta = &v["choices"][0]["delta"];
+        let mut out = Vec::new();
+        let text = |k: &str| delta[k].as_str().map(str::to_owned);
+        out.extend(text("content").map(Piece::Text));
+        out.extend(text("reasoning_content").map(Piece::Reasoning));
+        for call in delta["tool_calls"].as_array().into_iter().flatten() {
+            let i = call["index"].as_u64().unwrap_or(u64::MAX) as u32;
+            let args = call["function"]["arguments"].as_str().unwrap_or_default();
+            out.push(Piece::Args(i, args.to_owned()));
+        }
+        out
+    }
+
+    /// An upstream body: each chunk framed with a random line end, some with an event type,
+    /// an id (bytes that need not be UTF-8) or a comment before them; maybe `[DONE]`.
+    fn body(pieces: &[Piece], framing: &[(u8, Vec<u8>)], done: bool) -> Vec<u8> {
+        let mut raw = Vec::new();
+        for (i, p) in pieces.iter().enumerate() {
+            let (how, extra) = &framing[i % framing.len()];
+            let eol: &[u8] = [&b"\n"[..], b"\r\n", b"\r"][usize::from(how % 3)];
+            match how / 3 % 4 {
+                1 => raw.extend_from_slice(b"event: delta"),
+                2 => raw.extend_from_slice(b"id: "),
+                3 => raw.extend_from_slice(b": "),
+                _ => {}
+            }
+            if how / 3 % 4 != 0 {
+                raw.extend_from_slice(extra);
+                raw.extend_from_slice(eol);
+            }
+            raw.extend_from_slice(b"data: ");
+            raw.extend_from_slice(chunk_json(p).to_string().as_bytes());
+            raw.extend_from_slice(eol);
+            raw.extend_from_slice(eol);
+        }
+        if done {
+            raw.extend_from_slice(b"data: [DONE]\n\n");
+        }
+        raw
+    }
+
+    fn framing() -> impl Strategy<Value = Vec<(u8, Vec<u8>)>> {
+        let extra = prop::collection::vec(any::<u8>(), 0..6).prop_map(|b| {
+            b.into_iter()
+                .filter(|b| !matches!(b, b'\r' | b'\n'))
+                .collect::<Vec<u8>>()
+        });
+        prop::collection::vec((any::<u8>(), extra), 1..8)
+    }
+
+    /// Both decoding paths over `raw` cut at `cuts`; they must agree.
+    fn translate_both(
+        raw: &[u8],
+        cuts: &[prop::sample::Index],
+    ) -> Vec<Result<Chunk, UpstreamError>> {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(raw.len() + 1)).collect();
+        at.extend([0, raw.len()]);
+        at.sort_unstable();
+        let chunks = || -> Vec<Result<Vec<u8>, std::io::Error>> {
+            at.windows(2)
+                .map(|w| Ok(raw[w[0]..w[1]].to_vec()))
+                .collect()
+        };
+        let relay: Vec<_> = futures::executor::block_on(
+            translate_body("p".into(), futures::stream::iter(chunks())).collect(),
+        );
+        let owned: Vec<_> = futures::executor::block_on(
+            translate(
+                "p".into(),
+                sse::decode("p".into(), futures::stream::iter(chunks())),
+            )
+            .collect(),
+        );
+        // The same chunks, and the same failure (its message may differ).
+        let same = |r: &Result<Chunk, UpstreamError>| match r {
+            Ok(c) => Ok(c.clone()),
+            Err(e) => Err(e.code().to_owned()),
+        };
+        assert_eq!(
+            relay.iter().map(same).collect::<Vec<_>>(),
+            owned.iter().map(same).collect::<Vec<_>>()
+        );
+        relay
+    }
+
+    proptest! {
+        #[test]
+        fn every_piece_of_a_valid_stream_arrives_in_order(
+            pieces in prop::collection::vec(piece(), 0..24),
+            framing in framing(),
+            done in any::<bool>(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+        ) {
+            let out = translate_both(&body(&pieces, &framing, done), &cuts);
+            prop_assert_eq!(out.len(), pieces.len());
+            prop_assert!(out.iter().all(Result::is_ok), "{:?}", out);
+            let got: Vec<Piece> = out.iter().flatten().flat_map(pieces_of).collect();
+            prop_assert_eq!(got, pieces);
+        }
+
+        /// Cut, garbled or padded streams: never a panic; each event with data is one item,
+        /// a chunk as it came or an error, and an error is the last item.
+        #[test]
+        fn a_mutated_stream_is_relayed_or_failed_never_dropped(
+            pieces in prop::collection::vec(piece(), 1..12),
+            framing in framing(),
+            edits in prop::collection::vec(
+                (any::<prop::sample::Index>(), 0usize..4, prop::collection::vec(any::<u8>(), 0..4)),
+                1..6,
+            ),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let mut raw = body(&pieces, &framing, true);
+            for (at, kind, bytes) in edits {
+                let i = at.index(raw.len() + 1);
+                match kind {
+                    0 => raw.truncate(i),
+                    1 => drop(raw.splice(i..i, bytes)),
+                    2 => drop(raw.drain(i..(i + bytes.len()).min(raw.len()))),
+                    _ => {
+                        if let Some(b) = raw.get_mut(i) {
+                            *b ^= bytes.first().copied().unwrap_or(0x20) | 1;
+                        }
+                    }
+                }
+            }
+            let out = translate_both(&raw, &cuts);
+            // What each event's data should become, from the parser the other props check.
+            let mut want = Vec::new();
+            let mut p = sse::SseParser::default();
+            p.push(&raw);
+            while let Some(ev) = p.next_event() {
+                let data = chunk::trim(ev.data);
+                if data.is_empty() {
+                    continue;
+                }
+                if data == b"[DONE]" {
+                    break;
+                }
+                match Chunk::parse(data) {
+                    Ok(Payload::Chunk(_)) => want.push(Ok(data.to_vec())),
+                    Ok(Payload::Error { .. }) => { want.push(Err("upstream_error")); break; }
+                    Err(_) => { want.push(Err("upstream_malformed")); break; }
+                }
+            }
+            prop_assert_eq!(out.len(), want.len());
+            for (got, want) in out.iter().zip(&want) {
+                match (got, want) {
+                    (Ok(c), Ok(data)) => {
+                        let same: Vec<u8> = data
+                            .iter()
+                            .map(|&b| if matches!(b, b'\r' | b'\n') { b' ' } else { b })
+                            .collect();
+                        prop_assert_eq!(c.payload(), &same[..]);
+                    }
+                    (Err(e), Err(code)) => prop_assert_eq!(e.code(), *code),
+                    (got, want) => {
+                        return Err(TestCaseError::fail(format!("{got:?} where {want:?}")));
+                    }
+                }
+            }
+        }
     }
 }

@@ -18,12 +18,36 @@ const MAX_ERROR_BODY: usize = 16 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 64 << 20;
 const H2_STREAM_WINDOW: u32 = 2 << 20;
 
+/// Default of [`BodyLimits::max_event_bytes`] (`SLUICE_UPSTREAM_MAX_EVENT_BYTES`): far above
+/// any real chunk, a whole inline image included.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 8 << 20;
+
 /// Settings for the pooled HTTP client of one provider.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Speak HTTP/2 without TLS negotiation (h2c): one connection carries many streams.
     pub http2_prior_knowledge: bool,
+    pub limits: BodyLimits,
+}
+
+/// What one upstream body may make sluice buffer.
+#[derive(Debug, Clone)]
+pub struct BodyLimits {
+    /// Longest line, and most `data` one event may gather; past it the stream fails as
+    /// `upstream_malformed`, so an upstream cannot make sluice buffer without limit.
+    pub max_event_bytes: usize,
+    /// Counts the streams failed for passing `max_event_bytes`.
+    pub oversized: metrics::Counter,
+}
+
+impl Default for BodyLimits {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            oversized: metrics::Counter::noop(),
+        }
+    }
 }
 
 /// Makes ring the process's rustls crypto provider unless one is installed already. reqwest
@@ -123,12 +147,14 @@ pub fn error_message(body: &[u8]) -> Option<String> {
 /// leading BOM, and events or UTF-8 sequences split across network chunks.
 pub fn events(
     provider: String,
+    limits: BodyLimits,
     resp: reqwest::Response,
 ) -> impl Stream<Item = Result<Event, UpstreamError>> + Send + 'static {
-    decode(provider, resp.bytes_stream())
+    decode_limited(provider, limits, resp.bytes_stream())
 }
 
-/// [`events`] over any byte stream, so the decoding is testable without a socket.
+/// [`events`] over any byte stream, with the default limits, so the decoding is testable
+/// without a socket.
 pub fn decode<S, B, E>(
     provider: String,
     body: S,
@@ -138,8 +164,22 @@ where
     B: AsRef<[u8]>,
     E: std::error::Error + Send + 'static,
 {
+    decode_limited(provider, BodyLimits::default(), body)
+}
+
+/// [`decode`] with the given limits.
+pub fn decode_limited<S, B, E>(
+    provider: String,
+    limits: BodyLimits,
+    body: S,
+) -> impl Stream<Item = Result<Event, UpstreamError>> + Send + 'static
+where
+    S: Stream<Item = Result<B, E>> + Send + 'static,
+    B: AsRef<[u8]>,
+    E: std::error::Error + Send + 'static,
+{
     Decode {
-        body: SseBody::new(provider.clone(), body),
+        body: SseBody::with_limits(provider.clone(), limits, body),
         provider,
     }
 }
@@ -151,6 +191,7 @@ pub struct SseBody<S> {
     body: Pin<Box<S>>,
     parser: SseParser,
     provider: String,
+    oversized: metrics::Counter,
     ended: bool,
 }
 
@@ -167,11 +208,17 @@ where
     B: AsRef<[u8]>,
     E: std::error::Error,
 {
+    /// A body read with the default limits.
     pub fn new(provider: String, body: S) -> Self {
+        Self::with_limits(provider, BodyLimits::default(), body)
+    }
+
+    pub fn with_limits(provider: String, limits: BodyLimits, body: S) -> Self {
         Self {
             body: Box::pin(body),
-            parser: SseParser::default(),
+            parser: SseParser::with_limit(limits.max_event_bytes),
             provider,
+            oversized: limits.oversized,
             ended: false,
         }
     }
@@ -189,6 +236,18 @@ where
             }
             if self.ended {
                 return Poll::Ready(Polled::End);
+            }
+            if self.parser.oversized() {
+                // The body is not read again: dropping it closes the upstream connection.
+                self.ended = true;
+                self.oversized.increment(1);
+                return Poll::Ready(Polled::Failed(UpstreamError::Malformed {
+                    provider: self.provider.clone(),
+                    message: format!(
+                        "a line or event longer than {} bytes (SLUICE_UPSTREAM_MAX_EVENT_BYTES)",
+                        self.parser.max
+                    ),
+                }));
             }
             match self.body.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => self.parser.push(chunk.as_ref()),
@@ -244,18 +303,19 @@ where
                     message: format!("invalid UTF-8: {e}"),
                 })
         };
-        let owned = (|| {
-            Ok(Event {
-                event: if ev.event.is_empty() {
-                    "message".to_owned()
-                } else {
-                    text(ev.event)?
-                },
-                data: text(ev.data)?,
-                id: text(ev.id)?,
-                retry: ev.retry,
-            })
-        })();
+        // The type and the id are decoded as the spec says, bad bytes as U+FFFD: they carry
+        // no content, and an id carries over, so refusing it would fail every later event.
+        let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let owned = text(ev.data).map(|data| Event {
+            event: if ev.event.is_empty() {
+                "message".to_owned()
+            } else {
+                lossy(ev.event)
+            },
+            data,
+            id: lossy(ev.id),
+            retry: ev.retry,
+        });
         Poll::Ready(Some(owned))
     }
 }
@@ -308,7 +368,10 @@ fn find_line_end(hay: &[u8]) -> Option<usize> {
 /// buffer once per line and allocated four strings per event. Here every buffer is reused:
 /// after warm-up an event costs a copy of its bytes and no allocation. Bytes are not
 /// checked for UTF-8 here; the event's consumer does that where it reads text.
-#[derive(Debug, Default)]
+///
+/// A line, or the data of one event, longer than its limit stops the parser for good
+/// ([`oversized`](Self::oversized)): the checks run per line and per read, never per byte.
+#[derive(Debug)]
 pub struct SseParser {
     /// Received bytes; `buf[pos..]` is not parsed yet.
     buf: Vec<u8>,
@@ -331,11 +394,48 @@ pub struct SseParser {
     dispatched: bool,
     /// A complete event is waiting in `data`, `event`, `id` and `retry`.
     ready: bool,
+    /// Longest line, and most data one event may gather.
+    max: usize,
+    oversized: bool,
+}
+
+impl Default for SseParser {
+    fn default() -> Self {
+        Self::with_limit(DEFAULT_MAX_EVENT_BYTES)
+    }
 }
 
 impl SseParser {
-    /// Appends received bytes.
+    /// A parser whose lines, and events' data, may be at most `max` bytes long.
+    pub fn with_limit(max: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            pos: 0,
+            scanned: 0,
+            started: false,
+            after_cr: false,
+            data: Vec::new(),
+            has_data: false,
+            event: Vec::new(),
+            id: Vec::new(),
+            retry: None,
+            dispatched: false,
+            ready: false,
+            max,
+            oversized: false,
+        }
+    }
+
+    /// A line or an event passed the limit: no event follows, whatever is pushed.
+    pub fn oversized(&self) -> bool {
+        self.oversized
+    }
+
+    /// Appends received bytes; none once the parser is [`oversized`](Self::oversized).
     pub fn push(&mut self, chunk: &[u8]) {
+        if self.oversized {
+            return;
+        }
         if self.pos == self.buf.len() {
             self.buf.clear();
             self.pos = 0;
@@ -349,7 +449,7 @@ impl SseParser {
     /// Whether [`next_event`](Self::next_event) will return an event; parses as far as
     /// needed to know.
     pub fn has_event(&mut self) -> bool {
-        if !self.ready {
+        if !self.ready && !self.oversized {
             self.ready = self.parse();
         }
         self.ready
@@ -397,6 +497,10 @@ impl SseParser {
             let from = self.pos + self.scanned;
             let Some(off) = find_line_end(&self.buf[from..]) else {
                 self.scanned = self.buf.len() - self.pos;
+                if self.scanned > self.max {
+                    // The unfinished line is too long already: stop before it grows further.
+                    self.overflow();
+                }
                 return false;
             };
             let end = from + off;
@@ -412,13 +516,33 @@ impl SseParser {
             self.pos = next;
             self.scanned = 0;
             if self.line(start, end) {
+                if self.oversized {
+                    self.overflow();
+                    return false;
+                }
                 return true;
             }
         }
     }
 
-    /// Handles the line `buf[start..end]`; `true` when it completed an event.
+    /// Stops for good, and frees what was buffered: the stream it came from is failed.
+    fn overflow(&mut self) {
+        self.oversized = true;
+        self.buf = Vec::new();
+        self.pos = 0;
+        self.scanned = 0;
+        self.data = Vec::new();
+        self.event = Vec::new();
+        self.id = Vec::new();
+    }
+
+    /// Handles the line `buf[start..end]`; `true` when it completed an event or passed the
+    /// limit.
     fn line(&mut self, start: usize, end: usize) -> bool {
+        if end - start > self.max {
+            self.oversized = true;
+            return true;
+        }
         let line = &self.buf[start..end];
         if line.is_empty() {
             if self.has_data {
@@ -440,6 +564,10 @@ impl SseParser {
         };
         match name {
             b"data" => {
+                if self.data.len() + usize::from(self.has_data) + value.len() > self.max {
+                    self.oversized = true;
+                    return true;
+                }
                 if self.has_data {
                     self.data.push(b'\n');
                 }
@@ -455,11 +583,17 @@ impl SseParser {
                 self.id.clear();
                 self.id.extend_from_slice(value);
             }
-            b"retry" => {
-                if let Some(ms) = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|v| v.parse::<u64>().ok())
-                {
+            // ASCII digits only, as the spec says (`+5` is not a number here); a value too
+            // large for milliseconds in a u64 is ignored too.
+            b"retry" if !value.is_empty() => {
+                let ms = value.iter().try_fold(0u64, |n, &b| {
+                    if b.is_ascii_digit() {
+                        n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+                    } else {
+                        None
+                    }
+                });
+                if let Some(ms) = ms {
                     self.retry = Some(Duration::from_millis(ms));
                 }
             }
@@ -521,6 +655,7 @@ mod tests {
             let opts = ClientOptions {
                 connect_timeout: Duration::from_secs(1),
                 http2_prior_knowledge: h2c,
+                limits: BodyLimits::default(),
             };
             assert!(client(&opts).is_ok());
         }
@@ -589,6 +724,158 @@ mod tests {
         assert!(p.next_event().is_none());
     }
 
+    #[test]
+    fn retry_takes_ascii_digits_only() {
+        let retry = |value: &str| {
+            let raw = format!("retry:{value}\ndata: x\n\n");
+            parse(raw.as_bytes(), usize::MAX)[0].3
+        };
+        assert_eq!(retry("5"), Some(5));
+        assert_eq!(retry(" 5"), Some(5), "one leading space is the separator's");
+        assert_eq!(retry("007"), Some(7));
+        for not_digits in [
+            "+5",
+            "-5",
+            "  5",
+            "5 ",
+            "5a",
+            "0x10",
+            "",
+            "\u{0665}",
+            "18446744073709551616",
+        ] {
+            assert_eq!(retry(not_digits), None, "retry:{not_digits}");
+        }
+    }
+
+    /// Events of `raw` pushed in `piece`-byte reads into a parser limited to `max`, and
+    /// whether it stopped on the limit.
+    fn parse_limited(raw: &[u8], piece: usize, max: usize) -> (Vec<Vec<u8>>, bool) {
+        let mut p = SseParser::with_limit(max);
+        let mut out = Vec::new();
+        for c in raw.chunks(piece) {
+            p.push(c);
+            while let Some(ev) = p.next_event() {
+                out.push(ev.data.to_vec());
+            }
+        }
+        (out, p.oversized())
+    }
+
+    #[test]
+    fn a_line_or_event_over_the_limit_stops_the_parser() {
+        let max = 64;
+        let long = "x".repeat(max - 6);
+        // A line of exactly the limit passes; one byte more does not, whether it arrives
+        // whole, in pieces, or never ends.
+        let at_limit = format!("data: ok\n\ndata: {long}\n\n");
+        let over = format!("data: ok\n\ndata: {long}x\n\ndata: never\n\n");
+        let unended = format!("data: ok\n\ndata: {long}x");
+        // Data lines each within the limit, together over it (the joining LF counts).
+        let many = format!(
+            "data: ok\n\ndata: {}\ndata: {}\n\n",
+            "y".repeat(32),
+            "z".repeat(32)
+        );
+        for piece in [1, 5, 64, usize::MAX] {
+            let (events, stopped) = parse_limited(at_limit.as_bytes(), piece, max);
+            assert_eq!(events, [b"ok".to_vec(), long.clone().into_bytes()]);
+            assert!(!stopped);
+            for raw in [&over, &unended, &many] {
+                assert_eq!(
+                    parse_limited(raw.as_bytes(), piece, max),
+                    (vec![b"ok".to_vec()], true),
+                    "{raw:?} in pieces of {piece}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_stopped_parser_holds_and_takes_nothing() {
+        let mut p = SseParser::with_limit(1024);
+        for _ in 0..64 {
+            p.push(&[b'a'; 100]);
+            assert!(p.next_event().is_none());
+            if p.oversized() {
+                break;
+            }
+        }
+        assert!(p.oversized());
+        p.push(&[b'a'; 4096]);
+        p.push(b"\n\ndata: late\n\n");
+        assert!(p.next_event().is_none());
+        assert_eq!(p.buf.capacity(), 0, "the unfinished line is freed");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_fails_as_malformed_and_is_counted() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let oversized = metrics::Recorder::register_counter(
+            &recorder,
+            &metrics::Key::from_name("oversized"),
+            &metrics::Metadata::new("t", metrics::Level::INFO, None),
+        );
+        let limits = BodyLimits {
+            max_event_bytes: 1024,
+            oversized,
+        };
+        let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = read.clone();
+        // An endless line: only the limit ends it.
+        let body =
+            futures::stream::once(async { Ok::<_, std::io::Error>(b"data: {}\n\n".to_vec()) })
+                .chain(futures::stream::repeat_with(move || {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Ok(vec![b'x'; 100])
+                }));
+        let got: Vec<_> = decode_limited("p".into(), limits, body).collect().await;
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].as_ref().map(|e| e.data.as_str()), Ok("{}"));
+        assert!(
+            matches!(&got[1], Err(UpstreamError::Malformed { message, .. })
+                if message.contains("1024 bytes")),
+            "{:?}",
+            got[1]
+        );
+        // The body was read just past the limit, and no further.
+        assert_eq!(read.load(std::sync::atomic::Ordering::Relaxed), 11);
+        assert!(
+            recorder.handle().render().contains("oversized 1"),
+            "{}",
+            recorder.handle().render()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_event_type_or_id_does_not_fail_the_stream() {
+        let chunks: Vec<Result<&[u8], std::io::Error>> = vec![Ok(
+            b"event: \xFFping\nid: \xC3\ndata: {}\n\ndata: next\n\ndata: \xFF\n\n",
+        )];
+        let got: Vec<_> = decode("p".into(), futures::stream::iter(chunks))
+            .collect()
+            .await;
+        assert_eq!(
+            got[..2],
+            [
+                Ok(Event {
+                    event: "\u{FFFD}ping".into(),
+                    data: "{}".into(),
+                    id: "\u{FFFD}".into(),
+                    retry: None,
+                }),
+                Ok(Event {
+                    event: "message".into(),
+                    data: "next".into(),
+                    id: "\u{FFFD}".into(),
+                    retry: None,
+                }),
+            ]
+        );
+        // Data that is not UTF-8 is still malformed: it is the content.
+        assert!(matches!(got[2], Err(UpstreamError::Malformed { .. })));
+    }
+
     #[tokio::test]
     async fn decode_keeps_eventsource_events() {
         let chunks: Vec<Result<&[u8], std::io::Error>> =
@@ -627,5 +914,159 @@ mod tests {
             Some("Overloaded")
         );
         assert_eq!(error_message(b"<html>"), None);
+    }
+}
+
+/// Property tests: `PROPTEST_CASES` sets how many cases each runs (256 by default).
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// (type, data, id, retry in ms) of one event, its bytes decoded as the spec decodes them.
+    type Ev = (String, String, String, Option<u64>);
+
+    /// The WHATWG "interpret an event stream" algorithm, read plainly: decode the stream as
+    /// UTF-8 (bad bytes as U+FFFD, one leading BOM dropped), split it into lines at CRLF, LF
+    /// or CR, and act on each line. The last line has no end and is dropped, as is an event
+    /// that no blank line dispatched. `retry` is kept with the event it came in, as sluice
+    /// reads it (the spec sets the reconnection time at once).
+    fn reference(raw: &[u8]) -> Vec<Ev> {
+        let decoded = String::from_utf8_lossy(raw);
+        let mut rest: &str = decoded.strip_prefix('\u{feff}').unwrap_or(&decoded);
+        let mut lines = Vec::new();
+        while let Some(i) = rest.find(['\r', '\n']) {
+            lines.push(&rest[..i]);
+            let end = if rest[i..].starts_with("\r\n") { 2 } else { 1 };
+            rest = &rest[i + end..];
+        }
+        let mut out = Vec::new();
+        let (mut data, mut event, mut id, mut retry) =
+            (String::new(), String::new(), String::new(), None);
+        for line in lines {
+            if line.is_empty() {
+                // Dispatch: nothing when the data buffer is empty (no `data` field at all).
+                if !data.is_empty() {
+                    data.pop();
+                    out.push((event.clone(), data.clone(), id.clone(), retry));
+                }
+                data.clear();
+                event.clear();
+                retry = None;
+                continue;
+            }
+            if line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (line, ""),
+            };
+            match field {
+                "event" => event = value.to_owned(),
+                "data" => {
+                    data.push_str(value);
+                    data.push('\n');
+                }
+                "id" if !value.contains('\0') => id = value.to_owned(),
+                "retry" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
+                    if let Ok(ms) = value.parse() {
+                        retry = Some(ms);
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// The events of `raw` read in pieces cut at `cuts`, by a parser limited to `max`, and
+    /// whether it stopped on the limit.
+    fn run(raw: &[u8], cuts: &[prop::sample::Index], max: usize) -> (Vec<Ev>, bool) {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(raw.len() + 1)).collect();
+        at.push(0);
+        at.push(raw.len());
+        at.sort_unstable();
+        let mut p = SseParser::with_limit(max);
+        let mut out = Vec::new();
+        for w in at.windows(2) {
+            p.push(&raw[w[0]..w[1]]);
+            while let Some(ev) = p.next_event() {
+                let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                out.push((
+                    s(ev.event),
+                    s(ev.data),
+                    s(ev.id),
+                    ev.retry.map(|d| d.as_millis() as u64),
+                ));
+            }
+        }
+        (out, p.oversized())
+    }
+
+    /// Bytes of event streams: field names, separators, line ends, BOMs, NULs, numbers,
+    /// multi-byte and broken UTF-8, and any bytes at all.
+    fn stream() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            prop::sample::select(vec![
+                &b"data"[..],
+                b"data:",
+                b"data: ",
+                b"event:",
+                b"event: ",
+                b"id:",
+                b"id: ",
+                b"retry:",
+                b"retry: ",
+                b":",
+                b" ",
+                b"\n",
+                b"\r",
+                b"\r\n",
+                b"\n\n",
+                b"\r\n\r\n",
+                b"\xEF\xBB\xBF",
+                b"\0",
+                b"+5",
+                b"42",
+                "é🦀".as_bytes(),
+                b"\xFF",
+                b"\xE2\x82",
+                b"\xF0\x9F\xA6",
+            ])
+            .prop_map(<[u8]>::to_vec),
+            "[a-z0-9 ]{0,6}".prop_map(String::into_bytes),
+            prop::collection::vec(any::<u8>(), 0..6),
+        ];
+        prop::collection::vec(piece, 0..64).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn agrees_with_the_whatwg_algorithm(
+            raw in stream(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let (events, stopped) = run(&raw, &cuts, DEFAULT_MAX_EVENT_BYTES);
+            prop_assert!(!stopped);
+            prop_assert_eq!(events, reference(&raw));
+        }
+
+        #[test]
+        fn the_same_bytes_split_anywhere_give_the_same_events(
+            raw in stream(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 1..16),
+            max in prop_oneof![Just(DEFAULT_MAX_EVENT_BYTES), 1usize..48],
+        ) {
+            let whole = run(&raw, &[], max);
+            prop_assert_eq!(&run(&raw, &cuts, max), &whole);
+            // With a limit, the events before it are the spec's; without one hit, all are.
+            let want = reference(&raw);
+            if whole.1 {
+                prop_assert!(want.starts_with(&whole.0), "{:?} vs {:?}", whole.0, want);
+            } else {
+                prop_assert_eq!(&whole.0, &want);
+            }
+        }
     }
 }
