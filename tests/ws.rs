@@ -18,8 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use common::ws::{Ws, next_json, send};
 
 struct Env {
     mock: MockServer,
@@ -93,26 +92,6 @@ impl Env {
     }
 }
 
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
-}
-
-/// The next JSON text frame (pings and pongs are skipped).
-async fn next_json(ws: &mut Ws) -> Value {
-    loop {
-        let m = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("no frame")
-            .expect("closed")
-            .unwrap();
-        match m {
-            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected frame {other:?}"),
-        }
-    }
-}
-
 /// Events of `topic` until a final one.
 async fn events_until_final(ws: &mut Ws, topic: &str) -> Vec<Value> {
     let mut out = Vec::new();
@@ -160,6 +139,22 @@ async fn close_code(ws: &mut Ws) -> (CloseCode, String) {
             other => panic!("connection ended without a close frame: {other:?}"),
         }
     }
+}
+
+/// Queues a prompt job; its id.
+async fn start_task(e: &Env) -> String {
+    let r = client()
+        .post(format!("{}/api/tasks", e.server.url))
+        .bearer_auth(&e.key)
+        .json(&json!({"messages": [{"role": "user", "content": "work"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    r.json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 #[tokio::test]
@@ -649,18 +644,7 @@ async fn task_progress_arrives_over_ws_until_succeeded() {
         |_| {},
     )
     .await;
-    let r = client()
-        .post(format!("{}/api/tasks", e.server.url))
-        .bearer_auth(&e.key)
-        .json(&json!({"messages": [{"role": "user", "content": "work"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["task_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = start_task(&e).await;
     let topic = format!("task:{id}");
     let mut ws = e.connect().await;
     send(&mut ws, json!({"op": "subscribe", "topic": topic})).await;
@@ -778,18 +762,7 @@ async fn a_reasoning_model_streams_its_thinking_before_the_answer_over_ws() {
 #[tokio::test]
 async fn a_reasoning_task_streams_its_thinking_over_ws() {
     let e = reasoning_env().await;
-    let r = client()
-        .post(format!("{}/api/tasks", e.server.url))
-        .bearer_auth(&e.key)
-        .json(&json!({"messages": [{"role": "user", "content": "work"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["task_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = start_task(&e).await;
     let topic = format!("task:{id}");
     let mut ws = e.connect().await;
     send(&mut ws, json!({"op": "subscribe", "topic": topic})).await;
@@ -941,18 +914,7 @@ async fn a_task_resumed_past_its_end_replays_nothing() {
         |_| {},
     )
     .await;
-    let r = client()
-        .post(format!("{}/api/tasks", e.server.url))
-        .bearer_auth(&e.key)
-        .json(&json!({"messages": [{"role": "user", "content": "work"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["task_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = start_task(&e).await;
     let topic = format!("task:{id}");
     let mut ws = e.connect().await;
     send(&mut ws, json!({"op": "subscribe", "topic": topic})).await;

@@ -4,6 +4,7 @@
 pub mod db;
 pub mod proxy;
 pub mod reasoning;
+pub mod ws;
 
 use std::time::Duration;
 
