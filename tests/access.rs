@@ -138,15 +138,7 @@ async fn a_key_revoked_by_the_admin_api_is_refused_on_its_open_websocket() {
     assert_eq!(until_final(&mut ws).await["event"], "done");
 
     revoke_via_api(&server.url, &admin, "alice").await;
-    let keys: Value = client()
-        .get(format!("{}/api/admin/keys", server.url))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let keys: Value = get_json_as(&format!("{}/api/admin/keys", server.url), &admin).await;
     let listed = keys["data"].as_array().unwrap();
     let alices = listed.iter().find(|k| k["name"] == "alice").unwrap();
     assert!(alices["revoked_at"].is_i64(), "{keys}");
@@ -169,15 +161,11 @@ async fn a_key_revoked_by_the_admin_api_is_refused_on_its_open_websocket() {
     .await;
     closed_as_revoked(&mut ws).await;
     // The revoked key started nothing: the session has the first exchange only.
-    let messages: Value = client()
-        .get(format!("{}/api/sessions/{session}/messages", server.url))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let messages: Value = get_json_as(
+        &format!("{}/api/sessions/{session}/messages", server.url),
+        &admin,
+    )
+    .await;
     assert!(
         messages["data"].as_array().is_none_or(|m| m.len() <= 2),
         "{messages}"

@@ -341,30 +341,14 @@ async fn admin_paths_need_an_admin_key_in_every_spelling() {
     let mut bytes = live.bytes_stream();
     use futures::StreamExt;
     bytes.next().await.unwrap().unwrap();
-    let streams: Value = client()
-        .get(format!("{}/api/admin/streams", server.url))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let streams: Value = get_json_as(&format!("{}/api/admin/streams", server.url), &admin).await;
     let row = &streams["data"][0];
     assert_eq!(row["session_id"], sid.as_str());
     assert_eq!(row["subscribers"], 1);
     assert!(row["age_s"].is_u64() && row["tokens"].is_u64() && row["instance"].is_string());
     while bytes.next().await.is_some() {}
 
-    let usage: Value = client()
-        .get(format!("{}/api/admin/usage", server.url))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage: Value = get_json_as(&format!("{}/api/admin/usage", server.url), &admin).await;
     let rows = usage["data"].as_array().unwrap();
     assert_eq!(rows.len(), 1, "{usage}");
     assert_eq!(rows[0]["model"], "mock-model");

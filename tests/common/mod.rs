@@ -142,6 +142,19 @@ pub async fn get_json(url: &str) -> Value {
         .unwrap()
 }
 
+/// `GET url` with an API key, its JSON body.
+pub async fn get_json_as(url: &str, key: &str) -> Value {
+    client()
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 pub async fn post(url: &str, body: &Value) -> reqwest::Response {
     client().post(url).json(body).send().await.unwrap()
 }
