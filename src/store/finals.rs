@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{MessageStatus, MessageUpdate, Millis, Store, StoreError, TaskStatus};
+use super::{MessageUpdate, Millis, Store, StoreError, TaskStatus};
 
 /// Retries of one final write before it is left to the next start: about two minutes.
 const ATTEMPTS: u32 = 30;
@@ -29,12 +29,8 @@ const MAX_DELAY: Duration = Duration::from_secs(5);
 enum Final {
     Message {
         message_id: String,
-        content: String,
-        reasoning: Option<String>,
-        status: MessageStatus,
-        prompt_tokens: Option<i64>,
-        completion_tokens: Option<i64>,
-        error: Option<String>,
+        #[serde(flatten)]
+        update: MessageUpdate,
     },
     Task {
         task_id: String,
@@ -58,24 +54,8 @@ impl Final {
     /// task already final).
     async fn apply(&self, store: &dyn Store) -> Result<bool, StoreError> {
         match self {
-            Self::Message {
-                message_id,
-                content,
-                reasoning,
-                status,
-                prompt_tokens,
-                completion_tokens,
-                error,
-            } => {
-                let update = MessageUpdate {
-                    content: content.clone(),
-                    reasoning: reasoning.clone(),
-                    status: *status,
-                    prompt_tokens: *prompt_tokens,
-                    completion_tokens: *completion_tokens,
-                    error: error.clone(),
-                };
-                match store.update_message(message_id, &update).await {
+            Self::Message { message_id, update } => {
+                match store.update_message(message_id, update).await {
                     Ok(()) => Ok(true),
                     Err(StoreError::NotFound(_)) => Ok(false),
                     Err(e) => Err(e),
@@ -130,12 +110,7 @@ impl FinalWrites {
     ) -> bool {
         let f = Final::Message {
             message_id: id.to_owned(),
-            content: update.content,
-            reasoning: update.reasoning,
-            status: update.status,
-            prompt_tokens: update.prompt_tokens,
-            completion_tokens: update.completion_tokens,
-            error: update.error,
+            update,
         };
         match self.save(f, tasks, stop).await {
             Ok(Some(_)) => true,

@@ -129,7 +129,7 @@ pub struct StoredMessage {
 }
 
 /// The final (or periodic) state of an assistant message.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MessageUpdate {
     pub content: String,
     /// `None` stores no reasoning (NULL), not "leave it as it was".
