@@ -404,12 +404,16 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::guard::rate::limit,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
+        ));
+    // Only a server that needs no key checks `Host`: with keys, the key keeps other pages out.
+    let routes = match state.local_user {
+        Some(_) => routes.layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::guard::host::check,
-        ))
-        .layer(axum::middleware::from_fn(head_limit));
+        )),
+        None => routes,
+    };
+    let routes = routes.layer(axum::middleware::from_fn(head_limit));
     let routes = match crate::guard::cors::layer(
         &state.config.server.cors_origins,
         state.config.guards.cors_credentials,
