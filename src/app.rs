@@ -119,10 +119,17 @@ impl AppState {
             );
         }
         if store.backend() == "sqlite" || config.redis.is_none() {
-            // Without the bus there is no other instance to share generations with: this
-            // process was their only producer, so nothing still streams. (With it, leases
-            // end the generations of a lost instance.)
-            let n = store.interrupt_streaming().await?;
+            // Without the bus nothing else ends the replies a lost process left streaming.
+            // SQLite has one instance: all of them were its own. A shared PostgreSQL may
+            // have other instances running theirs: only replies no other instance holds a
+            // live claim on are ended. (With the bus, leases end a lost instance's.)
+            let n = if store.backend() == "sqlite" {
+                store.interrupt_streaming().await?
+            } else {
+                store
+                    .interrupt_streaming_of(&config.server.server_id, store::now_millis())
+                    .await?
+            };
             if n > 0 {
                 tracing::warn!(
                     messages = n,
@@ -183,6 +190,11 @@ impl AppState {
             settings: ChatSettings {
                 history_max_chars: config.chat.history_max_chars,
                 max_message_chars: config.chat.max_message_chars,
+                server_id: config.server.server_id.clone(),
+                claim_for: crate::chat::service::claim_lifetime(
+                    config.upstream.timeouts.total,
+                    config.server.drain,
+                ),
             },
             stop: lifecycle.stop_token(),
             streams: streams.clone(),

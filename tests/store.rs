@@ -44,6 +44,10 @@ crate::backend_tests!(
     queued_tasks_keep_their_creation_order,
     keys_cli_prints_a_key_once_and_revokes,
     migrate_cli_is_idempotent,
+    a_session_runs_one_generation_until_released_or_expired,
+    a_session_is_free_once_its_generations_reply_has_ended,
+    racing_claims_of_a_session_let_exactly_one_through,
+    start_up_interrupts_only_replies_no_other_instance_holds,
 );
 
 async fn open(db: &TestDb) -> Arc<dyn Store> {
@@ -105,7 +109,10 @@ fn sqlite_conn(db: &TestDb) -> rusqlite::Connection {
 
 async fn migrations_apply_on_an_empty_database_and_are_idempotent(backend: Backend) {
     let db = fresh(backend).await;
-    assert_eq!(open_and_report(&db).await, ["V1__init", "V2__reasoning"]);
+    assert_eq!(
+        open_and_report(&db).await,
+        ["V1__init", "V2__reasoning", "V3__running_generation"]
+    );
     let objects = schema_objects(&db).await;
     for name in [
         "refinery_schema_history",
@@ -186,7 +193,10 @@ async fn a_database_of_the_first_schema_keeps_its_rows_through_the_reasoning_col
             c.batch_execute(rows).await.unwrap();
         }
     }
-    assert_eq!(open_and_report(&db).await, ["V2__reasoning"]);
+    assert_eq!(
+        open_and_report(&db).await,
+        ["V2__reasoning", "V3__running_generation"]
+    );
     let store = open(&db).await;
     let m = store.list_messages("s1").await.unwrap().pop().unwrap();
     assert_eq!((m.content.as_str(), m.reasoning), ("old reply", None));
@@ -1598,7 +1608,7 @@ async fn migrate_cli_is_idempotent(backend: Backend) {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let first = text(&out.stdout);
     assert!(
-        first.contains("applied 2 migration(s): V1__init, V2__reasoning"),
+        first.contains("applied 3 migration(s): V1__init, V2__reasoning, V3__running_generation"),
         "{first}"
     );
     let out = sluice(&db, &["migrate"]).await;
@@ -1609,4 +1619,222 @@ async fn migrate_cli_is_idempotent(backend: Backend) {
         assert!(!first.contains(url) && !second.contains(url));
     }
     open(&db).await.ping().await.unwrap();
+}
+
+/// A streaming reply of generation `g` in session `s`.
+fn streaming_reply(s: &str, g: &str) -> StoredMessage {
+    StoredMessage {
+        status: MessageStatus::Streaming,
+        generation_id: Some(g.to_owned()),
+        ..message(s, Role::Assistant, "partial", now_millis())
+    }
+}
+
+async fn a_session_runs_one_generation_until_released_or_expired(backend: Backend) {
+    let db = fresh(backend).await;
+    let store = open(&db).await;
+    let alice = store.ensure_user("alice").await.unwrap().id;
+    let s = store.create_session(&alice, None, None).await.unwrap().id;
+    let now = now_millis();
+    let until = now + 60_000;
+
+    assert_eq!(
+        store
+            .claim_generation(&s, "g1", "a", now, until)
+            .await
+            .unwrap(),
+        None
+    );
+    // Held: refused on any instance, naming the holder.
+    for server in ["b", "a"] {
+        assert_eq!(
+            store
+                .claim_generation(&s, "g2", server, now, until)
+                .await
+                .unwrap(),
+            Some("g1".to_owned())
+        );
+    }
+    // Another generation's release leaves the hold alone.
+    assert!(!store.release_generation(&s, "g2").await.unwrap());
+    assert_eq!(
+        store
+            .claim_generation(&s, "g2", "b", now, until)
+            .await
+            .unwrap(),
+        Some("g1".to_owned())
+    );
+    // Released by its own generation: free.
+    assert!(store.release_generation(&s, "g1").await.unwrap());
+    assert!(!store.release_generation(&s, "g1").await.unwrap(), "once");
+    assert_eq!(
+        store
+            .claim_generation(&s, "g2", "b", now, until)
+            .await
+            .unwrap(),
+        None
+    );
+    // Past its expiry, a hold nobody released (its instance died) gives way.
+    assert_eq!(
+        store
+            .claim_generation(&s, "g3", "a", until - 1, until + 60_000)
+            .await
+            .unwrap(),
+        Some("g2".to_owned())
+    );
+    assert_eq!(
+        store
+            .claim_generation(&s, "g3", "a", until + 1, until + 60_000)
+            .await
+            .unwrap(),
+        None
+    );
+    // Sessions hold their own slots; a missing one is not found.
+    let other = store.create_session(&alice, None, None).await.unwrap().id;
+    assert_eq!(
+        store
+            .claim_generation(&other, "g4", "a", now, until)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(matches!(
+        store.claim_generation("nope", "g5", "a", now, until).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn a_session_is_free_once_its_generations_reply_has_ended(backend: Backend) {
+    let db = fresh(backend).await;
+    let store = open(&db).await;
+    let alice = store.ensure_user("alice").await.unwrap().id;
+    let s = store.create_session(&alice, None, None).await.unwrap().id;
+    let now = now_millis();
+    let until = now + 60_000;
+    assert_eq!(
+        store
+            .claim_generation(&s, "g1", "a", now, until)
+            .await
+            .unwrap(),
+        None
+    );
+    let reply = streaming_reply(&s, "g1");
+    store.insert_message(&reply).await.unwrap();
+    assert_eq!(
+        store
+            .claim_generation(&s, "g2", "b", now, until)
+            .await
+            .unwrap(),
+        Some("g1".to_owned()),
+        "held while its reply streams"
+    );
+    // Its final state stored (by its instance, a retried write, or whoever ended it) but
+    // the release lost: the session is free all the same.
+    let update = MessageUpdate {
+        content: "partial".into(),
+        reasoning: None,
+        status: MessageStatus::Interrupted,
+        prompt_tokens: None,
+        completion_tokens: None,
+        error: None,
+    };
+    store.update_message(&reply.id, &update).await.unwrap();
+    assert_eq!(
+        store
+            .claim_generation(&s, "g2", "b", now, until)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+async fn racing_claims_of_a_session_let_exactly_one_through(backend: Backend) {
+    let db = fresh(backend).await;
+    let store = open(&db).await;
+    let alice = store.ensure_user("alice").await.unwrap().id;
+    let s = store.create_session(&alice, None, None).await.unwrap().id;
+    let now = now_millis();
+    let claims = (0..16).map(|i| {
+        let (store, s) = (store.clone(), s.clone());
+        tokio::spawn(async move {
+            store
+                .claim_generation(
+                    &s,
+                    &format!("g{i}"),
+                    &format!("server{}", i % 2),
+                    now,
+                    now + 60_000,
+                )
+                .await
+                .unwrap()
+        })
+    });
+    let results = futures::future::join_all(claims).await;
+    let won = results
+        .iter()
+        .filter(|r| r.as_ref().unwrap().is_none())
+        .count();
+    assert_eq!(won, 1, "{results:?}");
+}
+
+async fn start_up_interrupts_only_replies_no_other_instance_holds(backend: Backend) {
+    let db = fresh(backend).await;
+    let store = open(&db).await;
+    let alice = store.ensure_user("alice").await.unwrap().id;
+    let now = now_millis();
+    let until = now + 60_000;
+    // (server holding the reply's session, hold expiry, reply still streaming after?)
+    let cases = [
+        (Some("other"), until, true),    // another instance's live reply
+        (Some("me"), until, false),      // this instance's, from before its restart
+        (Some("other"), now - 1, false), // another instance's, its hold lapsed
+        (None, until, false),            // nobody holds it
+    ];
+    let mut replies = Vec::new();
+    for (server, expires, _) in cases {
+        let s = store.create_session(&alice, None, None).await.unwrap().id;
+        let g = new_id();
+        if let Some(server) = server {
+            assert_eq!(
+                store
+                    .claim_generation(&s, &g, server, now - 10, expires)
+                    .await
+                    .unwrap(),
+                None
+            );
+        }
+        let reply = streaming_reply(&s, &g);
+        store.insert_message(&reply).await.unwrap();
+        replies.push(reply);
+    }
+    // A hold naming a later generation of that session protects no older reply.
+    let s = store.create_session(&alice, None, None).await.unwrap().id;
+    let stale = streaming_reply(&s, "old");
+    store.insert_message(&stale).await.unwrap();
+    assert_eq!(
+        store
+            .claim_generation(&s, "new", "other", now, until)
+            .await
+            .unwrap(),
+        None
+    );
+
+    assert_eq!(store.interrupt_streaming_of("me", now).await.unwrap(), 4);
+    for (reply, (_, _, streaming)) in replies.iter().zip(cases) {
+        let m = store
+            .list_messages(&reply.session_id)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        let want = if streaming {
+            MessageStatus::Streaming
+        } else {
+            MessageStatus::Interrupted
+        };
+        assert_eq!(m.status, want, "{reply:?}");
+    }
+    let m = store.list_messages(&s).await.unwrap().pop().unwrap();
+    assert_eq!(m.status, MessageStatus::Interrupted);
+    assert_eq!(store.interrupt_streaming_of("me", now).await.unwrap(), 0);
 }

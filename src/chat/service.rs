@@ -54,6 +54,23 @@ pub struct ChatSettings {
     pub history_max_chars: usize,
     /// Longest accepted user message.
     pub max_message_chars: usize,
+    /// This instance, named in the store's hold on a session it runs a generation of.
+    pub server_id: String,
+    /// How long a session's hold in the store lasts when nobody releases it (its instance
+    /// died). Longer than any generation can run, so it never lapses under a live one;
+    /// see [`claim_lifetime`].
+    pub claim_for: std::time::Duration,
+}
+
+/// The store's hold on a session outlives the longest generation: the total generation
+/// time limit, the drain window an instance may keep running it after, and a margin for
+/// the start and the final write. A hold is thus never renewed (no write per stream while
+/// it runs); a lost instance's hold is freed sooner when its reply is stored as ended.
+pub fn claim_lifetime(
+    total: std::time::Duration,
+    drain: std::time::Duration,
+) -> std::time::Duration {
+    total + drain + std::time::Duration::from_secs(60)
 }
 
 struct Running {
@@ -141,6 +158,10 @@ impl ChatService {
 
     pub fn hub(&self) -> &Arc<Hub> {
         &self.hub
+    }
+
+    pub fn bus(&self) -> &Arc<dyn Bus> {
+        &self.bus
     }
 
     pub fn running_count(&self) -> usize {
@@ -276,12 +297,30 @@ impl ChatService {
                 });
             }
         }
-        if let Err(running) = self.bus.claim(&session.id, &generation_id).await {
+        // The store decides across instances, whatever else is reachable: the in-memory
+        // entry above only spares it the posts that collide on this instance.
+        let now = now_millis();
+        let claimed = self
+            .store
+            .claim_generation(
+                &session.id,
+                &generation_id,
+                &self.settings.server_id,
+                now,
+                now.saturating_add(self.settings.claim_for.as_millis() as i64),
+            )
+            .await;
+        let held = match claimed {
+            Ok(None) => None,
+            Ok(Some(running)) => Some(Err(ChatError::Busy {
+                generation_id: running,
+            })),
+            Err(e) => Some(Err(ChatError::Store(e))),
+        };
+        if let Some(refused) = held {
             self.running
                 .remove_if(&session.id, |_, r| r.generation_id == generation_id);
-            return Err(ChatError::Busy {
-                generation_id: running,
-            });
+            return refused;
         }
         match self
             .begin(
@@ -298,7 +337,7 @@ impl ChatService {
             Err(e) => {
                 self.running
                     .remove_if(&session.id, |_, r| r.generation_id == generation_id);
-                self.bus.release(&session.id, &generation_id).await;
+                release(self.store.as_ref(), &session.id, &generation_id).await;
                 Err(e)
             }
         }
@@ -405,11 +444,18 @@ impl ChatService {
             running: self.running.clone(),
             stop: self.stop.clone(),
             meter: self.meter.clone(),
-            bus: self.bus.clone(),
             finals: self.finals.clone(),
             tasks: self.tasks.clone(),
         };
-        self.tasks.spawn(deps.run(job));
+        // Lines the generation writes (its upstream call's among them) name it and its
+        // session, as a request's name the request.
+        let span = tracing::info_span!(
+            "generation",
+            session_id = %session.id,
+            generation_id = %generation_id
+        );
+        self.tasks
+            .spawn(tracing::Instrument::instrument(deps.run(job), span));
         // Tracked with the generation, so shutdown waits until its last event left too.
         self.tasks.spawn(self.bus.export(channel.clone()));
         Ok(Started {
@@ -465,6 +511,14 @@ impl ChatService {
     pub fn feed_from(&self, channel: Arc<Channel>) -> SessionFeed {
         let session_id = channel.session_id.clone();
         SessionFeed::new(&self.hub, &session_id, Some((channel, None)))
+    }
+}
+
+/// Frees the session's hold in the store. Should the store be away, the hold frees itself
+/// once the reply's final state is stored (kept and retried), or at its expiry.
+async fn release(store: &dyn Store, session_id: &str, generation_id: &str) {
+    if let Err(e) = store.release_generation(session_id, generation_id).await {
+        tracing::warn!(session_id = %session_id, generation_id = %generation_id, error = %e, "cannot release the session's running generation; it frees itself once the reply is stored");
     }
 }
 
@@ -555,7 +609,6 @@ struct GenerationDeps {
     running: Arc<DashMap<String, Running>>,
     stop: CancellationToken,
     meter: Option<Arc<dyn super::TokenMeter>>,
-    bus: Arc<dyn Bus>,
     finals: Arc<FinalWrites>,
     /// Where a retried final write runs, so shutdown waits for it too.
     tasks: TaskTracker,
@@ -636,7 +689,7 @@ impl GenerationDeps {
         // as soon as it sees `done`.
         self.running
             .remove_if(&g.session_id, |_, r| r.generation_id == g.generation_id);
-        self.bus.release(&g.session_id, &g.generation_id).await;
+        release(self.store.as_ref(), &g.session_id, &g.generation_id).await;
         let ch = &g.channel;
         if let Some(u) = outcome.usage {
             ch.publish_json(EventKind::Usage, &u);

@@ -29,6 +29,18 @@ pub struct BusStatus {
     pub error: Option<String>,
 }
 
+/// A generation running somewhere in the cluster, as the bus knows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Running {
+    pub generation_id: String,
+    pub session_id: String,
+    pub owner: String,
+    /// The instance running it.
+    pub instance: String,
+    /// When it started (unix ms), when known.
+    pub started_at: Option<u64>,
+}
+
 /// Keeps this instance following a session's remote generations while it lives.
 pub type Follow = Box<dyn Any + Send + Sync>;
 
@@ -44,14 +56,6 @@ pub trait Bus: Send + Sync {
     /// event has left. The caller runs it, in the tracker it waits for at shutdown.
     fn export(&self, channel: Arc<Channel>) -> BoxFuture<'static, ()>;
 
-    /// Takes the session's one slot for a running generation across instances (the rule
-    /// one instance enforces in memory); `Err` names the generation running elsewhere.
-    /// Without Redis reachable it allows: local streams must not depend on the bus.
-    async fn claim(&self, session_id: &str, generation_id: &str) -> Result<(), String>;
-
-    /// Gives the slot back, if this generation still holds it.
-    async fn release(&self, session_id: &str, generation_id: &str);
-
     /// Follows the session's generations that run on other instances: when this returns,
     /// the one running now (if any) is in the hub, and later ones appear as they start,
     /// until the returned guard is dropped.
@@ -60,6 +64,10 @@ pub trait Bus: Send + Sync {
     /// A generation the local hub does not hold, from the shared replay log (a resume
     /// on another instance than the one running it).
     async fn fetch(&self, generation_id: &str) -> Option<Arc<Channel>>;
+
+    /// The generations running on every instance; `None` when only this instance's are
+    /// known (no bus, or Redis unreachable).
+    async fn running(&self) -> Option<Vec<Running>>;
 
     fn status(&self) -> BusStatus;
 
@@ -85,17 +93,15 @@ impl Bus for LocalBus {
         Box::pin(async {})
     }
 
-    async fn claim(&self, _session_id: &str, _generation_id: &str) -> Result<(), String> {
-        Ok(())
-    }
-
-    async fn release(&self, _session_id: &str, _generation_id: &str) {}
-
     async fn follow(&self, _session_id: &str) -> Follow {
         Box::new(())
     }
 
     async fn fetch(&self, _generation_id: &str) -> Option<Arc<Channel>> {
+        None
+    }
+
+    async fn running(&self) -> Option<Vec<Running>> {
         None
     }
 

@@ -5,7 +5,8 @@
 //! - `gen:<generation>` — Stream; entry id `<seq>-1`, fields `k` (event kind) and `d` (JSON
 //!   data). Explicit ids make every write idempotent-checkable and order by sequence;
 //!   `MAXLEN ~ SLUICE_REPLAY_MAX_EVENTS`, expiry `SLUICE_REPLAY_TTL`.
-//! - `gm:<generation>` — hash: `s` session, `o` owning user, `m` message, `i` instance.
+//! - `gm:<generation>` — hash: `s` session, `o` owning user, `m` message, `i` instance,
+//!   `a` start time (unix ms).
 //! - `cur:<session>` — the session's latest generation, so a new watcher finds it.
 //! - `live` — sorted set of running generations scored by lease expiry (unix ms).
 //! - channel `ch:<session>` — batches of events of the session's generations.
@@ -39,9 +40,6 @@ use crate::store::{MessageStatus, MessageUpdate, Store};
 
 /// How long a generation's owner may go silent before it is presumed dead.
 const LEASE: Duration = Duration::from_secs(3);
-/// How long a session's running slot outlives a silent owner. Longer than `LEASE`, so
-/// the lost generation is ended before the session takes a new one.
-const CLAIM: Duration = Duration::from_secs(10);
 /// Leases are renewed, and expired ones looked for, this often.
 const BEAT: Duration = Duration::from_secs(1);
 /// A published message carries events up to about this size; a bigger event goes by
@@ -180,41 +178,6 @@ impl Bus for RedisBus {
         Box::pin(export(self.inner.clone(), channel))
     }
 
-    async fn claim(&self, session_id: &str, generation_id: &str) -> Result<(), String> {
-        let key = self.inner.key("run", session_id);
-        let mut conn = self.inner.conn.clone();
-        let mut set = redis::cmd("SET");
-        set.arg(&key)
-            .arg(generation_id)
-            .arg("NX")
-            .arg("PX")
-            .arg(CLAIM.as_millis() as u64);
-        match timeout(set.query_async::<Option<String>>(&mut conn)).await {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) => match timeout(conn.get::<_, Option<String>>(&key)).await {
-                Ok(Some(running)) if running != generation_id => Err(running),
-                _ => Ok(()),
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot check the session's other instances; allowing");
-                Ok(())
-            }
-        }
-    }
-
-    async fn release(&self, session_id: &str, generation_id: &str) {
-        // Compare and delete: a slot taken since by another generation is left alone.
-        let script = redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-        );
-        let mut conn = self.inner.conn.clone();
-        let mut call = script.key(self.inner.key("run", session_id));
-        call.arg(generation_id);
-        if let Err(e) = timeout(call.invoke_async::<i64>(&mut conn)).await {
-            tracing::warn!(error = %e, "cannot release the session's running slot; it expires");
-        }
-    }
-
     async fn follow(&self, session_id: &str) -> Follow {
         let inner = &self.inner;
         let first = {
@@ -244,6 +207,55 @@ impl Bus for RedisBus {
             return Some(ch);
         }
         self.inner.load(generation_id, None).await
+    }
+
+    async fn running(&self) -> Option<Vec<super::Running>> {
+        let inner = &self.inner;
+        // Every running generation holds a lease in `live`, and its meta names its instance.
+        let live: Vec<String> = match timeout(
+            redis::cmd("ZRANGE")
+                .arg(inner.key("live", ""))
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut inner.conn.clone()),
+        )
+        .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the cluster's generations");
+                return None;
+            }
+        };
+        if live.is_empty() {
+            return Some(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for g in &live {
+            pipe.hgetall(inner.key("gm", g));
+        }
+        let metas: Vec<HashMap<String, String>> =
+            match timeout(pipe.query_async(&mut inner.conn.clone())).await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list the cluster's generations");
+                    return None;
+                }
+            };
+        Some(
+            live.into_iter()
+                .zip(metas)
+                .filter_map(|(g, mut m)| {
+                    Some(super::Running {
+                        generation_id: g,
+                        session_id: m.remove("s")?,
+                        owner: m.remove("o").unwrap_or_default(),
+                        instance: m.remove("i").unwrap_or_default(),
+                        started_at: m.get("a").and_then(|a| a.parse().ok()),
+                    })
+                })
+                .collect(),
+        )
     }
 
     fn status(&self) -> BusStatus {
@@ -385,6 +397,7 @@ impl Inner {
                 .and_then(|v| v["message_id"].as_str().map(str::to_owned))
                 .unwrap_or_default();
             let meta = self.key("gm", gid);
+            let started = now_ms().to_string();
             pipe.hset_multiple(
                 &meta,
                 &[
@@ -392,6 +405,7 @@ impl Inner {
                     ("o", ch.owner.as_str()),
                     ("m", message.as_str()),
                     ("i", self.server_id.as_str()),
+                    ("a", started.as_str()),
                 ],
             )
             .ignore()
@@ -698,6 +712,11 @@ impl Inner {
                 }
             }
         }
+        // The session is free as soon as watchers hear `interrupted`: a Retry then starts
+        // at once instead of waiting for the hold to lapse.
+        if let Err(e) = self.store.release_generation(session, gid).await {
+            tracing::warn!(generation_id = %gid, error = %e, "cannot free the lost generation's session");
+        }
         let published = timeout(self.conn.clone().publish::<_, _, i64>(
             self.key("ch", session),
             serde_json::to_string(&wire).unwrap_or_default(),
@@ -849,23 +868,17 @@ async fn leases(inner: Arc<Inner>, cancel: CancellationToken) {
             _ = beat.tick() => {}
         }
         let live = inner.key("live", "");
-        let mine: Vec<(String, String)> = inner
-            .exporting
-            .iter()
-            .map(|e| (e.key().clone(), e.value().clone()))
-            .collect();
+        let mine: Vec<String> = inner.exporting.iter().map(|e| e.key().clone()).collect();
         if !mine.is_empty() {
             let expiry = now_ms() + LEASE.as_millis() as u64;
             let mut pipe = redis::pipe();
-            for (g, s) in &mine {
+            for g in &mine {
                 // XX: a lease already taken as lost is not revived.
                 pipe.cmd("ZADD")
                     .arg(&live)
                     .arg("XX")
                     .arg(expiry)
                     .arg(g)
-                    .ignore();
-                pipe.pexpire(inner.key("run", s), CLAIM.as_millis() as i64)
                     .ignore();
             }
             if let Err(e) = timeout(pipe.query_async::<()>(&mut inner.conn.clone())).await {

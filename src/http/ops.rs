@@ -124,7 +124,7 @@ async fn summary(State(st): State<AppState>, _who: Principal) -> Json<serde_json
 }
 
 async fn streams(State(st): State<AppState>) -> Json<serde_json::Value> {
-    let data: Vec<_> = st
+    let mut data: Vec<_> = st
         .chat
         .hub()
         .channels()
@@ -148,6 +148,25 @@ async fn streams(State(st): State<AppState>) -> Json<serde_json::Value> {
             })
         })
         .collect();
+    // Through a load balancer any instance answers: the bus adds the others' generations.
+    if let Some(cluster) = st.chat.bus().running().await {
+        let now = crate::store::now_millis().max(0) as u64;
+        for r in cluster {
+            if data
+                .iter()
+                .any(|d| d["generation_id"] == r.generation_id.as_str())
+            {
+                continue;
+            }
+            data.push(json!({
+                "generation_id": r.generation_id,
+                "session_id": r.session_id,
+                "owner": r.owner,
+                "instance": r.instance,
+                "age_s": r.started_at.map(|a| now.saturating_sub(a) / 1000),
+            }));
+        }
+    }
     Json(json!({ "data": data }))
 }
 

@@ -449,6 +449,33 @@ pub trait Store: Send + Sync + 'static {
     fn pool_state(&self) -> Option<PoolState> {
         None
     }
+
+    /// Takes the session's one running-generation slot for `generation_id`, run by
+    /// `server_id`, until `expires_at`, in one conditional write. The slot is free when
+    /// empty, past its expiry, or when its generation's reply is stored as no longer
+    /// streaming. `Ok(None)`: taken. `Ok(Some(g))`: generation `g` holds it.
+    async fn claim_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+        server_id: &str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> Result<Option<String>, StoreError>;
+
+    /// Frees the session's slot if `generation_id` still holds it (compare and clear);
+    /// `false` when another generation, or none, holds it.
+    async fn release_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// At the start of an instance sharing the store: marks `interrupted` the `streaming`
+    /// replies no other instance can still be producing — every one except those whose
+    /// session slot is held, unexpired, for that reply's generation by another server.
+    async fn interrupt_streaming_of(&self, server_id: &str, now: Millis)
+    -> Result<u64, StoreError>;
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

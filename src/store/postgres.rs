@@ -1380,6 +1380,84 @@ impl Store for PgStore {
     fn pool_state(&self) -> Option<super::PoolState> {
         Some(PgStore::pool_state(self))
     }
+
+    async fn claim_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+        server_id: &str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> Result<Option<String>, StoreError> {
+        let conn = self.conn().await?;
+        // One statement decides: concurrent claims of a session queue on its row lock and
+        // the later ones re-check the condition against the winner's values.
+        let n = conn
+            .execute(
+                "UPDATE sessions
+                 SET running_generation = $2, running_server = $3, running_expires = $5
+                 WHERE id = $1 AND (
+                     running_generation IS NULL
+                     OR running_expires < $4
+                     OR EXISTS (SELECT 1 FROM messages m
+                                WHERE m.session_id = sessions.id
+                                  AND m.generation_id = sessions.running_generation
+                                  AND m.status <> 'streaming'))",
+                &[&session_id, &generation_id, &server_id, &now, &expires_at],
+            )
+            .await?;
+        if n == 1 {
+            return Ok(None);
+        }
+        let row = conn
+            .query_opt(
+                "SELECT running_generation FROM sessions WHERE id = $1",
+                &[&session_id],
+            )
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("session {session_id}")))?;
+        Ok(Some(row.get::<_, Option<String>>(0).unwrap_or_default()))
+    }
+
+    async fn release_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .await?
+            .execute(
+                "UPDATE sessions
+                 SET running_generation = NULL, running_server = NULL, running_expires = NULL
+                 WHERE id = $1 AND running_generation = $2",
+                &[&session_id, &generation_id],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn interrupt_streaming_of(
+        &self,
+        server_id: &str,
+        now: Millis,
+    ) -> Result<u64, StoreError> {
+        let n = self
+            .conn()
+            .await?
+            .execute(
+                "UPDATE messages SET status = 'interrupted', updated_at = $2
+                 WHERE status = 'streaming' AND NOT EXISTS (
+                     SELECT 1 FROM sessions s
+                     WHERE s.id = messages.session_id
+                       AND s.running_generation = messages.generation_id
+                       AND s.running_server <> $1
+                       AND s.running_expires >= $2)",
+                &[&server_id, &now],
+            )
+            .await?;
+        Ok(n)
+    }
 }
 
 #[cfg(test)]

@@ -1169,6 +1169,97 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn claim_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+        server_id: &str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> Result<Option<String>, StoreError> {
+        let (session_id, generation_id, server_id) = (
+            session_id.to_owned(),
+            generation_id.to_owned(),
+            server_id.to_owned(),
+        );
+        // The one writer connection serialises claims; the statement alone decides.
+        self.write(move |c| {
+            let n = c
+                .prepare_cached(
+                    "UPDATE sessions
+                     SET running_generation = ?2, running_server = ?3, running_expires = ?5
+                     WHERE id = ?1 AND (
+                         running_generation IS NULL
+                         OR running_expires < ?4
+                         OR EXISTS (SELECT 1 FROM messages m
+                                    WHERE m.session_id = sessions.id
+                                      AND m.generation_id = sessions.running_generation
+                                      AND m.status <> 'streaming'))",
+                )?
+                .execute(params![
+                    session_id,
+                    generation_id,
+                    server_id,
+                    now,
+                    expires_at
+                ])?;
+            if n == 1 {
+                return Ok(None);
+            }
+            let running: Option<Option<String>> = c
+                .prepare_cached("SELECT running_generation FROM sessions WHERE id = ?1")?
+                .query_row([&session_id], |r| r.get(0))
+                .optional()?;
+            match running {
+                Some(g) => Ok(Some(g.unwrap_or_default())),
+                None => Err(StoreError::NotFound(format!("session {session_id}"))),
+            }
+        })
+        .await
+    }
+
+    async fn release_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+    ) -> Result<bool, StoreError> {
+        let (session_id, generation_id) = (session_id.to_owned(), generation_id.to_owned());
+        self.write(move |c| {
+            let n = c
+                .prepare_cached(
+                    "UPDATE sessions
+                     SET running_generation = NULL, running_server = NULL, running_expires = NULL
+                     WHERE id = ?1 AND running_generation = ?2",
+                )?
+                .execute([&session_id, &generation_id])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn interrupt_streaming_of(
+        &self,
+        server_id: &str,
+        now: Millis,
+    ) -> Result<u64, StoreError> {
+        let server_id = server_id.to_owned();
+        self.write(move |c| {
+            let n = c
+                .prepare_cached(
+                    "UPDATE messages SET status = 'interrupted', updated_at = ?2
+                     WHERE status = 'streaming' AND NOT EXISTS (
+                         SELECT 1 FROM sessions s
+                         WHERE s.id = messages.session_id
+                           AND s.running_generation = messages.generation_id
+                           AND s.running_server <> ?1
+                           AND s.running_expires >= ?2)",
+                )?
+                .execute(params![server_id, now])?;
+            Ok(n as u64)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

@@ -328,6 +328,45 @@ impl<S: Store> Store for NulSafe<S> {
     fn pool_state(&self) -> Option<PoolState> {
         self.0.pool_state()
     }
+
+    async fn claim_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+        server_id: &str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> Result<Option<String>, StoreError> {
+        self.0
+            .claim_generation(
+                &nul_free(session_id),
+                &nul_free(generation_id),
+                &nul_free(server_id),
+                now,
+                expires_at,
+            )
+            .await
+    }
+
+    async fn release_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+    ) -> Result<bool, StoreError> {
+        self.0
+            .release_generation(&nul_free(session_id), &nul_free(generation_id))
+            .await
+    }
+
+    async fn interrupt_streaming_of(
+        &self,
+        server_id: &str,
+        now: Millis,
+    ) -> Result<u64, StoreError> {
+        self.0
+            .interrupt_streaming_of(&nul_free(server_id), now)
+            .await
+    }
 }
 
 fn agent(a: &Agent) -> Agent {

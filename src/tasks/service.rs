@@ -455,7 +455,11 @@ impl TaskService {
                 self.running.remove(&task.id);
                 return;
             }
-            r = self.generate(&task, &channel) => r.map_err(Some),
+            // Its lines (the upstream call's among them) name the task.
+            r = tracing::Instrument::instrument(
+                self.generate(&task, &channel),
+                tracing::info_span!("task", task_id = %task.id),
+            ) => r.map_err(Some),
         };
         self.running.remove(&task.id);
         let now = now_millis();

@@ -566,7 +566,17 @@ impl Upstreams {
                 }
             }
         }
-        Err(last_err.unwrap_or_else(|| UpstreamError::UnknownModel(req.model.clone())))
+        let err = last_err.unwrap_or_else(|| UpstreamError::UnknownModel(req.model.clone()));
+        // A call no provider took ends here, with no stream to write its line at its end.
+        tracing::warn!(
+            provider = err.provider().unwrap_or_default(),
+            model = %req.model,
+            outcome = "failed",
+            code = err.code(),
+            error = %err,
+            "upstream call"
+        );
+        Err(err)
     }
 
     async fn open_one(
@@ -731,6 +741,8 @@ struct Observer {
     ttft: Option<Duration>,
     tokens: u64,
     outcome: &'static str,
+    /// The error code of a failed stream.
+    code: Option<String>,
     /// The request's span: a stream dropped by hyper when its client goes away is dropped
     /// outside it, and its line must still name the request.
     span: tracing::Span,
@@ -749,6 +761,7 @@ impl Drop for Guarded {
                     tokens = o.tokens,
                     duration_ms = o.started.elapsed().as_millis() as u64,
                     outcome,
+                    code = o.code.as_deref(),
                     "upstream call"
                 )
             });
@@ -765,6 +778,7 @@ impl Guarded {
             ttft: None,
             tokens: 0,
             outcome: "complete",
+            code: None,
             span: tracing::Span::current(),
             _open: metrics.upstream_stream(),
         });
@@ -823,6 +837,7 @@ impl Guarded {
         let provider = self.provider.clone();
         if let Some(o) = &mut self.observer {
             o.outcome = "failed";
+            o.code = Some(err.code().to_owned());
             o.metrics.upstream_error(&provider, err.code());
         }
     }
