@@ -1050,3 +1050,169 @@ async fn mock_long(c: &Cluster) -> String {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A post whose answer is checked by the caller: (status, JSON body).
+async fn try_post(base: &str, session: &str) -> (u16, Value) {
+    let r = client()
+        .post(format!("{base}/api/sessions/{session}/messages"))
+        .json(&json!({"content": "and the moon?"}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls the session's history until its last reply is no longer streaming.
+async fn until_reply_ends(base: &str, session: &str) -> Value {
+    let deadline = Instant::now() + SLOW_WAIT;
+    loop {
+        let m = last_assistant(&messages(base, session).await);
+        if m["status"] != "streaming" {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "the reply never ended: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn one_generation_per_session_holds_while_redis_is_unreachable() {
+    let mock = mock(MockConfig {
+        tokens: 150,
+        token_delay: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
+    let redis = OwnRedis::start(free_port()).await;
+    let c = Cluster::start(2, &mock, &redis.url()).await;
+    let s = new_session(&c.url(0)).await;
+    let _ = redis.kill().await;
+
+    let (status, a) = try_post(&c.url(0), &s).await;
+    assert_eq!(status, 202, "{a}");
+    let (status, b) = try_post(&c.url(1), &s).await;
+    assert_eq!(status, 409, "a second generation started elsewhere: {b}");
+    assert_eq!(b["error"]["code"], "generation_running", "{b}");
+
+    // Once it has ended, the session takes the next message on any instance.
+    let m = until_reply_ends(&c.url(1), &s).await;
+    assert_eq!(m["status"], "complete", "{m}");
+    assert_eq!(m["generation_id"], a["generation_id"]);
+    let (status, b) = try_post(&c.url(1), &s).await;
+    assert_eq!(status, 202, "{b}");
+}
+
+#[tokio::test]
+async fn a_session_whose_instance_was_lost_takes_a_new_message_at_once() {
+    let mock = mock(MockConfig {
+        tokens: 2000,
+        token_delay: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
+    let c = Cluster::start(2, &mock, REDIS).await;
+    let s = new_session(&c.url(0)).await;
+    let (seen, mut tokens) = token_signal();
+    let b = tokio::spawn(read_until_final(
+        watch(&c.url(1), &s, None).await,
+        SLOW_WAIT,
+        seen,
+    ));
+    post_message(&c.url(0), &s, false).await;
+    wait_tokens(&mut tokens, 5).await;
+    c.signal(0, "-KILL");
+    let b = b.await.unwrap();
+    assert_eq!(b.last().unwrap().event, "interrupted", "{b:?}");
+    // The user presses Retry as soon as they see it.
+    let (status, body) = try_post(&c.url(1), &s).await;
+    assert_eq!(status, 202, "still blocked after `interrupted`: {body}");
+}
+
+#[tokio::test]
+async fn an_instance_starting_without_redis_leaves_the_others_live_replies_alone() {
+    let mock = mock(MockConfig {
+        tokens: 200,
+        token_delay: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
+    let mut c = Cluster::start(1, &mock, REDIS).await;
+    let s = new_session(&c.url(0)).await;
+    let (seen, mut tokens) = token_signal();
+    let a = tokio::spawn(read_until_final(
+        watch(&c.url(0), &s, None).await,
+        SLOW_WAIT,
+        seen,
+    ));
+    post_message(&c.url(0), &s, false).await;
+    wait_tokens(&mut tokens, 5).await;
+
+    // B on the same database, without Redis: ready means its start-up is done.
+    let saved = c.env.clone();
+    c.env.retain(|(k, _)| k != "REDIS_URL");
+    c.instances.push(Instance {
+        port: free_port(),
+        child: None,
+    });
+    c.start_instance(1).await;
+    c.env = saved;
+    let m = last_assistant(&messages(&c.url(1), &s).await);
+    assert_eq!(
+        m["status"], "streaming",
+        "A's live reply was ended by B's start: {m}"
+    );
+
+    let a = a.await.unwrap();
+    assert_eq!(a.last().unwrap().event, "done", "{:?}", a.last());
+    let m = until_reply_ends(&c.url(1), &s).await;
+    assert_eq!(m["status"], "complete", "{m}");
+    assert_eq!(m["content"].as_str().unwrap(), full_reply(200));
+}
+
+#[tokio::test]
+async fn the_stream_list_of_any_instance_shows_the_whole_cluster() {
+    let mock = mock(MockConfig {
+        tokens: 2000,
+        token_delay: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
+    let c = Cluster::start(2, &mock, REDIS).await;
+    let mut running = Vec::new();
+    for i in 0..2 {
+        let s = new_session(&c.url(i)).await;
+        let (seen, mut tokens) = token_signal();
+        let w = tokio::spawn(read_until_final(
+            watch(&c.url(i), &s, None).await,
+            SLOW_WAIT,
+            seen,
+        ));
+        let (status, v) = try_post(&c.url(i), &s).await;
+        assert_eq!(status, 202, "{v}");
+        wait_tokens(&mut tokens, 3).await;
+        let instance = format!("sluice-{}", c.instances[i].port);
+        running.push((
+            v["generation_id"].as_str().unwrap().to_owned(),
+            s,
+            instance,
+            w,
+        ));
+    }
+    for i in 0..2 {
+        let list = get_json(&format!("{}/api/admin/streams", c.url(i))).await;
+        let data = list["data"].as_array().unwrap();
+        for (g, s, instance, _) in &running {
+            let row = data
+                .iter()
+                .find(|r| r["generation_id"] == g.as_str())
+                .unwrap_or_else(|| panic!("instance {i} does not list {g}: {list}"));
+            assert_eq!(row["session_id"], s.as_str(), "{row}");
+            assert_eq!(row["instance"], instance.as_str(), "{row}");
+        }
+        assert_eq!(data.len(), 2, "each generation once: {list}");
+    }
+    for (_, _, _, w) in running {
+        w.abort();
+    }
+}
