@@ -30,7 +30,13 @@ impl Write for Lines {
 }
 
 impl Lines {
+    /// The process's one subscriber, installed by whichever test comes first.
     fn install() -> Self {
+        static LINES: std::sync::OnceLock<Lines> = std::sync::OnceLock::new();
+        LINES.get_or_init(Self::init).clone()
+    }
+
+    fn init() -> Self {
         let lines = Lines {
             text: Arc::default(),
             count: tokio::sync::watch::channel(0).0,
@@ -53,6 +59,16 @@ impl Lines {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+
+    /// The lines `pick` keeps, once there is one.
+    async fn wait_for(&self, pick: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let mut rx = self.count.subscribe();
+        tokio::time::timeout(WAIT, rx.wait_for(|_| self.parsed().iter().any(&pick)))
+            .await
+            .expect("the line within the wait")
+            .unwrap();
+        self.parsed().into_iter().filter(|l| pick(l)).collect()
     }
 
     /// The lines of one request, once `done` holds for them.
@@ -379,4 +395,62 @@ async fn log_wire_lets_the_libraries_log_what_passes_through() {
         log.contains(&marker),
         "SLUICE_LOG_WIRE=1 showed no statement"
     );
+}
+
+/// A call no provider took (its one slot busy past the queue wait) writes its line like any
+/// other: on `/v1` with the request's id, in a session with the session and generation.
+#[tokio::test]
+async fn a_call_refused_as_upstream_busy_logs_its_line() {
+    let lines = Lines::install();
+    let m = mock(sluice::mock::MockConfig::default()).await;
+    let mut config = config_for(&m);
+    config.guards.provider_concurrency = 1;
+    config.guards.provider_queue = std::time::Duration::from_millis(50);
+    let server = TestServer::start(config).await;
+
+    // The one slot, held by a long stream.
+    let long = post(
+        &server.chat_url(),
+        &body(true, json!({"tokens": 100_000, "token_ms": 20})),
+    )
+    .await;
+    assert_eq!(long.status(), 200);
+    let mut held = long.bytes_stream();
+    let _ = futures::StreamExt::next(&mut held).await;
+
+    let busy = |l: &Value| l["message"] == "upstream call" && l["code"] == "upstream_busy";
+    let resp = post(&server.chat_url(), &body(false, json!({"tokens": 3}))).await;
+    assert!(!resp.status().is_success(), "{}", resp.status());
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let got = lines.of_request(&id, |l| l.iter().any(|l| busy(l))).await;
+    let call = got.iter().find(|l| busy(l)).unwrap();
+    assert_eq!(call["outcome"], "failed", "{call}");
+    assert_eq!(call["provider"], "mock", "{call}");
+    assert_eq!(call["model"], "mock-model", "{call}");
+    assert_eq!(call["level"], "WARN", "{call}");
+
+    let s: Value = post(&format!("{}/api/sessions", server.url), &json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let s = s["id"].as_str().unwrap();
+    let r = post(
+        &format!("{}/api/sessions/{s}/messages", server.url),
+        &json!({"content": "hello"}),
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let g = r.json::<Value>().await.unwrap()["generation_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let got = lines
+        .wait_for(|l| busy(l) && l["span"]["generation_id"] == g.as_str())
+        .await;
+    assert_eq!(got.len(), 1, "one line per failed generation: {got:#?}");
+    assert_eq!(got[0]["span"]["session_id"], s, "{:#}", got[0]);
+    assert_eq!(got[0]["provider"], "mock", "{:#}", got[0]);
+    drop(held);
+    server.shutdown().await;
 }
