@@ -422,7 +422,7 @@ async fn a_call_refused_as_upstream_busy_logs_its_line() {
     let resp = post(&server.chat_url(), &body(false, json!({"tokens": 3}))).await;
     assert!(!resp.status().is_success(), "{}", resp.status());
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
-    let got = lines.of_request(&id, |l| l.iter().any(|l| busy(l))).await;
+    let got = lines.of_request(&id, |l| l.iter().any(&busy)).await;
     let call = got.iter().find(|l| busy(l)).unwrap();
     assert_eq!(call["outcome"], "failed", "{call}");
     assert_eq!(call["provider"], "mock", "{call}");
