@@ -398,7 +398,8 @@ async fn log_wire_lets_the_libraries_log_what_passes_through() {
 }
 
 /// A call no provider took (its one slot busy past the queue wait) writes its line like any
-/// other: on `/v1` with the request's id, in a session with the session and generation.
+/// other: on `/v1` with the request's id, in a session with the session and generation, in a
+/// task with the task.
 #[tokio::test]
 async fn a_call_refused_as_upstream_busy_logs_its_line() {
     let lines = Lines::install();
@@ -451,6 +452,22 @@ async fn a_call_refused_as_upstream_busy_logs_its_line() {
     assert_eq!(got.len(), 1, "one line per failed generation: {got:#?}");
     assert_eq!(got[0]["span"]["session_id"], s, "{:#}", got[0]);
     assert_eq!(got[0]["provider"], "mock", "{:#}", got[0]);
+
+    // A prompt job: its line names the task.
+    let r = post(
+        &format!("{}/api/tasks?sync=false", server.url),
+        &json!({"messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let t = r.json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let got = lines
+        .wait_for(|l| busy(l) && l["span"]["task_id"] == t.as_str())
+        .await;
+    assert_eq!(got.len(), 1, "one line per failed task run: {got:#?}");
     drop(held);
     server.shutdown().await;
 }
