@@ -100,6 +100,16 @@ put "$root/README.md" /usr/local/share/doc/sluice/README.md 0644
 env_file=$DESTDIR/etc/sluice/sluice.env
 if [ -e "$env_file" ]; then
     say "kept $env_file"
+    # The unit requires keys; a kept file may still turn them off for every request
+    # through nginx (all of which come from loopback, the local admin under `auto`).
+    auth=$(sed -n 's/^[[:space:]]*\(export[[:space:]]\+\)\?SLUICE_AUTH=["'"'"']\?\([A-Za-z]*\).*/\2/p' "$env_file" | tail -n 1)
+    case ${auth,,} in
+        off | auto)
+            say "WARNING: $env_file sets SLUICE_AUTH=$auth: behind nginx every request comes from"
+            say "WARNING: loopback and is let in without a key (as the local admin). Remove the line"
+            say "WARNING: (the unit sets SLUICE_AUTH=required) unless that is what you want."
+            ;;
+    esac
 elif [ "$dry_run" = 1 ]; then
     echo "would create: $env_file from .env.example (SLUICE_AUTH=required, a new SLUICE_WS_TOKEN_SECRET)"
 else
