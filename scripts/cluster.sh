@@ -365,6 +365,38 @@ nginx_pid() {
     echo "$pid"
 }
 
+# Workers of the running nginx that are not shutting down (after a reload, old workers
+# finish their requests under the title "worker process is shutting down").
+nginx_workers() {
+    local master=$1 p
+    for p in /proc/[0-9]*; do
+        [ "$(awk '{print $4}' "$p/stat" 2>/dev/null)" = "$master" ] || continue
+        tr -d '\0' <"$p/cmdline" 2>/dev/null | grep -q 'worker process$' && echo "${p#/proc/}"
+    done
+}
+
+# Marks instance `port` `down` (or `up` again) in the running nginx's configuration and
+# reloads it; returns once no worker of the previous configuration takes new requests.
+nginx_mark() {
+    local port=$1 state=$2 master old p deadline conf="$CLUSTER_DIR/sluice.conf"
+    master=$(nginx_pid) || return 0
+    old=$(nginx_workers "$master")
+    if [ "$state" = down ]; then
+        sed -i "s/^\([[:space:]]*server 127\.0\.0\.1:$port [^;]*\);/\1 down;/" "$conf"
+    else
+        sed -i "s/^\([[:space:]]*server 127\.0\.0\.1:$port [^;]*\) down;/\1;/" "$conf"
+    fi
+    nginx_cmd -t -q || die "nginx -t failed on $CLUSTER_DIR/nginx.conf"
+    nginx_cmd -s reload
+    deadline=$(( $(date +%s) + CLUSTER_READY_SECS ))
+    for p in $old; do
+        while tr -d '\0' <"/proc/$p/cmdline" 2>/dev/null | grep -q 'worker process$'; do
+            [ "$(date +%s)" -lt "$deadline" ] || die "nginx did not reload (log: $CLUSTER_DIR/nginx.error.log)"
+            sleep 0.05
+        done
+    done
+}
+
 start_nginx() {
     ensure_nginx
     render_nginx_conf "$CLUSTER_DIR"
@@ -465,10 +497,12 @@ cmd_stop() {
     [ "$failed" = 0 ] || die "some instances did not stop"
 }
 
-# The rolling restart of the README: one instance at a time, each ready again before the
-# next goes down, with the same environment as `start` gave them. nginx/sluice.conf
-# marks no instance as failed (max_fails=0), so the one just restarted takes requests at
-# once and nginx always has N-1 instances.
+# The rolling restart: one instance at a time, each ready again before the next goes
+# down, with the same environment as `start` gave them. nginx stops sending to the
+# instance (`down`, reload) before it drains: a request nginx had just written into an
+# idle keep-alive connection that the draining instance closes is lost, and a POST is
+# never resent (502). nginx marks no instance failed (max_fails=0), so the one just back
+# takes requests at once and nginx always has N-1 instances.
 cmd_restart() {
     local port pid list
     list=$(started_ports)
@@ -476,10 +510,12 @@ cmd_restart() {
     load_cluster_env
     ensure_binary
     for port in $list; do
+        nginx_mark "$port" down
         stop_instance "$port"
         spawn_instance "$port"
         pid=$(cat "$CLUSTER_DIR/$port.pid")
         wait_ready "$port" "$pid"
+        nginx_mark "$port" up
         say "instance $port restarted (pid $pid)"
     done
 }
