@@ -761,6 +761,18 @@ impl Drop for Database {
     }
 }
 
+/// A client that opens a connection per request: nginx's reload (which the rolling
+/// restart does) closes idle client connections, as HTTP/1.1 lets any server do, and a
+/// request that meets such a close is the client's to retry (browsers do). What is
+/// measured here is what nginx answers.
+fn fresh_connections() -> reqwest::Client {
+    let _ = common::client(); // installs the TLS crypto provider
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
 /// What clients saw through nginx: every status, and transport errors.
 #[derive(Default)]
 struct Seen {
@@ -808,7 +820,7 @@ async fn session_client(
     seen: std::sync::Arc<Seen>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let c = common::client();
+    let c = fresh_connections();
     let Ok(r) = c
         .post(format!("{front}/api/sessions"))
         .json(&json!({}))
@@ -877,7 +889,7 @@ async fn v1_client(
     seen: std::sync::Arc<Seen>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let c = common::client();
+    let c = fresh_connections();
     while !*stop.borrow() {
         match c
             .post(format!("{front}/v1/chat/completions"))
