@@ -8,7 +8,8 @@
 #   scripts/cluster.sh restart                rolling restart of the running instances, one at a time
 #   scripts/cluster.sh start-instance PORT    start one instance (if not running), wait ready
 #   scripts/cluster.sh stop-instance PORT     drain and stop one instance
-#   scripts/cluster.sh status                 what runs, and whether it is ready
+#   scripts/cluster.sh status                 what runs, whether it is ready, and whether every
+#                                             instance shares one store and bus (exit 1 if not)
 #   scripts/cluster.sh nginx-conf DIR         only render nginx.conf + sluice.conf into DIR
 #
 # Settings (environment):
@@ -19,10 +20,18 @@
 #   CLUSTER_DIR=target/cluster pid files, logs, nginx configuration and temp files
 #   CLUSTER_READY_SECS=60      how long start waits for every instance to be ready
 #   SLUICE_BIN=target/release/sluice   built with `cargo build --release` if missing
-#   REDIS_URL, DATABASE_URL    default to the local services (database `sluice`, created)
+#   REDIS_URL, DATABASE_URL    default to the local services (database CLUSTER_DB, created)
+#   CLUSTER_DB=sluice          the local database used when DATABASE_URL is not set
 # Everything else in the environment (OPENAI_BASE_URL, SLUICE_REDIS_PREFIX, ...) reaches
 # the instances as it is. Processes run detached (setsid): start returns once the
 # cluster is ready, and stop finds them again by the pid files in CLUSTER_DIR.
+#
+# What the instances were started with is kept: `start`, when no instance runs, writes
+# REDIS_URL, DATABASE_URL and every SLUICE_*, OPENAI_*, ANTHROPIC_* and RUST_* variable to
+# CLUSTER_DIR/cluster.env (mode 0600: it holds keys). While any instance runs, `start`,
+# `restart` and `start-instance` give instances that file and nothing else of those
+# names; the caller's differing values are ignored, with a warning. To change a setting,
+# edit cluster.env and `restart`, or `stop` and `start` again.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -118,12 +127,75 @@ ensure_services() {
     fi
     if [ -z "${DATABASE_URL:-}" ]; then
         ensure_postgres
-        local admin=postgres://postgres@127.0.0.1:5432/postgres
-        if ! psql "$admin" -tAc "SELECT 1 FROM pg_database WHERE datname = 'sluice'" | grep -q 1; then
-            psql "$admin" -qc 'CREATE DATABASE sluice' >/dev/null ||
-                die "cannot create database sluice; set DATABASE_URL"
+        local admin=postgres://postgres@127.0.0.1:5432/postgres db=${CLUSTER_DB:-sluice}
+        case $db in *[!a-z0-9_]* | "") die "CLUSTER_DB must be lowercase letters, digits and _" ;; esac
+        if ! psql "$admin" -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
+            psql "$admin" -qc "CREATE DATABASE $db" >/dev/null ||
+                die "cannot create database $db; set DATABASE_URL"
         fi
-        export DATABASE_URL=postgres://postgres@127.0.0.1:5432/sluice
+        export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db
+    fi
+}
+
+# --- what the instances are given ---------------------------------------------------------
+
+cluster_env="$CLUSTER_DIR/cluster.env"
+
+# Names of the variables an instance reads; SLUICE_BIN is which binary this script runs,
+# not a setting of the instance, so a restart can bring a new build.
+instance_vars() {
+    compgen -e | grep -E '^(REDIS_URL|DATABASE_URL|SLUICE_[A-Z0-9_]*|OPENAI_[A-Z0-9_]*|ANTHROPIC_[A-Z0-9_]*|RUST_[A-Z0-9_]*)$' |
+        grep -vx 'SLUICE_BIN' | sort
+}
+
+# Writes the environment the instances get, readable by this user only.
+save_cluster_env() {
+    local name tmp
+    tmp=$(mktemp "$CLUSTER_DIR/cluster.env.XXXXXX")
+    chmod 600 "$tmp"
+    {
+        echo "# Written by scripts/cluster.sh start: every instance of this cluster runs with"
+        echo "# exactly these (restart and start-instance read them back). Edit, then restart."
+        for name in $(instance_vars); do printf 'export %s=%q\n' "$name" "${!name}"; done
+    } >"$tmp"
+    mv -f "$tmp" "$cluster_env"
+}
+
+# Replaces the caller's instance variables with the recorded ones.
+load_cluster_env() {
+    [ -s "$cluster_env" ] || die "no $cluster_env: this cluster was not started by 'cluster.sh start' (stop it, then start)"
+    local name before=() ignored=()
+    for name in $(instance_vars); do before+=("$name=${!name}"); done
+    for name in $(instance_vars); do unset "$name"; done
+    # shellcheck disable=SC1090
+    . "$cluster_env"
+    local entry
+    for entry in "${before[@]}"; do
+        name=${entry%%=*}
+        if [ "${!name-}" != "${entry#*=}" ] || [ -z "${!name+x}" ]; then ignored+=("$name"); fi
+    done
+    if [ "${#ignored[@]}" -gt 0 ]; then
+        say "ignoring ${ignored[*]} from the environment: instances run with $cluster_env (edit it to change them)"
+    fi
+}
+
+# Any instance of this cluster directory alive?
+any_running() {
+    local port
+    for port in $( (printf '%s\n' "${ports[@]}"; started_ports) | sort -nu); do
+        instance_pid "$port" >/dev/null && return 0
+    done
+    return 1
+}
+
+# The environment for new instances: recorded anew when nothing runs (and services set
+# up), else the one the running instances have.
+configure_instances() {
+    if any_running; then
+        load_cluster_env
+    else
+        ensure_services
+        save_cluster_env
     fi
 }
 
@@ -196,11 +268,18 @@ started_ports() {
 
 # --- nginx --------------------------------------------------------------------------------
 
+# Whether this machine has IPv6 loopback (::1 on lo), for nginx's `listen [::1]:PORT`.
+have_ipv6_loopback() {
+    grep -qs '^00000000000000000000000000000001 .* lo$' /proc/net/if_inet6
+}
+
 # The shipped nginx/sluice.conf with this cluster's instances in both upstreams and
 # nginx's own port in `listen`; nothing else changes, so what runs here is what ships.
 render_sluice_conf() {
     local out=$1
-    awk -v ports="${ports[*]}" -v listen="127.0.0.1:$CLUSTER_NGINX_PORT" '
+    local listen6=""
+    have_ipv6_loopback && listen6="[::1]:$CLUSTER_NGINX_PORT"
+    awk -v ports="${ports[*]}" -v listen="127.0.0.1:$CLUSTER_NGINX_PORT" -v listen6="$listen6" '
         /^[[:space:]]*upstream[[:space:]]/ { in_upstream = 1; written = 0 }
         in_upstream && /^[[:space:]]*server[[:space:]]+127\.0\.0\.1:[0-9]+/ {
             if (!written) {
@@ -214,14 +293,21 @@ render_sluice_conf() {
         }
         in_upstream && /^[[:space:]]*}/ { in_upstream = 0 }
         /^[[:space:]]*listen[[:space:]]+80;/ { sub(/80;/, listen ";") }
+        /^[[:space:]]*listen[[:space:]]+\[::\]:80;/ {
+            if (listen6 == "") next
+            sub(/\[::\]:80;/, listen6 ";")
+        }
         { print }
     ' "$root/nginx/sluice.conf" >"$out"
     # The shipped file changed shape: better to fail than to test something else.
-    local servers listens
+    local servers listens listens6 want6=0
     servers=$(grep -c '^[[:space:]]*server[[:space:]]\+127\.0\.0\.1:' "$out" || true)
     listens=$(grep -c "listen 127.0.0.1:$CLUSTER_NGINX_PORT;" "$out" || true)
-    if [ "$servers" != $(( 2 * ${#ports[@]} )) ] || [ "$listens" != 1 ]; then
-        die "nginx/sluice.conf: expected two upstreams of 127.0.0.1 servers and 'listen 80;'"
+    listens6=$(grep -c "listen \[::1\]:$CLUSTER_NGINX_PORT;" "$out" || true)
+    [ -n "$listen6" ] && want6=1
+    if [ "$servers" != $(( 2 * ${#ports[@]} )) ] || [ "$listens" != 1 ] || [ "$listens6" != "$want6" ] ||
+        grep -q '^[[:space:]]*listen[[:space:]]\+\(80\|\[::\]:80\);' "$out"; then
+        die "nginx/sluice.conf: expected two upstreams of 127.0.0.1 servers, 'listen 80;' and 'listen [::]:80;'"
     fi
 }
 
@@ -249,7 +335,8 @@ http {
     default_type application/octet-stream;
     # Which instance served each request, for debugging a cluster or a test.
     log_format sluice '\$remote_addr [\$time_local] "\$request" \$status \$body_bytes_sent '
-                      '\$request_time upstream=\$upstream_addr session="\$sluice_session"';
+                      '\$request_time upstream=\$upstream_addr session="\$sluice_session" '
+                      'limit_key="\$sluice_rate_key"';
     access_log $dir/nginx.access.log sluice;
     client_body_temp_path $dir/temp/body;
     proxy_temp_path $dir/temp/proxy;
@@ -276,6 +363,38 @@ nginx_pid() {
     pid=$(pid_of "$CLUSTER_DIR/nginx.pid") || return 1
     grep -qF "$CLUSTER_DIR/nginx.conf" "/proc/$pid/cmdline" 2>/dev/null || return 1
     echo "$pid"
+}
+
+# Workers of the running nginx that are not shutting down (after a reload, old workers
+# finish their requests under the title "worker process is shutting down").
+nginx_workers() {
+    local master=$1 p
+    for p in /proc/[0-9]*; do
+        [ "$(awk '{print $4}' "$p/stat" 2>/dev/null)" = "$master" ] || continue
+        tr -d '\0' <"$p/cmdline" 2>/dev/null | grep -q 'worker process$' && echo "${p#/proc/}"
+    done
+}
+
+# Marks instance `port` `down` (or `up` again) in the running nginx's configuration and
+# reloads it; returns once no worker of the previous configuration takes new requests.
+nginx_mark() {
+    local port=$1 state=$2 master old p deadline conf="$CLUSTER_DIR/sluice.conf"
+    master=$(nginx_pid) || return 0
+    old=$(nginx_workers "$master")
+    if [ "$state" = down ]; then
+        sed -i "s/^\([[:space:]]*server 127\.0\.0\.1:$port [^;]*\);/\1 down;/" "$conf"
+    else
+        sed -i "s/^\([[:space:]]*server 127\.0\.0\.1:$port [^;]*\) down;/\1;/" "$conf"
+    fi
+    nginx_cmd -t -q || die "nginx -t failed on $CLUSTER_DIR/nginx.conf"
+    nginx_cmd -s reload
+    deadline=$(( $(date +%s) + CLUSTER_READY_SECS ))
+    for p in $old; do
+        while tr -d '\0' <"/proc/$p/cmdline" 2>/dev/null | grep -q 'worker process$'; do
+            [ "$(date +%s)" -lt "$deadline" ] || die "nginx did not reload (log: $CLUSTER_DIR/nginx.error.log)"
+            sleep 0.05
+        done
+    done
 }
 
 start_nginx() {
@@ -342,7 +461,7 @@ stop_nginx() {
 
 cmd_start() {
     mkdir -p "$CLUSTER_DIR"
-    ensure_services
+    configure_instances
     ensure_binary
     local port pid
     # All spawned first, then waited for: they migrate and connect in parallel.
@@ -362,8 +481,10 @@ cmd_start() {
 }
 
 cmd_stop() {
-    stop_nginx
     local port pids=()
+    # Instances first, while nginx still carries their streams: draining, they tell each
+    # stream's client to reconnect and end it, so nginx then quits at once. nginx first
+    # would wait on those streams and its clients would get a bare EOF.
     # Every instance drains at once: stopping them one after another would take up to
     # N drain windows.
     for port in $(started_ports); do
@@ -372,27 +493,43 @@ cmd_stop() {
     done
     local failed=0
     for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    stop_nginx
     [ "$failed" = 0 ] || die "some instances did not stop"
 }
 
-# The rolling restart of the README: one instance at a time, each ready again before the
-# next goes down, so nginx always has the others.
+# The rolling restart: one instance at a time, each ready again before the next goes
+# down, with the same environment as `start` gave them. nginx stops sending to the
+# instance (`down`, reload) before it drains: a request nginx had just written into an
+# idle keep-alive connection that the draining instance closes is lost, and a POST is
+# never resent (502). nginx marks no instance failed (max_fails=0), so the one just back
+# takes requests at once and nginx always has N-1 instances.
 cmd_restart() {
-    ensure_binary
     local port pid list
     list=$(started_ports)
     [ -n "$list" ] || die "no instances running in $CLUSTER_DIR; use start"
+    load_cluster_env
+    ensure_binary
     for port in $list; do
+        nginx_mark "$port" down
         stop_instance "$port"
         spawn_instance "$port"
         pid=$(cat "$CLUSTER_DIR/$port.pid")
         wait_ready "$port" "$pid"
+        nginx_mark "$port" up
         say "instance $port restarted (pid $pid)"
     done
 }
 
+# Where an instance keeps its shared state, from its /health/ready.
+shared_of() {
+    curl -sS --max-time 3 "http://127.0.0.1:$1/health/ready" 2>/dev/null |
+        grep -o '"shared":{[^}]*}' | sed 's/^"shared"://'
+}
+
 cmd_status() {
-    local port pid state=0
+    local port pid state=0 shared
+    declare -A where=()
+    declare -A count=()
     # The configured instances, and any other this directory has started.
     for port in $( (printf '%s\n' "${ports[@]}"; started_ports) | sort -nu); do
         if pid=$(instance_pid "$port"); then
@@ -401,10 +538,30 @@ cmd_status() {
             else
                 echo "instance $port: pid $pid, not ready"; state=1
             fi
+            if shared=$(shared_of "$port") && [ -n "$shared" ]; then
+                where[$port]=$shared
+                count[$shared]=$(( ${count[$shared]:-0} + 1 ))
+            fi
         else
             echo "instance $port: not running"; state=1
         fi
     done
+    # Instances that do not share one store and bus are not one cluster: each serves its
+    # own sessions and streams. The most common pair is taken as the cluster's.
+    if [ "${#count[@]}" -gt 1 ]; then
+        local best="" n=0 s
+        for s in "${!count[@]}"; do
+            if [ "${count[$s]}" -gt "$n" ]; then best=$s; n=${count[$s]}; fi
+        done
+        echo "shared by $n instance(s): $best"
+        for port in $(printf '%s\n' "${!where[@]}" | sort -n); do
+            [ "${where[$port]}" = "$best" ] && continue
+            echo "instance $port: DIFFERS from its peers: ${where[$port]}"
+        done
+        state=1
+    elif [ "${#count[@]}" = 1 ]; then
+        echo "shared: ${!count[*]}"
+    fi
     if pid=$(nginx_pid); then
         echo "nginx $CLUSTER_NGINX_PORT: pid $pid"
     else
@@ -421,7 +578,7 @@ case ${1:-} in
     start-instance)
         [ -n "${2:-}" ] || die "usage: $0 start-instance PORT"
         mkdir -p "$CLUSTER_DIR"
-        ensure_services
+        load_cluster_env
         ensure_binary
         start_instance "$2"
         ;;

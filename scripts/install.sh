@@ -20,7 +20,7 @@
 #                                         REDIS_URL there for a cluster
 #   /etc/nginx/conf.d/sluice.conf         from nginx/sluice.conf; an edited copy is kept
 #                                         and the new one written beside it as .dist
-#   /usr/local/share/doc/sluice/README.md
+#   /usr/local/share/doc/sluice/README.md, operations.md
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -91,6 +91,7 @@ bin_after=$({ cksum <"$DESTDIR/usr/local/bin/sluice"; } 2>/dev/null || true)
 put "$root/systemd/sluice@.service" /etc/systemd/system/sluice@.service 0644
 put "$root/systemd/sluice.target" /etc/systemd/system/sluice.target 0644
 put "$root/README.md" /usr/local/share/doc/sluice/README.md 0644
+put "$root/docs/operations.md" /usr/local/share/doc/sluice/operations.md 0644
 
 # --- settings -------------------------------------------------------------------------------
 # Created once from .env.example, with what differs behind nginx: keys required (every
@@ -100,6 +101,16 @@ put "$root/README.md" /usr/local/share/doc/sluice/README.md 0644
 env_file=$DESTDIR/etc/sluice/sluice.env
 if [ -e "$env_file" ]; then
     say "kept $env_file"
+    # The unit requires keys; a kept file may still turn them off for every request
+    # through nginx (all of which come from loopback, the local admin under `auto`).
+    auth=$(sed -n 's/^[[:space:]]*\(export[[:space:]]\+\)\?SLUICE_AUTH=["'"'"']\?\([A-Za-z]*\).*/\2/p' "$env_file" | tail -n 1)
+    case ${auth,,} in
+        off | auto)
+            say "WARNING: $env_file sets SLUICE_AUTH=$auth: behind nginx every request comes from"
+            say "WARNING: loopback and is let in without a key (as the local admin). Remove the line"
+            say "WARNING: (the unit sets SLUICE_AUTH=required) unless that is what you want."
+            ;;
+    esac
 elif [ "$dry_run" = 1 ]; then
     echo "would create: $env_file from .env.example (SLUICE_AUTH=required, a new SLUICE_WS_TOKEN_SECRET)"
 else
@@ -160,7 +171,7 @@ run systemctl enable --now nginx
 run systemctl reload nginx
 if [ "$bin_before" != "$bin_after" ] && [ -n "$bin_before" ]; then
     say "the binary changed: running instances keep the old one until restarted;"
-    say "restart them one at a time (README, \"Running a cluster\"): systemctl restart sluice@8001, ..."
+    say "restart them one at a time, each out of nginx meanwhile: docs/operations.md, \"Rolling restarts\""
 fi
 if [ "$dry_run" = 1 ]; then
     say "dry run: nothing was changed"

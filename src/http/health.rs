@@ -23,6 +23,7 @@ async fn ready(State(st): State<AppState>) -> impl IntoResponse {
         st.store.as_ref(),
         st.tasks.queue().as_ref(),
         st.bus.status(),
+        health::Shared::of(&st.config),
         st.upstreams.circuit_states(),
     )
     .await;
