@@ -149,6 +149,22 @@ impl AppState {
             hub.clone(),
             lifecycle.stop_token(),
         ));
+        // Connected before the bus, whose tasks would outlive a start that fails here.
+        let (queue, recover): (Arc<dyn TaskQueue>, bool) = match &config.redis {
+            Some(r) => (
+                Arc::new(
+                    crate::queue::redis::RedisQueue::connect(
+                        r.url.expose(),
+                        &r.prefix,
+                        config.tasks.reclaim_idle,
+                    )
+                    .await?,
+                ),
+                false,
+            ),
+            // Embedded: the store is the queue's memory across restarts.
+            None => (Arc::new(MemoryQueue::new(config.tasks.queue_max)), true),
+        };
         let quota = match &config.redis {
             Some(r) => {
                 crate::guard::quota::Quota::connect(r.url.expose(), &r.prefix, &config.guards)
@@ -190,21 +206,6 @@ impl AppState {
             bus: bus.clone(),
             finals,
         }));
-        let (queue, recover): (Arc<dyn TaskQueue>, bool) = match &config.redis {
-            Some(r) => (
-                Arc::new(
-                    crate::queue::redis::RedisQueue::connect(
-                        r.url.expose(),
-                        &r.prefix,
-                        config.tasks.reclaim_idle,
-                    )
-                    .await?,
-                ),
-                false,
-            ),
-            // Embedded: the store is the queue's memory across restarts.
-            None => (Arc::new(MemoryQueue::new(config.tasks.queue_max)), true),
-        };
         let tasks = TaskService::new(
             store.clone(),
             upstreams.clone(),
@@ -219,12 +220,17 @@ impl AppState {
             lifecycle.drain_token(),
             lifecycle.stop_token(),
         );
-        tasks.start(recover).await.map_err(|e| match e {
-            crate::tasks::service::TaskError::Queue(q) => StartError::Queue(q),
-            crate::tasks::service::TaskError::Chat(c) => {
-                StartError::Store(store::StoreError::Backend(c.to_string()))
-            }
-        })?;
+        if let Err(e) = tasks.start(recover).await {
+            // A start that is retried leaves nothing running behind it.
+            lifecycle.stop();
+            bus.shutdown().await;
+            return Err(match e {
+                crate::tasks::service::TaskError::Queue(q) => StartError::Queue(q),
+                crate::tasks::service::TaskError::Chat(c) => {
+                    StartError::Store(store::StoreError::Backend(c.to_string()))
+                }
+            });
+        }
         let cache: Option<Arc<dyn ResponseCache>> = if config.cache.ttl.is_zero() {
             None
         } else {
