@@ -104,6 +104,19 @@ impl AppState {
         upstreams
             .choose_default_model(&config.chat.default_model)
             .await;
+        // A provider's limit is its account's: with Redis, every instance counts against it.
+        if let Some(r) = config.redis.as_ref().filter(|_| upstreams.has_limits()) {
+            match crate::upstream::slots::Shared::connect(
+                r.url.expose(),
+                &r.prefix,
+                &config.server.server_id,
+            ) {
+                Ok((shared, renewal)) => upstreams.share_limits(shared, renewal),
+                Err(e) => {
+                    tracing::warn!(error = %e, "provider limits apply per instance: Redis URL refused")
+                }
+            }
+        }
         let upstreams = Arc::new(upstreams);
         let store = store::open(&config.store).await?;
         // Final writes a stopped process could not store go in before anything else.
@@ -464,8 +477,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let bus = state.bus.clone();
+    let upstreams = state.upstreams.clone();
     let served = serve_until_drained(state, listener, shutdown).await;
     bus.shutdown().await;
+    upstreams.shutdown().await;
     served
 }
 

@@ -420,7 +420,8 @@ pub struct ServeArgs {
         default_value_t = 2_000
     )]
     pub max_streams_per_key: usize,
-    /// Most upstream calls at once per provider; 0 = no limit (the demo provider has none).
+    /// Most upstream calls at once per provider, across the cluster with REDIS_URL; 0 = no
+    /// limit (the demo provider has none).
     #[arg(
         long,
         env = "SLUICE_PROVIDER_CONCURRENCY",
