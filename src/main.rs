@@ -97,10 +97,6 @@ async fn start(
     listener: &tokio::net::TcpListener,
 ) -> anyhow::Result<Option<sluice::app::AppState>> {
     use sluice::ops::startup::{Start, StartState, build_waiting, starting_router};
-    let waiting = sluice::ops::systemd::Waiting::start(
-        sluice::ops::systemd::Notifier::from_env(),
-        sd_notify::watchdog_enabled(),
-    );
     let state = StartState::new(&config.server.server_id);
     let dup = std::os::fd::AsFd::as_fd(listener)
         .try_clone_to_owned()
@@ -116,7 +112,14 @@ async fn start(
             .with_graceful_shutdown(done.clone().cancelled_owned())
             .into_future(),
     );
-    let built = build_waiting(config, &state, &waiting, shutdown_signal()).await;
+    let built = build_waiting(
+        config,
+        &state,
+        sluice::ops::systemd::Notifier::from_env(),
+        sd_notify::watchdog_enabled(),
+        shutdown_signal(),
+    )
+    .await;
     done.cancel();
     // Requests to the minimal router are instant; a client keeping its connection idle
     // is not waited for long.
@@ -126,7 +129,6 @@ async fn start(
     {
         server.abort();
     }
-    waiting.finish().await;
     match built? {
         Start::Ready(app) => Ok(Some(app)),
         Start::Stopped => Ok(None),

@@ -134,10 +134,13 @@ pub enum Start {
 /// Builds the app, waiting up to `server.start_wait` for PostgreSQL and Redis to answer:
 /// probes with exponential backoff, then `AppState::new`, retried too when it fails to
 /// reach them. Any other failure, or the wait running out, is an error naming the cause.
+/// systemd hears of the wait (status lines, watchdog pings) only once there is one: a start
+/// that needs no waiting sends `READY=1` first, as before.
 pub async fn build_waiting(
     config: &Config,
     state: &StartState,
-    supervision: &systemd::Waiting,
+    notifier: systemd::Notifier,
+    watchdog: Option<Duration>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Start> {
     let wait = config.server.start_wait;
@@ -158,6 +161,7 @@ pub async fn build_waiting(
             wait.as_secs()
         ),
     };
+    let mut supervision: Option<systemd::Waiting> = None;
     let attempts = async {
         let mut backoff = FIRST_BACKOFF;
         let mut logged: Option<(String, Instant)> = None;
@@ -169,7 +173,9 @@ pub async fn build_waiting(
             };
             state.record(&failure);
             let shown = failure.to_string();
-            supervision.status(&format!("waiting for {shown}"));
+            supervision
+                .get_or_insert_with(|| systemd::Waiting::start(notifier.clone(), watchdog))
+                .status(&format!("waiting for {shown}"));
             let quiet = logged
                 .as_ref()
                 .is_some_and(|(m, at)| *m == shown && at.elapsed() < LOG_EVERY);
@@ -189,11 +195,15 @@ pub async fn build_waiting(
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     };
-    tokio::select! {
+    let ended = tokio::select! {
         built = attempts => built.map(Start::Ready),
         _ = tokio::time::sleep_until(deadline) => Err(gave_up(state.last())),
         _ = shutdown => Ok(Start::Stopped),
+    };
+    if let Some(s) = supervision {
+        s.finish().await;
     }
+    ended
 }
 
 /// One try: the dependencies first, cheaply, then the app itself.
