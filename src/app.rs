@@ -104,6 +104,19 @@ impl AppState {
         upstreams
             .choose_default_model(&config.chat.default_model)
             .await;
+        // A provider's limit is its account's: with Redis, every instance counts against it.
+        if let Some(r) = config.redis.as_ref().filter(|_| upstreams.has_limits()) {
+            match crate::upstream::slots::Shared::connect(
+                r.url.expose(),
+                &r.prefix,
+                &config.server.server_id,
+            ) {
+                Ok((shared, renewal)) => upstreams.share_limits(shared, renewal),
+                Err(e) => {
+                    tracing::warn!(error = %e, "provider limits apply per instance: Redis URL refused")
+                }
+            }
+        }
         let upstreams = Arc::new(upstreams);
         let store = store::open(&config.store).await?;
         // Final writes a stopped process could not store go in before anything else.
@@ -156,6 +169,22 @@ impl AppState {
             hub.clone(),
             lifecycle.stop_token(),
         ));
+        // Connected before the bus, whose tasks would outlive a start that fails here.
+        let (queue, recover): (Arc<dyn TaskQueue>, bool) = match &config.redis {
+            Some(r) => (
+                Arc::new(
+                    crate::queue::redis::RedisQueue::connect(
+                        r.url.expose(),
+                        &r.prefix,
+                        config.tasks.reclaim_idle,
+                    )
+                    .await?,
+                ),
+                false,
+            ),
+            // Embedded: the store is the queue's memory across restarts.
+            None => (Arc::new(MemoryQueue::new(config.tasks.queue_max)), true),
+        };
         let quota = match &config.redis {
             Some(r) => {
                 crate::guard::quota::Quota::connect(r.url.expose(), &r.prefix, &config.guards)
@@ -202,21 +231,6 @@ impl AppState {
             bus: bus.clone(),
             finals,
         }));
-        let (queue, recover): (Arc<dyn TaskQueue>, bool) = match &config.redis {
-            Some(r) => (
-                Arc::new(
-                    crate::queue::redis::RedisQueue::connect(
-                        r.url.expose(),
-                        &r.prefix,
-                        config.tasks.reclaim_idle,
-                    )
-                    .await?,
-                ),
-                false,
-            ),
-            // Embedded: the store is the queue's memory across restarts.
-            None => (Arc::new(MemoryQueue::new(config.tasks.queue_max)), true),
-        };
         let tasks = TaskService::new(
             store.clone(),
             upstreams.clone(),
@@ -231,12 +245,17 @@ impl AppState {
             lifecycle.drain_token(),
             lifecycle.stop_token(),
         );
-        tasks.start(recover).await.map_err(|e| match e {
-            crate::tasks::service::TaskError::Queue(q) => StartError::Queue(q),
-            crate::tasks::service::TaskError::Chat(c) => {
-                StartError::Store(store::StoreError::Backend(c.to_string()))
-            }
-        })?;
+        if let Err(e) = tasks.start(recover).await {
+            // A start that is retried leaves nothing running behind it.
+            lifecycle.stop();
+            bus.shutdown().await;
+            return Err(match e {
+                crate::tasks::service::TaskError::Queue(q) => StartError::Queue(q),
+                crate::tasks::service::TaskError::Chat(c) => {
+                    StartError::Store(store::StoreError::Backend(c.to_string()))
+                }
+            });
+        }
         let cache: Option<Arc<dyn ResponseCache>> = if config.cache.ttl.is_zero() {
             None
         } else {
@@ -470,8 +489,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let bus = state.bus.clone();
+    let upstreams = state.upstreams.clone();
     let served = serve_until_drained(state, listener, shutdown).await;
     bus.shutdown().await;
+    upstreams.shutdown().await;
     served
 }
 

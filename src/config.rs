@@ -108,6 +108,15 @@ pub struct ServeArgs {
         default_value_t = 30
     )]
     pub drain_secs: u64,
+    /// At start, how long to wait for PostgreSQL and Redis to answer before giving up
+    /// (0: give up at the first failure).
+    #[arg(
+        long,
+        env = "SLUICE_START_WAIT_SECS",
+        value_name = "SLUICE_START_WAIT_SECS",
+        default_value_t = 300
+    )]
+    pub start_wait_secs: u64,
     /// Largest request body accepted (bytes).
     #[arg(long, env = "SLUICE_MAX_BODY_BYTES", value_name = "SLUICE_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -411,7 +420,8 @@ pub struct ServeArgs {
         default_value_t = 2_000
     )]
     pub max_streams_per_key: usize,
-    /// Most upstream calls at once per provider; 0 = no limit (the demo provider has none).
+    /// Most upstream calls at once per provider, across the cluster with REDIS_URL; 0 = no
+    /// limit (the demo provider has none).
     #[arg(
         long,
         env = "SLUICE_PROVIDER_CONCURRENCY",
@@ -797,6 +807,8 @@ pub struct ServerConfig {
     pub ws: crate::transport::ws::WsSettings,
     pub server_id: String,
     pub drain: Duration,
+    /// How long a start waits for its dependencies; zero fails at the first refusal.
+    pub start_wait: Duration,
     pub max_body_bytes: usize,
     pub ping_interval: Duration,
 }
@@ -919,6 +931,7 @@ impl Default for Config {
                 ws: crate::transport::ws::WsSettings::default(),
                 server_id: new_server_id(),
                 drain: Duration::from_secs(30),
+                start_wait: Duration::from_secs(300),
                 max_body_bytes: 1024 * 1024,
                 ping_interval: Duration::from_secs(15),
             },
@@ -1055,6 +1068,7 @@ impl Config {
                 },
                 server_id: args.server_id.clone().unwrap_or_else(new_server_id),
                 drain: Duration::from_secs(args.drain_secs),
+                start_wait: Duration::from_secs(args.start_wait_secs),
                 max_body_bytes: args.max_body_bytes,
                 ping_interval: Duration::from_millis(args.ping_ms),
             },

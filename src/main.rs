@@ -69,7 +69,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Bound before the store is opened, so a port in use leaves no `data/` behind.
         let listener = bind(config.server.addr).await?;
         let local = listener.local_addr()?;
-        let state = sluice::app::AppState::new(config).await?;
+        let Some(state) = start(&config, &listener).await? else {
+            tracing::info!("stopped while starting");
+            return Ok(());
+        };
         tracing::info!(
             server_id = %state.config.server.server_id,
             "listening on http://{local}"
@@ -85,6 +88,51 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Builds the app while a minimal router answers on `listener` (on a duplicate of its
+/// socket, so the app serves the same one afterwards); `None` when stopped meanwhile.
+async fn start(
+    config: &Config,
+    listener: &tokio::net::TcpListener,
+) -> anyhow::Result<Option<sluice::app::AppState>> {
+    use sluice::ops::startup::{Start, StartState, build_waiting, starting_router};
+    let state = StartState::new(&config.server.server_id);
+    let dup = std::os::fd::AsFd::as_fd(listener)
+        .try_clone_to_owned()
+        .and_then(|fd| {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(l)
+        })
+        .context("cannot share the listening socket")?;
+    let done = tokio_util::sync::CancellationToken::new();
+    let mut server = tokio::spawn(
+        axum::serve(dup, starting_router(state.clone()))
+            .with_graceful_shutdown(done.clone().cancelled_owned())
+            .into_future(),
+    );
+    let built = build_waiting(
+        config,
+        &state,
+        sluice::ops::systemd::Notifier::from_env(),
+        sd_notify::watchdog_enabled(),
+        shutdown_signal(),
+    )
+    .await;
+    done.cancel();
+    // Requests to the minimal router are instant; a client keeping its connection idle
+    // is not waited for long.
+    if tokio::time::timeout(std::time::Duration::from_secs(2), &mut server)
+        .await
+        .is_err()
+    {
+        server.abort();
+    }
+    match built? {
+        Start::Ready(app) => Ok(Some(app)),
+        Start::Stopped => Ok(None),
+    }
 }
 
 async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {

@@ -214,6 +214,63 @@ impl Drop for Supervision {
     }
 }
 
+/// The supervision of a start that waits for its dependencies: the watchdog is fed and
+/// `STATUS=` says what is awaited, but `READY=1` is left to [`Supervision::start`].
+#[derive(Debug)]
+pub struct Waiting {
+    notifier: Notifier,
+    cancel: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Waiting {
+    /// Pings at half of `watchdog`, as [`Supervision::start`] does; a no-op without a socket.
+    pub fn start(notifier: Notifier, watchdog: Option<Duration>) -> Self {
+        let cancel = CancellationToken::new();
+        let every = watchdog.filter(|w| !w.is_zero()).map(|w| w / 2);
+        let task = match every {
+            Some(every) if notifier.is_enabled() => {
+                let (n, c) = (notifier.clone(), cancel.clone());
+                Some(tokio::spawn(async move {
+                    let mut ticks = tokio::time::interval(every);
+                    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tokio::select! {
+                            _ = c.cancelled() => return,
+                            _ = ticks.tick() => n.send(&[NotifyState::Watchdog]),
+                        }
+                    }
+                }))
+            }
+            _ => None,
+        };
+        Self {
+            notifier,
+            cancel,
+            task,
+        }
+    }
+
+    /// A `STATUS=` line for `systemctl status`.
+    pub fn status(&self, status: &str) {
+        self.notifier.send(&[NotifyState::Status(status)]);
+    }
+
+    /// Stops the watchdog task, so the serving supervision takes over alone.
+    pub async fn finish(mut self) {
+        self.cancel.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
 /// The watchdog and status task. Pinging from a task of the same runtime proves the
 /// runtime still schedules work, which is what a hung process stops doing.
 async fn watch(

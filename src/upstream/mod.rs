@@ -7,6 +7,7 @@ pub mod breaker;
 pub mod demo;
 pub mod openai;
 mod router;
+pub mod slots;
 pub mod sse;
 
 use std::time::Duration;

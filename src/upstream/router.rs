@@ -140,7 +140,7 @@ pub enum DefaultModel {
 struct ProviderLimits {
     breaker: Breaker,
     /// Upstream calls at once; `None` for the built-in demo and when unlimited.
-    slots: Option<Arc<tokio::sync::Semaphore>>,
+    slots: Option<super::slots::Slots>,
 }
 
 pub struct Upstreams {
@@ -158,6 +158,8 @@ pub struct Upstreams {
     default_model: String,
     timeouts: Timeouts,
     retry: RetryPolicy,
+    /// Renews the leases of cluster-wide provider slots; `None` without them.
+    renewal: parking_lot::Mutex<Option<super::slots::Renewal>>,
 }
 
 /// A generation that an upstream accepted, wrapped in the configured timeouts.
@@ -202,6 +204,41 @@ impl Upstreams {
             default_model: super::demo::Demo::NAME.to_owned(),
             timeouts,
             retry,
+            renewal: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// Makes every provider limit cluster-wide through `shared` (Redis); a no-op without
+    /// limits. Called once, before the upstreams are shared.
+    pub fn share_limits(
+        &mut self,
+        shared: Arc<super::slots::Shared>,
+        renewal: super::slots::Renewal,
+    ) {
+        let mut any = false;
+        for limits in self.limits.values_mut() {
+            if let Some(l) = Arc::get_mut(limits)
+                && let Some(slots) = &mut l.slots
+            {
+                slots.share(shared.clone());
+                any = true;
+            }
+        }
+        if any {
+            *self.renewal.lock() = Some(renewal);
+        }
+    }
+
+    /// Whether any provider has a concurrency limit to share.
+    pub fn has_limits(&self) -> bool {
+        self.limits.values().any(|l| l.slots.is_some())
+    }
+
+    /// Stops renewing slot leases (and gives back what is still held).
+    pub async fn shutdown(&self) {
+        let renewal = self.renewal.lock().take();
+        if let Some(r) = renewal {
+            r.shutdown().await;
         }
     }
 
@@ -233,8 +270,14 @@ impl Upstreams {
     }
 
     pub fn add_provider(&mut self, provider: Arc<dyn Provider>, models: ModelMatch, label: &str) {
-        let slots = (provider.name() != super::demo::Demo::NAME && self.concurrency > 0)
-            .then(|| Arc::new(tokio::sync::Semaphore::new(self.concurrency)));
+        let slots =
+            (provider.name() != super::demo::Demo::NAME && self.concurrency > 0).then(|| {
+                let mode = self.metrics.gauge(
+                    "sluice_provider_slots_shared",
+                    &[("provider", provider.name())],
+                );
+                super::slots::Slots::local(provider.name(), self.concurrency, mode)
+            });
         self.limits.insert(
             provider.name().to_owned(),
             Arc::new(ProviderLimits {
@@ -518,19 +561,16 @@ impl Upstreams {
             }
             let permit = match &limits.slots {
                 None => None,
-                Some(slots) => {
-                    match tokio::time::timeout(self.queue_wait, slots.clone().acquire_owned()).await
-                    {
-                        Ok(Ok(p)) => Some(p),
-                        _ => {
-                            self.metrics.upstream_error(name, "upstream_busy");
-                            last_err = Some(UpstreamError::Busy {
-                                provider: name.to_owned(),
-                            });
-                            continue;
-                        }
+                Some(slots) => match slots.acquire(self.queue_wait).await {
+                    Some(p) => Some(p),
+                    None => {
+                        self.metrics.upstream_error(name, "upstream_busy");
+                        last_err = Some(UpstreamError::Busy {
+                            provider: name.to_owned(),
+                        });
+                        continue;
                     }
-                }
+                },
             };
             match self
                 .open_one(target.provider.as_ref(), req, model, &limits)
@@ -730,7 +770,7 @@ struct Guarded {
     /// The provider's breaker hears of failures mid-stream too.
     limits: Option<Arc<ProviderLimits>>,
     /// The provider slot this stream holds until it ends.
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    _permit: Option<super::slots::Permit>,
 }
 
 /// What a stream reports to metrics and logs as it goes, and once at its end.
@@ -811,7 +851,7 @@ impl Guarded {
     fn limited(
         mut self,
         limits: Arc<ProviderLimits>,
-        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        permit: Option<super::slots::Permit>,
     ) -> Self {
         self.limits = Some(limits);
         self._permit = permit;
