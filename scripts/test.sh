@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a Debian machine with Rust: provisions what the tests need
 # (PostgreSQL, Redis, nginx, PgBouncer, Chromium, the SDK tests' Python venv, the Node
-# tests' packages), then the format check, clippy with warnings denied, the Node tests and every Rust test.
+# tests' packages), then the format check, clippy with warnings denied, the Node tests and
+# every Rust test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
