@@ -1,7 +1,7 @@
 # Shared by scripts/test.sh and scripts/cluster.sh (sourced, not run): provisioning of
-# what the tests and a local cluster need on a Debian machine, PostgreSQL, Redis and
-# nginx, started only when they are not already answering, the SDK tests' venv and the
-# Node tests' packages.
+# what the tests and a local cluster need on a Debian machine, PostgreSQL, Redis, nginx
+# and PgBouncer, started only when they are not already answering, the SDK tests' venv
+# and the Node tests' packages.
 # shellcheck shell=bash
 
 log() { printf '\n==> %s\n' "$*"; }
@@ -67,6 +67,23 @@ ensure_nginx() {
     if ! nginx_bin >/dev/null; then
         log "installing nginx"
         apt_install nginx
+    fi
+}
+
+# The PgBouncer binary: Debian puts it in /usr/sbin, which is not on every user's PATH.
+pgbouncer_bin() {
+    if command -v pgbouncer 2>/dev/null; then return 0; fi
+    if [ -x /usr/sbin/pgbouncer ]; then echo /usr/sbin/pgbouncer; return 0; fi
+    return 1
+}
+
+# PgBouncer for the store tests through a transaction pooler (tests/common/pgbouncer.rs).
+# Only the binary is needed: each test process runs its own PgBouncer with its own ini on a
+# free port, so Debian's service is left as it is.
+ensure_pgbouncer() {
+    if ! pgbouncer_bin >/dev/null; then
+        log "installing PgBouncer"
+        apt_install pgbouncer
     fi
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a Debian machine with Rust: provisions what the tests need
-# (PostgreSQL, Redis, nginx, Chromium, the SDK tests' Python venv, the Node tests' packages),
-# then the format check, clippy with warnings denied, the Node tests and every Rust test.
+# (PostgreSQL, Redis, nginx, PgBouncer, Chromium, the SDK tests' Python venv, the Node
+# tests' packages), then the format check, clippy with warnings denied, the Node tests and
+# every Rust test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,7 @@ ensure_chromium() {
 ensure_postgres
 ensure_redis
 ensure_nginx
+ensure_pgbouncer
 ensure_chromium
 ensure_sdk_venv
 ensure_node_packages

@@ -59,6 +59,16 @@ pub enum AuthMode {
     Off,
 }
 
+/// What sits between sluice and PostgreSQL (`SLUICE_DB_POOLER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum DbPooler {
+    /// A direct connection: sluice sends its statement timeout as a startup option.
+    #[default]
+    None,
+    /// PgBouncer, any pool mode: no startup options (it refuses them).
+    Pgbouncer,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum LogFormat {
     #[default]
@@ -591,6 +601,17 @@ pub struct ServeArgs {
         default_value_t = 2_000
     )]
     pub db_breaker_open_ms: u64,
+    /// What DATABASE_URL points at: PostgreSQL itself (none), or PgBouncer (or another
+    /// pooler) that forwards no startup options, so the server-side statement timeout and
+    /// schema must come from role or database settings.
+    #[arg(
+        long,
+        env = "SLUICE_DB_POOLER",
+        value_name = "SLUICE_DB_POOLER",
+        value_enum,
+        default_value_t = DbPooler::None
+    )]
+    pub db_pooler: DbPooler,
     /// Demo provider: delay before its first token (ms).
     #[arg(
         long,
@@ -765,6 +786,7 @@ pub struct StoreConfig {
     pub query_timeout: Duration,
     /// How long the store fails fast after it was found down, before a trial.
     pub breaker_open: Duration,
+    pub pooler: DbPooler,
 }
 
 impl Default for StoreConfig {
@@ -777,6 +799,7 @@ impl Default for StoreConfig {
             max_lifetime: Duration::from_secs(1800),
             query_timeout: Duration::from_secs(30),
             breaker_open: Duration::from_secs(2),
+            pooler: DbPooler::None,
         }
     }
 }
@@ -791,6 +814,7 @@ impl StoreConfig {
             max_lifetime: Duration::from_secs(args.db_max_lifetime_secs),
             query_timeout: Duration::from_millis(args.db_query_timeout_ms),
             breaker_open: Duration::from_millis(args.db_breaker_open_ms),
+            pooler: args.db_pooler,
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The store contract, run against both backends (`sqlite::*` and `postgres::*`), and the
-//! `migrate` / `keys` commands through the real binary.
+//! The store contract, run against every backend (`sqlite::*`, `postgres::*` and
+//! `pgbouncer::*`, PostgreSQL through PgBouncer in transaction mode), and the `migrate` /
+//! `keys` commands through the real binary.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -62,11 +63,13 @@ async fn open_and_report(db: &TestDb) -> Vec<String> {
             .unwrap()
             .applied_migrations()
             .to_vec(),
-        Backend::Postgres => PgStore::connect(db.database_url().unwrap(), &db.config)
-            .await
-            .unwrap()
-            .applied_migrations()
-            .to_vec(),
+        Backend::Postgres | Backend::PgBouncer => {
+            PgStore::connect(db.database_url().unwrap(), &db.config)
+                .await
+                .unwrap()
+                .applied_migrations()
+                .to_vec()
+        }
     }
 }
 
@@ -83,7 +86,7 @@ async fn schema_objects(db: &TestDb) -> HashSet<String> {
                 .collect::<Result<_, _>>()
                 .unwrap()
         }
-        Backend::Postgres => {
+        Backend::Postgres | Backend::PgBouncer => {
             let c = db.pg_client().await;
             c.query(
                 "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()
@@ -137,7 +140,9 @@ async fn migrations_apply_on_an_empty_database_and_are_idempotent(backend: Backe
     }
     match backend {
         Backend::Sqlite => assert!(objects.contains("knowledge_fts")),
-        Backend::Postgres => assert!(objects.contains("knowledge_docs_search")),
+        Backend::Postgres | Backend::PgBouncer => {
+            assert!(objects.contains("knowledge_docs_search"))
+        }
     }
 
     // Data written before a restart is there after it, and nothing is applied twice.
@@ -183,7 +188,7 @@ async fn a_database_of_the_first_schema_keeps_its_rows_through_the_reasoning_col
                 .unwrap();
             c.execute_batch(rows).unwrap();
         }
-        Backend::Postgres => {
+        Backend::Postgres | Backend::PgBouncer => {
             let mut c = db.pg_client().await;
             shipped::postgres::migrations::runner()
                 .set_target(v1)
@@ -238,7 +243,7 @@ async fn ping_and_backend_name(backend: Backend) {
     store.ping().await.unwrap();
     let expected = match backend {
         Backend::Sqlite => "sqlite",
-        Backend::Postgres => "postgres",
+        Backend::Postgres | Backend::PgBouncer => "postgres",
     };
     assert_eq!(store.backend(), expected);
 }
@@ -640,7 +645,7 @@ async fn deleting_a_session_deletes_its_messages(backend: Backend) {
                 |r| r.get(0),
             )
             .unwrap(),
-        Backend::Postgres => db
+        Backend::Postgres | Backend::PgBouncer => db
             .pg_client()
             .await
             .query_one(
@@ -715,7 +720,7 @@ async fn usage_is_recorded(backend: Backend) {
                 |r| r.get(0),
             )
             .unwrap(),
-        Backend::Postgres => db
+        Backend::Postgres | Backend::PgBouncer => db
             .pg_client()
             .await
             .query_one(
@@ -745,7 +750,7 @@ async fn usage_is_recorded(backend: Backend) {
         .collect();
     let mut expected = vec![(None, 1, 10, 20, 7), (Some("gone-key"), 1, 10, 20, 7)];
     // NULL sorts first on SQLite and last on PostgreSQL.
-    if backend == Backend::Postgres {
+    if backend.is_postgres() {
         expected.reverse();
     }
     assert_eq!(summed, expected);
@@ -805,7 +810,7 @@ async fn knowledge_full_text_search_follows_writes(backend: Backend) {
                 .unwrap();
             assert_eq!(search("stream"), ["d2"]);
         }
-        Backend::Postgres => {
+        Backend::Postgres | Backend::PgBouncer => {
             let c = db.pg_client().await;
             for (id, title, tags, content) in docs {
                 c.execute(
@@ -1520,6 +1525,9 @@ async fn sluice(db: &TestDb, args: &[&str]) -> Output {
     if let Some(url) = db.database_url() {
         cmd.env("DATABASE_URL", url);
     }
+    if db.config.pooler == sluice::config::DbPooler::Pgbouncer {
+        cmd.env("SLUICE_DB_POOLER", "pgbouncer");
+    }
     cmd.output().await.unwrap()
 }
 
@@ -1837,4 +1845,58 @@ async fn start_up_interrupts_only_replies_no_other_instance_holds(backend: Backe
     let m = store.list_messages(&s).await.unwrap().pop().unwrap();
     assert_eq!(m.status, MessageStatus::Interrupted);
     assert_eq!(store.interrupt_streaming_of("me", now).await.unwrap(), 0);
+}
+
+/// Twenty clients creating and listing sessions at once through a sluice whose
+/// DATABASE_URL is PgBouncer in transaction mode, with more pooled connections (16) than
+/// PgBouncer has server connections (3): no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_clients_create_and_list_sessions_through_pgbouncer() {
+    let db = fresh(Backend::PgBouncer).await;
+    let mut cfg = common::base_config();
+    cfg.store = db.config.clone();
+    cfg.store.pool_size = 16;
+    let server = common::TestServer::start(cfg).await;
+    let clients = (0..20).map(|i| {
+        let url = server.url.clone();
+        async move {
+            let c = common::client();
+            let mut failed = Vec::new();
+            for j in 0..10 {
+                let r = c
+                    .post(format!("{url}/api/sessions"))
+                    .json(&serde_json::json!({"title": format!("client {i}, session {j}")}))
+                    .send()
+                    .await
+                    .unwrap();
+                if r.status() != 201 {
+                    failed.push(format!("POST {}: {}", r.status(), r.text().await.unwrap()));
+                }
+                let r = c.get(format!("{url}/api/sessions")).send().await.unwrap();
+                if r.status() != 200 {
+                    failed.push(format!("GET {}: {}", r.status(), r.text().await.unwrap()));
+                }
+            }
+            failed
+        }
+    });
+    let failed: Vec<String> = futures::future::join_all(clients)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 400 requests failed, e.g. {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    let c = db.pg_client().await;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM sessions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 200);
+    server.shutdown().await;
 }

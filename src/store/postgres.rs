@@ -3,6 +3,11 @@
 //! Everything about where the data lives comes from the URL, `options` included, so
 //! `?options=-c%20search_path%3Dtenant` puts every table, and the migration history, in
 //! that schema for both the pool and the migration connection.
+//!
+//! Nothing outlives one transaction on the server, so a pooler in transaction mode
+//! (PgBouncer) may hand each statement to another server connection: statements are unnamed
+//! and carry their parameter types (one round trip, nothing prepared to go missing), and
+//! migrations run in one transaction under a transaction-level lock.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,8 +19,8 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Config, NoTls, Row, SimpleQueryMessage, ToStatement};
+use tokio_postgres::types::{ToSql, Type, WrongType};
+use tokio_postgres::{Client, Config, NoTls, Row, SimpleQueryMessage};
 
 use super::codec::{
     BadValue, brief, check_final, json_list, parse_json_list, parse_role, role_str, search_terms,
@@ -25,7 +30,7 @@ use super::{
     Session, SessionCursor, Store, StoreError, StoredMessage, Task, TaskStatus, UsageRecord,
     UsageRow, User, new_id, now_millis,
 };
-use crate::config::StoreConfig;
+use crate::config::{DbPooler, StoreConfig};
 use crate::upstream::breaker::{Breaker, BreakerSettings};
 
 mod embedded {
@@ -208,6 +213,47 @@ struct Conn<'a> {
 }
 
 type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
+type Typed<'p> = Vec<(&'p (dyn ToSql + Sync), Type)>;
+
+/// What a parameter is sent as: the first of these its Rust type converts to. The server
+/// casts where a column differs (an INT8 into an INTEGER column, TEXT into VARCHAR).
+const PARAM_TYPES: [Type; 9] = [
+    Type::TEXT,
+    Type::INT8,
+    Type::INT4,
+    Type::BOOL,
+    Type::FLOAT8,
+    Type::FLOAT4,
+    Type::BYTEA,
+    Type::INT2,
+    Type::TEXT_ARRAY,
+];
+
+/// Pairs each parameter with its type, so a statement goes out unnamed in one round trip
+/// (Parse, Bind, Execute) instead of being prepared under a name first: a named statement
+/// lives on one server connection, which a transaction pooler does not keep for us.
+/// Every statement goes through here; a new one needs nothing more than `&[&a, &b]`.
+fn typed<'p>(params: Params<'p>) -> Result<Typed<'p>, StoreError> {
+    let mut buf = bytes::BytesMut::new();
+    params
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            for ty in &PARAM_TYPES {
+                buf.clear();
+                match p.to_sql_checked(ty, &mut buf) {
+                    Err(e) if e.is::<WrongType>() => continue,
+                    // The value's own fault (too long, say) shows again when it is sent.
+                    _ => return Ok((p, ty.clone())),
+                }
+            }
+            Err(StoreError::Backend(format!(
+                "parameter ${} has a type the store does not send",
+                i + 1
+            )))
+        })
+        .collect()
+}
 
 impl Conn<'_> {
     async fn run<T>(
@@ -219,36 +265,24 @@ impl Conn<'_> {
         r
     }
 
-    async fn execute<Q: ToStatement + ?Sized + Sync>(
-        &self,
-        q: &Q,
-        p: Params<'_>,
-    ) -> Result<u64, StoreError> {
-        self.run(self.inner.client.execute(q, p)).await
+    async fn execute(&self, q: &str, p: Params<'_>) -> Result<u64, StoreError> {
+        let p = typed(p)?;
+        self.run(self.inner.client.execute_typed(q, &p)).await
     }
 
-    async fn query<Q: ToStatement + ?Sized + Sync>(
-        &self,
-        q: &Q,
-        p: Params<'_>,
-    ) -> Result<Vec<Row>, StoreError> {
-        self.run(self.inner.client.query(q, p)).await
+    async fn query(&self, q: &str, p: Params<'_>) -> Result<Vec<Row>, StoreError> {
+        let p = typed(p)?;
+        self.run(self.inner.client.query_typed(q, &p)).await
     }
 
-    async fn query_opt<Q: ToStatement + ?Sized + Sync>(
-        &self,
-        q: &Q,
-        p: Params<'_>,
-    ) -> Result<Option<Row>, StoreError> {
-        self.run(self.inner.client.query_opt(q, p)).await
+    async fn query_opt(&self, q: &str, p: Params<'_>) -> Result<Option<Row>, StoreError> {
+        let p = typed(p)?;
+        self.run(self.inner.client.query_typed_opt(q, &p)).await
     }
 
-    async fn query_one<Q: ToStatement + ?Sized + Sync>(
-        &self,
-        q: &Q,
-        p: Params<'_>,
-    ) -> Result<Row, StoreError> {
-        self.run(self.inner.client.query_one(q, p)).await
+    async fn query_one(&self, q: &str, p: Params<'_>) -> Result<Row, StoreError> {
+        let p = typed(p)?;
+        self.run(self.inner.client.query_typed_one(q, &p)).await
     }
 
     async fn simple_query(&self, q: &str) -> Result<Vec<SimpleQueryMessage>, StoreError> {
@@ -285,14 +319,25 @@ impl PgStore {
             .get_connect_timeout()
             .copied()
             .unwrap_or(cfg.acquire_timeout);
+        if cfg.pooler == DbPooler::Pgbouncer && pg.get_options().is_some() {
+            // PgBouncer refuses the startup parameter, or drops it when told to ignore it,
+            // and a dropped search_path would put the tables in another schema.
+            return Err(StoreError::Backend(
+                "DATABASE_URL has `options`, which PgBouncer does not pass on \
+                 (SLUICE_DB_POOLER=pgbouncer): set them on the role instead, \
+                 e.g. ALTER ROLE sluice SET search_path = ..."
+                    .into(),
+            ));
+        }
         let applied = migrate(&pg).await?;
         if !applied.is_empty() {
             tracing::info!(migrations = ?applied, "postgres store migrated");
         }
         // The server stops a statement at the same limit the client waits for it (the
-        // migrations above may take longer, on a connection of their own).
+        // migrations above may take longer, on a connection of their own). Behind a pooler
+        // that limit is the role's or database's statement_timeout.
         let options = pg.get_options().unwrap_or_default();
-        if !options.contains("statement_timeout") {
+        if cfg.pooler == DbPooler::None && !options.contains("statement_timeout") {
             let ms = cfg.query_timeout.as_millis().max(1);
             pg.options(format!("{options} -c statement_timeout={ms}").trim_start());
         }
@@ -394,10 +439,11 @@ impl PgStore {
     }
 }
 
-/// Runs the embedded migrations. Instances starting together would race to apply the same
-/// migration, so they take turns on an advisory lock named after the target schema (per
-/// schema, so isolated test schemas do not wait on each other). The lock is session-level
-/// and goes away with the connection, even if this process dies half-way.
+/// Runs the embedded migrations, all in one transaction. Instances starting together would
+/// race to apply the same migration, so the transaction first takes an advisory lock named
+/// after the target schema (per schema, so isolated test schemas do not wait on each
+/// other). Lock, history and changes share the transaction, the one thing a transaction
+/// pooler keeps on one server connection; it all goes away if this process dies half-way.
 async fn migrate(pg: &Config) -> Result<Vec<String>, StoreError> {
     let (mut client, connection) = pg.connect(NoTls).await?;
     let driver = tokio::spawn(async move {
@@ -406,15 +452,17 @@ async fn migrate(pg: &Config) -> Result<Vec<String>, StoreError> {
         }
     });
     let result = async {
-        client
-            .batch_execute(
-                "SELECT pg_advisory_lock(hashtext('sluice.migrate.' || coalesce(current_schema(), '')))",
-            )
-            .await?;
+        let tx = client.transaction().await?;
+        tx.batch_execute(
+            "SELECT pg_advisory_xact_lock(hashtext('sluice.migrate.' || coalesce(current_schema(), '')))",
+        )
+        .await?;
+        let mut locked = Locked(tx);
         let report = embedded::migrations::runner()
-            .run_async(&mut client)
+            .run_async(&mut locked)
             .await
             .map_err(migration_error)?;
+        locked.0.commit().await?;
         Ok(report
             .applied_migrations()
             .iter()
@@ -427,12 +475,84 @@ async fn migrate(pg: &Config) -> Result<Vec<String>, StoreError> {
     result
 }
 
+/// refinery's migrations inside a transaction that holds the migration lock: each step
+/// runs in it instead of in a transaction of its own, and nothing is prepared.
+struct Locked<'a>(tokio_postgres::Transaction<'a>);
+
+/// A history row refinery did not write, or an error of the database.
+#[derive(Debug, thiserror::Error)]
+enum MigrateError {
+    #[error("{0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("unreadable migration history: {0}")]
+    History(String),
+}
+
+impl refinery_core::traits::r#async::AsyncTransaction for Locked<'_> {
+    type Error = MigrateError;
+
+    async fn execute<'a, T: Iterator<Item = &'a str> + Send + 'a>(
+        &'a mut self,
+        queries: T,
+    ) -> Result<usize, MigrateError> {
+        let mut n = 0;
+        for q in queries {
+            self.0.batch_execute(q).await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+impl refinery_core::traits::r#async::AsyncQuery<Vec<refinery::Migration>> for Locked<'_> {
+    async fn query<'a>(
+        &'a mut self,
+        query: &'a str,
+    ) -> Result<Vec<refinery::Migration>, MigrateError> {
+        // The simple protocol: the history's text columns as text, nothing prepared.
+        let mut applied = Vec::new();
+        for m in self.0.simple_query(query).await? {
+            let SimpleQueryMessage::Row(r) = m else {
+                continue;
+            };
+            let field = |i: usize| {
+                r.get(i)
+                    .ok_or_else(|| MigrateError::History(format!("column {i} is null")))
+            };
+            let bad = |what: &str, v: &str| MigrateError::History(format!("{what} {v:?}"));
+            let version = field(0)?;
+            let applied_on = field(2)?;
+            let checksum = field(3)?;
+            applied.push(refinery::Migration::applied(
+                version.parse().map_err(|_| bad("version", version))?,
+                field(1)?.to_owned(),
+                time::OffsetDateTime::parse(
+                    applied_on,
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .map_err(|_| bad("applied_on", applied_on))?,
+                checksum.parse().map_err(|_| bad("checksum", checksum))?,
+            ));
+        }
+        Ok(applied)
+    }
+}
+
+impl refinery::AsyncMigrate for Locked<'_> {}
+
 /// refinery's own message for a database error is only "db error"; the cause says more,
 /// and says whether the database or the migration is at fault.
 fn migration_error(e: refinery::Error) -> StoreError {
     let step = brief(&e);
-    let cause =
-        std::error::Error::source(&e).and_then(|s| s.downcast_ref::<tokio_postgres::Error>());
+    let mut cause = None;
+    let mut next = std::error::Error::source(&e);
+    while let Some(s) = next {
+        if let Some(pg) = s.downcast_ref::<tokio_postgres::Error>() {
+            cause = Some(pg);
+            break;
+        }
+        next = s.source();
+    }
     match cause.map(classify) {
         Some(StoreError::Unavailable(m)) => {
             StoreError::Unavailable(format!("migrating postgres: {m}"))
@@ -1274,9 +1394,9 @@ impl Store for PgStore {
         let r = tokio::time::timeout(limit, async {
             let tx = c.inner.client.transaction().await?;
             let Some(row) = tx
-                .query_opt(
+                .query_typed_opt(
                     "SELECT status FROM tasks WHERE id = $1 AND user_id = $2 FOR UPDATE",
-                    &[&id, &user_id],
+                    &typed(&[&id, &user_id])?,
                 )
                 .await?
             else {
@@ -1285,9 +1405,9 @@ impl Store for PgStore {
             };
             let before = task_status(row.try_get(0)?)?;
             if !before.is_final() {
-                tx.execute(
+                tx.execute_typed(
                     "UPDATE tasks SET status = 'cancelled', finished_at = $2 WHERE id = $1",
-                    &[&id, &now],
+                    &typed(&[&id, &now])?,
                 )
                 .await?;
             }
@@ -1534,6 +1654,41 @@ mod tests {
             err.to_string().contains("no schema has been selected"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn parameters_go_out_with_the_type_of_their_rust_value() {
+        let none: Option<i64> = None;
+        let bytes: &[u8] = b"k";
+        let p: Params<'_> = &[&"s", &1i64, &2i32, &true, &0.5f64, &bytes, &none];
+        let types: Vec<Type> = typed(p).unwrap().into_iter().map(|(_, t)| t).collect();
+        assert_eq!(
+            types,
+            [
+                Type::TEXT,
+                Type::INT8,
+                Type::INT4,
+                Type::BOOL,
+                Type::FLOAT8,
+                Type::BYTEA,
+                Type::INT8
+            ]
+        );
+        let err = typed(&[&"s", &std::time::SystemTime::now()]).unwrap_err();
+        assert!(err.to_string().contains("parameter $2"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn url_options_are_refused_behind_pgbouncer() {
+        // PgBouncer would refuse them, or drop them and with them the schema.
+        let cfg = StoreConfig {
+            pooler: DbPooler::Pgbouncer,
+            ..StoreConfig::default()
+        };
+        let url = "postgres://postgres@127.0.0.1:1/test?options=-c%20search_path%3Dtenant";
+        let err = PgStore::connect(url, &cfg).await.err().unwrap();
+        assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+        assert!(err.to_string().contains("ALTER ROLE"), "{err}");
     }
 
     #[tokio::test]

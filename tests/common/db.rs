@@ -1,19 +1,34 @@
-//! Fresh, isolated stores for tests: SQLite in a temp dir, PostgreSQL in a schema of its own.
+//! Fresh, isolated stores for tests: SQLite in a temp dir, PostgreSQL in a schema of its own,
+//! PostgreSQL through PgBouncer in a database of its own.
 //!
 //! PostgreSQL is shared by CI runs and developers, so every `TestDb` gets a new schema,
 //! `sluice_t_<unix seconds>_<random>`, reached through the URL's `search_path` option. The
 //! schema is dropped when the `TestDb` is; schemas of runs that died before that (killed,
 //! aborted) are swept by the first `fresh` of a later run once they are an hour old.
+//!
+//! PgBouncer passes no `options` on, so there each `TestDb` gets a database of that name
+//! instead (its tables in `public`), reached through one PgBouncer in transaction mode per
+//! test process; stale databases are swept as stale schemas are.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sluice::config::{Secret, StoreConfig};
+use sluice::config::{DbPooler, Secret, StoreConfig};
+
+use super::pgbouncer::PgBouncer;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Backend {
     Sqlite,
     Postgres,
+    /// PostgreSQL through PgBouncer in transaction mode.
+    PgBouncer,
+}
+
+impl Backend {
+    pub fn is_postgres(self) -> bool {
+        self != Backend::Sqlite
+    }
 }
 
 pub const BACKENDS: [Backend; 2] = [Backend::Sqlite, Backend::Postgres];
@@ -37,6 +52,8 @@ pub struct TestDb {
     dir: Option<tempfile::TempDir>,
     /// PostgreSQL: the schema, dropped on drop.
     schema: Option<String>,
+    /// PgBouncer: the database, dropped on drop, and its URL on the server itself.
+    database: Option<(String, String)>,
 }
 
 impl TestDb {
@@ -54,10 +71,13 @@ impl TestDb {
         self.dir.as_ref().map(|d| d.path())
     }
 
-    /// A client on this test's schema, for looking at tables directly.
+    /// A client on this test's schema or database, for looking at tables directly: on the
+    /// server itself, as its statements are prepared ones.
     pub async fn pg_client(&self) -> tokio_postgres::Client {
-        let url = self.database_url().expect("a PostgreSQL TestDb");
-        connect(url).await
+        match &self.database {
+            Some((_, direct)) => connect(direct).await,
+            None => connect(self.database_url().expect("a PostgreSQL TestDb")).await,
+        }
     }
 }
 
@@ -77,9 +97,10 @@ pub async fn fresh(backend: Backend) -> TestDb {
                 config,
                 dir: Some(dir),
                 schema: None,
+                database: None,
             }
         }
-        Backend::Postgres => {
+        Backend::Postgres | Backend::PgBouncer => {
             let server = server_url();
             let client = connect(&server).await;
             static SWEPT: AtomicBool = AtomicBool::new(false);
@@ -91,6 +112,24 @@ pub async fn fresh(backend: Backend) -> TestDb {
                 unix_secs(),
                 rand::random::<u64>()
             );
+            if backend == Backend::PgBouncer {
+                let bouncer = pgbouncer();
+                // template0: nobody is ever connected to it, which CREATE DATABASE requires.
+                client
+                    .batch_execute(&format!("CREATE DATABASE \"{schema}\" TEMPLATE template0"))
+                    .await
+                    .expect("create test database");
+                config.database_url = Some(Secret::new(bouncer.url(&schema)));
+                config.pooler = DbPooler::Pgbouncer;
+                let direct = with_database(&server, &schema);
+                return TestDb {
+                    backend,
+                    config,
+                    dir: None,
+                    schema: None,
+                    database: Some((schema, direct)),
+                };
+            }
             // DDL takes no parameters; the name is ours and only [a-z0-9_].
             client
                 .batch_execute(&format!("CREATE SCHEMA \"{schema}\""))
@@ -102,6 +141,7 @@ pub async fn fresh(backend: Backend) -> TestDb {
                 config,
                 dir: None,
                 schema: Some(schema),
+                database: None,
             }
         }
     }
@@ -109,8 +149,13 @@ pub async fn fresh(backend: Backend) -> TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let Some(schema) = self.schema.take() else {
-            return;
+        // FORCE: PgBouncer still holds server connections to the database.
+        let drop_sql = match (self.schema.take(), self.database.take()) {
+            (Some(schema), _) => {
+                format!("SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")
+            }
+            (None, Some((db, _))) => format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"),
+            (None, None) => return,
         };
         // Drop runs inside the test's runtime, which must not be re-entered or blocked on
         // its own I/O; a thread with a runtime of its own does the work. Joining it keeps
@@ -128,11 +173,7 @@ impl Drop for TestDb {
                     let driver = tokio::spawn(conn);
                     // A connection of the test still inside a transaction would make this
                     // wait; give up instead, and leave the schema to the sweep.
-                    let _ = client
-                        .batch_execute(&format!(
-                            "SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
-                        ))
-                        .await;
+                    let _ = client.batch_execute(&drop_sql).await;
                     drop(client);
                     let _ = driver.await;
                 }
@@ -142,11 +183,13 @@ impl Drop for TestDb {
     }
 }
 
-/// Drops test schemas left behind by runs that died more than an hour ago.
+/// Drops test schemas and databases left behind by runs that died more than an hour ago.
 async fn sweep_stale(client: &tokio_postgres::Client) {
     let Ok(rows) = client
         .query(
-            "SELECT nspname FROM pg_namespace WHERE starts_with(nspname, $1)",
+            "SELECT nspname, 'SCHEMA' FROM pg_namespace WHERE starts_with(nspname, $1)
+             UNION ALL
+             SELECT datname, 'DATABASE' FROM pg_database WHERE starts_with(datname, $1)",
             &[&SCHEMA_PREFIX],
         )
         .await
@@ -156,6 +199,7 @@ async fn sweep_stale(client: &tokio_postgres::Client) {
     let cutoff = unix_secs().saturating_sub(STALE_AFTER.as_secs());
     for row in rows {
         let name: String = row.get(0);
+        let kind: &str = row.get(1);
         let created = name
             .strip_prefix(SCHEMA_PREFIX)
             .and_then(|rest| rest.split('_').next())
@@ -164,9 +208,14 @@ async fn sweep_stale(client: &tokio_postgres::Client) {
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if well_formed && created.is_some_and(|t| t < cutoff) {
-            // Another run may be sweeping the same schema; either drop is fine.
+            // Another run may be sweeping the same one; either drop is fine.
+            let tail = if kind == "SCHEMA" {
+                "CASCADE"
+            } else {
+                "WITH (FORCE)"
+            };
             let _ = client
-                .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+                .batch_execute(&format!("DROP {kind} IF EXISTS \"{name}\" {tail}"))
                 .await;
         }
     }
@@ -185,6 +234,29 @@ async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// The PgBouncer of this test process, started by the first test that needs it.
+pub fn pgbouncer() -> &'static PgBouncer {
+    static BOUNCER: std::sync::OnceLock<PgBouncer> = std::sync::OnceLock::new();
+    BOUNCER.get_or_init(|| PgBouncer::start(&server_url()))
+}
+
+/// The server URL naming `database` instead of its own.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[authority_end..]
+        .find('/')
+        .map_or(base.len(), |i| authority_end + i);
+    let mut out = format!("{}/{database}", &base[..host_end]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
 /// The server URL with `options=-c search_path=<schema>` added (percent-encoded).
 pub fn with_search_path(url: &str, schema: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
@@ -199,7 +271,8 @@ fn unix_secs() -> u64 {
 }
 
 /// Runs each listed `async fn name(backend: Backend)` once per backend, as separate tests
-/// `sqlite::name` and `postgres::name`, so a failure names its backend and runs in parallel.
+/// `sqlite::name`, `postgres::name` and `pgbouncer::name`, so a failure names its backend
+/// and runs in parallel.
 #[macro_export]
 macro_rules! backend_tests {
     ($($name:ident),* $(,)?) => {
@@ -216,6 +289,14 @@ macro_rules! backend_tests {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::common::db::Backend::Postgres).await
+                }
+            )*
+        }
+        mod pgbouncer {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::db::Backend::PgBouncer).await
                 }
             )*
         }
