@@ -11,8 +11,8 @@
 #   SCENARIOS=fanout-cluster scripts/bench.sh   # 3 instances sharing Redis and PostgreSQL
 #   PROFILE=1 SCENARIOS=throughput scripts/bench.sh   # perf profiles of sluice as well
 #
-# Results: a table on stdout, every raw report and target/bench/results.json. The README's
-# Performance section explains the scenarios and shows the latest figures.
+# Results: a table on stdout, every raw report and target/bench/results.json, from which
+# the results section of docs/performance.md is rewritten (PERF_DOC=0: left alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -28,7 +28,7 @@ HOLD_H2_STREAMS=${HOLD_H2_STREAMS:-15000}
 HOLD_SECS=${HOLD_SECS:-30}
 HOLD_H2_SECS=${HOLD_H2_SECS:-15}
 HOLD_TOKEN_MS=${HOLD_TOKEN_MS:-20}
-HOLD_H2_TOKEN_MS=${HOLD_H2_TOKEN_MS:-500}   # 15,000 x 20 ms is 750k tokens/s: see README
+HOLD_H2_TOKEN_MS=${HOLD_H2_TOKEN_MS:-500}   # 15,000 x 20 ms is 750k tokens/s: see docs/performance.md
 RAMP_PER_SEC=${RAMP_PER_SEC:-3000}
 QUIET_WAIT=${QUIET_WAIT:-0}              # seconds to wait, per scenario, for a quiet machine
 QUIET_BUSY=${QUIET_BUSY:-10}             # ... where quiet is: no core busier than this (%)
@@ -40,7 +40,8 @@ FANOUT_INSTANCES=${FANOUT_INSTANCES:-3}  # fanout-cluster: instances sharing Red
 REDIS_URL_BENCH=${REDIS_URL_BENCH:-redis://127.0.0.1:6379}
 PG_URL_BENCH=${PG_URL_BENCH:-postgres://postgres@127.0.0.1:5432}
 MICRO=${MICRO:-0}                        # 1: also run the criterion benches (a longer build)
-PROFILE=${PROFILE:-0}                    # 1: perf record sluice in every scenario (see README)
+PERF_DOC=${PERF_DOC:-1}                  # 1: write this run's results into docs/performance.md
+PROFILE=${PROFILE:-0}                    # 1: perf record sluice in every scenario (see docs/performance.md)
 PERF_RECORD=${PERF_RECORD:-"-F 1999 -g"}  # e.g. "-F 499 --call-graph dwarf,16384" for inclusive costs
 # fanout-cluster (3 instances sharing Redis and a scratch PostgreSQL database) is not in the
 # default list: SCENARIOS=fanout-cluster scripts/bench.sh runs it.
@@ -334,7 +335,7 @@ if [ "$MICRO" = 1 ]; then
 fi
 
 python3 - "$OUT" "$BUILD_SECS" "$(($(date +%s) - T0))" "$SERVER_CPU" "$LOAD_CPU" "$T0" <<'EOF'
-import glob, json, os, platform, subprocess, sys
+import glob, json, os, platform, subprocess, sys, time
 
 out, build_s, total_s, server_cpu, load_cpu = sys.argv[1:6]
 R = {os.path.basename(p)[:-5]: json.load(open(p)) for p in glob.glob(f"{out}/*.json")
@@ -542,8 +543,9 @@ meta = {
     "noisy": noisy,
 }
 meta["other_load"] = noise_rows
+meta["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(float(sys.argv[6])))
 json.dump({"meta": meta, "targets": targets, "micro_ns": micro, "allocs_per_token": allocs,
-           "runs": R},
+           "rows": rows, "runs": R},
           open(f"{out}/results.json", "w"), indent=1)
 
 head = ("scenario", "metric", "direct", "sluice", "sluice vs direct", "target", "")
@@ -568,3 +570,7 @@ if noisy:
 met = sum(1 for t in targets if t["met"])
 print(f"targets met: {met}/{len(targets)}; reports in {out}/")
 EOF
+
+if [ "$PERF_DOC" = 1 ]; then
+    python3 scripts/perf-doc.py "$OUT/results.json" docs/performance.md
+fi

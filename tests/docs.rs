@@ -35,3 +35,120 @@ fn env_example_lists_every_variable() {
     missing.dedup();
     assert!(missing.is_empty(), ".env.example lacks: {missing:?}");
 }
+
+/// The markdown files a reader lands on: the README and every page under docs/.
+fn markdown_pages(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut pages = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap().flatten() {
+        if entry.path().extension().is_some_and(|e| e == "md") {
+            pages.push(entry.path());
+        }
+    }
+    pages.sort();
+    pages
+}
+
+/// Text outside fenced code blocks, where a `](…)` is a link and not an example.
+fn prose(text: &str) -> String {
+    let mut out = String::new();
+    let mut fenced = false;
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if !fenced {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens, and a
+/// `-N` suffix for a repeated heading.
+fn anchors(text: &str) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    let mut count: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for line in prose(text).lines() {
+        let Some(title) = line.strip_prefix('#') else {
+            continue;
+        };
+        let title = title.trim_start_matches('#');
+        if !title.starts_with(' ') {
+            continue;
+        }
+        let slug: String = title
+            .trim()
+            .to_lowercase()
+            .chars()
+            .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | ' '))
+            .map(|c| if c == ' ' { '-' } else { c })
+            .collect();
+        let n = count.entry(slug.clone()).or_default();
+        *n += 1;
+        let n = *n - 1;
+        seen.push(if n == 0 { slug } else { format!("{slug}-{n}") });
+    }
+    seen
+}
+
+/// Every `[text](target)` of a page whose target is inside the repository.
+fn relative_links(text: &str) -> Vec<String> {
+    let prose = prose(text);
+    let mut links = Vec::new();
+    for part in prose.split("](").skip(1) {
+        let Some(end) = part.find(')') else { continue };
+        let target = part[..end].trim();
+        if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+            continue;
+        }
+        links.push(target.to_owned());
+    }
+    links
+}
+
+#[test]
+fn relative_links_point_at_existing_files_and_headings() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut broken = Vec::new();
+    for page in markdown_pages(root) {
+        let text = std::fs::read_to_string(&page).unwrap();
+        let name = page.strip_prefix(root).unwrap().display().to_string();
+        for link in relative_links(&text) {
+            let (file, anchor) = match link.split_once('#') {
+                Some((f, a)) => (f, Some(a)),
+                None => (link.as_str(), None),
+            };
+            let target = if file.is_empty() {
+                page.clone()
+            } else {
+                page.parent().unwrap().join(file)
+            };
+            if !target.exists() {
+                broken.push(format!("{name}: {link} (no such file)"));
+                continue;
+            }
+            if let Some(anchor) = anchor.filter(|_| target.extension().is_some_and(|e| e == "md")) {
+                let heads = anchors(&std::fs::read_to_string(&target).unwrap());
+                if !heads.iter().any(|h| h == anchor) {
+                    broken.push(format!("{name}: {link} (no such heading)"));
+                }
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
+
+#[test]
+fn readme_stays_a_short_first_page() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lines = std::fs::read_to_string(root.join("README.md"))
+        .unwrap()
+        .lines()
+        .count();
+    assert!(
+        lines < 250,
+        "README.md has {lines} lines; move depth into docs/"
+    );
+}
