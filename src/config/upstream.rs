@@ -12,8 +12,13 @@ use crate::upstream::{RetryPolicy, Timeouts};
 pub const OPENAI_DEFAULT_URL: &str = "https://api.openai.com/v1";
 pub const ANTHROPIC_DEFAULT_URL: &str = "https://api.anthropic.com/v1";
 
+// Headings of `sluice --help`, the same as the sections of `.env.example`.
+const TIMEOUTS: &str = "Upstream timeouts and retries";
+const LIMITS: &str = "Upstream concurrency limits and circuit breakers";
+const DEMO: &str = "Built-in demo provider";
+
 #[derive(Debug, Clone, clap::Args)]
-#[command(next_help_heading = "Upstream providers, timeouts and retries")]
+#[command(next_help_heading = "Upstream providers")]
 pub struct UpstreamArgs {
     /// Providers and model routes file; `./sluice.toml` is read when it exists.
     #[arg(long, env = "SLUICE_CONFIG", value_name = "SLUICE_CONFIG")]
@@ -46,7 +51,8 @@ pub struct UpstreamArgs {
         env = "SLUICE_CONNECT_TIMEOUT_MS",
         value_name = "SLUICE_CONNECT_TIMEOUT_MS",
         value_parser = duration::millis,
-        default_value = "5000"
+        default_value = "5000",
+        help_heading = TIMEOUTS
     )]
     pub connect_timeout_ms: Duration,
     /// From request to first token (ms).
@@ -55,7 +61,8 @@ pub struct UpstreamArgs {
         env = "SLUICE_FIRST_TOKEN_TIMEOUT_MS",
         value_name = "SLUICE_FIRST_TOKEN_TIMEOUT_MS",
         value_parser = duration::millis,
-        default_value = "60000"
+        default_value = "60000",
+        help_heading = TIMEOUTS
     )]
     pub first_token_timeout_ms: Duration,
     /// Longest silence between two tokens (ms).
@@ -64,7 +71,8 @@ pub struct UpstreamArgs {
         env = "SLUICE_IDLE_TIMEOUT_MS",
         value_name = "SLUICE_IDLE_TIMEOUT_MS",
         value_parser = duration::millis,
-        default_value = "60000"
+        default_value = "60000",
+        help_heading = TIMEOUTS
     )]
     pub idle_timeout_ms: Duration,
     /// Longest a generation may run (s).
@@ -73,7 +81,8 @@ pub struct UpstreamArgs {
         env = "SLUICE_MAX_GENERATION_SECS",
         value_name = "SLUICE_MAX_GENERATION_SECS",
         value_parser = duration::secs,
-        default_value = "600"
+        default_value = "600",
+        help_heading = TIMEOUTS
     )]
     pub max_generation_secs: Duration,
     /// Longest line, and most data of one event, an upstream stream may send (bytes); past
@@ -82,7 +91,8 @@ pub struct UpstreamArgs {
         long,
         env = "SLUICE_UPSTREAM_MAX_EVENT_BYTES",
         value_name = "SLUICE_UPSTREAM_MAX_EVENT_BYTES",
-        default_value_t = crate::upstream::sse::DEFAULT_MAX_EVENT_BYTES
+        default_value_t = crate::upstream::sse::DEFAULT_MAX_EVENT_BYTES,
+        help_heading = TIMEOUTS
     )]
     pub upstream_max_event_bytes: usize,
     /// Tries per provider before the first token, the first included.
@@ -90,7 +100,8 @@ pub struct UpstreamArgs {
         long,
         env = "SLUICE_RETRY_ATTEMPTS",
         value_name = "SLUICE_RETRY_ATTEMPTS",
-        default_value_t = 3
+        default_value_t = 3,
+        help_heading = TIMEOUTS
     )]
     pub retry_attempts: u32,
     /// First retry backoff (ms).
@@ -99,7 +110,8 @@ pub struct UpstreamArgs {
         env = "SLUICE_RETRY_BASE_MS",
         value_name = "SLUICE_RETRY_BASE_MS",
         value_parser = duration::millis,
-        default_value = "1000"
+        default_value = "1000",
+        help_heading = TIMEOUTS
     )]
     pub retry_base_ms: Duration,
     /// Backoff growth per retry.
@@ -107,7 +119,8 @@ pub struct UpstreamArgs {
         long,
         env = "SLUICE_RETRY_FACTOR",
         value_name = "SLUICE_RETRY_FACTOR",
-        default_value_t = 2.0
+        default_value_t = 2.0,
+        help_heading = TIMEOUTS
     )]
     pub retry_factor: f64,
     /// Longest single backoff, and longest Retry-After honoured (ms).
@@ -116,7 +129,8 @@ pub struct UpstreamArgs {
         env = "SLUICE_RETRY_MAX_MS",
         value_name = "SLUICE_RETRY_MAX_MS",
         value_parser = duration::millis,
-        default_value = "10000"
+        default_value = "10000",
+        help_heading = TIMEOUTS
     )]
     pub retry_max_ms: Duration,
     /// Most upstream calls at once per provider, across the cluster with REDIS_URL; 0 = no
@@ -126,7 +140,7 @@ pub struct UpstreamArgs {
         env = "SLUICE_PROVIDER_CONCURRENCY",
         value_name = "SLUICE_PROVIDER_CONCURRENCY",
         default_value_t = 0,
-        help_heading = "Upstream concurrency limits and circuit breakers"
+        help_heading = LIMITS
     )]
     pub provider_concurrency: usize,
     /// How long a request waits for a provider slot before 503 (ms).
@@ -136,7 +150,7 @@ pub struct UpstreamArgs {
         value_name = "SLUICE_PROVIDER_QUEUE_MS",
         value_parser = duration::millis,
         default_value = "5000",
-        help_heading = "Upstream concurrency limits and circuit breakers"
+        help_heading = LIMITS
     )]
     pub provider_queue_ms: Duration,
     /// Consecutive failures that open a provider's circuit.
@@ -145,7 +159,7 @@ pub struct UpstreamArgs {
         env = "SLUICE_BREAKER_FAILURES",
         value_name = "SLUICE_BREAKER_FAILURES",
         default_value_t = 5,
-        help_heading = "Upstream concurrency limits and circuit breakers"
+        help_heading = LIMITS
     )]
     pub breaker_failures: u32,
     /// How long an open circuit fails fast before letting a trial request through (s).
@@ -155,7 +169,7 @@ pub struct UpstreamArgs {
         value_name = "SLUICE_BREAKER_OPEN_SECS",
         value_parser = duration::secs,
         default_value = "30",
-        help_heading = "Upstream concurrency limits and circuit breakers"
+        help_heading = LIMITS
     )]
     pub breaker_open_secs: Duration,
     /// Successes in half-open state that close the circuit again.
@@ -164,7 +178,7 @@ pub struct UpstreamArgs {
         env = "SLUICE_BREAKER_SUCCESSES",
         value_name = "SLUICE_BREAKER_SUCCESSES",
         default_value_t = 3,
-        help_heading = "Upstream concurrency limits and circuit breakers"
+        help_heading = LIMITS
     )]
     pub breaker_successes: u32,
     /// Demo provider: delay before its first token (ms).
@@ -174,7 +188,7 @@ pub struct UpstreamArgs {
         value_name = "SLUICE_DEMO_FIRST_TOKEN_MS",
         value_parser = duration::millis,
         default_value = "300",
-        help_heading = "Built-in demo provider"
+        help_heading = DEMO
     )]
     pub demo_first_token_ms: Duration,
     /// Demo provider: delay between tokens (ms).
@@ -184,7 +198,7 @@ pub struct UpstreamArgs {
         value_name = "SLUICE_DEMO_TOKEN_MS",
         value_parser = duration::millis,
         default_value = "40",
-        help_heading = "Built-in demo provider"
+        help_heading = DEMO
     )]
     pub demo_token_ms: Duration,
 }
