@@ -223,6 +223,33 @@ mod tests {
     }
 
     #[test]
+    fn every_flag_default_is_the_default_of_its_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("sluice.toml");
+        std::fs::write(&empty, "").unwrap();
+        let c = parse(&["--config", empty.to_str().unwrap(), "--server-id", "a"]).unwrap();
+        let mut d = Config::default();
+        d.server.server_id = "a".into();
+        // Debug covers every field (secrets redacted), so a default changed on one side shows.
+        let groups = |c: &Config| {
+            [
+                format!("{:?}", c.server),
+                format!("{:?}", c.log),
+                format!("{:?}", c.upstream),
+                format!("{:?}", c.store),
+                format!("{:?}", c.chat),
+                format!("{:?}", c.redis),
+                format!("{:?}", c.tasks),
+                format!("{:?}", c.cache),
+                format!("{:?}", c.guards),
+            ]
+        };
+        for (flags, default) in groups(&c).iter().zip(groups(&d).iter()) {
+            assert_eq!(flags, default);
+        }
+    }
+
+    #[test]
     fn bad_values_name_the_setting() {
         let e = parse(&["--addr", "nope"]).unwrap_err();
         assert_eq!(e.setting, "SLUICE_ADDR");
