@@ -143,7 +143,7 @@ async fn pair_for(mock: sluice::mock::MockServer) -> Pair {
     c.guards.rate_chat_per_min = 0;
     c.guards.rate_api_per_min = 0;
     c.guards.rate_admin_per_min = 0;
-    c.guards.provider_concurrency = 1_000;
+    c.upstream.provider_concurrency = 1_000;
     c.chat.default_model = "mock".into();
     c.upstream.providers = vec![ProviderConfig::openai("mock", &mock.url(), None)];
     let state = sluice::app::AppState::new(c).await.expect("config");

@@ -99,8 +99,7 @@ impl AppState {
     pub async fn new(config: Config) -> Result<Self, StartError> {
         config.validate()?;
         let metrics = Metrics::new();
-        let mut upstreams =
-            upstream::from_config(&config.upstream, &config.guards, metrics.clone())?;
+        let mut upstreams = upstream::from_config(&config.upstream, metrics.clone())?;
         upstreams
             .choose_default_model(&config.chat.default_model)
             .await;

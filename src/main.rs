@@ -167,7 +167,7 @@ fn store_command(
     args: ServeArgs,
     keys: Option<sluice::store::cli::KeysCommand>,
 ) -> anyhow::Result<()> {
-    let cfg = sluice::config::StoreConfig::from_args(&args);
+    let cfg = sluice::config::StoreConfig::from_args(&args.store);
     runtime()?.block_on(async move {
         match keys {
             None => sluice::store::cli::migrate(&cfg).await?,

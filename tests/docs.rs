@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 //! The shipped documentation matches the code: `.env.example` names every variable sluice
-//! reads.
+//! reads, in the sections `sluice serve --help` groups them in.
 
 use std::path::Path;
 
@@ -151,4 +151,52 @@ fn readme_stays_a_short_first_page() {
         lines < 250,
         "README.md has {lines} lines; move depth into docs/"
     );
+}
+
+/// `.env.example` is laid out like `sluice serve --help`: each variable sits under the
+/// section named as its flag's heading.
+#[test]
+fn env_example_sections_are_the_help_headings() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let example = std::fs::read_to_string(root.join(".env.example")).unwrap();
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--help"])
+        .env_clear()
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+
+    // Heading of each variable in the help: headings are unindented lines ending in ':'.
+    let mut heading = String::new();
+    let mut in_help = Vec::new();
+    for line in help.lines() {
+        if let Some(h) = line.strip_suffix(':').filter(|_| !line.starts_with(' ')) {
+            heading = h.to_owned();
+        } else if let Some(rest) = line.trim().strip_prefix("[env: ") {
+            let var = rest.split(['=', ']']).next().unwrap().to_owned();
+            in_help.push((var, heading.clone()));
+        }
+    }
+    assert!(in_help.len() >= 70, "{help}");
+
+    let mut section = String::new();
+    let mut wrong = Vec::new();
+    for (var, heading) in &in_help {
+        let mut found = None;
+        for line in example.lines() {
+            if let Some(title) = line.strip_prefix("# --- ") {
+                section = title.trim_end_matches(['-', ' ']).to_owned();
+            } else if line
+                .trim_start_matches(['#', ' '])
+                .starts_with(&format!("{var}="))
+            {
+                found = Some(section.clone());
+                break;
+            }
+        }
+        if found.as_deref() != Some(heading.as_str()) {
+            wrong.push(format!("{var}: help {heading:?}, .env.example {found:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }

@@ -79,7 +79,7 @@ async fn provider_concurrency_never_exceeds_its_limit() {
     })
     .await;
     let mut cfg = config_for(&mock);
-    cfg.guards.provider_concurrency = 3;
+    cfg.upstream.provider_concurrency = 3;
     let server = TestServer::start(cfg).await;
     let runs = (0..12).map(|_| {
         let url = server.chat_url();
@@ -106,9 +106,10 @@ async fn the_default_provider_limit_lets_a_thousand_streams_through_at_once() {
     let mock = mock(MockConfig::default()).await;
     let mut cfg = config_for(&mock);
     // The shipped default, not the wide limit the other tests start from.
-    cfg.guards.provider_concurrency = sluice::config::GuardConfig::default().provider_concurrency;
+    cfg.upstream.provider_concurrency =
+        sluice::config::UpstreamConfig::default().provider_concurrency;
     // A stream that had to queue for a slot would give up at once and get 503.
-    cfg.guards.provider_queue = Duration::from_millis(1);
+    cfg.upstream.provider_queue = Duration::from_millis(1);
     let server = TestServer::start(cfg).await;
     let slow_endless = body(true, json!({"fault": "endless", "token_ms": 1000}));
     let opens = (0..1_000).map(|_| async {
@@ -134,9 +135,9 @@ async fn breaker_opens_fails_fast_and_closes_after_recovery() {
     let mock = mock(MockConfig::default()).await;
     let mut cfg = config_for(&mock);
     cfg.upstream.retry.max_attempts = 1;
-    cfg.guards.breaker_failures = 5;
-    cfg.guards.breaker_open = Duration::from_millis(400);
-    cfg.guards.breaker_successes = 3;
+    cfg.upstream.breaker_failures = 5;
+    cfg.upstream.breaker_open = Duration::from_millis(400);
+    cfg.upstream.breaker_successes = 3;
     let server = TestServer::start(cfg).await;
     for _ in 0..5 {
         let r = post(&server.chat_url(), &body(false, json!({"fault": "500"}))).await;
@@ -208,7 +209,7 @@ async fn an_open_circuit_falls_back_to_the_next_provider() {
     let good = mock(MockConfig::default()).await;
     let mut cfg = base_config();
     cfg.upstream.retry.max_attempts = 1;
-    cfg.guards.breaker_failures = 2;
+    cfg.upstream.breaker_failures = 2;
     cfg.upstream.providers = vec![
         sluice::config::ProviderConfig::openai("broken", &broken.url(), None),
         sluice::config::ProviderConfig::openai("good", &good.url(), None),

@@ -405,8 +405,8 @@ async fn a_call_refused_as_upstream_busy_logs_its_line() {
     let lines = Lines::install();
     let m = mock(sluice::mock::MockConfig::default()).await;
     let mut config = config_for(&m);
-    config.guards.provider_concurrency = 1;
-    config.guards.provider_queue = std::time::Duration::from_millis(50);
+    config.upstream.provider_concurrency = 1;
+    config.upstream.provider_queue = std::time::Duration::from_millis(50);
     let server = TestServer::start(config).await;
 
     // The one slot, held by a long stream.

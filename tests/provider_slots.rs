@@ -27,8 +27,8 @@ fn prefix() -> String {
 /// An instance in front of `mock` with a provider limit of 2, sharing `prefix` on `redis`.
 fn config(mock: &MockServer, redis: &str, prefix: &str, queue: Duration) -> Config {
     let mut c = config_for(mock);
-    c.guards.provider_concurrency = 2;
-    c.guards.provider_queue = queue;
+    c.upstream.provider_concurrency = 2;
+    c.upstream.provider_queue = queue;
     // Identical requests must each reach the upstream.
     c.cache.ttl = Duration::ZERO;
     c.redis = Some(RedisConfig {

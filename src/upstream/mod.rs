@@ -215,7 +215,6 @@ fn default_rule(cfg: &UpstreamConfig) -> DefaultModel {
 /// provider serves every model name, so a fresh install answers any client out of the box.
 pub fn from_config(
     cfg: &UpstreamConfig,
-    guards: &crate::config::GuardConfig,
     metrics: Arc<crate::ops::metrics::Metrics>,
 ) -> Result<Upstreams, ConfigError> {
     let opts = |p: &crate::config::ProviderConfig| sse::ClientOptions {
@@ -234,12 +233,12 @@ pub fn from_config(
     };
     let mut ups = Upstreams::new(cfg.timeouts, cfg.retry, metrics.clone());
     ups.set_limits(
-        guards.provider_concurrency,
-        guards.provider_queue,
+        cfg.provider_concurrency,
+        cfg.provider_queue,
         breaker::BreakerSettings {
-            failures_to_open: guards.breaker_failures,
-            open_for: guards.breaker_open,
-            successes_to_close: guards.breaker_successes,
+            failures_to_open: cfg.breaker_failures,
+            open_for: cfg.breaker_open,
+            successes_to_close: cfg.breaker_successes,
         },
     );
     for p in &cfg.providers {
@@ -310,13 +309,13 @@ pub fn from_config(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, GuardConfig, ProviderConfig, Secret};
+    use crate::config::{Config, ProviderConfig, Secret};
 
     async fn default_of(providers: Vec<ProviderConfig>, explicit: &str) -> String {
         let mut cfg = Config::default().upstream;
         cfg.providers = providers;
         let metrics = crate::ops::metrics::Metrics::new();
-        let mut ups = from_config(&cfg, &GuardConfig::default(), metrics).unwrap();
+        let mut ups = from_config(&cfg, metrics).unwrap();
         ups.choose_default_model(explicit).await.to_owned()
     }
 
@@ -370,7 +369,7 @@ mod tests {
             None,
         )];
         let metrics = crate::ops::metrics::Metrics::new();
-        let ups = from_config(&cfg, &GuardConfig::default(), metrics).unwrap();
+        let ups = from_config(&cfg, metrics).unwrap();
         let demo = ups.resolve("demo").unwrap();
         assert_eq!(demo[0].provider.name(), "demo");
         assert_eq!(ups.resolve("gpt-4o").unwrap()[0].provider.name(), "openai");

@@ -66,7 +66,7 @@ pub fn base_config() -> Config {
     c.guards.rate_chat_per_min = 0;
     c.guards.rate_api_per_min = 0;
     c.guards.rate_admin_per_min = 0;
-    c.guards.provider_concurrency = 1_000;
+    c.upstream.provider_concurrency = 1_000;
     c
 }
 
