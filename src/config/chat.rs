@@ -22,7 +22,7 @@ pub struct ChatArgs {
     #[arg(long, env = "SLUICE_AUTH", value_name = "SLUICE_AUTH", value_enum, default_value_t = AuthMode::Auto)]
     pub auth: AuthMode,
     /// Model of sessions and tasks whose agent names none. Default: chosen from the first
-    /// provider (see the README), `demo` without one.
+    /// provider (see docs/configuration.md), `demo` without one.
     #[arg(
         long,
         env = "SLUICE_DEFAULT_MODEL",

@@ -18,7 +18,7 @@ use parking_lot::RwLock;
 use serde::Serialize;
 use tokio::sync::watch;
 
-/// The event types of generations and tasks (README: Chat sessions, prompt jobs).
+/// The event types of generations and tasks (docs/api.md: chat sessions, prompt jobs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventKind {

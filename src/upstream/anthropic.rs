@@ -1,5 +1,5 @@
 //! Anthropic's Messages API, translated to and from OpenAI's Chat Completions format: the
-//! README's "The Anthropic provider" tables say what maps to what.
+//! docs/anthropic-provider.md says what maps to what.
 
 use async_trait::async_trait;
 use futures::{Stream, StreamExt};
