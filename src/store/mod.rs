@@ -13,6 +13,7 @@ pub mod cli;
 mod codec;
 pub mod finals;
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 pub mod text;
 

@@ -25,6 +25,7 @@ use tokio_postgres::{Client, Config, NoTls, Row, SimpleQueryMessage};
 use super::codec::{
     BadValue, brief, check_final, json_list, parse_json_list, parse_role, role_str, search_terms,
 };
+use super::sql;
 use super::{
     Agent, ApiKey, KnowledgeDoc, KnowledgeHit, MessageStatus, MessageUpdate, Millis, Scene,
     Session, SessionCursor, Store, StoreError, StoredMessage, Task, TaskStatus, UsageRecord,
@@ -745,18 +746,9 @@ impl Store for PgStore {
         let c = self.conn().await?;
         // Two statements, not one CTE: a CTE's SELECT cannot see a row that a concurrent
         // transaction committed while its INSERT waited on the conflict.
-        c.execute(
-            "INSERT INTO users (id, name, created_at) VALUES ($1, $2, $3)
-             ON CONFLICT (name) DO NOTHING",
-            &[&new_id(), &name, &now_millis()],
-        )
-        .await?;
-        let row = c
-            .query_one(
-                "SELECT id, name, created_at FROM users WHERE name = $1",
-                &[&name],
-            )
+        c.execute(sql::INSERT_USER.pg(), &[&new_id(), &name, &now_millis()])
             .await?;
+        let row = c.query_one(sql::USER_BY_NAME.pg(), &[&name]).await?;
         user_row(&row)
     }
 
@@ -780,8 +772,7 @@ impl Store for PgStore {
         self.conn()
             .await?
             .execute(
-                "INSERT INTO api_keys (id, user_id, name, key_hash, prefix, is_admin, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                sql::INSERT_API_KEY.pg(),
                 &[
                     &key.id,
                     &key.user_id,
@@ -800,11 +791,7 @@ impl Store for PgStore {
         let rows = self
             .conn()
             .await?
-            .query(
-                "SELECT id, user_id, name, prefix, is_admin, created_at, revoked_at
-                 FROM api_keys ORDER BY created_at, id",
-                &[],
-            )
+            .query(sql::LIST_API_KEYS.pg(), &[])
             .await?;
         rows.iter().map(key_row).collect()
     }
@@ -813,11 +800,7 @@ impl Store for PgStore {
         let n = self
             .conn()
             .await?
-            .execute(
-                "UPDATE api_keys SET revoked_at = $2
-                 WHERE (id = $1 OR name = $1) AND revoked_at IS NULL",
-                &[&id_or_name, &now_millis()],
-            )
+            .execute(sql::REVOKE_API_KEY.pg(), &[&id_or_name, &now_millis()])
             .await?;
         Ok(n)
     }
@@ -826,11 +809,7 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "SELECT id, user_id, name, prefix, is_admin, created_at, revoked_at
-                 FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
-                &[&key_hash.as_slice()],
-            )
+            .query_opt(sql::API_KEY_BY_HASH.pg(), &[&key_hash.as_slice()])
             .await?;
         row.as_ref().map(key_row).transpose()
     }
@@ -839,11 +818,7 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "SELECT id, user_id, name, prefix, is_admin, created_at, revoked_at
-                 FROM api_keys WHERE id = $1 AND revoked_at IS NULL",
-                &[&id],
-            )
+            .query_opt(sql::API_KEY_BY_ID.pg(), &[&id])
             .await?;
         row.as_ref().map(key_row).transpose()
     }
@@ -866,8 +841,7 @@ impl Store for PgStore {
         self.conn()
             .await?
             .execute(
-                "INSERT INTO sessions (id, user_id, agent, title, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                sql::INSERT_SESSION.pg(),
                 &[
                     &session.id,
                     &session.user_id,
@@ -891,20 +865,12 @@ impl Store for PgStore {
         let limit = i64::from(limit);
         let rows = match after {
             None => {
-                c.query(
-                    "SELECT id, user_id, agent, title, created_at, updated_at
-                     FROM sessions WHERE user_id = $1
-                     ORDER BY updated_at DESC, id DESC LIMIT $2",
-                    &[&user_id, &limit],
-                )
-                .await?
+                c.query(sql::LIST_SESSIONS.pg(), &[&user_id, &limit])
+                    .await?
             }
-            // The row comparison matches the index order, so this is an index range scan.
             Some(cur) => {
                 c.query(
-                    "SELECT id, user_id, agent, title, created_at, updated_at
-                     FROM sessions WHERE user_id = $1 AND (updated_at, id) < ($2, $3)
-                     ORDER BY updated_at DESC, id DESC LIMIT $4",
+                    sql::LIST_SESSIONS_AFTER.pg(),
                     &[&user_id, &cur.updated_at, &cur.id, &limit],
                 )
                 .await?
@@ -917,24 +883,16 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "SELECT id, user_id, agent, title, created_at, updated_at
-                 FROM sessions WHERE id = $1 AND user_id = $2",
-                &[&id, &user_id],
-            )
+            .query_opt(sql::GET_SESSION.pg(), &[&id, &user_id])
             .await?;
         row.as_ref().map(session_row).transpose()
     }
 
     async fn delete_session(&self, user_id: &str, id: &str) -> Result<bool, StoreError> {
-        // Messages go with it through `ON DELETE CASCADE`.
         let n = self
             .conn()
             .await?
-            .execute(
-                "DELETE FROM sessions WHERE id = $1 AND user_id = $2",
-                &[&id, &user_id],
-            )
+            .execute(sql::DELETE_SESSION.pg(), &[&id, &user_id])
             .await?;
         Ok(n > 0)
     }
@@ -948,11 +906,7 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "UPDATE sessions SET title = $3 WHERE id = $1 AND user_id = $2
-                 RETURNING id, user_id, agent, title, created_at, updated_at",
-                &[&id, &user_id, &title],
-            )
+            .query_opt(sql::UPDATE_SESSION_TITLE.pg(), &[&id, &user_id, &title])
             .await?;
         row.as_ref().map(session_row).transpose()
     }
@@ -961,13 +915,7 @@ impl Store for PgStore {
         let rows = self
             .conn()
             .await?
-            .query(
-                "SELECT id, session_id, role, content, status, generation_id, model,
-                        prompt_tokens, completion_tokens, error, created_at, updated_at,
-                        reasoning
-                 FROM messages WHERE session_id = $1 ORDER BY created_at, id",
-                &[&session_id],
-            )
+            .query(sql::LIST_MESSAGES.pg(), &[&session_id])
             .await?;
         rows.iter().map(message_row).collect()
     }
@@ -1010,9 +958,7 @@ impl Store for PgStore {
             .conn()
             .await?
             .execute(
-                "UPDATE messages SET content = $2, status = $3, prompt_tokens = $4,
-                     completion_tokens = $5, error = $6, updated_at = $7, reasoning = $8
-                 WHERE id = $1",
+                sql::UPDATE_MESSAGE.pg(),
                 &[
                     &id,
                     &u.content,
@@ -1035,11 +981,7 @@ impl Store for PgStore {
         let n = self
             .conn()
             .await?
-            .execute(
-                "UPDATE messages SET status = 'interrupted', updated_at = $1
-                 WHERE status = 'streaming'",
-                &[&now_millis()],
-            )
+            .execute(sql::INTERRUPT_STREAMING.pg(), &[&now_millis()])
             .await?;
         Ok(n)
     }
@@ -1048,9 +990,7 @@ impl Store for PgStore {
         self.conn()
             .await?
             .execute(
-                "INSERT INTO usage_records (id, user_id, key_id, session_id, provider, model,
-                     prompt_tokens, completion_tokens, created_at, reasoning_tokens)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                sql::INSERT_USAGE.pg(),
                 &[
                     &new_id(),
                     &r.user_id,
@@ -1073,9 +1013,7 @@ impl Store for PgStore {
         self.conn()
             .await?
             .execute(
-                "INSERT INTO agents (id, name, provider, model, system_prompt, temperature,
-                     max_tokens, fallback_models, knowledge, is_active, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                sql::INSERT_AGENT.pg(),
                 &[
                     &a.id,
                     &a.name,
@@ -1097,15 +1035,11 @@ impl Store for PgStore {
 
     async fn update_agent(&self, a: &Agent) -> Result<bool, StoreError> {
         let fallback = json_list(&a.fallback_models)?;
-        // The row keeps its id and created_at: the name is the agent's identity here.
         let n = self
             .conn()
             .await?
             .execute(
-                "UPDATE agents SET provider = $2, model = $3, system_prompt = $4,
-                     temperature = $5, max_tokens = $6, fallback_models = $7,
-                     knowledge = $8, is_active = $9, updated_at = $10
-                 WHERE name = $1",
+                sql::UPDATE_AGENT.pg(),
                 &[
                     &a.name,
                     &a.provider,
@@ -1127,28 +1061,13 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "SELECT id, name, provider, model, system_prompt, temperature, max_tokens,
-                        fallback_models, knowledge, is_active, created_at, updated_at
-                 FROM agents WHERE name = $1",
-                &[&name],
-            )
+            .query_opt(sql::GET_AGENT.pg(), &[&name])
             .await?;
         row.as_ref().map(agent_row).transpose()
     }
 
     async fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
-        // COLLATE "C": byte order, as SQLite sorts, whatever the database's locale.
-        let rows = self
-            .conn()
-            .await?
-            .query(
-                "SELECT id, name, provider, model, system_prompt, temperature, max_tokens,
-                        fallback_models, knowledge, is_active, created_at, updated_at
-                 FROM agents ORDER BY name COLLATE \"C\"",
-                &[],
-            )
-            .await?;
+        let rows = self.conn().await?.query(sql::LIST_AGENTS.pg(), &[]).await?;
         rows.iter().map(agent_row).collect()
     }
 
@@ -1156,7 +1075,7 @@ impl Store for PgStore {
         let n = self
             .conn()
             .await?
-            .execute("DELETE FROM agents WHERE name = $1", &[&name])
+            .execute(sql::DELETE_AGENT.pg(), &[&name])
             .await?;
         Ok(n > 0)
     }
@@ -1165,8 +1084,7 @@ impl Store for PgStore {
         self.conn()
             .await?
             .execute(
-                "INSERT INTO scenes (id, name, agent, template, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                sql::INSERT_SCENE.pg(),
                 &[
                     &s.id,
                     &s.name,
@@ -1181,12 +1099,11 @@ impl Store for PgStore {
     }
 
     async fn update_scene(&self, s: &Scene) -> Result<bool, StoreError> {
-        // As agents: id and created_at stay.
         let n = self
             .conn()
             .await?
             .execute(
-                "UPDATE scenes SET agent = $2, template = $3, updated_at = $4 WHERE name = $1",
+                sql::UPDATE_SCENE.pg(),
                 &[&s.name, &s.agent, &s.template, &s.updated_at],
             )
             .await?;
@@ -1197,25 +1114,13 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "SELECT id, name, agent, template, created_at, updated_at
-                 FROM scenes WHERE name = $1",
-                &[&name],
-            )
+            .query_opt(sql::GET_SCENE.pg(), &[&name])
             .await?;
         row.as_ref().map(scene_row).transpose()
     }
 
     async fn list_scenes(&self) -> Result<Vec<Scene>, StoreError> {
-        let rows = self
-            .conn()
-            .await?
-            .query(
-                "SELECT id, name, agent, template, created_at, updated_at
-                 FROM scenes ORDER BY name COLLATE \"C\"",
-                &[],
-            )
-            .await?;
+        let rows = self.conn().await?.query(sql::LIST_SCENES.pg(), &[]).await?;
         rows.iter().map(scene_row).collect()
     }
 
@@ -1223,7 +1128,7 @@ impl Store for PgStore {
         let n = self
             .conn()
             .await?
-            .execute("DELETE FROM scenes WHERE name = $1", &[&name])
+            .execute(sql::DELETE_SCENE.pg(), &[&name])
             .await?;
         Ok(n > 0)
     }
@@ -1234,8 +1139,7 @@ impl Store for PgStore {
         self.conn()
             .await?
             .execute(
-                "INSERT INTO knowledge_docs (id, title, content, tags, created_at)
-                 VALUES ($1, $2, $3, $4, $5)",
+                sql::INSERT_KNOWLEDGE.pg(),
                 &[&d.id, &d.title, &d.content, &tags, &d.created_at],
             )
             .await?;
@@ -1287,9 +1191,7 @@ impl Store for PgStore {
         self.conn()
             .await?
             .execute(
-                "INSERT INTO tasks (id, user_id, key_id, agent, scene, input, status, result,
-                     error, progress_tokens, created_at, started_at, finished_at, reasoning)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                sql::INSERT_TASK.pg(),
                 &[
                     &t.id,
                     &t.user_id,
@@ -1315,12 +1217,7 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "SELECT id, user_id, key_id, agent, scene, input, status, result, error,
-                        progress_tokens, created_at, started_at, finished_at, reasoning
-                 FROM tasks WHERE id = $1 AND ($2::TEXT IS NULL OR user_id = $2)",
-                &[&id, &user_id],
-            )
+            .query_opt(sql::GET_TASK.pg(), &[&id, &user_id])
             .await?;
         row.as_ref().map(task_row).transpose()
     }
@@ -1331,13 +1228,7 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "UPDATE tasks SET status = 'running', started_at = $2
-                 WHERE id = $1 AND status IN ('queued', 'running')
-                 RETURNING id, user_id, key_id, agent, scene, input, status, result, error,
-                           progress_tokens, created_at, started_at, finished_at, reasoning",
-                &[&id, &now],
-            )
+            .query_opt(sql::CLAIM_TASK.pg(), &[&id, &now])
             .await?;
         row.as_ref().map(task_row).transpose()
     }
@@ -1347,10 +1238,7 @@ impl Store for PgStore {
         // finished elsewhere) must not change a settled record.
         self.conn()
             .await?
-            .execute(
-                "UPDATE tasks SET progress_tokens = $2 WHERE id = $1 AND status = 'running'",
-                &[&id, &tokens],
-            )
+            .execute(sql::SET_TASK_PROGRESS.pg(), &[&id, &tokens])
             .await?;
         Ok(())
     }
@@ -1369,9 +1257,7 @@ impl Store for PgStore {
             .conn()
             .await?
             .execute(
-                "UPDATE tasks SET status = $2, result = $3, error = $4, finished_at = $5,
-                     reasoning = $6
-                 WHERE id = $1 AND status = 'running'",
+                sql::FINISH_TASK.pg(),
                 &[&id, &status.as_str(), &result, &error, &now, &reasoning],
             )
             .await?;
@@ -1405,11 +1291,8 @@ impl Store for PgStore {
             };
             let before = task_status(row.try_get(0)?)?;
             if !before.is_final() {
-                tx.execute_typed(
-                    "UPDATE tasks SET status = 'cancelled', finished_at = $2 WHERE id = $1",
-                    &typed(&[&id, &now])?,
-                )
-                .await?;
+                tx.execute_typed(sql::CANCEL_TASK.pg(), &typed(&[&id, &now])?)
+                    .await?;
             }
             tx.commit().await?;
             Ok::<_, StoreError>(Some(before))
@@ -1431,13 +1314,7 @@ impl Store for PgStore {
         let rows = self
             .conn()
             .await?
-            .query(
-                "SELECT id, user_id, key_id, agent, scene, input, status, result, error,
-                        progress_tokens, created_at, started_at, finished_at, reasoning
-                 FROM tasks WHERE status IN ('queued', 'running')
-                 ORDER BY created_at, id",
-                &[],
-            )
+            .query(sql::LIST_UNFINISHED_TASKS.pg(), &[])
             .await?;
         rows.iter().map(task_row).collect()
     }
@@ -1448,13 +1325,7 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "SELECT (SELECT count(*) FROM tasks q
-                         WHERE q.status = 'queued'
-                           AND (q.created_at, q.id) <= (t.created_at, t.id))
-                 FROM tasks t WHERE t.id = $1 AND t.status = 'queued'",
-                &[&id],
-            )
+            .query_opt(sql::TASK_POSITION.pg(), &[&id])
             .await?;
         let n: Option<i64> = row.map(|r| r.try_get(0)).transpose()?;
         Ok(n.map(|n| n.max(0) as u64))
@@ -1464,7 +1335,7 @@ impl Store for PgStore {
         let n: i64 = self
             .conn()
             .await?
-            .query_one("SELECT count(*) FROM tasks WHERE status = 'queued'", &[])
+            .query_one(sql::COUNT_QUEUED_TASKS.pg(), &[])
             .await?
             .try_get(0)?;
         Ok(n.max(0) as u64)
@@ -1474,14 +1345,7 @@ impl Store for PgStore {
         let rows = self
             .conn()
             .await?
-            .query(
-                "SELECT key_id, model, count(*), coalesce(sum(prompt_tokens), 0)::bigint, \
-                 coalesce(sum(completion_tokens), 0)::bigint, \
-                 coalesce(sum(reasoning_tokens), 0)::bigint FROM usage_records \
-                 WHERE created_at >= $1 AND created_at < $2 \
-                 GROUP BY key_id, model ORDER BY key_id, model",
-                &[&from, &to],
-            )
+            .query(sql::USAGE_SUMMARY.pg(), &[&from, &to])
             .await?;
         rows.iter()
             .map(|r| {
@@ -1514,15 +1378,7 @@ impl Store for PgStore {
         // the later ones re-check the condition against the winner's values.
         let n = conn
             .execute(
-                "UPDATE sessions
-                 SET running_generation = $2, running_server = $3, running_expires = $5
-                 WHERE id = $1 AND (
-                     running_generation IS NULL
-                     OR running_expires < $4
-                     OR EXISTS (SELECT 1 FROM messages m
-                                WHERE m.session_id = sessions.id
-                                  AND m.generation_id = sessions.running_generation
-                                  AND m.status <> 'streaming'))",
+                sql::CLAIM_GENERATION.pg(),
                 &[&session_id, &generation_id, &server_id, &now, &expires_at],
             )
             .await?;
@@ -1530,10 +1386,7 @@ impl Store for PgStore {
             return Ok(None);
         }
         let row = conn
-            .query_opt(
-                "SELECT running_generation FROM sessions WHERE id = $1",
-                &[&session_id],
-            )
+            .query_opt(sql::RUNNING_GENERATION.pg(), &[&session_id])
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("session {session_id}")))?;
         Ok(Some(row.get::<_, Option<String>>(0).unwrap_or_default()))
@@ -1547,12 +1400,7 @@ impl Store for PgStore {
         let n = self
             .conn()
             .await?
-            .execute(
-                "UPDATE sessions
-                 SET running_generation = NULL, running_server = NULL, running_expires = NULL
-                 WHERE id = $1 AND running_generation = $2",
-                &[&session_id, &generation_id],
-            )
+            .execute(sql::RELEASE_GENERATION.pg(), &[&session_id, &generation_id])
             .await?;
         Ok(n == 1)
     }
@@ -1565,16 +1413,7 @@ impl Store for PgStore {
         let n = self
             .conn()
             .await?
-            .execute(
-                "UPDATE messages SET status = 'interrupted', updated_at = $2
-                 WHERE status = 'streaming' AND NOT EXISTS (
-                     SELECT 1 FROM sessions s
-                     WHERE s.id = messages.session_id
-                       AND s.running_generation = messages.generation_id
-                       AND s.running_server <> $1
-                       AND s.running_expires >= $2)",
-                &[&server_id, &now],
-            )
+            .execute(sql::INTERRUPT_STREAMING_OF.pg(), &[&server_id, &now])
             .await?;
         Ok(n)
     }
@@ -1621,6 +1460,22 @@ mod tests {
         assert_eq!(store.pool_state().max, 1);
         drop(held);
         store.ping().await.unwrap();
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn every_shared_statement_prepares() {
+        let (store, admin, schema) = scratch(1, Duration::from_secs(5)).await;
+        let c = store.conn().await.unwrap();
+        for (name, s) in sql::ALL {
+            if let Err(e) = c.inner.client.prepare(s.pg()).await {
+                panic!("{name}: {e}");
+            }
+        }
+        drop(c);
         admin
             .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
             .await

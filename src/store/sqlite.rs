@@ -19,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::codec::{
     BadValue, brief, check_final, json_list, parse_json_list, parse_role, role_str, search_terms,
 };
+use super::sql;
 use super::{
     Agent, ApiKey, KnowledgeDoc, KnowledgeHit, MessageStatus, MessageUpdate, Millis, Scene,
     Session, SessionCursor, Store, StoreError, StoredMessage, Task, TaskStatus, UsageRecord,
@@ -408,13 +409,10 @@ impl Store for SqliteStore {
         let name = name.to_owned();
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.prepare_cached(
-                "INSERT INTO users (id, name, created_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (name) DO NOTHING",
-            )?
-            .execute(params![new_id(), name, now_millis()])?;
+            tx.prepare_cached(sql::INSERT_USER.sqlite())?
+                .execute(params![new_id(), name, now_millis()])?;
             let user = tx
-                .prepare_cached("SELECT id, name, created_at FROM users WHERE name = ?1")?
+                .prepare_cached(sql::USER_BY_NAME.sqlite())?
                 .query_row([&name], user_row)?;
             tx.commit()?;
             Ok(user)
@@ -441,19 +439,16 @@ impl Store for SqliteStore {
         };
         let hash = *key_hash;
         self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO api_keys (id, user_id, name, key_hash, prefix, is_admin, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                key.id,
-                key.user_id,
-                key.name,
-                &hash[..],
-                key.prefix,
-                key.is_admin,
-                key.created_at
-            ])?;
+            c.prepare_cached(sql::INSERT_API_KEY.sqlite())?
+                .execute(params![
+                    key.id,
+                    key.user_id,
+                    key.name,
+                    &hash[..],
+                    key.prefix,
+                    key.is_admin,
+                    key.created_at
+                ])?;
             Ok(key)
         })
         .await
@@ -461,10 +456,7 @@ impl Store for SqliteStore {
 
     async fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, user_id, name, prefix, is_admin, created_at, revoked_at
-                 FROM api_keys ORDER BY created_at, id",
-            )?;
+            let mut stmt = c.prepare_cached(sql::LIST_API_KEYS.sqlite())?;
             let keys = stmt.query_map([], key_row)?.collect::<Result<_, _>>()?;
             Ok(keys)
         })
@@ -475,10 +467,7 @@ impl Store for SqliteStore {
         let id_or_name = id_or_name.to_owned();
         self.write(move |c| {
             let n = c
-                .prepare_cached(
-                    "UPDATE api_keys SET revoked_at = ?2
-                     WHERE (id = ?1 OR name = ?1) AND revoked_at IS NULL",
-                )?
+                .prepare_cached(sql::REVOKE_API_KEY.sqlite())?
                 .execute(params![id_or_name, now_millis()])?;
             Ok(n as u64)
         })
@@ -489,10 +478,7 @@ impl Store for SqliteStore {
         let hash = *key_hash;
         self.read(move |c| {
             let key = c
-                .prepare_cached(
-                    "SELECT id, user_id, name, prefix, is_admin, created_at, revoked_at
-                     FROM api_keys WHERE key_hash = ?1 AND revoked_at IS NULL",
-                )?
+                .prepare_cached(sql::API_KEY_BY_HASH.sqlite())?
                 .query_row([&hash[..]], key_row)
                 .optional()?;
             Ok(key)
@@ -504,10 +490,7 @@ impl Store for SqliteStore {
         let id = id.to_owned();
         self.read(move |c| {
             let key = c
-                .prepare_cached(
-                    "SELECT id, user_id, name, prefix, is_admin, created_at, revoked_at
-                     FROM api_keys WHERE id = ?1 AND revoked_at IS NULL",
-                )?
+                .prepare_cached(sql::API_KEY_BY_ID.sqlite())?
                 .query_row([&id], key_row)
                 .optional()?;
             Ok(key)
@@ -531,18 +514,15 @@ impl Store for SqliteStore {
             updated_at: now,
         };
         self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO sessions (id, user_id, agent, title, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                session.id,
-                session.user_id,
-                session.agent,
-                session.title,
-                session.created_at,
-                session.updated_at
-            ])?;
+            c.prepare_cached(sql::INSERT_SESSION.sqlite())?
+                .execute(params![
+                    session.id,
+                    session.user_id,
+                    session.agent,
+                    session.title,
+                    session.created_at,
+                    session.updated_at
+                ])?;
             Ok(session)
         })
         .await
@@ -559,19 +539,11 @@ impl Store for SqliteStore {
         self.read(move |c| {
             let sessions = match after {
                 None => c
-                    .prepare_cached(
-                        "SELECT id, user_id, agent, title, created_at, updated_at
-                         FROM sessions WHERE user_id = ?1
-                         ORDER BY updated_at DESC, id DESC LIMIT ?2",
-                    )?
+                    .prepare_cached(sql::LIST_SESSIONS.sqlite())?
                     .query_map(params![user_id, limit], session_row)?
                     .collect::<Result<_, _>>()?,
                 Some(cur) => c
-                    .prepare_cached(
-                        "SELECT id, user_id, agent, title, created_at, updated_at
-                         FROM sessions WHERE user_id = ?1 AND (updated_at, id) < (?2, ?3)
-                         ORDER BY updated_at DESC, id DESC LIMIT ?4",
-                    )?
+                    .prepare_cached(sql::LIST_SESSIONS_AFTER.sqlite())?
                     .query_map(params![user_id, cur.updated_at, cur.id, limit], session_row)?
                     .collect::<Result<_, _>>()?,
             };
@@ -584,10 +556,7 @@ impl Store for SqliteStore {
         let (user_id, id) = (user_id.to_owned(), id.to_owned());
         self.read(move |c| {
             let s = c
-                .prepare_cached(
-                    "SELECT id, user_id, agent, title, created_at, updated_at
-                     FROM sessions WHERE id = ?1 AND user_id = ?2",
-                )?
+                .prepare_cached(sql::GET_SESSION.sqlite())?
                 .query_row(params![id, user_id], session_row)
                 .optional()?;
             Ok(s)
@@ -600,7 +569,7 @@ impl Store for SqliteStore {
         // Messages go with it through `ON DELETE CASCADE` (foreign_keys is on).
         self.write(move |c| {
             let n = c
-                .prepare_cached("DELETE FROM sessions WHERE id = ?1 AND user_id = ?2")?
+                .prepare_cached(sql::DELETE_SESSION.sqlite())?
                 .execute(params![id, user_id])?;
             Ok(n > 0)
         })
@@ -617,10 +586,7 @@ impl Store for SqliteStore {
         let title = title.map(str::to_owned);
         self.write(move |c| {
             let s = c
-                .prepare_cached(
-                    "UPDATE sessions SET title = ?3 WHERE id = ?1 AND user_id = ?2
-                     RETURNING id, user_id, agent, title, created_at, updated_at",
-                )?
+                .prepare_cached(sql::UPDATE_SESSION_TITLE.sqlite())?
                 .query_row(params![id, user_id, title], session_row)
                 .optional()?;
             Ok(s)
@@ -632,12 +598,7 @@ impl Store for SqliteStore {
         let session_id = session_id.to_owned();
         self.read(move |c| {
             let msgs = c
-                .prepare_cached(
-                    "SELECT id, session_id, role, content, status, generation_id, model,
-                            prompt_tokens, completion_tokens, error, created_at, updated_at,
-                            reasoning
-                     FROM messages WHERE session_id = ?1 ORDER BY created_at, id",
-                )?
+                .prepare_cached(sql::LIST_MESSAGES.sqlite())?
                 .query_map([&session_id], message_row)?
                 .collect::<Result<_, _>>()?;
             Ok(msgs)
@@ -649,28 +610,23 @@ impl Store for SqliteStore {
         let m = m.clone();
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.prepare_cached(
-                "INSERT INTO messages (id, session_id, role, content, status, generation_id,
-                     model, prompt_tokens, completion_tokens, error, created_at, updated_at,
-                     reasoning)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-            )?
-            .execute(params![
-                m.id,
-                m.session_id,
-                role_str(m.role),
-                m.content,
-                m.status.as_str(),
-                m.generation_id,
-                m.model,
-                m.prompt_tokens,
-                m.completion_tokens,
-                m.error,
-                m.created_at,
-                m.updated_at,
-                m.reasoning
-            ])?;
-            tx.prepare_cached("UPDATE sessions SET updated_at = ?2 WHERE id = ?1")?
+            tx.prepare_cached(sql::INSERT_MESSAGE.sqlite())?
+                .execute(params![
+                    m.id,
+                    m.session_id,
+                    role_str(m.role),
+                    m.content,
+                    m.status.as_str(),
+                    m.generation_id,
+                    m.model,
+                    m.prompt_tokens,
+                    m.completion_tokens,
+                    m.error,
+                    m.created_at,
+                    m.updated_at,
+                    m.reasoning
+                ])?;
+            tx.prepare_cached(sql::TOUCH_SESSION.sqlite())?
                 .execute(params![m.session_id, m.updated_at])?;
             tx.commit()?;
             Ok(())
@@ -683,11 +639,7 @@ impl Store for SqliteStore {
         let u = u.clone();
         self.write(move |c| {
             let n = c
-                .prepare_cached(
-                    "UPDATE messages SET content = ?2, status = ?3, prompt_tokens = ?4,
-                         completion_tokens = ?5, error = ?6, updated_at = ?7, reasoning = ?8
-                     WHERE id = ?1",
-                )?
+                .prepare_cached(sql::UPDATE_MESSAGE.sqlite())?
                 .execute(params![
                     id,
                     u.content,
@@ -709,10 +661,7 @@ impl Store for SqliteStore {
     async fn interrupt_streaming(&self) -> Result<u64, StoreError> {
         self.write(|c| {
             let n = c
-                .prepare_cached(
-                    "UPDATE messages SET status = 'interrupted', updated_at = ?1
-                     WHERE status = 'streaming'",
-                )?
+                .prepare_cached(sql::INTERRUPT_STREAMING.sqlite())?
                 .execute([now_millis()])?;
             Ok(n as u64)
         })
@@ -722,23 +671,19 @@ impl Store for SqliteStore {
     async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError> {
         let r = r.clone();
         self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO usage_records (id, user_id, key_id, session_id, provider, model,
-                     prompt_tokens, completion_tokens, created_at, reasoning_tokens)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )?
-            .execute(params![
-                new_id(),
-                r.user_id,
-                r.key_id,
-                r.session_id,
-                r.provider,
-                r.model,
-                r.prompt_tokens,
-                r.completion_tokens,
-                r.created_at,
-                r.reasoning_tokens
-            ])?;
+            c.prepare_cached(sql::INSERT_USAGE.sqlite())?
+                .execute(params![
+                    new_id(),
+                    r.user_id,
+                    r.key_id,
+                    r.session_id,
+                    r.provider,
+                    r.model,
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                    r.created_at,
+                    r.reasoning_tokens
+                ])?;
             Ok(())
         })
         .await
@@ -748,25 +693,21 @@ impl Store for SqliteStore {
         let a = a.clone();
         let fallback = json_list(&a.fallback_models)?;
         self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO agents (id, name, provider, model, system_prompt, temperature,
-                     max_tokens, fallback_models, knowledge, is_active, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            )?
-            .execute(params![
-                a.id,
-                a.name,
-                a.provider,
-                a.model,
-                a.system_prompt,
-                a.temperature,
-                a.max_tokens,
-                fallback,
-                a.knowledge,
-                a.is_active,
-                a.created_at,
-                a.updated_at
-            ])?;
+            c.prepare_cached(sql::INSERT_AGENT.sqlite())?
+                .execute(params![
+                    a.id,
+                    a.name,
+                    a.provider,
+                    a.model,
+                    a.system_prompt,
+                    a.temperature,
+                    a.max_tokens,
+                    fallback,
+                    a.knowledge,
+                    a.is_active,
+                    a.created_at,
+                    a.updated_at
+                ])?;
             Ok(())
         })
         .await
@@ -775,15 +716,9 @@ impl Store for SqliteStore {
     async fn update_agent(&self, a: &Agent) -> Result<bool, StoreError> {
         let a = a.clone();
         let fallback = json_list(&a.fallback_models)?;
-        // The row keeps its id and created_at: the name is the agent's identity here.
         self.write(move |c| {
             let n = c
-                .prepare_cached(
-                    "UPDATE agents SET provider = ?2, model = ?3, system_prompt = ?4,
-                         temperature = ?5, max_tokens = ?6, fallback_models = ?7,
-                         knowledge = ?8, is_active = ?9, updated_at = ?10
-                     WHERE name = ?1",
-                )?
+                .prepare_cached(sql::UPDATE_AGENT.sqlite())?
                 .execute(params![
                     a.name,
                     a.provider,
@@ -805,11 +740,7 @@ impl Store for SqliteStore {
         let name = name.to_owned();
         self.read(move |c| {
             let a = c
-                .prepare_cached(
-                    "SELECT id, name, provider, model, system_prompt, temperature, max_tokens,
-                            fallback_models, knowledge, is_active, created_at, updated_at
-                     FROM agents WHERE name = ?1",
-                )?
+                .prepare_cached(sql::GET_AGENT.sqlite())?
                 .query_row([&name], agent_row)
                 .optional()?;
             Ok(a)
@@ -820,11 +751,7 @@ impl Store for SqliteStore {
     async fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
         self.read(|c| {
             let agents = c
-                .prepare_cached(
-                    "SELECT id, name, provider, model, system_prompt, temperature, max_tokens,
-                            fallback_models, knowledge, is_active, created_at, updated_at
-                     FROM agents ORDER BY name",
-                )?
+                .prepare_cached(sql::LIST_AGENTS.sqlite())?
                 .query_map([], agent_row)?
                 .collect::<Result<_, _>>()?;
             Ok(agents)
@@ -836,7 +763,7 @@ impl Store for SqliteStore {
         let name = name.to_owned();
         self.write(move |c| {
             let n = c
-                .prepare_cached("DELETE FROM agents WHERE name = ?1")?
+                .prepare_cached(sql::DELETE_AGENT.sqlite())?
                 .execute([&name])?;
             Ok(n > 0)
         })
@@ -846,18 +773,15 @@ impl Store for SqliteStore {
     async fn create_scene(&self, s: &Scene) -> Result<(), StoreError> {
         let s = s.clone();
         self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO scenes (id, name, agent, template, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                s.id,
-                s.name,
-                s.agent,
-                s.template,
-                s.created_at,
-                s.updated_at
-            ])?;
+            c.prepare_cached(sql::INSERT_SCENE.sqlite())?
+                .execute(params![
+                    s.id,
+                    s.name,
+                    s.agent,
+                    s.template,
+                    s.created_at,
+                    s.updated_at
+                ])?;
             Ok(())
         })
         .await
@@ -865,13 +789,9 @@ impl Store for SqliteStore {
 
     async fn update_scene(&self, s: &Scene) -> Result<bool, StoreError> {
         let s = s.clone();
-        // As agents: id and created_at stay.
         self.write(move |c| {
             let n = c
-                .prepare_cached(
-                    "UPDATE scenes SET agent = ?2, template = ?3, updated_at = ?4
-                     WHERE name = ?1",
-                )?
+                .prepare_cached(sql::UPDATE_SCENE.sqlite())?
                 .execute(params![s.name, s.agent, s.template, s.updated_at])?;
             Ok(n > 0)
         })
@@ -882,10 +802,7 @@ impl Store for SqliteStore {
         let name = name.to_owned();
         self.read(move |c| {
             let s = c
-                .prepare_cached(
-                    "SELECT id, name, agent, template, created_at, updated_at
-                     FROM scenes WHERE name = ?1",
-                )?
+                .prepare_cached(sql::GET_SCENE.sqlite())?
                 .query_row([&name], scene_row)
                 .optional()?;
             Ok(s)
@@ -896,10 +813,7 @@ impl Store for SqliteStore {
     async fn list_scenes(&self) -> Result<Vec<Scene>, StoreError> {
         self.read(|c| {
             let scenes = c
-                .prepare_cached(
-                    "SELECT id, name, agent, template, created_at, updated_at
-                     FROM scenes ORDER BY name",
-                )?
+                .prepare_cached(sql::LIST_SCENES.sqlite())?
                 .query_map([], scene_row)?
                 .collect::<Result<_, _>>()?;
             Ok(scenes)
@@ -911,7 +825,7 @@ impl Store for SqliteStore {
         let name = name.to_owned();
         self.write(move |c| {
             let n = c
-                .prepare_cached("DELETE FROM scenes WHERE name = ?1")?
+                .prepare_cached(sql::DELETE_SCENE.sqlite())?
                 .execute([&name])?;
             Ok(n > 0)
         })
@@ -923,11 +837,8 @@ impl Store for SqliteStore {
         let tags = json_list(&d.tags)?;
         // One statement, so the FTS trigger's insert commits with the row or not at all.
         self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO knowledge_docs (id, title, content, tags, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![d.id, d.title, d.content, tags, d.created_at])?;
+            c.prepare_cached(sql::INSERT_KNOWLEDGE.sqlite())?
+                .execute(params![d.id, d.title, d.content, tags, d.created_at])?;
             Ok(())
         })
         .await
@@ -967,27 +878,23 @@ impl Store for SqliteStore {
     async fn create_task(&self, t: &Task) -> Result<(), StoreError> {
         let t = t.clone();
         self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO tasks (id, user_id, key_id, agent, scene, input, status, result,
-                     error, progress_tokens, created_at, started_at, finished_at, reasoning)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-            )?
-            .execute(params![
-                t.id,
-                t.user_id,
-                t.key_id,
-                t.agent,
-                t.scene,
-                t.input,
-                t.status.as_str(),
-                t.result,
-                t.error,
-                t.progress_tokens,
-                t.created_at,
-                t.started_at,
-                t.finished_at,
-                t.reasoning
-            ])?;
+            c.prepare_cached(sql::INSERT_TASK.sqlite())?
+                .execute(params![
+                    t.id,
+                    t.user_id,
+                    t.key_id,
+                    t.agent,
+                    t.scene,
+                    t.input,
+                    t.status.as_str(),
+                    t.result,
+                    t.error,
+                    t.progress_tokens,
+                    t.created_at,
+                    t.started_at,
+                    t.finished_at,
+                    t.reasoning
+                ])?;
             Ok(())
         })
         .await
@@ -997,11 +904,7 @@ impl Store for SqliteStore {
         let (user_id, id) = (user_id.map(str::to_owned), id.to_owned());
         self.read(move |c| {
             let t = c
-                .prepare_cached(
-                    "SELECT id, user_id, key_id, agent, scene, input, status, result, error,
-                            progress_tokens, created_at, started_at, finished_at, reasoning
-                     FROM tasks WHERE id = ?1 AND (?2 IS NULL OR user_id = ?2)",
-                )?
+                .prepare_cached(sql::GET_TASK.sqlite())?
                 .query_row(params![id, user_id], task_row)
                 .optional()?;
             Ok(t)
@@ -1011,15 +914,9 @@ impl Store for SqliteStore {
 
     async fn claim_task(&self, id: &str, now: Millis) -> Result<Option<Task>, StoreError> {
         let id = id.to_owned();
-        // One statement: the status test and the move cannot be split by another writer.
         self.write(move |c| {
             let t = c
-                .prepare_cached(
-                    "UPDATE tasks SET status = 'running', started_at = ?2
-                     WHERE id = ?1 AND status IN ('queued', 'running')
-                     RETURNING id, user_id, key_id, agent, scene, input, status, result, error,
-                               progress_tokens, created_at, started_at, finished_at, reasoning",
-                )?
+                .prepare_cached(sql::CLAIM_TASK.sqlite())?
                 .query_row(params![id, now], task_row)
                 .optional()?;
             Ok(t)
@@ -1032,10 +929,8 @@ impl Store for SqliteStore {
         // Only while running: a late write of a worker that lost the task (cancelled,
         // finished elsewhere) must not change a settled record.
         self.write(move |c| {
-            c.prepare_cached(
-                "UPDATE tasks SET progress_tokens = ?2 WHERE id = ?1 AND status = 'running'",
-            )?
-            .execute(params![id, tokens])?;
+            c.prepare_cached(sql::SET_TASK_PROGRESS.sqlite())?
+                .execute(params![id, tokens])?;
             Ok(())
         })
         .await
@@ -1055,11 +950,7 @@ impl Store for SqliteStore {
         let [result, reasoning, error] = [result, reasoning, error].map(|t| t.map(str::to_owned));
         self.write(move |c| {
             let n = c
-                .prepare_cached(
-                    "UPDATE tasks SET status = ?2, result = ?3, error = ?4, finished_at = ?5,
-                         reasoning = ?6
-                     WHERE id = ?1 AND status = 'running'",
-                )?
+                .prepare_cached(sql::FINISH_TASK.sqlite())?
                 .execute(params![id, status.as_str(), result, error, now, reasoning])?;
             Ok(n > 0)
         })
@@ -1088,10 +979,8 @@ impl Store for SqliteStore {
             let before =
                 TaskStatus::parse(&before).ok_or_else(|| bad_value(0, "tasks.status", &before))?;
             if !before.is_final() {
-                tx.prepare_cached(
-                    "UPDATE tasks SET status = 'cancelled', finished_at = ?2 WHERE id = ?1",
-                )?
-                .execute(params![id, now])?;
+                tx.prepare_cached(sql::CANCEL_TASK.sqlite())?
+                    .execute(params![id, now])?;
             }
             tx.commit()?;
             Ok(Some(before))
@@ -1102,12 +991,7 @@ impl Store for SqliteStore {
     async fn list_unfinished_tasks(&self) -> Result<Vec<Task>, StoreError> {
         self.read(|c| {
             let tasks = c
-                .prepare_cached(
-                    "SELECT id, user_id, key_id, agent, scene, input, status, result, error,
-                            progress_tokens, created_at, started_at, finished_at, reasoning
-                     FROM tasks WHERE status IN ('queued', 'running')
-                     ORDER BY created_at, id",
-                )?
+                .prepare_cached(sql::LIST_UNFINISHED_TASKS.sqlite())?
                 .query_map([], task_row)?
                 .collect::<Result<_, _>>()?;
             Ok(tasks)
@@ -1121,12 +1005,7 @@ impl Store for SqliteStore {
         // are distinct; the count is a range scan of tasks_status_created.
         self.read(move |c| {
             let n: Option<i64> = c
-                .prepare_cached(
-                    "SELECT (SELECT count(*) FROM tasks q
-                             WHERE q.status = 'queued'
-                               AND (q.created_at, q.id) <= (t.created_at, t.id))
-                     FROM tasks t WHERE t.id = ?1 AND t.status = 'queued'",
-                )?
+                .prepare_cached(sql::TASK_POSITION.sqlite())?
                 .query_row([&id], |r| r.get(0))
                 .optional()?;
             Ok(n.map(|n| n.max(0) as u64))
@@ -1137,7 +1016,7 @@ impl Store for SqliteStore {
     async fn count_queued_tasks(&self) -> Result<u64, StoreError> {
         self.read(|c| {
             let n: i64 = c
-                .prepare_cached("SELECT count(*) FROM tasks WHERE status = 'queued'")?
+                .prepare_cached(sql::COUNT_QUEUED_TASKS.sqlite())?
                 .query_row([], |r| r.get(0))?;
             Ok(n.max(0) as u64)
         })
@@ -1146,13 +1025,7 @@ impl Store for SqliteStore {
 
     async fn usage_summary(&self, from: Millis, to: Millis) -> Result<Vec<UsageRow>, StoreError> {
         self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT key_id, model, count(*), coalesce(sum(prompt_tokens), 0), \
-                 coalesce(sum(completion_tokens), 0), coalesce(sum(reasoning_tokens), 0) \
-                 FROM usage_records \
-                 WHERE created_at >= ?1 AND created_at < ?2 \
-                 GROUP BY key_id, model ORDER BY key_id, model",
-            )?;
+            let mut stmt = c.prepare_cached(sql::USAGE_SUMMARY.sqlite())?;
             let rows = stmt
                 .query_map(rusqlite::params![from, to], |r| {
                     Ok(UsageRow {
@@ -1186,17 +1059,7 @@ impl Store for SqliteStore {
         // The one writer connection serialises claims; the statement alone decides.
         self.write(move |c| {
             let n = c
-                .prepare_cached(
-                    "UPDATE sessions
-                     SET running_generation = ?2, running_server = ?3, running_expires = ?5
-                     WHERE id = ?1 AND (
-                         running_generation IS NULL
-                         OR running_expires < ?4
-                         OR EXISTS (SELECT 1 FROM messages m
-                                    WHERE m.session_id = sessions.id
-                                      AND m.generation_id = sessions.running_generation
-                                      AND m.status <> 'streaming'))",
-                )?
+                .prepare_cached(sql::CLAIM_GENERATION.sqlite())?
                 .execute(params![
                     session_id,
                     generation_id,
@@ -1208,7 +1071,7 @@ impl Store for SqliteStore {
                 return Ok(None);
             }
             let running: Option<Option<String>> = c
-                .prepare_cached("SELECT running_generation FROM sessions WHERE id = ?1")?
+                .prepare_cached(sql::RUNNING_GENERATION.sqlite())?
                 .query_row([&session_id], |r| r.get(0))
                 .optional()?;
             match running {
@@ -1227,11 +1090,7 @@ impl Store for SqliteStore {
         let (session_id, generation_id) = (session_id.to_owned(), generation_id.to_owned());
         self.write(move |c| {
             let n = c
-                .prepare_cached(
-                    "UPDATE sessions
-                     SET running_generation = NULL, running_server = NULL, running_expires = NULL
-                     WHERE id = ?1 AND running_generation = ?2",
-                )?
+                .prepare_cached(sql::RELEASE_GENERATION.sqlite())?
                 .execute([&session_id, &generation_id])?;
             Ok(n == 1)
         })
@@ -1246,15 +1105,7 @@ impl Store for SqliteStore {
         let server_id = server_id.to_owned();
         self.write(move |c| {
             let n = c
-                .prepare_cached(
-                    "UPDATE messages SET status = 'interrupted', updated_at = ?2
-                     WHERE status = 'streaming' AND NOT EXISTS (
-                         SELECT 1 FROM sessions s
-                         WHERE s.id = messages.session_id
-                           AND s.running_generation = messages.generation_id
-                           AND s.running_server <> ?1
-                           AND s.running_expires >= ?2)",
-                )?
+                .prepare_cached(sql::INTERRUPT_STREAMING_OF.sqlite())?
                 .execute(params![server_id, now])?;
             Ok(n as u64)
         })
@@ -1289,6 +1140,22 @@ mod tests {
             .await
             .unwrap();
         assert!(fk);
+    }
+
+    #[tokio::test]
+    async fn every_shared_statement_prepares() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&cfg(dir.path())).await.unwrap();
+        store
+            .read(|c| {
+                for (name, s) in sql::ALL {
+                    c.prepare(s.sqlite())
+                        .map_err(|e| StoreError::Backend(format!("{name}: {e}")))?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
