@@ -252,7 +252,7 @@ impl AppState {
             return Err(match e {
                 crate::tasks::service::TaskError::Queue(q) => StartError::Queue(q),
                 crate::tasks::service::TaskError::Chat(c) => {
-                    StartError::Store(store::StoreError::Backend(c.to_string()))
+                    StartError::Store(store::StoreError::Backend(c.to_string().into()))
                 }
             });
         }

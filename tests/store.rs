@@ -28,6 +28,7 @@ crate::backend_tests!(
     users_are_ensured_once,
     keys_are_found_by_hash_listed_and_revoked,
     a_duplicate_key_hash_is_a_conflict,
+    a_conflict_keeps_the_database_error_as_its_source,
     sessions_crud_is_scoped_to_the_owner,
     sessions_page_newest_first_with_a_cursor,
     messages_round_trip_in_order_and_update,
@@ -350,6 +351,28 @@ async fn a_duplicate_key_hash_is_a_conflict(backend: Backend) {
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     assert_eq!(store.list_api_keys().await.unwrap().len(), 1);
+}
+
+async fn a_conflict_keeps_the_database_error_as_its_source(backend: Backend) {
+    let db = fresh(backend).await;
+    let store = open(&db).await;
+    let user = store.ensure_user("alice").await.unwrap();
+    let hash = hash_key(&generate_key());
+    store
+        .create_api_key(&user.id, "one", &hash, "sk-sluice-aaaa", false)
+        .await
+        .unwrap();
+    let err = store
+        .create_api_key(&user.id, "two", &hash, "sk-sluice-aaaa", false)
+        .await
+        .unwrap_err();
+    // The message is unchanged; the driver's error is kept behind it.
+    assert!(err.to_string().starts_with("conflict: "), "{err}");
+    let source = std::error::Error::source(&err).expect("a source");
+    assert!(
+        source.is::<rusqlite::Error>() || source.is::<tokio_postgres::Error>(),
+        "{source:?}"
+    );
 }
 
 async fn sessions_crud_is_scoped_to_the_owner(backend: Backend) {

@@ -82,9 +82,9 @@ pub async fn keys(cfg: &StoreConfig, cmd: KeysCommand) -> Result<(), StoreError>
         KeysCommand::Revoke { id_or_name } => {
             let n = store.revoke_api_key(&id_or_name).await?;
             if n == 0 {
-                return Err(StoreError::NotFound(format!(
-                    "no active key with id or name '{id_or_name}'"
-                )));
+                return Err(StoreError::NotFound(
+                    format!("no active key with id or name '{id_or_name}'").into(),
+                ));
             }
             println!("revoked {n} key{}", if n == 1 { "" } else { "s" });
         }

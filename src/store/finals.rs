@@ -254,5 +254,6 @@ async fn remove(path: Option<PathBuf>) {
 }
 
 fn spill_error(path: &Path, e: std::io::Error) -> StoreError {
-    StoreError::Backend(format!("reading spill files in {}: {e}", path.display()))
+    StoreError::Backend(format!("reading spill files in {}: {e}", path.display()).into())
+        .with_source(e)
 }

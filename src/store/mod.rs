@@ -32,18 +32,101 @@ pub fn new_id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
 }
 
-#[derive(Debug, thiserror::Error)]
+/// What a backend error is kept as: any error of the drivers or the OS.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+#[derive(Debug)]
 pub enum StoreError {
     /// The database cannot be reached or the pool has no connection to give in time.
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(Detail),
     /// A uniqueness rule was violated.
-    #[error("conflict: {0}")]
-    Conflict(String),
-    #[error("not found: {0}")]
-    NotFound(String),
-    #[error("store error: {0}")]
-    Backend(String),
+    Conflict(Detail),
+    NotFound(Detail),
+    Backend(Detail),
+}
+
+/// A store error's message, and the driver or OS error behind it when there is one, so
+/// logs and callers walking `source()` see the cause, not only its text.
+#[derive(Debug)]
+pub struct Detail {
+    message: String,
+    source: Option<BoxError>,
+}
+
+impl Detail {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub fn with_source(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Display for Detail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<String> for Detail {
+    fn from(message: String) -> Self {
+        Self::new(message)
+    }
+}
+
+impl From<&str> for Detail {
+    fn from(message: &str) -> Self {
+        Self::new(message)
+    }
+}
+
+impl StoreError {
+    pub fn detail(&self) -> &Detail {
+        match self {
+            Self::Unavailable(d) | Self::Conflict(d) | Self::NotFound(d) | Self::Backend(d) => d,
+        }
+    }
+}
+
+impl StoreError {
+    /// The same error, with the driver or OS error that caused it kept as its source.
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        let (Self::Unavailable(d) | Self::Conflict(d) | Self::NotFound(d) | Self::Backend(d)) =
+            &mut self;
+        d.source = Some(source.into());
+        self
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unavailable(d) => write!(f, "store unavailable: {d}"),
+            Self::Conflict(d) => write!(f, "conflict: {d}"),
+            Self::NotFound(d) => write!(f, "not found: {d}"),
+            Self::Backend(d) => write!(f, "store error: {d}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.detail()
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

@@ -147,9 +147,9 @@ impl PgConn {
                 self.broken.store(false, Ordering::Relaxed);
                 Ok(r?)
             }
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer from the database within {limit:?}"
-            ))),
+            Err(_) => Err(StoreError::Unavailable(
+                format!("no answer from the database within {limit:?}").into(),
+            )),
         }
     }
 }
@@ -182,10 +182,9 @@ impl ManageConnection for PgManager {
                 })
             }
             Ok(Err(e)) => Err(StoreError::from(e)),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "connecting took longer than {:?}",
-                self.connect_timeout
-            ))),
+            Err(_) => Err(StoreError::Unavailable(
+                format!("connecting took longer than {:?}", self.connect_timeout).into(),
+            )),
         };
         match &r {
             Ok(_) => self.health.success(),
@@ -248,10 +247,9 @@ fn typed<'p>(params: Params<'p>) -> Result<Typed<'p>, StoreError> {
                     _ => return Ok((p, ty.clone())),
                 }
             }
-            Err(StoreError::Backend(format!(
-                "parameter ${} has a type the store does not send",
-                i + 1
-            )))
+            Err(StoreError::Backend(
+                format!("parameter ${} has a type the store does not send", i + 1).into(),
+            ))
         })
         .collect()
 }
@@ -296,9 +294,9 @@ impl PgStore {
     /// Fails when the database cannot be reached, so a bad `DATABASE_URL` stops the start.
     pub async fn connect(url: &str, cfg: &StoreConfig) -> Result<Self, StoreError> {
         // The parse error never echoes the URL, which may hold a password.
-        let mut pg: Config = url
-            .parse()
-            .map_err(|e| StoreError::Backend(format!("invalid DATABASE_URL: {e}")))?;
+        let mut pg: Config = url.parse().map_err(|e| {
+            StoreError::Backend(format!("invalid DATABASE_URL: {e}").into()).with_source(e)
+        })?;
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(cfg.acquire_timeout);
         }
@@ -390,10 +388,13 @@ impl PgStore {
 
     async fn conn(&self) -> Result<Conn<'_>, StoreError> {
         if !self.health.breaker.allow() {
-            return Err(StoreError::Unavailable(self.down_message(format!(
-                "database unreachable; next try in {}s",
-                self.health.breaker.retry_after()
-            ))));
+            return Err(StoreError::Unavailable(
+                self.down_message(format!(
+                    "database unreachable; next try in {}s",
+                    self.health.breaker.retry_after()
+                ))
+                .into(),
+            ));
         }
         // Registered before waiting, so an opening during the wait is not missed.
         let opened = self.health.opened.notified();
@@ -401,7 +402,7 @@ impl PgStore {
             got = self.pool.get() => got,
             _ = opened => {
                 return Err(StoreError::Unavailable(
-                    self.down_message("database unreachable".into()),
+                    self.down_message("database unreachable".into()).into(),
                 ));
             }
         };
@@ -413,17 +414,20 @@ impl PgStore {
             }),
             Err(RunError::User(e)) => {
                 self.health
-                    .observe::<()>(&Err(StoreError::Unavailable(String::new())));
+                    .observe::<()>(&Err(StoreError::Unavailable(String::new().into())));
                 Err(e)
             }
             Err(RunError::TimedOut) => {
                 self.health.failure();
-                Err(StoreError::Unavailable(self.down_message(format!(
-                    "no database connection within {:?} ({} open, pool max {})",
-                    self.acquire_timeout,
-                    self.pool.state().connections,
-                    self.pool.config().max_size
-                ))))
+                Err(StoreError::Unavailable(
+                    self.down_message(format!(
+                        "no database connection within {:?} ({} open, pool max {})",
+                        self.acquire_timeout,
+                        self.pool.state().connections,
+                        self.pool.config().max_size
+                    ))
+                    .into(),
+                ))
             }
         }
     }
@@ -554,20 +558,21 @@ fn migration_error(e: refinery::Error) -> StoreError {
         }
         next = s.source();
     }
-    match cause.map(classify) {
+    let error = match cause.map(classify) {
         Some(StoreError::Unavailable(m)) => {
-            StoreError::Unavailable(format!("migrating postgres: {m}"))
+            StoreError::Unavailable(format!("migrating postgres: {m}").into())
         }
         Some(StoreError::Backend(m) | StoreError::Conflict(m) | StoreError::NotFound(m)) => {
-            StoreError::Backend(format!("migrating postgres: {step}: {m}"))
+            StoreError::Backend(format!("migrating postgres: {step}: {m}").into())
         }
-        None => StoreError::Backend(format!("migrating postgres: {step}")),
-    }
+        None => StoreError::Backend(format!("migrating postgres: {step}").into()),
+    };
+    error.with_source(e)
 }
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
-        classify(&e)
+        classify(&e).with_source(e)
     }
 }
 
@@ -575,30 +580,33 @@ fn classify(e: &tokio_postgres::Error) -> StoreError {
     if let Some(db) = e.as_db_error() {
         let code = db.code();
         if *code == SqlState::UNIQUE_VIOLATION {
-            return StoreError::Conflict(match db.constraint() {
-                Some(c) => format!("{} ({c})", db.message()),
-                None => db.message().to_owned(),
-            });
+            return StoreError::Conflict(
+                match db.constraint() {
+                    Some(c) => format!("{} ({c})", db.message()),
+                    None => db.message().to_owned(),
+                }
+                .into(),
+            );
         }
         if *code == SqlState::FOREIGN_KEY_VIOLATION {
-            return StoreError::NotFound(format!("referenced row: {}", db.message()));
+            return StoreError::NotFound(format!("referenced row: {}", db.message()).into());
         }
         // Connection exceptions, insufficient resources, operator intervention
         // (shutdown, recovery): the database, not the query, is the problem.
         return match &code.code()[..2] {
             "08" | "53" | "57" => {
-                StoreError::Unavailable(format!("{}: {}", code.code(), db.message()))
+                StoreError::Unavailable(format!("{}: {}", code.code(), db.message()).into())
             }
-            _ => StoreError::Backend(format!("{}: {}", code.code(), db.message())),
+            _ => StoreError::Backend(format!("{}: {}", code.code(), db.message()).into()),
         };
     }
     // Not from the server: the socket failed, closed or timed out, or a value did not
     // convert. Only the last is this query's fault.
     let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
     if e.is_closed() || io || e.to_string().contains("timeout") {
-        return StoreError::Unavailable(e.to_string());
+        return StoreError::Unavailable(e.to_string().into());
     }
-    StoreError::Backend(e.to_string())
+    StoreError::Backend(e.to_string().into())
 }
 
 fn user_row(r: &Row) -> Result<User, StoreError> {
@@ -639,7 +647,8 @@ fn message_row(r: &Row) -> Result<StoredMessage, StoreError> {
                 column,
                 value: value.to_owned(),
             }
-            .to_string(),
+            .to_string()
+            .into(),
         )
     };
     let role: &str = r.try_get(2)?;
@@ -662,7 +671,7 @@ fn message_row(r: &Row) -> Result<StoredMessage, StoreError> {
 }
 
 fn bad(e: BadValue) -> StoreError {
-    StoreError::Backend(e.to_string())
+    StoreError::Backend(e.to_string().into()).with_source(e)
 }
 
 fn agent_row(r: &Row) -> Result<Agent, StoreError> {
@@ -972,7 +981,7 @@ impl Store for PgStore {
             )
             .await?;
         if n == 0 {
-            return Err(StoreError::NotFound(format!("message {id}")));
+            return Err(StoreError::NotFound(format!("message {id}").into()));
         }
         Ok(())
     }
@@ -1299,9 +1308,9 @@ impl Store for PgStore {
         })
         .await
         .unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(format!(
-                "no answer from the database within {limit:?}"
-            )))
+            Err(StoreError::Unavailable(
+                format!("no answer from the database within {limit:?}").into(),
+            ))
         });
         if r.is_ok() {
             c.inner.broken.store(false, Ordering::Relaxed);
@@ -1388,7 +1397,7 @@ impl Store for PgStore {
         let row = conn
             .query_opt(sql::RUNNING_GENERATION.pg(), &[&session_id])
             .await?
-            .ok_or_else(|| StoreError::NotFound(format!("session {session_id}")))?;
+            .ok_or_else(|| StoreError::NotFound(format!("session {session_id}").into()))?;
         Ok(Some(row.get::<_, Option<String>>(0).unwrap_or_default()))
     }
 

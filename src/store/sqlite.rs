@@ -77,7 +77,8 @@ impl SqliteStore {
         let n_readers = cfg.pool_size.clamp(1, MAX_READERS);
         let (path, writer, readers, applied) = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir).map_err(|e| {
-                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()).into())
+                    .with_source(e)
             })?;
             let path = dir.join(DB_FILE);
             let lock = migration_lock(&dir, busy)?;
@@ -85,7 +86,10 @@ impl SqliteStore {
             let report = embedded::migrations::runner()
                 .run(&mut writer)
                 .map_err(|e| {
-                    StoreError::Backend(format!("migrating {}: {}", path.display(), brief(&e)))
+                    StoreError::Backend(
+                        format!("migrating {}: {}", path.display(), brief(&e)).into(),
+                    )
+                    .with_source(e)
                 })?;
             let applied = report
                 .applied_migrations()
@@ -172,10 +176,13 @@ impl SqliteStore {
     }
 
     fn busy(&self, what: &str) -> StoreError {
-        StoreError::Unavailable(format!(
-            "no sqlite connection: waited {:?} for {what}",
-            self.acquire_timeout
-        ))
+        StoreError::Unavailable(
+            format!(
+                "no sqlite connection: waited {:?} for {what}",
+                self.acquire_timeout
+            )
+            .into(),
+        )
     }
 }
 
@@ -186,8 +193,10 @@ impl SqliteStore {
 /// exclusive SQLite transaction there, which the OS releases even if this process dies.
 fn migration_lock(dir: &Path, busy: Duration) -> Result<Connection, StoreError> {
     let path = dir.join(LOCK_FILE);
-    let lock = Connection::open(&path)
-        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let lock = Connection::open(&path).map_err(|e| {
+        StoreError::Unavailable(format!("cannot open {}: {e}", path.display()).into())
+            .with_source(e)
+    })?;
     // A long migration elsewhere is worth waiting for; a request timeout is not the bound.
     lock.busy_timeout(busy.max(Duration::from_secs(60)))?;
     lock.execute_batch("BEGIN EXCLUSIVE")?;
@@ -195,8 +204,10 @@ fn migration_lock(dir: &Path, busy: Duration) -> Result<Connection, StoreError> 
 }
 
 fn open_conn(path: &Path, busy: Duration, read_only: bool) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path)
-        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let conn = Connection::open(path).map_err(|e| {
+        StoreError::Unavailable(format!("cannot open {}: {e}", path.display()).into())
+            .with_source(e)
+    })?;
     // Another process (a second instance, `sluice keys`) may hold the write lock briefly.
     conn.busy_timeout(busy)?;
     // Every query is `prepare_cached`; room for all of them, with headroom for new ones.
@@ -205,10 +216,13 @@ fn open_conn(path: &Path, busy: Duration, read_only: bool) -> Result<Connection,
         let mode: String =
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Backend(format!(
-                "{} cannot use WAL (journal_mode is {mode}); is it on a network file system?",
-                path.display()
-            )));
+            return Err(StoreError::Backend(
+                format!(
+                    "{} cannot use WAL (journal_mode is {mode}); is it on a network file system?",
+                    path.display()
+                )
+                .into(),
+            ));
         }
     }
     // Per connection, not per file: SQLite forgets both on every open.
@@ -223,21 +237,27 @@ fn open_conn(path: &Path, busy: Duration, read_only: bool) -> Result<Connection,
 }
 
 fn join_error(e: tokio::task::JoinError) -> StoreError {
-    StoreError::Backend(format!("sqlite task failed: {e}"))
+    StoreError::Backend(format!("sqlite task failed: {e}").into()).with_source(e)
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
+        classify(&e).with_source(e)
+    }
+}
+
+fn classify(e: &rusqlite::Error) -> StoreError {
+    {
         use rusqlite::ErrorCode;
         use rusqlite::ffi;
-        if let rusqlite::Error::SqliteFailure(f, _) = &e {
+        if let rusqlite::Error::SqliteFailure(f, _) = e {
             match f.code {
                 ErrorCode::ConstraintViolation => match f.extended_code {
                     ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
-                        return StoreError::Conflict(e.to_string());
+                        return StoreError::Conflict(e.to_string().into());
                     }
                     ffi::SQLITE_CONSTRAINT_FOREIGNKEY => {
-                        return StoreError::NotFound(format!("referenced row: {e}"));
+                        return StoreError::NotFound(format!("referenced row: {e}").into());
                     }
                     _ => {}
                 },
@@ -245,11 +265,13 @@ impl From<rusqlite::Error> for StoreError {
                 | ErrorCode::DatabaseLocked
                 | ErrorCode::CannotOpen
                 | ErrorCode::DiskFull
-                | ErrorCode::SystemIoFailure => return StoreError::Unavailable(e.to_string()),
+                | ErrorCode::SystemIoFailure => {
+                    return StoreError::Unavailable(e.to_string().into());
+                }
                 _ => {}
             }
         }
-        StoreError::Backend(e.to_string())
+        StoreError::Backend(e.to_string().into())
     }
 }
 
@@ -651,7 +673,7 @@ impl Store for SqliteStore {
                     u.reasoning
                 ])?;
             if n == 0 {
-                return Err(StoreError::NotFound(format!("message {id}")));
+                return Err(StoreError::NotFound(format!("message {id}").into()));
             }
             Ok(())
         })
@@ -1076,7 +1098,7 @@ impl Store for SqliteStore {
                 .optional()?;
             match running {
                 Some(g) => Ok(Some(g.unwrap_or_default())),
-                None => Err(StoreError::NotFound(format!("session {session_id}"))),
+                None => Err(StoreError::NotFound(format!("session {session_id}").into())),
             }
         })
         .await
@@ -1150,7 +1172,7 @@ mod tests {
             .read(|c| {
                 for (name, s) in sql::ALL {
                     c.prepare(s.sqlite())
-                        .map_err(|e| StoreError::Backend(format!("{name}: {e}")))?;
+                        .map_err(|e| StoreError::Backend(format!("{name}: {e}").into()))?;
                 }
                 Ok(())
             })
