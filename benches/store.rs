@@ -16,7 +16,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use sluice::chat::Role;
 use sluice::config::{DbPooler, StoreConfig};
 use sluice::store::postgres::PgStore;
-use sluice::store::{MessageStatus, Store, StoredMessage, new_id, now_millis};
+use sluice::store::{KeyStore, MessageStatus, SessionStore, StoredMessage, new_id, now_millis};
 use tokio::runtime::Runtime;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls};

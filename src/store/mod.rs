@@ -1,5 +1,7 @@
-//! Persistence: one trait, two backends — embedded SQLite (the default) and PostgreSQL
-//! (when `DATABASE_URL` is set). Domain code sees only [`Store`].
+//! Persistence: one contract in roles ([`KeyStore`], [`SessionStore`], [`CatalogStore`],
+//! [`TaskStore`], [`UsageStore`], [`StoreHealth`]; [`Store`] is all of them), two backends —
+//! embedded SQLite (the default) and PostgreSQL (when `DATABASE_URL` is set) — sharing the
+//! statements in `sql`. Domain code sees only the traits.
 
 use std::sync::Arc;
 
@@ -354,19 +356,25 @@ pub struct Task {
     pub finished_at: Option<Millis>,
 }
 
-fn unsupported<T>() -> Result<T, StoreError> {
-    Err(StoreError::Backend("not supported by this store".into()))
-}
-
+/// What readiness and metrics ask of the database.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait StoreHealth: Send + Sync + 'static {
     /// `"sqlite"` or `"postgres"`, for health output.
     fn backend(&self) -> &'static str;
+
     /// A round trip to the database, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Connection pool occupancy, for backends that pool connections.
+    fn pool_state(&self) -> Option<PoolState>;
+}
+
+/// Users and their API keys.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
     /// The user with this name, created if missing.
     async fn ensure_user(&self, name: &str) -> Result<User, StoreError>;
+
     async fn create_api_key(
         &self,
         user_id: &str,
@@ -375,20 +383,29 @@ pub trait Store: Send + Sync + 'static {
         prefix: &str,
         is_admin: bool,
     ) -> Result<ApiKey, StoreError>;
+
     async fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
+
     /// Revokes the active keys whose id or name is `id_or_name`; returns how many.
     async fn revoke_api_key(&self, id_or_name: &str) -> Result<u64, StoreError>;
+
     /// The active (not revoked) key with this SHA-256.
     async fn find_api_key(&self, key_hash: &[u8; 32]) -> Result<Option<ApiKey>, StoreError>;
+
     /// The active (not revoked) key with this id.
     async fn find_api_key_by_id(&self, id: &str) -> Result<Option<ApiKey>, StoreError>;
+}
 
+/// Sessions, their messages, and the one running generation a session may have.
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
     async fn create_session(
         &self,
         user_id: &str,
         agent: Option<&str>,
         title: Option<&str>,
     ) -> Result<Session, StoreError>;
+
     /// Newest first by `(updated_at, id)` descending.
     async fn list_sessions(
         &self,
@@ -396,10 +413,13 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&SessionCursor>,
         limit: u32,
     ) -> Result<Vec<Session>, StoreError>;
+
     /// `None` when it does not exist or belongs to another user.
     async fn get_session(&self, user_id: &str, id: &str) -> Result<Option<Session>, StoreError>;
+
     /// Deletes the session and its messages; `false` when not found for this user.
     async fn delete_session(&self, user_id: &str, id: &str) -> Result<bool, StoreError>;
+
     async fn update_session_title(
         &self,
         user_id: &str,
@@ -409,130 +429,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Oldest first.
     async fn list_messages(&self, session_id: &str) -> Result<Vec<StoredMessage>, StoreError>;
+
     /// Also moves the session's `updated_at` to the message's.
     async fn insert_message(&self, m: &StoredMessage) -> Result<(), StoreError>;
+
     async fn update_message(&self, id: &str, u: &MessageUpdate) -> Result<(), StoreError>;
+
     /// Marks every message still `streaming` as `interrupted`: after a restart of an embedded
     /// instance, nothing can still be producing them.
     async fn interrupt_streaming(&self) -> Result<u64, StoreError>;
-
-    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError>;
-
-    // Agents: names are unique; `create` of a taken name is a Conflict.
-    async fn create_agent(&self, _a: &Agent) -> Result<(), StoreError> {
-        unsupported()
-    }
-    /// Replaces the agent with `a.name`; `false` when there is none.
-    async fn update_agent(&self, _a: &Agent) -> Result<bool, StoreError> {
-        unsupported()
-    }
-    async fn get_agent(&self, _name: &str) -> Result<Option<Agent>, StoreError> {
-        unsupported()
-    }
-    /// By name.
-    async fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
-        unsupported()
-    }
-    async fn delete_agent(&self, _name: &str) -> Result<bool, StoreError> {
-        unsupported()
-    }
-
-    // Scenes: as agents.
-    async fn create_scene(&self, _s: &Scene) -> Result<(), StoreError> {
-        unsupported()
-    }
-    async fn update_scene(&self, _s: &Scene) -> Result<bool, StoreError> {
-        unsupported()
-    }
-    async fn get_scene(&self, _name: &str) -> Result<Option<Scene>, StoreError> {
-        unsupported()
-    }
-    async fn list_scenes(&self) -> Result<Vec<Scene>, StoreError> {
-        unsupported()
-    }
-    async fn delete_scene(&self, _name: &str) -> Result<bool, StoreError> {
-        unsupported()
-    }
-
-    // Knowledge base with full-text search.
-    async fn add_knowledge(&self, _d: &KnowledgeDoc) -> Result<(), StoreError> {
-        unsupported()
-    }
-    /// Best first. A document whose title matches the query ranks above one that only
-    /// mentions it. Any user text is a valid query (it is never parsed as search syntax).
-    async fn search_knowledge(
-        &self,
-        _query: &str,
-        _limit: u32,
-    ) -> Result<Vec<KnowledgeHit>, StoreError> {
-        unsupported()
-    }
-
-    // Tasks.
-    async fn create_task(&self, _t: &Task) -> Result<(), StoreError> {
-        unsupported()
-    }
-    /// `user_id: None` reads any user's task (workers); `Some` only that user's.
-    async fn get_task(
-        &self,
-        _user_id: Option<&str>,
-        _id: &str,
-    ) -> Result<Option<Task>, StoreError> {
-        unsupported()
-    }
-    /// Atomically moves a `queued` or `running` task to `running` (a reclaimed task was
-    /// left `running` by a worker that died) and sets `started_at`; `None` when the task
-    /// is missing or already final, so it must not run.
-    async fn claim_task(&self, _id: &str, _now: Millis) -> Result<Option<Task>, StoreError> {
-        unsupported()
-    }
-    async fn set_task_progress(&self, _id: &str, _tokens: i64) -> Result<(), StoreError> {
-        unsupported()
-    }
-    /// Moves a `running` task to a final status; `false` when it was not running (already
-    /// finished or cancelled), so a task completes exactly once.
-    async fn finish_task(
-        &self,
-        _id: &str,
-        _status: TaskStatus,
-        _result: Option<&str>,
-        _reasoning: Option<&str>,
-        _error: Option<&str>,
-        _now: Millis,
-    ) -> Result<bool, StoreError> {
-        unsupported()
-    }
-    /// Cancels a `queued` or `running` task of this user; returns its status before, or
-    /// `None` when not found for this user. A final task is left as it is.
-    async fn cancel_task(
-        &self,
-        _user_id: &str,
-        _id: &str,
-        _now: Millis,
-    ) -> Result<Option<TaskStatus>, StoreError> {
-        unsupported()
-    }
-    /// `queued` and `running` tasks, oldest first (an embedded restart runs them again).
-    async fn list_unfinished_tasks(&self) -> Result<Vec<Task>, StoreError> {
-        unsupported()
-    }
-    /// 1-based place among queued tasks by creation time; `None` unless queued.
-    async fn task_position(&self, _id: &str) -> Result<Option<u64>, StoreError> {
-        unsupported()
-    }
-    async fn count_queued_tasks(&self) -> Result<u64, StoreError> {
-        unsupported()
-    }
-
-    /// Token usage per key and model recorded in `[from, to)`.
-    async fn usage_summary(&self, _from: Millis, _to: Millis) -> Result<Vec<UsageRow>, StoreError> {
-        unsupported()
-    }
-
-    /// Connection pool occupancy, for backends that pool connections.
-    fn pool_state(&self) -> Option<PoolState> {
-        None
-    }
 
     /// Takes the session's one running-generation slot for `generation_id`, run by
     /// `server_id`, until `expires_at`, in one conditional write. The slot is free when
@@ -560,6 +465,113 @@ pub trait Store: Send + Sync + 'static {
     /// session slot is held, unexpired, for that reply's generation by another server.
     async fn interrupt_streaming_of(&self, server_id: &str, now: Millis)
     -> Result<u64, StoreError>;
+}
+
+/// Agents, scenes and the knowledge base: names are unique; `create` of a taken name
+/// is a Conflict.
+#[async_trait]
+pub trait CatalogStore: Send + Sync + 'static {
+    // Agents.
+    async fn create_agent(&self, a: &Agent) -> Result<(), StoreError>;
+
+    /// Replaces the agent with `a.name`; `false` when there is none.
+    async fn update_agent(&self, a: &Agent) -> Result<bool, StoreError>;
+
+    async fn get_agent(&self, name: &str) -> Result<Option<Agent>, StoreError>;
+
+    /// By name.
+    async fn list_agents(&self) -> Result<Vec<Agent>, StoreError>;
+
+    async fn delete_agent(&self, name: &str) -> Result<bool, StoreError>;
+
+    // Scenes: as agents.
+    async fn create_scene(&self, s: &Scene) -> Result<(), StoreError>;
+
+    async fn update_scene(&self, s: &Scene) -> Result<bool, StoreError>;
+
+    async fn get_scene(&self, name: &str) -> Result<Option<Scene>, StoreError>;
+
+    async fn list_scenes(&self) -> Result<Vec<Scene>, StoreError>;
+
+    async fn delete_scene(&self, name: &str) -> Result<bool, StoreError>;
+
+    // Knowledge base with full-text search.
+    async fn add_knowledge(&self, d: &KnowledgeDoc) -> Result<(), StoreError>;
+
+    /// Best first. A document whose title matches the query ranks above one that only
+    /// mentions it. Any user text is a valid query (it is never parsed as search syntax).
+    async fn search_knowledge(
+        &self,
+        query: &str,
+        limit: u32,
+    ) -> Result<Vec<KnowledgeHit>, StoreError>;
+}
+
+/// Asynchronous prompt jobs.
+#[async_trait]
+pub trait TaskStore: Send + Sync + 'static {
+    // Tasks.
+    async fn create_task(&self, t: &Task) -> Result<(), StoreError>;
+
+    /// `user_id: None` reads any user's task (workers); `Some` only that user's.
+    async fn get_task(&self, user_id: Option<&str>, id: &str) -> Result<Option<Task>, StoreError>;
+
+    /// Atomically moves a `queued` or `running` task to `running` (a reclaimed task was
+    /// left `running` by a worker that died) and sets `started_at`; `None` when the task
+    /// is missing or already final, so it must not run.
+    async fn claim_task(&self, id: &str, now: Millis) -> Result<Option<Task>, StoreError>;
+
+    async fn set_task_progress(&self, id: &str, tokens: i64) -> Result<(), StoreError>;
+
+    /// Moves a `running` task to a final status; `false` when it was not running (already
+    /// finished or cancelled), so a task completes exactly once.
+    async fn finish_task(
+        &self,
+        id: &str,
+        status: TaskStatus,
+        result: Option<&str>,
+        reasoning: Option<&str>,
+        error: Option<&str>,
+        now: Millis,
+    ) -> Result<bool, StoreError>;
+
+    /// Cancels a `queued` or `running` task of this user; returns its status before, or
+    /// `None` when not found for this user. A final task is left as it is.
+    async fn cancel_task(
+        &self,
+        user_id: &str,
+        id: &str,
+        now: Millis,
+    ) -> Result<Option<TaskStatus>, StoreError>;
+
+    /// `queued` and `running` tasks, oldest first (an embedded restart runs them again).
+    async fn list_unfinished_tasks(&self) -> Result<Vec<Task>, StoreError>;
+
+    /// 1-based place among queued tasks by creation time; `None` unless queued.
+    async fn task_position(&self, id: &str) -> Result<Option<u64>, StoreError>;
+
+    async fn count_queued_tasks(&self) -> Result<u64, StoreError>;
+}
+
+/// Token usage, per request and summed.
+#[async_trait]
+pub trait UsageStore: Send + Sync + 'static {
+    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError>;
+
+    /// Token usage per key and model recorded in `[from, to)`.
+    async fn usage_summary(&self, from: Millis, to: Millis) -> Result<Vec<UsageRow>, StoreError>;
+}
+
+/// The whole contract: every role. Callers hold `Arc<dyn Store>`; a part of the code that
+/// needs one role can take that role alone.
+pub trait Store:
+    StoreHealth + KeyStore + SessionStore + CatalogStore + TaskStore + UsageStore
+{
+}
+
+impl<T: StoreHealth + KeyStore + SessionStore + CatalogStore + TaskStore + UsageStore + ?Sized>
+    Store for T
+{
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

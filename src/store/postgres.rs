@@ -27,9 +27,10 @@ use super::codec::{
 };
 use super::sql;
 use super::{
-    Agent, ApiKey, KnowledgeDoc, KnowledgeHit, MessageStatus, MessageUpdate, Millis, Scene,
-    Session, SessionCursor, Store, StoreError, StoredMessage, Task, TaskStatus, UsageRecord,
-    UsageRow, User, new_id, now_millis,
+    Agent, ApiKey, CatalogStore, KeyStore, KnowledgeDoc, KnowledgeHit, MessageStatus,
+    MessageUpdate, Millis, Scene, Session, SessionCursor, SessionStore, StoreError, StoreHealth,
+    StoredMessage, Task, TaskStatus, TaskStore, UsageRecord, UsageRow, UsageStore, User, new_id,
+    now_millis,
 };
 use crate::config::{DbPooler, StoreConfig};
 use crate::upstream::breaker::{Breaker, BreakerSettings};
@@ -741,7 +742,7 @@ fn hit_row(r: &Row) -> Result<KnowledgeHit, StoreError> {
 }
 
 #[async_trait]
-impl Store for PgStore {
+impl StoreHealth for PgStore {
     fn backend(&self) -> &'static str {
         "postgres"
     }
@@ -751,6 +752,13 @@ impl Store for PgStore {
         Ok(())
     }
 
+    fn pool_state(&self) -> Option<super::PoolState> {
+        Some(PgStore::pool_state(self))
+    }
+}
+
+#[async_trait]
+impl KeyStore for PgStore {
     async fn ensure_user(&self, name: &str) -> Result<User, StoreError> {
         let c = self.conn().await?;
         // Two statements, not one CTE: a CTE's SELECT cannot see a row that a concurrent
@@ -831,7 +839,10 @@ impl Store for PgStore {
             .await?;
         row.as_ref().map(key_row).transpose()
     }
+}
 
+#[async_trait]
+impl SessionStore for PgStore {
     async fn create_session(
         &self,
         user_id: &str,
@@ -995,28 +1006,62 @@ impl Store for PgStore {
         Ok(n)
     }
 
-    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError> {
-        self.conn()
-            .await?
+    async fn claim_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+        server_id: &str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> Result<Option<String>, StoreError> {
+        let conn = self.conn().await?;
+        // One statement decides: concurrent claims of a session queue on its row lock and
+        // the later ones re-check the condition against the winner's values.
+        let n = conn
             .execute(
-                sql::INSERT_USAGE.pg(),
-                &[
-                    &new_id(),
-                    &r.user_id,
-                    &r.key_id,
-                    &r.session_id,
-                    &r.provider,
-                    &r.model,
-                    &r.prompt_tokens,
-                    &r.completion_tokens,
-                    &r.created_at,
-                    &r.reasoning_tokens,
-                ],
+                sql::CLAIM_GENERATION.pg(),
+                &[&session_id, &generation_id, &server_id, &now, &expires_at],
             )
             .await?;
-        Ok(())
+        if n == 1 {
+            return Ok(None);
+        }
+        let row = conn
+            .query_opt(sql::RUNNING_GENERATION.pg(), &[&session_id])
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("session {session_id}").into()))?;
+        Ok(Some(row.get::<_, Option<String>>(0).unwrap_or_default()))
     }
 
+    async fn release_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .await?
+            .execute(sql::RELEASE_GENERATION.pg(), &[&session_id, &generation_id])
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn interrupt_streaming_of(
+        &self,
+        server_id: &str,
+        now: Millis,
+    ) -> Result<u64, StoreError> {
+        let n = self
+            .conn()
+            .await?
+            .execute(sql::INTERRUPT_STREAMING_OF.pg(), &[&server_id, &now])
+            .await?;
+        Ok(n)
+    }
+}
+
+#[async_trait]
+impl CatalogStore for PgStore {
     async fn create_agent(&self, a: &Agent) -> Result<(), StoreError> {
         let fallback = json_list(&a.fallback_models)?;
         self.conn()
@@ -1195,7 +1240,10 @@ impl Store for PgStore {
             .await?;
         rows.iter().map(hit_row).collect()
     }
+}
 
+#[async_trait]
+impl TaskStore for PgStore {
     async fn create_task(&self, t: &Task) -> Result<(), StoreError> {
         self.conn()
             .await?
@@ -1349,6 +1397,31 @@ impl Store for PgStore {
             .try_get(0)?;
         Ok(n.max(0) as u64)
     }
+}
+
+#[async_trait]
+impl UsageStore for PgStore {
+    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError> {
+        self.conn()
+            .await?
+            .execute(
+                sql::INSERT_USAGE.pg(),
+                &[
+                    &new_id(),
+                    &r.user_id,
+                    &r.key_id,
+                    &r.session_id,
+                    &r.provider,
+                    &r.model,
+                    &r.prompt_tokens,
+                    &r.completion_tokens,
+                    &r.created_at,
+                    &r.reasoning_tokens,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
 
     async fn usage_summary(&self, from: Millis, to: Millis) -> Result<Vec<UsageRow>, StoreError> {
         let rows = self
@@ -1368,63 +1441,6 @@ impl Store for PgStore {
                 })
             })
             .collect()
-    }
-
-    fn pool_state(&self) -> Option<super::PoolState> {
-        Some(PgStore::pool_state(self))
-    }
-
-    async fn claim_generation(
-        &self,
-        session_id: &str,
-        generation_id: &str,
-        server_id: &str,
-        now: Millis,
-        expires_at: Millis,
-    ) -> Result<Option<String>, StoreError> {
-        let conn = self.conn().await?;
-        // One statement decides: concurrent claims of a session queue on its row lock and
-        // the later ones re-check the condition against the winner's values.
-        let n = conn
-            .execute(
-                sql::CLAIM_GENERATION.pg(),
-                &[&session_id, &generation_id, &server_id, &now, &expires_at],
-            )
-            .await?;
-        if n == 1 {
-            return Ok(None);
-        }
-        let row = conn
-            .query_opt(sql::RUNNING_GENERATION.pg(), &[&session_id])
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("session {session_id}").into()))?;
-        Ok(Some(row.get::<_, Option<String>>(0).unwrap_or_default()))
-    }
-
-    async fn release_generation(
-        &self,
-        session_id: &str,
-        generation_id: &str,
-    ) -> Result<bool, StoreError> {
-        let n = self
-            .conn()
-            .await?
-            .execute(sql::RELEASE_GENERATION.pg(), &[&session_id, &generation_id])
-            .await?;
-        Ok(n == 1)
-    }
-
-    async fn interrupt_streaming_of(
-        &self,
-        server_id: &str,
-        now: Millis,
-    ) -> Result<u64, StoreError> {
-        let n = self
-            .conn()
-            .await?
-            .execute(sql::INTERRUPT_STREAMING_OF.pg(), &[&server_id, &now])
-            .await?;
-        Ok(n)
     }
 }
 

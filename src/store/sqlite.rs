@@ -21,9 +21,10 @@ use super::codec::{
 };
 use super::sql;
 use super::{
-    Agent, ApiKey, KnowledgeDoc, KnowledgeHit, MessageStatus, MessageUpdate, Millis, Scene,
-    Session, SessionCursor, Store, StoreError, StoredMessage, Task, TaskStatus, UsageRecord,
-    UsageRow, User, new_id, now_millis,
+    Agent, ApiKey, CatalogStore, KeyStore, KnowledgeDoc, KnowledgeHit, MessageStatus,
+    MessageUpdate, Millis, Scene, Session, SessionCursor, SessionStore, StoreError, StoreHealth,
+    StoredMessage, Task, TaskStatus, TaskStore, UsageRecord, UsageRow, UsageStore, User, new_id,
+    now_millis,
 };
 use crate::config::StoreConfig;
 
@@ -414,7 +415,7 @@ fn fts5_any(terms: &[String]) -> String {
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl StoreHealth for SqliteStore {
     fn backend(&self) -> &'static str {
         "sqlite"
     }
@@ -427,6 +428,14 @@ impl Store for SqliteStore {
         .await
     }
 
+    /// One file, no pool to report.
+    fn pool_state(&self) -> Option<super::PoolState> {
+        None
+    }
+}
+
+#[async_trait]
+impl KeyStore for SqliteStore {
     async fn ensure_user(&self, name: &str) -> Result<User, StoreError> {
         let name = name.to_owned();
         self.write(move |c| {
@@ -519,7 +528,10 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl SessionStore for SqliteStore {
     async fn create_session(
         &self,
         user_id: &str,
@@ -690,27 +702,78 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError> {
-        let r = r.clone();
+    async fn claim_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+        server_id: &str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> Result<Option<String>, StoreError> {
+        let (session_id, generation_id, server_id) = (
+            session_id.to_owned(),
+            generation_id.to_owned(),
+            server_id.to_owned(),
+        );
+        // The one writer connection serialises claims; the statement alone decides.
         self.write(move |c| {
-            c.prepare_cached(sql::INSERT_USAGE.sqlite())?
+            let n = c
+                .prepare_cached(sql::CLAIM_GENERATION.sqlite())?
                 .execute(params![
-                    new_id(),
-                    r.user_id,
-                    r.key_id,
-                    r.session_id,
-                    r.provider,
-                    r.model,
-                    r.prompt_tokens,
-                    r.completion_tokens,
-                    r.created_at,
-                    r.reasoning_tokens
+                    session_id,
+                    generation_id,
+                    server_id,
+                    now,
+                    expires_at
                 ])?;
-            Ok(())
+            if n == 1 {
+                return Ok(None);
+            }
+            let running: Option<Option<String>> = c
+                .prepare_cached(sql::RUNNING_GENERATION.sqlite())?
+                .query_row([&session_id], |r| r.get(0))
+                .optional()?;
+            match running {
+                Some(g) => Ok(Some(g.unwrap_or_default())),
+                None => Err(StoreError::NotFound(format!("session {session_id}").into())),
+            }
         })
         .await
     }
 
+    async fn release_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+    ) -> Result<bool, StoreError> {
+        let (session_id, generation_id) = (session_id.to_owned(), generation_id.to_owned());
+        self.write(move |c| {
+            let n = c
+                .prepare_cached(sql::RELEASE_GENERATION.sqlite())?
+                .execute([&session_id, &generation_id])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn interrupt_streaming_of(
+        &self,
+        server_id: &str,
+        now: Millis,
+    ) -> Result<u64, StoreError> {
+        let server_id = server_id.to_owned();
+        self.write(move |c| {
+            let n = c
+                .prepare_cached(sql::INTERRUPT_STREAMING_OF.sqlite())?
+                .execute(params![server_id, now])?;
+            Ok(n as u64)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl CatalogStore for SqliteStore {
     async fn create_agent(&self, a: &Agent) -> Result<(), StoreError> {
         let a = a.clone();
         let fallback = json_list(&a.fallback_models)?;
@@ -896,7 +959,10 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl TaskStore for SqliteStore {
     async fn create_task(&self, t: &Task) -> Result<(), StoreError> {
         let t = t.clone();
         self.write(move |c| {
@@ -1044,6 +1110,30 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+#[async_trait]
+impl UsageStore for SqliteStore {
+    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError> {
+        let r = r.clone();
+        self.write(move |c| {
+            c.prepare_cached(sql::INSERT_USAGE.sqlite())?
+                .execute(params![
+                    new_id(),
+                    r.user_id,
+                    r.key_id,
+                    r.session_id,
+                    r.provider,
+                    r.model,
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                    r.created_at,
+                    r.reasoning_tokens
+                ])?;
+            Ok(())
+        })
+        .await
+    }
 
     async fn usage_summary(&self, from: Millis, to: Millis) -> Result<Vec<UsageRow>, StoreError> {
         self.read(move |c| {
@@ -1061,75 +1151,6 @@ impl Store for SqliteStore {
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
-        })
-        .await
-    }
-
-    async fn claim_generation(
-        &self,
-        session_id: &str,
-        generation_id: &str,
-        server_id: &str,
-        now: Millis,
-        expires_at: Millis,
-    ) -> Result<Option<String>, StoreError> {
-        let (session_id, generation_id, server_id) = (
-            session_id.to_owned(),
-            generation_id.to_owned(),
-            server_id.to_owned(),
-        );
-        // The one writer connection serialises claims; the statement alone decides.
-        self.write(move |c| {
-            let n = c
-                .prepare_cached(sql::CLAIM_GENERATION.sqlite())?
-                .execute(params![
-                    session_id,
-                    generation_id,
-                    server_id,
-                    now,
-                    expires_at
-                ])?;
-            if n == 1 {
-                return Ok(None);
-            }
-            let running: Option<Option<String>> = c
-                .prepare_cached(sql::RUNNING_GENERATION.sqlite())?
-                .query_row([&session_id], |r| r.get(0))
-                .optional()?;
-            match running {
-                Some(g) => Ok(Some(g.unwrap_or_default())),
-                None => Err(StoreError::NotFound(format!("session {session_id}").into())),
-            }
-        })
-        .await
-    }
-
-    async fn release_generation(
-        &self,
-        session_id: &str,
-        generation_id: &str,
-    ) -> Result<bool, StoreError> {
-        let (session_id, generation_id) = (session_id.to_owned(), generation_id.to_owned());
-        self.write(move |c| {
-            let n = c
-                .prepare_cached(sql::RELEASE_GENERATION.sqlite())?
-                .execute([&session_id, &generation_id])?;
-            Ok(n == 1)
-        })
-        .await
-    }
-
-    async fn interrupt_streaming_of(
-        &self,
-        server_id: &str,
-        now: Millis,
-    ) -> Result<u64, StoreError> {
-        let server_id = server_id.to_owned();
-        self.write(move |c| {
-            let n = c
-                .prepare_cached(sql::INTERRUPT_STREAMING_OF.sqlite())?
-                .execute(params![server_id, now])?;
-            Ok(n as u64)
         })
         .await
     }

@@ -9,8 +9,9 @@ use std::borrow::Cow;
 use async_trait::async_trait;
 
 use super::{
-    Agent, ApiKey, KnowledgeDoc, KnowledgeHit, MessageUpdate, Millis, PoolState, Scene, Session,
-    SessionCursor, Store, StoreError, StoredMessage, Task, TaskStatus, UsageRecord, UsageRow, User,
+    Agent, ApiKey, CatalogStore, KeyStore, KnowledgeDoc, KnowledgeHit, MessageUpdate, Millis,
+    PoolState, Scene, Session, SessionCursor, SessionStore, StoreError, StoreHealth, StoredMessage,
+    Task, TaskStatus, TaskStore, UsageRecord, UsageRow, UsageStore, User,
 };
 
 /// `s` with each NUL replaced by U+FFFD; borrowed when there is none.
@@ -38,7 +39,7 @@ fn opt_ref(s: Option<&str>) -> Option<Cow<'_, str>> {
 pub struct NulSafe<S>(pub S);
 
 #[async_trait]
-impl<S: Store> Store for NulSafe<S> {
+impl<S: StoreHealth> StoreHealth for NulSafe<S> {
     fn backend(&self) -> &'static str {
         self.0.backend()
     }
@@ -47,6 +48,13 @@ impl<S: Store> Store for NulSafe<S> {
         self.0.ping().await
     }
 
+    fn pool_state(&self) -> Option<PoolState> {
+        self.0.pool_state()
+    }
+}
+
+#[async_trait]
+impl<S: KeyStore> KeyStore for NulSafe<S> {
     async fn ensure_user(&self, name: &str) -> Result<User, StoreError> {
         self.0.ensure_user(&nul_free(name)).await
     }
@@ -85,7 +93,10 @@ impl<S: Store> Store for NulSafe<S> {
     async fn find_api_key_by_id(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
         self.0.find_api_key_by_id(&nul_free(id)).await
     }
+}
 
+#[async_trait]
+impl<S: SessionStore> SessionStore for NulSafe<S> {
     async fn create_session(
         &self,
         user_id: &str,
@@ -176,18 +187,48 @@ impl<S: Store> Store for NulSafe<S> {
         self.0.interrupt_streaming().await
     }
 
-    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError> {
-        let r = UsageRecord {
-            user_id: owned(&r.user_id),
-            key_id: opt(&r.key_id),
-            session_id: opt(&r.session_id),
-            provider: owned(&r.provider),
-            model: owned(&r.model),
-            ..r.clone()
-        };
-        self.0.record_usage(&r).await
+    async fn claim_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+        server_id: &str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> Result<Option<String>, StoreError> {
+        self.0
+            .claim_generation(
+                &nul_free(session_id),
+                &nul_free(generation_id),
+                &nul_free(server_id),
+                now,
+                expires_at,
+            )
+            .await
     }
 
+    async fn release_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+    ) -> Result<bool, StoreError> {
+        self.0
+            .release_generation(&nul_free(session_id), &nul_free(generation_id))
+            .await
+    }
+
+    async fn interrupt_streaming_of(
+        &self,
+        server_id: &str,
+        now: Millis,
+    ) -> Result<u64, StoreError> {
+        self.0
+            .interrupt_streaming_of(&nul_free(server_id), now)
+            .await
+    }
+}
+
+#[async_trait]
+impl<S: CatalogStore> CatalogStore for NulSafe<S> {
     async fn create_agent(&self, a: &Agent) -> Result<(), StoreError> {
         self.0.create_agent(&agent(a)).await
     }
@@ -246,7 +287,10 @@ impl<S: Store> Store for NulSafe<S> {
     ) -> Result<Vec<KnowledgeHit>, StoreError> {
         self.0.search_knowledge(&nul_free(query), limit).await
     }
+}
 
+#[async_trait]
+impl<S: TaskStore> TaskStore for NulSafe<S> {
     async fn create_task(&self, t: &Task) -> Result<(), StoreError> {
         let t = Task {
             id: owned(&t.id),
@@ -320,52 +364,24 @@ impl<S: Store> Store for NulSafe<S> {
     async fn count_queued_tasks(&self) -> Result<u64, StoreError> {
         self.0.count_queued_tasks().await
     }
+}
+
+#[async_trait]
+impl<S: UsageStore> UsageStore for NulSafe<S> {
+    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError> {
+        let r = UsageRecord {
+            user_id: owned(&r.user_id),
+            key_id: opt(&r.key_id),
+            session_id: opt(&r.session_id),
+            provider: owned(&r.provider),
+            model: owned(&r.model),
+            ..r.clone()
+        };
+        self.0.record_usage(&r).await
+    }
 
     async fn usage_summary(&self, from: Millis, to: Millis) -> Result<Vec<UsageRow>, StoreError> {
         self.0.usage_summary(from, to).await
-    }
-
-    fn pool_state(&self) -> Option<PoolState> {
-        self.0.pool_state()
-    }
-
-    async fn claim_generation(
-        &self,
-        session_id: &str,
-        generation_id: &str,
-        server_id: &str,
-        now: Millis,
-        expires_at: Millis,
-    ) -> Result<Option<String>, StoreError> {
-        self.0
-            .claim_generation(
-                &nul_free(session_id),
-                &nul_free(generation_id),
-                &nul_free(server_id),
-                now,
-                expires_at,
-            )
-            .await
-    }
-
-    async fn release_generation(
-        &self,
-        session_id: &str,
-        generation_id: &str,
-    ) -> Result<bool, StoreError> {
-        self.0
-            .release_generation(&nul_free(session_id), &nul_free(generation_id))
-            .await
-    }
-
-    async fn interrupt_streaming_of(
-        &self,
-        server_id: &str,
-        now: Millis,
-    ) -> Result<u64, StoreError> {
-        self.0
-            .interrupt_streaming_of(&nul_free(server_id), now)
-            .await
     }
 }
 
