@@ -16,7 +16,9 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use sluice::chat::Role;
 use sluice::config::{DbPooler, StoreConfig};
 use sluice::store::postgres::PgStore;
-use sluice::store::{KeyStore, MessageStatus, SessionStore, StoredMessage, new_id, now_millis};
+use sluice::store::{
+    KeyStore, MessageStatus, Session, SessionStore, StoredMessage, new_id, now_millis,
+};
 use tokio::runtime::Runtime;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls};
@@ -83,7 +85,9 @@ impl Fixture {
             .create_api_key(&user.id, "bench", &[7; 32], "sk-bench", false)
             .await
             .unwrap();
-        let session = store.create_session(&user.id, None, None).await.unwrap().id;
+        let session = Session::new(&user.id, None, None, now_millis());
+        store.create_session(&session).await.unwrap();
+        let session = session.id;
         for i in 0..20 {
             store.insert_message(&message(&session, i)).await.unwrap();
         }

@@ -137,7 +137,7 @@ impl AppState {
             // have other instances running theirs: only replies no other instance holds a
             // live claim on are ended. (With the bus, leases end a lost instance's.)
             let n = if store.backend() == "sqlite" {
-                store.interrupt_streaming().await?
+                store.interrupt_streaming(store::now_millis()).await?
             } else {
                 store
                     .interrupt_streaming_of(&config.server.server_id, store::now_millis())

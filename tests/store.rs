@@ -16,8 +16,8 @@ use sluice::store::cli::{generate_key, hash_key};
 use sluice::store::postgres::PgStore;
 use sluice::store::sqlite::SqliteStore;
 use sluice::store::{
-    Agent, KnowledgeDoc, MessageStatus, MessageUpdate, Scene, SessionCursor, Store, StoreError,
-    StoredMessage, Task, TaskStatus, UsageRecord, new_id, now_millis,
+    Agent, KnowledgeDoc, MessageStatus, MessageUpdate, Scene, Session, SessionCursor, Store,
+    StoreError, StoredMessage, Task, TaskStatus, UsageRecord, new_id, now_millis,
 };
 
 crate::backend_tests!(
@@ -51,6 +51,18 @@ crate::backend_tests!(
     racing_claims_of_a_session_let_exactly_one_through,
     start_up_interrupts_only_replies_no_other_instance_holds,
 );
+
+/// A session made as the chat service makes it.
+async fn new_session(
+    store: &dyn Store,
+    user_id: &str,
+    agent: Option<&str>,
+    title: Option<&str>,
+) -> Session {
+    let s = Session::new(user_id, agent, title, now_millis());
+    store.create_session(&s).await.unwrap();
+    s
+}
 
 async fn open(db: &TestDb) -> Arc<dyn Store> {
     sluice::store::open(&db.config).await.unwrap()
@@ -224,7 +236,10 @@ async fn a_database_of_the_first_schema_keeps_its_rows_through_the_reasoning_col
         completion_tokens: None,
         error: None,
     };
-    store.update_message("m1", &update).await.unwrap();
+    store
+        .update_message("m1", &update, now_millis())
+        .await
+        .unwrap();
     let m = store.list_messages("s1").await.unwrap().pop().unwrap();
     assert_eq!(m.reasoning.as_deref(), Some("new thoughts"));
 }
@@ -381,10 +396,7 @@ async fn sessions_crud_is_scoped_to_the_owner(backend: Backend) {
     let alice = store.ensure_user("alice").await.unwrap().id;
     let bob = store.ensure_user("bob").await.unwrap().id;
 
-    let s = store
-        .create_session(&alice, Some("helper"), Some("first chat"))
-        .await
-        .unwrap();
+    let s = new_session(&*store, &alice, Some("helper"), Some("first chat")).await;
     assert_eq!(
         (s.agent.as_deref(), s.title.as_deref()),
         (Some("helper"), Some("first chat"))
@@ -394,7 +406,7 @@ async fn sessions_crud_is_scoped_to_the_owner(backend: Backend) {
         store.get_session(&alice, &s.id).await.unwrap(),
         Some(s.clone())
     );
-    let bare = store.create_session(&alice, None, None).await.unwrap();
+    let bare = new_session(&*store, &alice, None, None).await;
     assert_eq!((&bare.agent, &bare.title), (&None, &None));
 
     // Bob sees, renames and deletes nothing of Alice's.
@@ -475,10 +487,10 @@ async fn sessions_page_newest_first_with_a_cursor(backend: Backend) {
     let bob = store.ensure_user("bob").await.unwrap().id;
     let mut ids = Vec::new();
     for _ in 0..25 {
-        ids.push(store.create_session(&alice, None, None).await.unwrap().id);
+        ids.push(new_session(&*store, &alice, None, None).await.id);
     }
     for _ in 0..3 {
-        store.create_session(&bob, None, None).await.unwrap();
+        new_session(&*store, &bob, None, None).await;
     }
     // Activity reorders: a message moves its session up. Many sessions share a
     // millisecond, so the id tie-break is exercised too.
@@ -533,7 +545,7 @@ async fn messages_round_trip_in_order_and_update(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
     let alice = store.ensure_user("alice").await.unwrap().id;
-    let s = store.create_session(&alice, None, None).await.unwrap();
+    let s = new_session(&*store, &alice, None, None).await;
     let t = s.created_at + 10;
 
     let system = message(&s.id, Role::System, "be brief", t);
@@ -569,7 +581,10 @@ async fn messages_round_trip_in_order_and_update(backend: Backend) {
         completion_tokens: Some(3),
         error: None,
     };
-    store.update_message(&assistant.id, &done).await.unwrap();
+    store
+        .update_message(&assistant.id, &done, now_millis())
+        .await
+        .unwrap();
     let got = store.list_messages(&s.id).await.unwrap().pop().unwrap();
     assert_eq!(
         (
@@ -596,7 +611,10 @@ async fn messages_round_trip_in_order_and_update(backend: Backend) {
         completion_tokens: None,
         error: Some("upstream returned 500".into()),
     };
-    store.update_message(&assistant.id, &failed).await.unwrap();
+    store
+        .update_message(&assistant.id, &failed, now_millis())
+        .await
+        .unwrap();
     let got = store.list_messages(&s.id).await.unwrap().pop().unwrap();
     assert_eq!(
         (
@@ -618,7 +636,7 @@ async fn messages_round_trip_in_order_and_update(backend: Backend) {
     );
 
     let err = store
-        .update_message("no-such-message", &done)
+        .update_message("no-such-message", &done, now_millis())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
@@ -645,8 +663,8 @@ async fn deleting_a_session_deletes_its_messages(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
     let alice = store.ensure_user("alice").await.unwrap().id;
-    let gone = store.create_session(&alice, None, None).await.unwrap();
-    let kept = store.create_session(&alice, None, None).await.unwrap();
+    let gone = new_session(&*store, &alice, None, None).await;
+    let kept = new_session(&*store, &alice, None, None).await;
     for i in 0..3 {
         store
             .insert_message(&message(&gone.id, Role::User, "bye", gone.created_at + i))
@@ -693,7 +711,7 @@ async fn interrupt_streaming_marks_only_streaming_messages(backend: Backend) {
         MessageStatus::Cancelled,
         MessageStatus::Streaming,
     ] {
-        let s = store.create_session(&alice, None, None).await.unwrap();
+        let s = new_session(&*store, &alice, None, None).await;
         let m = StoredMessage {
             status,
             ..message(&s.id, Role::Assistant, "partial", s.created_at)
@@ -705,13 +723,13 @@ async fn interrupt_streaming_marks_only_streaming_messages(backend: Backend) {
         };
         expected.push((s.id, after));
     }
-    assert_eq!(store.interrupt_streaming().await.unwrap(), 2);
+    assert_eq!(store.interrupt_streaming(now_millis()).await.unwrap(), 2);
     for (session, status) in &expected {
         let m = store.list_messages(session).await.unwrap().pop().unwrap();
         assert_eq!(m.status, *status);
         assert_eq!(m.content, "partial", "the partial answer is kept");
     }
-    assert_eq!(store.interrupt_streaming().await.unwrap(), 0);
+    assert_eq!(store.interrupt_streaming(now_millis()).await.unwrap(), 0);
 }
 
 async fn usage_is_recorded(backend: Backend) {
@@ -719,6 +737,7 @@ async fn usage_is_recorded(backend: Backend) {
     let store = open(&db).await;
     let alice = store.ensure_user("alice").await.unwrap().id;
     let record = |key_id: Option<&str>, session_id: Option<&str>| UsageRecord {
+        id: new_id(),
         user_id: alice.clone(),
         key_id: key_id.map(str::to_owned),
         session_id: session_id.map(str::to_owned),
@@ -876,7 +895,7 @@ async fn concurrent_writes_and_reads_all_succeed(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
     let alice = store.ensure_user("alice").await.unwrap().id;
-    let s = store.create_session(&alice, None, None).await.unwrap();
+    let s = new_session(&*store, &alice, None, None).await;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..64 {
         let (store, alice, session) = (store.clone(), alice.clone(), s.id.clone());
@@ -1665,7 +1684,7 @@ async fn a_session_runs_one_generation_until_released_or_expired(backend: Backen
     let db = fresh(backend).await;
     let store = open(&db).await;
     let alice = store.ensure_user("alice").await.unwrap().id;
-    let s = store.create_session(&alice, None, None).await.unwrap().id;
+    let s = new_session(&*store, &alice, None, None).await.id;
     let now = now_millis();
     let until = now + 60_000;
 
@@ -1721,7 +1740,7 @@ async fn a_session_runs_one_generation_until_released_or_expired(backend: Backen
         None
     );
     // Sessions hold their own slots; a missing one is not found.
-    let other = store.create_session(&alice, None, None).await.unwrap().id;
+    let other = new_session(&*store, &alice, None, None).await.id;
     assert_eq!(
         store
             .claim_generation(&other, "g4", "a", now, until)
@@ -1739,7 +1758,7 @@ async fn a_session_is_free_once_its_generations_reply_has_ended(backend: Backend
     let db = fresh(backend).await;
     let store = open(&db).await;
     let alice = store.ensure_user("alice").await.unwrap().id;
-    let s = store.create_session(&alice, None, None).await.unwrap().id;
+    let s = new_session(&*store, &alice, None, None).await.id;
     let now = now_millis();
     let until = now + 60_000;
     assert_eq!(
@@ -1769,7 +1788,10 @@ async fn a_session_is_free_once_its_generations_reply_has_ended(backend: Backend
         completion_tokens: None,
         error: None,
     };
-    store.update_message(&reply.id, &update).await.unwrap();
+    store
+        .update_message(&reply.id, &update, now_millis())
+        .await
+        .unwrap();
     assert_eq!(
         store
             .claim_generation(&s, "g2", "b", now, until)
@@ -1783,7 +1805,7 @@ async fn racing_claims_of_a_session_let_exactly_one_through(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
     let alice = store.ensure_user("alice").await.unwrap().id;
-    let s = store.create_session(&alice, None, None).await.unwrap().id;
+    let s = new_session(&*store, &alice, None, None).await.id;
     let now = now_millis();
     let claims = (0..16).map(|i| {
         let (store, s) = (store.clone(), s.clone());
@@ -1823,7 +1845,7 @@ async fn start_up_interrupts_only_replies_no_other_instance_holds(backend: Backe
     ];
     let mut replies = Vec::new();
     for (server, expires, _) in cases {
-        let s = store.create_session(&alice, None, None).await.unwrap().id;
+        let s = new_session(&*store, &alice, None, None).await.id;
         let g = new_id();
         if let Some(server) = server {
             assert_eq!(
@@ -1839,7 +1861,7 @@ async fn start_up_interrupts_only_replies_no_other_instance_holds(backend: Backe
         replies.push(reply);
     }
     // A hold naming a later generation of that session protects no older reply.
-    let s = store.create_session(&alice, None, None).await.unwrap().id;
+    let s = new_session(&*store, &alice, None, None).await.id;
     let stale = streaming_reply(&s, "old");
     store.insert_message(&stale).await.unwrap();
     assert_eq!(

@@ -160,6 +160,20 @@ pub struct Session {
     pub updated_at: Millis,
 }
 
+impl Session {
+    /// A new session as the service creates it: a fresh id, created and updated `now`.
+    pub fn new(user_id: &str, agent: Option<&str>, title: Option<&str>, now: Millis) -> Self {
+        Self {
+            id: new_id(),
+            user_id: user_id.to_owned(),
+            agent: agent.map(str::to_owned),
+            title: title.map(str::to_owned),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum MessageStatus {
@@ -228,6 +242,7 @@ pub struct MessageUpdate {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageRecord {
+    pub id: String,
     pub user_id: String,
     pub key_id: Option<String>,
     pub session_id: Option<String>,
@@ -399,12 +414,7 @@ pub trait KeyStore: Send + Sync + 'static {
 /// Sessions, their messages, and the one running generation a session may have.
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
-    async fn create_session(
-        &self,
-        user_id: &str,
-        agent: Option<&str>,
-        title: Option<&str>,
-    ) -> Result<Session, StoreError>;
+    async fn create_session(&self, s: &Session) -> Result<(), StoreError>;
 
     /// Newest first by `(updated_at, id)` descending.
     async fn list_sessions(
@@ -433,11 +443,17 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Also moves the session's `updated_at` to the message's.
     async fn insert_message(&self, m: &StoredMessage) -> Result<(), StoreError>;
 
-    async fn update_message(&self, id: &str, u: &MessageUpdate) -> Result<(), StoreError>;
+    /// `now` becomes the message's `updated_at`.
+    async fn update_message(
+        &self,
+        id: &str,
+        u: &MessageUpdate,
+        now: Millis,
+    ) -> Result<(), StoreError>;
 
     /// Marks every message still `streaming` as `interrupted`: after a restart of an embedded
     /// instance, nothing can still be producing them.
-    async fn interrupt_streaming(&self) -> Result<u64, StoreError>;
+    async fn interrupt_streaming(&self, now: Millis) -> Result<u64, StoreError>;
 
     /// Takes the session's one running-generation slot for `generation_id`, run by
     /// `server_id`, until `expires_at`, in one conditional write. The slot is free when

@@ -843,21 +843,7 @@ impl KeyStore for PgStore {
 
 #[async_trait]
 impl SessionStore for PgStore {
-    async fn create_session(
-        &self,
-        user_id: &str,
-        agent: Option<&str>,
-        title: Option<&str>,
-    ) -> Result<Session, StoreError> {
-        let now = now_millis();
-        let session = Session {
-            id: new_id(),
-            user_id: user_id.to_owned(),
-            agent: agent.map(str::to_owned),
-            title: title.map(str::to_owned),
-            created_at: now,
-            updated_at: now,
-        };
+    async fn create_session(&self, session: &Session) -> Result<(), StoreError> {
         self.conn()
             .await?
             .execute(
@@ -872,7 +858,7 @@ impl SessionStore for PgStore {
                 ],
             )
             .await?;
-        Ok(session)
+        Ok(())
     }
 
     async fn list_sessions(
@@ -973,7 +959,12 @@ impl SessionStore for PgStore {
         Ok(())
     }
 
-    async fn update_message(&self, id: &str, u: &MessageUpdate) -> Result<(), StoreError> {
+    async fn update_message(
+        &self,
+        id: &str,
+        u: &MessageUpdate,
+        now: Millis,
+    ) -> Result<(), StoreError> {
         let n = self
             .conn()
             .await?
@@ -986,7 +977,7 @@ impl SessionStore for PgStore {
                     &u.prompt_tokens,
                     &u.completion_tokens,
                     &u.error,
-                    &now_millis(),
+                    &now,
                     &u.reasoning,
                 ],
             )
@@ -997,11 +988,11 @@ impl SessionStore for PgStore {
         Ok(())
     }
 
-    async fn interrupt_streaming(&self) -> Result<u64, StoreError> {
+    async fn interrupt_streaming(&self, now: Millis) -> Result<u64, StoreError> {
         let n = self
             .conn()
             .await?
-            .execute(sql::INTERRUPT_STREAMING.pg(), &[&now_millis()])
+            .execute(sql::INTERRUPT_STREAMING.pg(), &[&now])
             .await?;
         Ok(n)
     }
@@ -1407,7 +1398,7 @@ impl UsageStore for PgStore {
             .execute(
                 sql::INSERT_USAGE.pg(),
                 &[
-                    &new_id(),
+                    &r.id,
                     &r.user_id,
                     &r.key_id,
                     &r.session_id,

@@ -532,21 +532,8 @@ impl KeyStore for SqliteStore {
 
 #[async_trait]
 impl SessionStore for SqliteStore {
-    async fn create_session(
-        &self,
-        user_id: &str,
-        agent: Option<&str>,
-        title: Option<&str>,
-    ) -> Result<Session, StoreError> {
-        let now = now_millis();
-        let session = Session {
-            id: new_id(),
-            user_id: user_id.to_owned(),
-            agent: agent.map(str::to_owned),
-            title: title.map(str::to_owned),
-            created_at: now,
-            updated_at: now,
-        };
+    async fn create_session(&self, s: &Session) -> Result<(), StoreError> {
+        let session = s.clone();
         self.write(move |c| {
             c.prepare_cached(sql::INSERT_SESSION.sqlite())?
                 .execute(params![
@@ -557,7 +544,7 @@ impl SessionStore for SqliteStore {
                     session.created_at,
                     session.updated_at
                 ])?;
-            Ok(session)
+            Ok(())
         })
         .await
     }
@@ -668,7 +655,12 @@ impl SessionStore for SqliteStore {
         .await
     }
 
-    async fn update_message(&self, id: &str, u: &MessageUpdate) -> Result<(), StoreError> {
+    async fn update_message(
+        &self,
+        id: &str,
+        u: &MessageUpdate,
+        now: Millis,
+    ) -> Result<(), StoreError> {
         let id = id.to_owned();
         let u = u.clone();
         self.write(move |c| {
@@ -681,7 +673,7 @@ impl SessionStore for SqliteStore {
                     u.prompt_tokens,
                     u.completion_tokens,
                     u.error,
-                    now_millis(),
+                    now,
                     u.reasoning
                 ])?;
             if n == 0 {
@@ -692,11 +684,11 @@ impl SessionStore for SqliteStore {
         .await
     }
 
-    async fn interrupt_streaming(&self) -> Result<u64, StoreError> {
-        self.write(|c| {
+    async fn interrupt_streaming(&self, now: Millis) -> Result<u64, StoreError> {
+        self.write(move |c| {
             let n = c
                 .prepare_cached(sql::INTERRUPT_STREAMING.sqlite())?
-                .execute([now_millis()])?;
+                .execute([now])?;
             Ok(n as u64)
         })
         .await
@@ -1119,7 +1111,7 @@ impl UsageStore for SqliteStore {
         self.write(move |c| {
             c.prepare_cached(sql::INSERT_USAGE.sqlite())?
                 .execute(params![
-                    new_id(),
+                    r.id,
                     r.user_id,
                     r.key_id,
                     r.session_id,

@@ -97,19 +97,15 @@ impl<S: KeyStore> KeyStore for NulSafe<S> {
 
 #[async_trait]
 impl<S: SessionStore> SessionStore for NulSafe<S> {
-    async fn create_session(
-        &self,
-        user_id: &str,
-        agent: Option<&str>,
-        title: Option<&str>,
-    ) -> Result<Session, StoreError> {
-        self.0
-            .create_session(
-                &nul_free(user_id),
-                opt_ref(agent).as_deref(),
-                opt_ref(title).as_deref(),
-            )
-            .await
+    async fn create_session(&self, s: &Session) -> Result<(), StoreError> {
+        let s = Session {
+            id: owned(&s.id),
+            user_id: owned(&s.user_id),
+            agent: opt(&s.agent),
+            title: opt(&s.title),
+            ..s.clone()
+        };
+        self.0.create_session(&s).await
     }
 
     async fn list_sessions(
@@ -171,7 +167,12 @@ impl<S: SessionStore> SessionStore for NulSafe<S> {
         self.0.insert_message(&m).await
     }
 
-    async fn update_message(&self, id: &str, u: &MessageUpdate) -> Result<(), StoreError> {
+    async fn update_message(
+        &self,
+        id: &str,
+        u: &MessageUpdate,
+        now: Millis,
+    ) -> Result<(), StoreError> {
         let u = MessageUpdate {
             content: owned(&u.content),
             reasoning: opt(&u.reasoning),
@@ -180,11 +181,11 @@ impl<S: SessionStore> SessionStore for NulSafe<S> {
             completion_tokens: u.completion_tokens,
             error: opt(&u.error),
         };
-        self.0.update_message(&nul_free(id), &u).await
+        self.0.update_message(&nul_free(id), &u, now).await
     }
 
-    async fn interrupt_streaming(&self) -> Result<u64, StoreError> {
-        self.0.interrupt_streaming().await
+    async fn interrupt_streaming(&self, now: Millis) -> Result<u64, StoreError> {
+        self.0.interrupt_streaming(now).await
     }
 
     async fn claim_generation(
@@ -370,6 +371,7 @@ impl<S: TaskStore> TaskStore for NulSafe<S> {
 impl<S: UsageStore> UsageStore for NulSafe<S> {
     async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError> {
         let r = UsageRecord {
+            id: owned(&r.id),
             user_id: owned(&r.user_id),
             key_id: opt(&r.key_id),
             session_id: opt(&r.session_id),
