@@ -154,7 +154,12 @@ impl AppState {
         let local_user = if config.auth_required() {
             None
         } else {
-            Some(Arc::from(store.ensure_user("local").await?.id))
+            Some(Arc::from(
+                store
+                    .ensure_user(&store::User::new("local", store::now_millis()))
+                    .await?
+                    .id,
+            ))
         };
         let lifecycle = Arc::new(Lifecycle::new());
         let hub = Arc::new(Hub::new(

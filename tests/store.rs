@@ -16,8 +16,8 @@ use sluice::store::cli::{generate_key, hash_key};
 use sluice::store::postgres::PgStore;
 use sluice::store::sqlite::SqliteStore;
 use sluice::store::{
-    Agent, KnowledgeDoc, MessageStatus, MessageUpdate, Scene, Session, SessionCursor, Store,
-    StoreError, StoredMessage, Task, TaskStatus, UsageRecord, new_id, now_millis,
+    Agent, ApiKey, KnowledgeDoc, MessageStatus, MessageUpdate, Scene, Session, SessionCursor,
+    Store, StoreError, StoredMessage, Task, TaskStatus, UsageRecord, User, new_id, now_millis,
 };
 
 crate::backend_tests!(
@@ -51,6 +51,19 @@ crate::backend_tests!(
     racing_claims_of_a_session_let_exactly_one_through,
     start_up_interrupts_only_replies_no_other_instance_holds,
 );
+
+/// A key made as `sluice keys create` makes it.
+async fn new_key(
+    store: &dyn Store,
+    user_id: &str,
+    name: &str,
+    key_hash: &[u8; 32],
+    prefix: &str,
+    admin: bool,
+) -> Result<ApiKey, StoreError> {
+    let key = ApiKey::new(user_id, name, prefix, admin, now_millis());
+    store.create_api_key(&key, key_hash).await.map(|()| key)
+}
 
 /// A session made as the chat service makes it.
 async fn new_session(
@@ -159,9 +172,17 @@ async fn migrations_apply_on_an_empty_database_and_are_idempotent(backend: Backe
     }
 
     // Data written before a restart is there after it, and nothing is applied twice.
-    let alice = open(&db).await.ensure_user("alice").await.unwrap();
+    let alice = open(&db)
+        .await
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap();
     assert!(open_and_report(&db).await.is_empty());
-    let again = open(&db).await.ensure_user("alice").await.unwrap();
+    let again = open(&db)
+        .await
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap();
     assert_eq!(alice, again);
 }
 
@@ -267,13 +288,26 @@ async fn ping_and_backend_name(backend: Backend) {
 async fn users_are_ensured_once(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let a = store.ensure_user("alice").await.unwrap();
-    let b = store.ensure_user("bob").await.unwrap();
+    let a = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap();
+    let b = store
+        .ensure_user(&User::new("bob", now_millis()))
+        .await
+        .unwrap();
     assert_eq!(a.name, "alice");
     assert_ne!(a.id, b.id);
-    assert_eq!(store.ensure_user("alice").await.unwrap(), a);
-    // Racing first requests of one user end with one user.
-    let racers = (0..8).map(|_| store.ensure_user("carol"));
+    assert_eq!(
+        store
+            .ensure_user(&User::new("alice", now_millis()))
+            .await
+            .unwrap(),
+        a
+    );
+    // Racing first requests of one user, each with its own new record, end with one user.
+    let carols: Vec<User> = (0..8).map(|_| User::new("carol", now_millis())).collect();
+    let racers = carols.iter().map(|c| store.ensure_user(c));
     let ids: HashSet<String> = futures::future::join_all(racers)
         .await
         .into_iter()
@@ -285,15 +319,26 @@ async fn users_are_ensured_once(backend: Backend) {
 async fn keys_are_found_by_hash_listed_and_revoked(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap();
-    let bob = store.ensure_user("bob").await.unwrap();
-    let (ka, kb) = (generate_key(), generate_key());
-    let a = store
-        .create_api_key(&alice.id, "alice", &hash_key(&ka), &ka[..14], false)
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
         .await
         .unwrap();
-    let b = store
-        .create_api_key(&bob.id, "bob", &hash_key(&kb), &kb[..14], true)
+    let bob = store
+        .ensure_user(&User::new("bob", now_millis()))
+        .await
+        .unwrap();
+    let (ka, kb) = (generate_key(), generate_key());
+    let a = new_key(
+        &*store,
+        &alice.id,
+        "alice",
+        &hash_key(&ka),
+        &ka[..14],
+        false,
+    )
+    .await
+    .unwrap();
+    let b = new_key(&*store, &bob.id, "bob", &hash_key(&kb), &kb[..14], true)
         .await
         .unwrap();
     assert_eq!(
@@ -318,12 +363,21 @@ async fn keys_are_found_by_hash_listed_and_revoked(backend: Backend) {
     assert_eq!(store.list_api_keys().await.unwrap(), [a.clone(), b.clone()]);
 
     // By name, then by id; revoking what is already revoked counts nothing.
-    assert_eq!(store.revoke_api_key("alice").await.unwrap(), 1);
+    assert_eq!(
+        store.revoke_api_key("alice", now_millis()).await.unwrap(),
+        1
+    );
     assert_eq!(store.find_api_key(&hash_key(&ka)).await.unwrap(), None);
-    assert_eq!(store.revoke_api_key("alice").await.unwrap(), 0);
-    assert_eq!(store.revoke_api_key(&b.id).await.unwrap(), 1);
+    assert_eq!(
+        store.revoke_api_key("alice", now_millis()).await.unwrap(),
+        0
+    );
+    assert_eq!(store.revoke_api_key(&b.id, now_millis()).await.unwrap(), 1);
     assert_eq!(store.find_api_key(&hash_key(&kb)).await.unwrap(), None);
-    assert_eq!(store.revoke_api_key("nobody").await.unwrap(), 0);
+    assert_eq!(
+        store.revoke_api_key("nobody", now_millis()).await.unwrap(),
+        0
+    );
     let listed = store.list_api_keys().await.unwrap();
     assert_eq!(listed.len(), 2, "revoked keys are still listed");
     assert!(listed.iter().all(|k| k.revoked_at.is_some()));
@@ -331,37 +385,40 @@ async fn keys_are_found_by_hash_listed_and_revoked(backend: Backend) {
     // Several keys may share a name; revoking the name revokes every active one.
     let (k1, k2) = (generate_key(), generate_key());
     for k in [&k1, &k2] {
-        store
-            .create_api_key(&alice.id, "alice", &hash_key(k), &k[..14], false)
+        new_key(&*store, &alice.id, "alice", &hash_key(k), &k[..14], false)
             .await
             .unwrap();
     }
-    assert_eq!(store.revoke_api_key("alice").await.unwrap(), 2);
+    assert_eq!(
+        store.revoke_api_key("alice", now_millis()).await.unwrap(),
+        2
+    );
 
-    let err = store
-        .create_api_key(
-            "no-such-user",
-            "x",
-            &hash_key(&generate_key()),
-            "sk-sluice-xxxx",
-            false,
-        )
-        .await
-        .unwrap_err();
+    let err = new_key(
+        &*store,
+        "no-such-user",
+        "x",
+        &hash_key(&generate_key()),
+        "sk-sluice-xxxx",
+        false,
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
 }
 
 async fn a_duplicate_key_hash_is_a_conflict(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let user = store.ensure_user("alice").await.unwrap();
-    let hash = hash_key(&generate_key());
-    store
-        .create_api_key(&user.id, "one", &hash, "sk-sluice-aaaa", false)
+    let user = store
+        .ensure_user(&User::new("alice", now_millis()))
         .await
         .unwrap();
-    let err = store
-        .create_api_key(&user.id, "two", &hash, "sk-sluice-aaaa", false)
+    let hash = hash_key(&generate_key());
+    new_key(&*store, &user.id, "one", &hash, "sk-sluice-aaaa", false)
+        .await
+        .unwrap();
+    let err = new_key(&*store, &user.id, "two", &hash, "sk-sluice-aaaa", false)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
@@ -371,14 +428,15 @@ async fn a_duplicate_key_hash_is_a_conflict(backend: Backend) {
 async fn a_conflict_keeps_the_database_error_as_its_source(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let user = store.ensure_user("alice").await.unwrap();
-    let hash = hash_key(&generate_key());
-    store
-        .create_api_key(&user.id, "one", &hash, "sk-sluice-aaaa", false)
+    let user = store
+        .ensure_user(&User::new("alice", now_millis()))
         .await
         .unwrap();
-    let err = store
-        .create_api_key(&user.id, "two", &hash, "sk-sluice-aaaa", false)
+    let hash = hash_key(&generate_key());
+    new_key(&*store, &user.id, "one", &hash, "sk-sluice-aaaa", false)
+        .await
+        .unwrap();
+    let err = new_key(&*store, &user.id, "two", &hash, "sk-sluice-aaaa", false)
         .await
         .unwrap_err();
     // The message is unchanged; the driver's error is kept behind it.
@@ -393,8 +451,16 @@ async fn a_conflict_keeps_the_database_error_as_its_source(backend: Backend) {
 async fn sessions_crud_is_scoped_to_the_owner(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
-    let bob = store.ensure_user("bob").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
+    let bob = store
+        .ensure_user(&User::new("bob", now_millis()))
+        .await
+        .unwrap()
+        .id;
 
     let s = new_session(&*store, &alice, Some("helper"), Some("first chat")).await;
     assert_eq!(
@@ -483,8 +549,16 @@ fn message(session_id: &str, role: Role, content: &str, at: i64) -> StoredMessag
 async fn sessions_page_newest_first_with_a_cursor(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
-    let bob = store.ensure_user("bob").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
+    let bob = store
+        .ensure_user(&User::new("bob", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let mut ids = Vec::new();
     for _ in 0..25 {
         ids.push(new_session(&*store, &alice, None, None).await.id);
@@ -544,7 +618,11 @@ async fn sessions_page_newest_first_with_a_cursor(backend: Backend) {
 async fn messages_round_trip_in_order_and_update(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let s = new_session(&*store, &alice, None, None).await;
     let t = s.created_at + 10;
 
@@ -662,7 +740,11 @@ async fn messages_round_trip_in_order_and_update(backend: Backend) {
 async fn deleting_a_session_deletes_its_messages(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let gone = new_session(&*store, &alice, None, None).await;
     let kept = new_session(&*store, &alice, None, None).await;
     for i in 0..3 {
@@ -703,7 +785,11 @@ async fn deleting_a_session_deletes_its_messages(backend: Backend) {
 async fn interrupt_streaming_marks_only_streaming_messages(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let mut expected = Vec::new();
     for status in [
         MessageStatus::Streaming,
@@ -735,7 +821,11 @@ async fn interrupt_streaming_marks_only_streaming_messages(backend: Backend) {
 async fn usage_is_recorded(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let record = |key_id: Option<&str>, session_id: Option<&str>| UsageRecord {
         id: new_id(),
         user_id: alice.clone(),
@@ -894,7 +984,11 @@ async fn knowledge_full_text_search_follows_writes(backend: Backend) {
 async fn concurrent_writes_and_reads_all_succeed(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let s = new_session(&*store, &alice, None, None).await;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..64 {
@@ -1211,8 +1305,16 @@ fn task(user_id: &str, created_at: i64) -> Task {
 async fn tasks_are_scoped_claimed_and_finished_once(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
-    let bob = store.ensure_user("bob").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
+    let bob = store
+        .ensure_user(&User::new("bob", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let t = now_millis();
     let t1 = Task {
         key_id: Some("key-1".into()),
@@ -1347,7 +1449,11 @@ async fn tasks_are_scoped_claimed_and_finished_once(backend: Backend) {
 async fn a_task_finishes_once_under_racing_workers(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let t = task(&alice, now_millis());
     store.create_task(&t).await.unwrap();
     store
@@ -1382,8 +1488,16 @@ async fn a_task_finishes_once_under_racing_workers(backend: Backend) {
 async fn cancel_moves_only_the_owners_unfinished_tasks(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
-    let bob = store.ensure_user("bob").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
+    let bob = store
+        .ensure_user(&User::new("bob", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let t = now_millis();
     let (queued, running, failed) = (task(&alice, t), task(&alice, t + 1), task(&alice, t + 2));
     for x in [&queued, &running, &failed] {
@@ -1485,8 +1599,16 @@ async fn cancel_moves_only_the_owners_unfinished_tasks(backend: Backend) {
 async fn queued_tasks_keep_their_creation_order(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
-    let bob = store.ensure_user("bob").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
+    let bob = store
+        .ensure_user(&User::new("bob", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let t = now_millis();
     assert_eq!(store.count_queued_tasks().await.unwrap(), 0);
     assert!(store.list_unfinished_tasks().await.unwrap().is_empty());
@@ -1683,7 +1805,11 @@ fn streaming_reply(s: &str, g: &str) -> StoredMessage {
 async fn a_session_runs_one_generation_until_released_or_expired(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let s = new_session(&*store, &alice, None, None).await.id;
     let now = now_millis();
     let until = now + 60_000;
@@ -1757,7 +1883,11 @@ async fn a_session_runs_one_generation_until_released_or_expired(backend: Backen
 async fn a_session_is_free_once_its_generations_reply_has_ended(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let s = new_session(&*store, &alice, None, None).await.id;
     let now = now_millis();
     let until = now + 60_000;
@@ -1804,7 +1934,11 @@ async fn a_session_is_free_once_its_generations_reply_has_ended(backend: Backend
 async fn racing_claims_of_a_session_let_exactly_one_through(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let s = new_session(&*store, &alice, None, None).await.id;
     let now = now_millis();
     let claims = (0..16).map(|i| {
@@ -1833,7 +1967,11 @@ async fn racing_claims_of_a_session_let_exactly_one_through(backend: Backend) {
 async fn start_up_interrupts_only_replies_no_other_instance_holds(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let now = now_millis();
     let until = now + 60_000;
     // (server holding the reply's session, hold expiry, reply still streaming after?)

@@ -17,8 +17,8 @@ use sluice::chat::Role;
 use sluice::config::{AuthMode, Secret};
 use sluice::mock::MockConfig;
 use sluice::store::{
-    Agent, KnowledgeDoc, MessageStatus, MessageUpdate, Session, Store, StoreError, StoredMessage,
-    Task, TaskStatus, UsageRecord, new_id, now_millis,
+    Agent, ApiKey, KnowledgeDoc, MessageStatus, MessageUpdate, Session, Store, StoreError,
+    StoredMessage, Task, TaskStatus, UsageRecord, User, new_id, now_millis,
 };
 
 crate::backend_tests!(
@@ -157,14 +157,19 @@ const CLEANED: &str = "a\u{FFFD}b";
 async fn nul_in_any_stored_text_becomes_the_replacement_character(backend: Backend) {
     let db = fresh(backend).await;
     let store = sluice::store::open(&db.config).await.unwrap();
-    let user = store.ensure_user(NUL_TEXT).await.unwrap();
-    assert_eq!(user.name, CLEANED);
-    let key = store
-        .create_api_key(&user.id, NUL_TEXT, &[7; 32], "sk-x", false)
+    let user = store
+        .ensure_user(&User::new(NUL_TEXT, now_millis()))
         .await
         .unwrap();
+    assert_eq!(user.name, CLEANED);
+    let key = ApiKey::new(&user.id, NUL_TEXT, "sk-x", false, now_millis());
+    store.create_api_key(&key, &[7; 32]).await.unwrap();
     assert_eq!(store.list_api_keys().await.unwrap()[0].name, CLEANED);
-    assert_eq!(store.revoke_api_key(NUL_TEXT).await.unwrap(), 1, "{key:?}");
+    assert_eq!(
+        store.revoke_api_key(NUL_TEXT, now_millis()).await.unwrap(),
+        1,
+        "{key:?}"
+    );
 
     let session = Session::new(&user.id, None, Some(NUL_TEXT), now_millis());
     store.create_session(&session).await.unwrap();

@@ -160,6 +160,32 @@ pub struct Session {
     pub updated_at: Millis,
 }
 
+impl User {
+    /// A new user as a service creates it: a fresh id, created `now`.
+    pub fn new(name: &str, now: Millis) -> Self {
+        Self {
+            id: new_id(),
+            name: name.to_owned(),
+            created_at: now,
+        }
+    }
+}
+
+impl ApiKey {
+    /// A new active key as a service creates it: a fresh id, created `now`.
+    pub fn new(user_id: &str, name: &str, prefix: &str, is_admin: bool, now: Millis) -> Self {
+        Self {
+            id: new_id(),
+            user_id: user_id.to_owned(),
+            name: name.to_owned(),
+            prefix: prefix.to_owned(),
+            is_admin,
+            created_at: now,
+            revoked_at: None,
+        }
+    }
+}
+
 impl Session {
     /// A new session as the service creates it: a fresh id, created and updated `now`.
     pub fn new(user_id: &str, agent: Option<&str>, title: Option<&str>, now: Millis) -> Self {
@@ -388,21 +414,16 @@ pub trait StoreHealth: Send + Sync + 'static {
 #[async_trait]
 pub trait KeyStore: Send + Sync + 'static {
     /// The user with this name, created if missing.
-    async fn ensure_user(&self, name: &str) -> Result<User, StoreError>;
+    /// The user named `user.name`: the stored one, or `user` stored when there is none.
+    async fn ensure_user(&self, user: &User) -> Result<User, StoreError>;
 
-    async fn create_api_key(
-        &self,
-        user_id: &str,
-        name: &str,
-        key_hash: &[u8; 32],
-        prefix: &str,
-        is_admin: bool,
-    ) -> Result<ApiKey, StoreError>;
+    /// Stores `key`, found later by `key_hash` (the SHA-256 of the secret, never kept).
+    async fn create_api_key(&self, key: &ApiKey, key_hash: &[u8; 32]) -> Result<(), StoreError>;
 
     async fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
 
     /// Revokes the active keys whose id or name is `id_or_name`; returns how many.
-    async fn revoke_api_key(&self, id_or_name: &str) -> Result<u64, StoreError>;
+    async fn revoke_api_key(&self, id_or_name: &str, now: Millis) -> Result<u64, StoreError>;
 
     /// The active (not revoked) key with this SHA-256.
     async fn find_api_key(&self, key_hash: &[u8; 32]) -> Result<Option<ApiKey>, StoreError>;

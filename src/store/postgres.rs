@@ -29,8 +29,7 @@ use super::sql;
 use super::{
     Agent, ApiKey, CatalogStore, KeyStore, KnowledgeDoc, KnowledgeHit, MessageStatus,
     MessageUpdate, Millis, Scene, Session, SessionCursor, SessionStore, StoreError, StoreHealth,
-    StoredMessage, Task, TaskStatus, TaskStore, UsageRecord, UsageRow, UsageStore, User, new_id,
-    now_millis,
+    StoredMessage, Task, TaskStatus, TaskStore, UsageRecord, UsageRow, UsageStore, User,
 };
 use crate::config::{DbPooler, StoreConfig};
 use crate::upstream::breaker::{Breaker, BreakerSettings};
@@ -759,33 +758,20 @@ impl StoreHealth for PgStore {
 
 #[async_trait]
 impl KeyStore for PgStore {
-    async fn ensure_user(&self, name: &str) -> Result<User, StoreError> {
+    async fn ensure_user(&self, user: &User) -> Result<User, StoreError> {
         let c = self.conn().await?;
         // Two statements, not one CTE: a CTE's SELECT cannot see a row that a concurrent
         // transaction committed while its INSERT waited on the conflict.
-        c.execute(sql::INSERT_USER.pg(), &[&new_id(), &name, &now_millis()])
-            .await?;
-        let row = c.query_one(sql::USER_BY_NAME.pg(), &[&name]).await?;
+        c.execute(
+            sql::INSERT_USER.pg(),
+            &[&user.id, &user.name, &user.created_at],
+        )
+        .await?;
+        let row = c.query_one(sql::USER_BY_NAME.pg(), &[&user.name]).await?;
         user_row(&row)
     }
 
-    async fn create_api_key(
-        &self,
-        user_id: &str,
-        name: &str,
-        key_hash: &[u8; 32],
-        prefix: &str,
-        is_admin: bool,
-    ) -> Result<ApiKey, StoreError> {
-        let key = ApiKey {
-            id: new_id(),
-            user_id: user_id.to_owned(),
-            name: name.to_owned(),
-            prefix: prefix.to_owned(),
-            is_admin,
-            created_at: now_millis(),
-            revoked_at: None,
-        };
+    async fn create_api_key(&self, key: &ApiKey, key_hash: &[u8; 32]) -> Result<(), StoreError> {
         self.conn()
             .await?
             .execute(
@@ -801,7 +787,7 @@ impl KeyStore for PgStore {
                 ],
             )
             .await?;
-        Ok(key)
+        Ok(())
     }
 
     async fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
@@ -813,11 +799,11 @@ impl KeyStore for PgStore {
         rows.iter().map(key_row).collect()
     }
 
-    async fn revoke_api_key(&self, id_or_name: &str) -> Result<u64, StoreError> {
+    async fn revoke_api_key(&self, id_or_name: &str, now: Millis) -> Result<u64, StoreError> {
         let n = self
             .conn()
             .await?
-            .execute(sql::REVOKE_API_KEY.pg(), &[&id_or_name, &now_millis()])
+            .execute(sql::REVOKE_API_KEY.pg(), &[&id_or_name, &now])
             .await?;
         Ok(n)
     }
@@ -1438,6 +1424,7 @@ impl UsageStore for PgStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::now_millis;
 
     /// A store in a schema of its own on the test server (see tests/common/db.rs), dropped
     /// at the end by the caller.

@@ -23,8 +23,7 @@ use super::sql;
 use super::{
     Agent, ApiKey, CatalogStore, KeyStore, KnowledgeDoc, KnowledgeHit, MessageStatus,
     MessageUpdate, Millis, Scene, Session, SessionCursor, SessionStore, StoreError, StoreHealth,
-    StoredMessage, Task, TaskStatus, TaskStore, UsageRecord, UsageRow, UsageStore, User, new_id,
-    now_millis,
+    StoredMessage, Task, TaskStatus, TaskStore, UsageRecord, UsageRow, UsageStore, User,
 };
 use crate::config::StoreConfig;
 
@@ -436,38 +435,23 @@ impl StoreHealth for SqliteStore {
 
 #[async_trait]
 impl KeyStore for SqliteStore {
-    async fn ensure_user(&self, name: &str) -> Result<User, StoreError> {
-        let name = name.to_owned();
+    async fn ensure_user(&self, user: &User) -> Result<User, StoreError> {
+        let new = user.clone();
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.prepare_cached(sql::INSERT_USER.sqlite())?
-                .execute(params![new_id(), name, now_millis()])?;
+                .execute(params![new.id, new.name, new.created_at])?;
             let user = tx
                 .prepare_cached(sql::USER_BY_NAME.sqlite())?
-                .query_row([&name], user_row)?;
+                .query_row([&new.name], user_row)?;
             tx.commit()?;
             Ok(user)
         })
         .await
     }
 
-    async fn create_api_key(
-        &self,
-        user_id: &str,
-        name: &str,
-        key_hash: &[u8; 32],
-        prefix: &str,
-        is_admin: bool,
-    ) -> Result<ApiKey, StoreError> {
-        let key = ApiKey {
-            id: new_id(),
-            user_id: user_id.to_owned(),
-            name: name.to_owned(),
-            prefix: prefix.to_owned(),
-            is_admin,
-            created_at: now_millis(),
-            revoked_at: None,
-        };
+    async fn create_api_key(&self, key: &ApiKey, key_hash: &[u8; 32]) -> Result<(), StoreError> {
+        let key = key.clone();
         let hash = *key_hash;
         self.write(move |c| {
             c.prepare_cached(sql::INSERT_API_KEY.sqlite())?
@@ -480,7 +464,7 @@ impl KeyStore for SqliteStore {
                     key.is_admin,
                     key.created_at
                 ])?;
-            Ok(key)
+            Ok(())
         })
         .await
     }
@@ -494,12 +478,12 @@ impl KeyStore for SqliteStore {
         .await
     }
 
-    async fn revoke_api_key(&self, id_or_name: &str) -> Result<u64, StoreError> {
+    async fn revoke_api_key(&self, id_or_name: &str, now: Millis) -> Result<u64, StoreError> {
         let id_or_name = id_or_name.to_owned();
         self.write(move |c| {
             let n = c
                 .prepare_cached(sql::REVOKE_API_KEY.sqlite())?
-                .execute(params![id_or_name, now_millis()])?;
+                .execute(params![id_or_name, now])?;
             Ok(n as u64)
         })
         .await
@@ -1211,7 +1195,10 @@ mod tests {
         c.acquire_timeout = Duration::from_millis(20);
         let store = SqliteStore::open(&c).await.unwrap();
         let _held = store.writer.clone().lock_owned().await;
-        let err = store.ensure_user("x").await.unwrap_err();
+        let err = store
+            .ensure_user(&User::new("x", crate::store::now_millis()))
+            .await
+            .unwrap_err();
         assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
         // Reads do not queue behind the writer.
         store.ping().await.unwrap();

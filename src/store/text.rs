@@ -55,35 +55,32 @@ impl<S: StoreHealth> StoreHealth for NulSafe<S> {
 
 #[async_trait]
 impl<S: KeyStore> KeyStore for NulSafe<S> {
-    async fn ensure_user(&self, name: &str) -> Result<User, StoreError> {
-        self.0.ensure_user(&nul_free(name)).await
+    async fn ensure_user(&self, user: &User) -> Result<User, StoreError> {
+        let user = User {
+            id: owned(&user.id),
+            name: owned(&user.name),
+            created_at: user.created_at,
+        };
+        self.0.ensure_user(&user).await
     }
 
-    async fn create_api_key(
-        &self,
-        user_id: &str,
-        name: &str,
-        key_hash: &[u8; 32],
-        prefix: &str,
-        is_admin: bool,
-    ) -> Result<ApiKey, StoreError> {
-        self.0
-            .create_api_key(
-                &nul_free(user_id),
-                &nul_free(name),
-                key_hash,
-                &nul_free(prefix),
-                is_admin,
-            )
-            .await
+    async fn create_api_key(&self, key: &ApiKey, key_hash: &[u8; 32]) -> Result<(), StoreError> {
+        let key = ApiKey {
+            id: owned(&key.id),
+            user_id: owned(&key.user_id),
+            name: owned(&key.name),
+            prefix: owned(&key.prefix),
+            ..key.clone()
+        };
+        self.0.create_api_key(&key, key_hash).await
     }
 
     async fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
         self.0.list_api_keys().await
     }
 
-    async fn revoke_api_key(&self, id_or_name: &str) -> Result<u64, StoreError> {
-        self.0.revoke_api_key(&nul_free(id_or_name)).await
+    async fn revoke_api_key(&self, id_or_name: &str, now: Millis) -> Result<u64, StoreError> {
+        self.0.revoke_api_key(&nul_free(id_or_name), now).await
     }
 
     async fn find_api_key(&self, key_hash: &[u8; 32]) -> Result<Option<ApiKey>, StoreError> {
