@@ -16,7 +16,9 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use sluice::chat::Role;
 use sluice::config::{DbPooler, StoreConfig};
 use sluice::store::postgres::PgStore;
-use sluice::store::{MessageStatus, Store, StoredMessage, new_id, now_millis};
+use sluice::store::{
+    ApiKey, KeyStore, MessageStatus, Session, SessionStore, StoredMessage, User, new_id, now_millis,
+};
 use tokio::runtime::Runtime;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls};
@@ -77,13 +79,16 @@ impl Fixture {
         let store = PgStore::connect(&direct, &StoreConfig::default())
             .await
             .unwrap();
-        let user = store.ensure_user("bench").await.unwrap();
-        let key_hash = vec![7u8; 32];
-        store
-            .create_api_key(&user.id, "bench", &[7; 32], "sk-bench", false)
+        let user = store
+            .ensure_user(&User::new("bench", now_millis()))
             .await
             .unwrap();
-        let session = store.create_session(&user.id, None, None).await.unwrap().id;
+        let key_hash = vec![7u8; 32];
+        let key = ApiKey::new(&user.id, "bench", "sk-bench", false, now_millis());
+        store.create_api_key(&key, &[7; 32]).await.unwrap();
+        let session = Session::new(&user.id, None, None, now_millis());
+        store.create_session(&session).await.unwrap();
+        let session = session.id;
         for i in 0..20 {
             store.insert_message(&message(&session, i)).await.unwrap();
         }

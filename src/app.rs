@@ -136,7 +136,7 @@ impl AppState {
             // have other instances running theirs: only replies no other instance holds a
             // live claim on are ended. (With the bus, leases end a lost instance's.)
             let n = if store.backend() == "sqlite" {
-                store.interrupt_streaming().await?
+                store.interrupt_streaming(store::now_millis()).await?
             } else {
                 store
                     .interrupt_streaming_of(&config.server.server_id, store::now_millis())
@@ -153,7 +153,12 @@ impl AppState {
         let local_user = if config.auth_required() {
             None
         } else {
-            Some(Arc::from(store.ensure_user("local").await?.id))
+            Some(Arc::from(
+                store
+                    .ensure_user(&store::User::new("local", store::now_millis()))
+                    .await?
+                    .id,
+            ))
         };
         let lifecycle = Arc::new(Lifecycle::new());
         let hub = Arc::new(Hub::new(
@@ -251,7 +256,7 @@ impl AppState {
             return Err(match e {
                 crate::tasks::service::TaskError::Queue(q) => StartError::Queue(q),
                 crate::tasks::service::TaskError::Chat(c) => {
-                    StartError::Store(store::StoreError::Backend(c.to_string()))
+                    StartError::Store(store::StoreError::Backend(c.to_string().into()))
                 }
             });
         }

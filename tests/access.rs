@@ -185,7 +185,15 @@ async fn a_key_revoked_in_the_store_is_refused_on_subscribe_and_its_ws_tokens_wi
     assert_eq!(next_json(&mut ws).await["op"], "pong");
 
     // What `sluice keys revoke` does: straight to the store, no server told.
-    assert_eq!(server.state.store.revoke_api_key("alice").await.unwrap(), 1);
+    assert_eq!(
+        server
+            .state
+            .store
+            .revoke_api_key("alice", sluice::store::now_millis())
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(ws_status_with_token(&server, &token).await, 401);
     send(
         &mut ws,

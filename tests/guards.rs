@@ -75,15 +75,14 @@ async fn new_key(state: &sluice::app::AppState, user: &str) -> (String, String) 
         uuid::Uuid::new_v4().simple()
     );
     let store = &state.store;
-    let u = store.ensure_user(user).await.unwrap();
-    let k = store
-        .create_api_key(
-            &u.id,
-            user,
-            &sluice::store::cli::hash_key(&key),
-            &key[..12],
-            false,
-        )
+    let now = sluice::store::now_millis();
+    let u = store
+        .ensure_user(&sluice::store::User::new(user, now))
+        .await
+        .unwrap();
+    let k = sluice::store::ApiKey::new(&u.id, user, &key[..12], false, now);
+    store
+        .create_api_key(&k, &sluice::store::cli::hash_key(&key))
         .await
         .unwrap();
     (key, k.id)

@@ -742,7 +742,13 @@ async fn revoked_key_is_refused(b: Backend) {
         .await
         .unwrap();
     assert_eq!(ok.status(), 200);
-    let n = e.server.state.store.revoke_api_key("alice").await.unwrap();
+    let n = e
+        .server
+        .state
+        .store
+        .revoke_api_key("alice", sluice::store::now_millis())
+        .await
+        .unwrap();
     assert_eq!(n, 1);
     let r = e
         .req(reqwest::Method::GET, &format!("/api/sessions/{s}"))

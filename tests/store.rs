@@ -16,8 +16,8 @@ use sluice::store::cli::{generate_key, hash_key};
 use sluice::store::postgres::PgStore;
 use sluice::store::sqlite::SqliteStore;
 use sluice::store::{
-    Agent, KnowledgeDoc, MessageStatus, MessageUpdate, Scene, SessionCursor, Store, StoreError,
-    StoredMessage, Task, TaskStatus, UsageRecord, new_id, now_millis,
+    Agent, ApiKey, KnowledgeDoc, MessageStatus, MessageUpdate, Scene, Session, SessionCursor,
+    Store, StoreError, StoredMessage, Task, TaskStatus, UsageRecord, User, new_id, now_millis,
 };
 
 crate::backend_tests!(
@@ -28,6 +28,7 @@ crate::backend_tests!(
     users_are_ensured_once,
     keys_are_found_by_hash_listed_and_revoked,
     a_duplicate_key_hash_is_a_conflict,
+    a_conflict_keeps_the_database_error_as_its_source,
     sessions_crud_is_scoped_to_the_owner,
     sessions_page_newest_first_with_a_cursor,
     messages_round_trip_in_order_and_update,
@@ -50,6 +51,31 @@ crate::backend_tests!(
     racing_claims_of_a_session_let_exactly_one_through,
     start_up_interrupts_only_replies_no_other_instance_holds,
 );
+
+/// A key made as `sluice keys create` makes it.
+async fn new_key(
+    store: &dyn Store,
+    user_id: &str,
+    name: &str,
+    key_hash: &[u8; 32],
+    prefix: &str,
+    admin: bool,
+) -> Result<ApiKey, StoreError> {
+    let key = ApiKey::new(user_id, name, prefix, admin, now_millis());
+    store.create_api_key(&key, key_hash).await.map(|()| key)
+}
+
+/// A session made as the chat service makes it.
+async fn new_session(
+    store: &dyn Store,
+    user_id: &str,
+    agent: Option<&str>,
+    title: Option<&str>,
+) -> Session {
+    let s = Session::new(user_id, agent, title, now_millis());
+    store.create_session(&s).await.unwrap();
+    s
+}
 
 async fn open(db: &TestDb) -> Arc<dyn Store> {
     sluice::store::open(&db.config).await.unwrap()
@@ -146,9 +172,17 @@ async fn migrations_apply_on_an_empty_database_and_are_idempotent(backend: Backe
     }
 
     // Data written before a restart is there after it, and nothing is applied twice.
-    let alice = open(&db).await.ensure_user("alice").await.unwrap();
+    let alice = open(&db)
+        .await
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap();
     assert!(open_and_report(&db).await.is_empty());
-    let again = open(&db).await.ensure_user("alice").await.unwrap();
+    let again = open(&db)
+        .await
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap();
     assert_eq!(alice, again);
 }
 
@@ -223,7 +257,10 @@ async fn a_database_of_the_first_schema_keeps_its_rows_through_the_reasoning_col
         completion_tokens: None,
         error: None,
     };
-    store.update_message("m1", &update).await.unwrap();
+    store
+        .update_message("m1", &update, now_millis())
+        .await
+        .unwrap();
     let m = store.list_messages("s1").await.unwrap().pop().unwrap();
     assert_eq!(m.reasoning.as_deref(), Some("new thoughts"));
 }
@@ -251,13 +288,26 @@ async fn ping_and_backend_name(backend: Backend) {
 async fn users_are_ensured_once(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let a = store.ensure_user("alice").await.unwrap();
-    let b = store.ensure_user("bob").await.unwrap();
+    let a = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap();
+    let b = store
+        .ensure_user(&User::new("bob", now_millis()))
+        .await
+        .unwrap();
     assert_eq!(a.name, "alice");
     assert_ne!(a.id, b.id);
-    assert_eq!(store.ensure_user("alice").await.unwrap(), a);
-    // Racing first requests of one user end with one user.
-    let racers = (0..8).map(|_| store.ensure_user("carol"));
+    assert_eq!(
+        store
+            .ensure_user(&User::new("alice", now_millis()))
+            .await
+            .unwrap(),
+        a
+    );
+    // Racing first requests of one user, each with its own new record, end with one user.
+    let carols: Vec<User> = (0..8).map(|_| User::new("carol", now_millis())).collect();
+    let racers = carols.iter().map(|c| store.ensure_user(c));
     let ids: HashSet<String> = futures::future::join_all(racers)
         .await
         .into_iter()
@@ -269,15 +319,26 @@ async fn users_are_ensured_once(backend: Backend) {
 async fn keys_are_found_by_hash_listed_and_revoked(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap();
-    let bob = store.ensure_user("bob").await.unwrap();
-    let (ka, kb) = (generate_key(), generate_key());
-    let a = store
-        .create_api_key(&alice.id, "alice", &hash_key(&ka), &ka[..14], false)
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
         .await
         .unwrap();
-    let b = store
-        .create_api_key(&bob.id, "bob", &hash_key(&kb), &kb[..14], true)
+    let bob = store
+        .ensure_user(&User::new("bob", now_millis()))
+        .await
+        .unwrap();
+    let (ka, kb) = (generate_key(), generate_key());
+    let a = new_key(
+        &*store,
+        &alice.id,
+        "alice",
+        &hash_key(&ka),
+        &ka[..14],
+        false,
+    )
+    .await
+    .unwrap();
+    let b = new_key(&*store, &bob.id, "bob", &hash_key(&kb), &kb[..14], true)
         .await
         .unwrap();
     assert_eq!(
@@ -302,12 +363,21 @@ async fn keys_are_found_by_hash_listed_and_revoked(backend: Backend) {
     assert_eq!(store.list_api_keys().await.unwrap(), [a.clone(), b.clone()]);
 
     // By name, then by id; revoking what is already revoked counts nothing.
-    assert_eq!(store.revoke_api_key("alice").await.unwrap(), 1);
+    assert_eq!(
+        store.revoke_api_key("alice", now_millis()).await.unwrap(),
+        1
+    );
     assert_eq!(store.find_api_key(&hash_key(&ka)).await.unwrap(), None);
-    assert_eq!(store.revoke_api_key("alice").await.unwrap(), 0);
-    assert_eq!(store.revoke_api_key(&b.id).await.unwrap(), 1);
+    assert_eq!(
+        store.revoke_api_key("alice", now_millis()).await.unwrap(),
+        0
+    );
+    assert_eq!(store.revoke_api_key(&b.id, now_millis()).await.unwrap(), 1);
     assert_eq!(store.find_api_key(&hash_key(&kb)).await.unwrap(), None);
-    assert_eq!(store.revoke_api_key("nobody").await.unwrap(), 0);
+    assert_eq!(
+        store.revoke_api_key("nobody", now_millis()).await.unwrap(),
+        0
+    );
     let listed = store.list_api_keys().await.unwrap();
     assert_eq!(listed.len(), 2, "revoked keys are still listed");
     assert!(listed.iter().all(|k| k.revoked_at.is_some()));
@@ -315,53 +385,84 @@ async fn keys_are_found_by_hash_listed_and_revoked(backend: Backend) {
     // Several keys may share a name; revoking the name revokes every active one.
     let (k1, k2) = (generate_key(), generate_key());
     for k in [&k1, &k2] {
-        store
-            .create_api_key(&alice.id, "alice", &hash_key(k), &k[..14], false)
+        new_key(&*store, &alice.id, "alice", &hash_key(k), &k[..14], false)
             .await
             .unwrap();
     }
-    assert_eq!(store.revoke_api_key("alice").await.unwrap(), 2);
+    assert_eq!(
+        store.revoke_api_key("alice", now_millis()).await.unwrap(),
+        2
+    );
 
-    let err = store
-        .create_api_key(
-            "no-such-user",
-            "x",
-            &hash_key(&generate_key()),
-            "sk-sluice-xxxx",
-            false,
-        )
-        .await
-        .unwrap_err();
+    let err = new_key(
+        &*store,
+        "no-such-user",
+        "x",
+        &hash_key(&generate_key()),
+        "sk-sluice-xxxx",
+        false,
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
 }
 
 async fn a_duplicate_key_hash_is_a_conflict(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let user = store.ensure_user("alice").await.unwrap();
-    let hash = hash_key(&generate_key());
-    store
-        .create_api_key(&user.id, "one", &hash, "sk-sluice-aaaa", false)
+    let user = store
+        .ensure_user(&User::new("alice", now_millis()))
         .await
         .unwrap();
-    let err = store
-        .create_api_key(&user.id, "two", &hash, "sk-sluice-aaaa", false)
+    let hash = hash_key(&generate_key());
+    new_key(&*store, &user.id, "one", &hash, "sk-sluice-aaaa", false)
+        .await
+        .unwrap();
+    let err = new_key(&*store, &user.id, "two", &hash, "sk-sluice-aaaa", false)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     assert_eq!(store.list_api_keys().await.unwrap().len(), 1);
 }
 
+async fn a_conflict_keeps_the_database_error_as_its_source(backend: Backend) {
+    let db = fresh(backend).await;
+    let store = open(&db).await;
+    let user = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap();
+    let hash = hash_key(&generate_key());
+    new_key(&*store, &user.id, "one", &hash, "sk-sluice-aaaa", false)
+        .await
+        .unwrap();
+    let err = new_key(&*store, &user.id, "two", &hash, "sk-sluice-aaaa", false)
+        .await
+        .unwrap_err();
+    // The message is unchanged; the driver's error is kept behind it.
+    assert!(err.to_string().starts_with("conflict: "), "{err}");
+    let source = std::error::Error::source(&err).expect("a source");
+    assert!(
+        source.is::<rusqlite::Error>() || source.is::<tokio_postgres::Error>(),
+        "{source:?}"
+    );
+}
+
 async fn sessions_crud_is_scoped_to_the_owner(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
-    let bob = store.ensure_user("bob").await.unwrap().id;
-
-    let s = store
-        .create_session(&alice, Some("helper"), Some("first chat"))
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
         .await
-        .unwrap();
+        .unwrap()
+        .id;
+    let bob = store
+        .ensure_user(&User::new("bob", now_millis()))
+        .await
+        .unwrap()
+        .id;
+
+    let s = new_session(&*store, &alice, Some("helper"), Some("first chat")).await;
     assert_eq!(
         (s.agent.as_deref(), s.title.as_deref()),
         (Some("helper"), Some("first chat"))
@@ -371,7 +472,7 @@ async fn sessions_crud_is_scoped_to_the_owner(backend: Backend) {
         store.get_session(&alice, &s.id).await.unwrap(),
         Some(s.clone())
     );
-    let bare = store.create_session(&alice, None, None).await.unwrap();
+    let bare = new_session(&*store, &alice, None, None).await;
     assert_eq!((&bare.agent, &bare.title), (&None, &None));
 
     // Bob sees, renames and deletes nothing of Alice's.
@@ -448,14 +549,22 @@ fn message(session_id: &str, role: Role, content: &str, at: i64) -> StoredMessag
 async fn sessions_page_newest_first_with_a_cursor(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
-    let bob = store.ensure_user("bob").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
+    let bob = store
+        .ensure_user(&User::new("bob", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let mut ids = Vec::new();
     for _ in 0..25 {
-        ids.push(store.create_session(&alice, None, None).await.unwrap().id);
+        ids.push(new_session(&*store, &alice, None, None).await.id);
     }
     for _ in 0..3 {
-        store.create_session(&bob, None, None).await.unwrap();
+        new_session(&*store, &bob, None, None).await;
     }
     // Activity reorders: a message moves its session up. Many sessions share a
     // millisecond, so the id tie-break is exercised too.
@@ -509,8 +618,12 @@ async fn sessions_page_newest_first_with_a_cursor(backend: Backend) {
 async fn messages_round_trip_in_order_and_update(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
-    let s = store.create_session(&alice, None, None).await.unwrap();
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
+    let s = new_session(&*store, &alice, None, None).await;
     let t = s.created_at + 10;
 
     let system = message(&s.id, Role::System, "be brief", t);
@@ -546,7 +659,10 @@ async fn messages_round_trip_in_order_and_update(backend: Backend) {
         completion_tokens: Some(3),
         error: None,
     };
-    store.update_message(&assistant.id, &done).await.unwrap();
+    store
+        .update_message(&assistant.id, &done, now_millis())
+        .await
+        .unwrap();
     let got = store.list_messages(&s.id).await.unwrap().pop().unwrap();
     assert_eq!(
         (
@@ -573,7 +689,10 @@ async fn messages_round_trip_in_order_and_update(backend: Backend) {
         completion_tokens: None,
         error: Some("upstream returned 500".into()),
     };
-    store.update_message(&assistant.id, &failed).await.unwrap();
+    store
+        .update_message(&assistant.id, &failed, now_millis())
+        .await
+        .unwrap();
     let got = store.list_messages(&s.id).await.unwrap().pop().unwrap();
     assert_eq!(
         (
@@ -595,7 +714,7 @@ async fn messages_round_trip_in_order_and_update(backend: Backend) {
     );
 
     let err = store
-        .update_message("no-such-message", &done)
+        .update_message("no-such-message", &done, now_millis())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
@@ -621,9 +740,13 @@ async fn messages_round_trip_in_order_and_update(backend: Backend) {
 async fn deleting_a_session_deletes_its_messages(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
-    let gone = store.create_session(&alice, None, None).await.unwrap();
-    let kept = store.create_session(&alice, None, None).await.unwrap();
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
+    let gone = new_session(&*store, &alice, None, None).await;
+    let kept = new_session(&*store, &alice, None, None).await;
     for i in 0..3 {
         store
             .insert_message(&message(&gone.id, Role::User, "bye", gone.created_at + i))
@@ -662,7 +785,11 @@ async fn deleting_a_session_deletes_its_messages(backend: Backend) {
 async fn interrupt_streaming_marks_only_streaming_messages(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let mut expected = Vec::new();
     for status in [
         MessageStatus::Streaming,
@@ -670,7 +797,7 @@ async fn interrupt_streaming_marks_only_streaming_messages(backend: Backend) {
         MessageStatus::Cancelled,
         MessageStatus::Streaming,
     ] {
-        let s = store.create_session(&alice, None, None).await.unwrap();
+        let s = new_session(&*store, &alice, None, None).await;
         let m = StoredMessage {
             status,
             ..message(&s.id, Role::Assistant, "partial", s.created_at)
@@ -682,20 +809,25 @@ async fn interrupt_streaming_marks_only_streaming_messages(backend: Backend) {
         };
         expected.push((s.id, after));
     }
-    assert_eq!(store.interrupt_streaming().await.unwrap(), 2);
+    assert_eq!(store.interrupt_streaming(now_millis()).await.unwrap(), 2);
     for (session, status) in &expected {
         let m = store.list_messages(session).await.unwrap().pop().unwrap();
         assert_eq!(m.status, *status);
         assert_eq!(m.content, "partial", "the partial answer is kept");
     }
-    assert_eq!(store.interrupt_streaming().await.unwrap(), 0);
+    assert_eq!(store.interrupt_streaming(now_millis()).await.unwrap(), 0);
 }
 
 async fn usage_is_recorded(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let record = |key_id: Option<&str>, session_id: Option<&str>| UsageRecord {
+        id: new_id(),
         user_id: alice.clone(),
         key_id: key_id.map(str::to_owned),
         session_id: session_id.map(str::to_owned),
@@ -852,8 +984,12 @@ async fn knowledge_full_text_search_follows_writes(backend: Backend) {
 async fn concurrent_writes_and_reads_all_succeed(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
-    let s = store.create_session(&alice, None, None).await.unwrap();
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
+    let s = new_session(&*store, &alice, None, None).await;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..64 {
         let (store, alice, session) = (store.clone(), alice.clone(), s.id.clone());
@@ -1169,8 +1305,16 @@ fn task(user_id: &str, created_at: i64) -> Task {
 async fn tasks_are_scoped_claimed_and_finished_once(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
-    let bob = store.ensure_user("bob").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
+    let bob = store
+        .ensure_user(&User::new("bob", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let t = now_millis();
     let t1 = Task {
         key_id: Some("key-1".into()),
@@ -1305,7 +1449,11 @@ async fn tasks_are_scoped_claimed_and_finished_once(backend: Backend) {
 async fn a_task_finishes_once_under_racing_workers(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let t = task(&alice, now_millis());
     store.create_task(&t).await.unwrap();
     store
@@ -1340,8 +1488,16 @@ async fn a_task_finishes_once_under_racing_workers(backend: Backend) {
 async fn cancel_moves_only_the_owners_unfinished_tasks(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
-    let bob = store.ensure_user("bob").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
+    let bob = store
+        .ensure_user(&User::new("bob", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let t = now_millis();
     let (queued, running, failed) = (task(&alice, t), task(&alice, t + 1), task(&alice, t + 2));
     for x in [&queued, &running, &failed] {
@@ -1443,8 +1599,16 @@ async fn cancel_moves_only_the_owners_unfinished_tasks(backend: Backend) {
 async fn queued_tasks_keep_their_creation_order(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
-    let bob = store.ensure_user("bob").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
+    let bob = store
+        .ensure_user(&User::new("bob", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let t = now_millis();
     assert_eq!(store.count_queued_tasks().await.unwrap(), 0);
     assert!(store.list_unfinished_tasks().await.unwrap().is_empty());
@@ -1641,8 +1805,12 @@ fn streaming_reply(s: &str, g: &str) -> StoredMessage {
 async fn a_session_runs_one_generation_until_released_or_expired(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
-    let s = store.create_session(&alice, None, None).await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
+    let s = new_session(&*store, &alice, None, None).await.id;
     let now = now_millis();
     let until = now + 60_000;
 
@@ -1698,7 +1866,7 @@ async fn a_session_runs_one_generation_until_released_or_expired(backend: Backen
         None
     );
     // Sessions hold their own slots; a missing one is not found.
-    let other = store.create_session(&alice, None, None).await.unwrap().id;
+    let other = new_session(&*store, &alice, None, None).await.id;
     assert_eq!(
         store
             .claim_generation(&other, "g4", "a", now, until)
@@ -1715,8 +1883,12 @@ async fn a_session_runs_one_generation_until_released_or_expired(backend: Backen
 async fn a_session_is_free_once_its_generations_reply_has_ended(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
-    let s = store.create_session(&alice, None, None).await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
+    let s = new_session(&*store, &alice, None, None).await.id;
     let now = now_millis();
     let until = now + 60_000;
     assert_eq!(
@@ -1746,7 +1918,10 @@ async fn a_session_is_free_once_its_generations_reply_has_ended(backend: Backend
         completion_tokens: None,
         error: None,
     };
-    store.update_message(&reply.id, &update).await.unwrap();
+    store
+        .update_message(&reply.id, &update, now_millis())
+        .await
+        .unwrap();
     assert_eq!(
         store
             .claim_generation(&s, "g2", "b", now, until)
@@ -1759,8 +1934,12 @@ async fn a_session_is_free_once_its_generations_reply_has_ended(backend: Backend
 async fn racing_claims_of_a_session_let_exactly_one_through(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
-    let s = store.create_session(&alice, None, None).await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
+    let s = new_session(&*store, &alice, None, None).await.id;
     let now = now_millis();
     let claims = (0..16).map(|i| {
         let (store, s) = (store.clone(), s.clone());
@@ -1788,7 +1967,11 @@ async fn racing_claims_of_a_session_let_exactly_one_through(backend: Backend) {
 async fn start_up_interrupts_only_replies_no_other_instance_holds(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store.ensure_user("alice").await.unwrap().id;
+    let alice = store
+        .ensure_user(&User::new("alice", now_millis()))
+        .await
+        .unwrap()
+        .id;
     let now = now_millis();
     let until = now + 60_000;
     // (server holding the reply's session, hold expiry, reply still streaming after?)
@@ -1800,7 +1983,7 @@ async fn start_up_interrupts_only_replies_no_other_instance_holds(backend: Backe
     ];
     let mut replies = Vec::new();
     for (server, expires, _) in cases {
-        let s = store.create_session(&alice, None, None).await.unwrap().id;
+        let s = new_session(&*store, &alice, None, None).await.id;
         let g = new_id();
         if let Some(server) = server {
             assert_eq!(
@@ -1816,7 +1999,7 @@ async fn start_up_interrupts_only_replies_no_other_instance_holds(backend: Backe
         replies.push(reply);
     }
     // A hold naming a later generation of that session protects no older reply.
-    let s = store.create_session(&alice, None, None).await.unwrap().id;
+    let s = new_session(&*store, &alice, None, None).await.id;
     let stale = streaming_reply(&s, "old");
     store.insert_message(&stale).await.unwrap();
     assert_eq!(

@@ -17,8 +17,8 @@ use sluice::chat::Role;
 use sluice::config::{AuthMode, Secret};
 use sluice::mock::MockConfig;
 use sluice::store::{
-    Agent, KnowledgeDoc, MessageStatus, MessageUpdate, Store, StoreError, StoredMessage, Task,
-    TaskStatus, UsageRecord, new_id, now_millis,
+    Agent, ApiKey, KnowledgeDoc, MessageStatus, MessageUpdate, Session, Store, StoreError,
+    StoredMessage, Task, TaskStatus, UsageRecord, User, new_id, now_millis,
 };
 
 crate::backend_tests!(
@@ -157,19 +157,22 @@ const CLEANED: &str = "a\u{FFFD}b";
 async fn nul_in_any_stored_text_becomes_the_replacement_character(backend: Backend) {
     let db = fresh(backend).await;
     let store = sluice::store::open(&db.config).await.unwrap();
-    let user = store.ensure_user(NUL_TEXT).await.unwrap();
+    let user = store
+        .ensure_user(&User::new(NUL_TEXT, now_millis()))
+        .await
+        .unwrap();
     assert_eq!(user.name, CLEANED);
-    let key = store
-        .create_api_key(&user.id, NUL_TEXT, &[7; 32], "sk-x", false)
-        .await
-        .unwrap();
+    let key = ApiKey::new(&user.id, NUL_TEXT, "sk-x", false, now_millis());
+    store.create_api_key(&key, &[7; 32]).await.unwrap();
     assert_eq!(store.list_api_keys().await.unwrap()[0].name, CLEANED);
-    assert_eq!(store.revoke_api_key(NUL_TEXT).await.unwrap(), 1, "{key:?}");
+    assert_eq!(
+        store.revoke_api_key(NUL_TEXT, now_millis()).await.unwrap(),
+        1,
+        "{key:?}"
+    );
 
-    let session = store
-        .create_session(&user.id, None, Some(NUL_TEXT))
-        .await
-        .unwrap();
+    let session = Session::new(&user.id, None, Some(NUL_TEXT), now_millis());
+    store.create_session(&session).await.unwrap();
     let got = store
         .get_session(&user.id, &session.id)
         .await
@@ -222,6 +225,7 @@ async fn nul_in_any_stored_text_becomes_the_replacement_character(backend: Backe
                 completion_tokens: Some(2),
                 error: Some("err\0".into()),
             },
+            now_millis(),
         )
         .await
         .unwrap();
@@ -232,6 +236,7 @@ async fn nul_in_any_stored_text_becomes_the_replacement_character(backend: Backe
 
     store
         .record_usage(&UsageRecord {
+            id: new_id(),
             user_id: user.id.clone(),
             key_id: None,
             session_id: Some(session.id.clone()),

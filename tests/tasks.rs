@@ -758,7 +758,13 @@ async fn redis_queue_reclaims_a_dead_workers_task_exactly_once() {
     sluice::chat::agent::ensure_default_agent(store.as_ref(), "mock-model")
         .await
         .unwrap();
-    let alice = store.ensure_user("alice").await.unwrap();
+    let alice = store
+        .ensure_user(&sluice::store::User::new(
+            "alice",
+            sluice::store::now_millis(),
+        ))
+        .await
+        .unwrap();
     let now = sluice::store::now_millis();
     let id = sluice::store::new_id();
     store

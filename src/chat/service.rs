@@ -179,10 +179,9 @@ impl ChatService {
                 ChatError::Invalid(format!("agent: no active agent named '{name}'"))
             })?;
         }
-        Ok(self
-            .store
-            .create_session(&caller.user_id, agent, title)
-            .await?)
+        let session = Session::new(&caller.user_id, agent, title, now_millis());
+        self.store.create_session(&session).await?;
+        Ok(session)
     }
 
     pub async fn list_sessions(
@@ -597,7 +596,10 @@ async fn save_progress(
             completion_tokens: None,
             error: None,
         };
-        if let Err(e) = store.update_message(&message_id, &update).await {
+        if let Err(e) = store
+            .update_message(&message_id, &update, now_millis())
+            .await
+        {
             tracing::warn!(message_id = %message_id, error = %e, "cannot save the reply so far");
         }
     }
@@ -671,6 +673,7 @@ impl GenerationDeps {
             .await;
         if let Some(u) = outcome.usage {
             let record = UsageRecord {
+                id: new_id(),
                 user_id: g.caller.user_id.clone(),
                 key_id: g.caller.key_id.clone(),
                 session_id: Some(g.session_id.clone()),

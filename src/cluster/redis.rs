@@ -707,7 +707,11 @@ impl Inner {
                     completion_tokens: None,
                     error: Some("the instance running this generation stopped".into()),
                 };
-                if let Err(e) = self.store.update_message(message, &update).await {
+                if let Err(e) = self
+                    .store
+                    .update_message(message, &update, crate::store::now_millis())
+                    .await
+                {
                     tracing::error!(generation_id = %gid, error = %e, "cannot store the lost generation's reply");
                 }
             }

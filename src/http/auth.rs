@@ -168,7 +168,7 @@ async fn revoke_key(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     match st
         .store
-        .revoke_api_key(&id_or_name)
+        .revoke_api_key(&id_or_name, crate::store::now_millis())
         .await
         .map_err(store_error)?
     {

@@ -41,7 +41,7 @@ fn admin(who: &Principal) -> Result<(), ApiError> {
 fn store_err(e: StoreError) -> ApiError {
     match e {
         StoreError::Conflict(m) => ApiError::Conflict {
-            message: m,
+            message: m.to_string(),
             code: "already_exists",
         },
         StoreError::Unavailable(m) => ApiError::Unavailable {

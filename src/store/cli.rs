@@ -5,7 +5,7 @@
 
 use crate::config::StoreConfig;
 
-use super::{ApiKey, Millis, Store, StoreError};
+use super::{ApiKey, Millis, Store, StoreError, User, now_millis};
 
 /// Every key starts with this, so leaked keys are easy to recognise and scan for.
 pub const KEY_PREFIX: &str = "sk-sluice-";
@@ -80,11 +80,11 @@ pub async fn keys(cfg: &StoreConfig, cmd: KeysCommand) -> Result<(), StoreError>
             print!("{}", key_table(&keys));
         }
         KeysCommand::Revoke { id_or_name } => {
-            let n = store.revoke_api_key(&id_or_name).await?;
+            let n = store.revoke_api_key(&id_or_name, now_millis()).await?;
             if n == 0 {
-                return Err(StoreError::NotFound(format!(
-                    "no active key with id or name '{id_or_name}'"
-                )));
+                return Err(StoreError::NotFound(
+                    format!("no active key with id or name '{id_or_name}'").into(),
+                ));
             }
             println!("revoked {n} key{}", if n == 1 { "" } else { "s" });
         }
@@ -100,17 +100,11 @@ pub struct NewKey {
 
 /// Ensures the user `name`, then creates a key named `name` for it.
 pub async fn create_key(store: &dyn Store, name: &str, admin: bool) -> Result<NewKey, StoreError> {
-    let user = store.ensure_user(name).await?;
+    let now = now_millis();
+    let user = store.ensure_user(&User::new(name, now)).await?;
     let secret = generate_key();
-    let record = store
-        .create_api_key(
-            &user.id,
-            name,
-            &hash_key(&secret),
-            key_prefix(&secret),
-            admin,
-        )
-        .await?;
+    let record = ApiKey::new(&user.id, name, key_prefix(&secret), admin, now);
+    store.create_api_key(&record, &hash_key(&secret)).await?;
     Ok(NewKey { secret, record })
 }
 

@@ -31,7 +31,8 @@ pub(super) fn brief(e: &dyn std::fmt::Display) -> String {
 
 /// `fallback_models` and `tags`: a JSON array of strings in a TEXT column.
 pub(super) fn json_list(items: &[String]) -> Result<String, StoreError> {
-    serde_json::to_string(items).map_err(|e| StoreError::Backend(format!("encoding a list: {e}")))
+    serde_json::to_string(items)
+        .map_err(|e| StoreError::Backend(format!("encoding a list: {e}").into()).with_source(e))
 }
 
 pub(super) fn parse_json_list(column: &'static str, text: &str) -> Result<Vec<String>, BadValue> {
@@ -46,10 +47,9 @@ pub(super) fn check_final(status: TaskStatus) -> Result<(), StoreError> {
     if status.is_final() {
         Ok(())
     } else {
-        Err(StoreError::Backend(format!(
-            "finish_task: {} is not a final status",
-            status.as_str()
-        )))
+        Err(StoreError::Backend(
+            format!("finish_task: {} is not a final status", status.as_str()).into(),
+        ))
     }
 }
 

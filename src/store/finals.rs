@@ -55,7 +55,10 @@ impl Final {
     async fn apply(&self, store: &dyn Store) -> Result<bool, StoreError> {
         match self {
             Self::Message { message_id, update } => {
-                match store.update_message(message_id, update).await {
+                match store
+                    .update_message(message_id, update, super::now_millis())
+                    .await
+                {
                     Ok(()) => Ok(true),
                     Err(StoreError::NotFound(_)) => Ok(false),
                     Err(e) => Err(e),
@@ -254,5 +257,6 @@ async fn remove(path: Option<PathBuf>) {
 }
 
 fn spill_error(path: &Path, e: std::io::Error) -> StoreError {
-    StoreError::Backend(format!("reading spill files in {}: {e}", path.display()))
+    StoreError::Backend(format!("reading spill files in {}: {e}", path.display()).into())
+        .with_source(e)
 }

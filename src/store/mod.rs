@@ -1,5 +1,7 @@
-//! Persistence: one trait, two backends — embedded SQLite (the default) and PostgreSQL
-//! (when `DATABASE_URL` is set). Domain code sees only [`Store`].
+//! Persistence: one contract in roles ([`KeyStore`], [`SessionStore`], [`CatalogStore`],
+//! [`TaskStore`], [`UsageStore`], [`StoreHealth`]; [`Store`] is all of them), two backends —
+//! embedded SQLite (the default) and PostgreSQL (when `DATABASE_URL` is set) — sharing the
+//! statements in `sql`. Domain code sees only the traits.
 
 use std::sync::Arc;
 
@@ -13,6 +15,7 @@ pub mod cli;
 mod codec;
 pub mod finals;
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 pub mod text;
 
@@ -31,18 +34,101 @@ pub fn new_id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
 }
 
-#[derive(Debug, thiserror::Error)]
+/// What a backend error is kept as: any error of the drivers or the OS.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+#[derive(Debug)]
 pub enum StoreError {
     /// The database cannot be reached or the pool has no connection to give in time.
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(Detail),
     /// A uniqueness rule was violated.
-    #[error("conflict: {0}")]
-    Conflict(String),
-    #[error("not found: {0}")]
-    NotFound(String),
-    #[error("store error: {0}")]
-    Backend(String),
+    Conflict(Detail),
+    NotFound(Detail),
+    Backend(Detail),
+}
+
+/// A store error's message, and the driver or OS error behind it when there is one, so
+/// logs and callers walking `source()` see the cause, not only its text.
+#[derive(Debug)]
+pub struct Detail {
+    message: String,
+    source: Option<BoxError>,
+}
+
+impl Detail {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub fn with_source(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Display for Detail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<String> for Detail {
+    fn from(message: String) -> Self {
+        Self::new(message)
+    }
+}
+
+impl From<&str> for Detail {
+    fn from(message: &str) -> Self {
+        Self::new(message)
+    }
+}
+
+impl StoreError {
+    pub fn detail(&self) -> &Detail {
+        match self {
+            Self::Unavailable(d) | Self::Conflict(d) | Self::NotFound(d) | Self::Backend(d) => d,
+        }
+    }
+}
+
+impl StoreError {
+    /// The same error, with the driver or OS error that caused it kept as its source.
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        let (Self::Unavailable(d) | Self::Conflict(d) | Self::NotFound(d) | Self::Backend(d)) =
+            &mut self;
+        d.source = Some(source.into());
+        self
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unavailable(d) => write!(f, "store unavailable: {d}"),
+            Self::Conflict(d) => write!(f, "conflict: {d}"),
+            Self::NotFound(d) => write!(f, "not found: {d}"),
+            Self::Backend(d) => write!(f, "store error: {d}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.detail()
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -72,6 +158,46 @@ pub struct Session {
     pub title: Option<String>,
     pub created_at: Millis,
     pub updated_at: Millis,
+}
+
+impl User {
+    /// A new user as a service creates it: a fresh id, created `now`.
+    pub fn new(name: &str, now: Millis) -> Self {
+        Self {
+            id: new_id(),
+            name: name.to_owned(),
+            created_at: now,
+        }
+    }
+}
+
+impl ApiKey {
+    /// A new active key as a service creates it: a fresh id, created `now`.
+    pub fn new(user_id: &str, name: &str, prefix: &str, is_admin: bool, now: Millis) -> Self {
+        Self {
+            id: new_id(),
+            user_id: user_id.to_owned(),
+            name: name.to_owned(),
+            prefix: prefix.to_owned(),
+            is_admin,
+            created_at: now,
+            revoked_at: None,
+        }
+    }
+}
+
+impl Session {
+    /// A new session as the service creates it: a fresh id, created and updated `now`.
+    pub fn new(user_id: &str, agent: Option<&str>, title: Option<&str>, now: Millis) -> Self {
+        Self {
+            id: new_id(),
+            user_id: user_id.to_owned(),
+            agent: agent.map(str::to_owned),
+            title: title.map(str::to_owned),
+            created_at: now,
+            updated_at: now,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -142,6 +268,7 @@ pub struct MessageUpdate {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageRecord {
+    pub id: String,
     pub user_id: String,
     pub key_id: Option<String>,
     pub session_id: Option<String>,
@@ -270,41 +397,46 @@ pub struct Task {
     pub finished_at: Option<Millis>,
 }
 
-fn unsupported<T>() -> Result<T, StoreError> {
-    Err(StoreError::Backend("not supported by this store".into()))
-}
-
+/// What readiness and metrics ask of the database.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait StoreHealth: Send + Sync + 'static {
     /// `"sqlite"` or `"postgres"`, for health output.
     fn backend(&self) -> &'static str;
+
     /// A round trip to the database, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Connection pool occupancy, for backends that pool connections.
+    fn pool_state(&self) -> Option<PoolState>;
+}
+
+/// Users and their API keys.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
     /// The user with this name, created if missing.
-    async fn ensure_user(&self, name: &str) -> Result<User, StoreError>;
-    async fn create_api_key(
-        &self,
-        user_id: &str,
-        name: &str,
-        key_hash: &[u8; 32],
-        prefix: &str,
-        is_admin: bool,
-    ) -> Result<ApiKey, StoreError>;
+    /// The user named `user.name`: the stored one, or `user` stored when there is none.
+    async fn ensure_user(&self, user: &User) -> Result<User, StoreError>;
+
+    /// Stores `key`, found later by `key_hash` (the SHA-256 of the secret, never kept).
+    async fn create_api_key(&self, key: &ApiKey, key_hash: &[u8; 32]) -> Result<(), StoreError>;
+
     async fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
+
     /// Revokes the active keys whose id or name is `id_or_name`; returns how many.
-    async fn revoke_api_key(&self, id_or_name: &str) -> Result<u64, StoreError>;
+    async fn revoke_api_key(&self, id_or_name: &str, now: Millis) -> Result<u64, StoreError>;
+
     /// The active (not revoked) key with this SHA-256.
     async fn find_api_key(&self, key_hash: &[u8; 32]) -> Result<Option<ApiKey>, StoreError>;
+
     /// The active (not revoked) key with this id.
     async fn find_api_key_by_id(&self, id: &str) -> Result<Option<ApiKey>, StoreError>;
+}
 
-    async fn create_session(
-        &self,
-        user_id: &str,
-        agent: Option<&str>,
-        title: Option<&str>,
-    ) -> Result<Session, StoreError>;
+/// Sessions, their messages, and the one running generation a session may have.
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    async fn create_session(&self, s: &Session) -> Result<(), StoreError>;
+
     /// Newest first by `(updated_at, id)` descending.
     async fn list_sessions(
         &self,
@@ -312,10 +444,13 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&SessionCursor>,
         limit: u32,
     ) -> Result<Vec<Session>, StoreError>;
+
     /// `None` when it does not exist or belongs to another user.
     async fn get_session(&self, user_id: &str, id: &str) -> Result<Option<Session>, StoreError>;
+
     /// Deletes the session and its messages; `false` when not found for this user.
     async fn delete_session(&self, user_id: &str, id: &str) -> Result<bool, StoreError>;
+
     async fn update_session_title(
         &self,
         user_id: &str,
@@ -325,130 +460,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Oldest first.
     async fn list_messages(&self, session_id: &str) -> Result<Vec<StoredMessage>, StoreError>;
+
     /// Also moves the session's `updated_at` to the message's.
     async fn insert_message(&self, m: &StoredMessage) -> Result<(), StoreError>;
-    async fn update_message(&self, id: &str, u: &MessageUpdate) -> Result<(), StoreError>;
+
+    /// `now` becomes the message's `updated_at`.
+    async fn update_message(
+        &self,
+        id: &str,
+        u: &MessageUpdate,
+        now: Millis,
+    ) -> Result<(), StoreError>;
+
     /// Marks every message still `streaming` as `interrupted`: after a restart of an embedded
     /// instance, nothing can still be producing them.
-    async fn interrupt_streaming(&self) -> Result<u64, StoreError>;
-
-    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError>;
-
-    // Agents: names are unique; `create` of a taken name is a Conflict.
-    async fn create_agent(&self, _a: &Agent) -> Result<(), StoreError> {
-        unsupported()
-    }
-    /// Replaces the agent with `a.name`; `false` when there is none.
-    async fn update_agent(&self, _a: &Agent) -> Result<bool, StoreError> {
-        unsupported()
-    }
-    async fn get_agent(&self, _name: &str) -> Result<Option<Agent>, StoreError> {
-        unsupported()
-    }
-    /// By name.
-    async fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
-        unsupported()
-    }
-    async fn delete_agent(&self, _name: &str) -> Result<bool, StoreError> {
-        unsupported()
-    }
-
-    // Scenes: as agents.
-    async fn create_scene(&self, _s: &Scene) -> Result<(), StoreError> {
-        unsupported()
-    }
-    async fn update_scene(&self, _s: &Scene) -> Result<bool, StoreError> {
-        unsupported()
-    }
-    async fn get_scene(&self, _name: &str) -> Result<Option<Scene>, StoreError> {
-        unsupported()
-    }
-    async fn list_scenes(&self) -> Result<Vec<Scene>, StoreError> {
-        unsupported()
-    }
-    async fn delete_scene(&self, _name: &str) -> Result<bool, StoreError> {
-        unsupported()
-    }
-
-    // Knowledge base with full-text search.
-    async fn add_knowledge(&self, _d: &KnowledgeDoc) -> Result<(), StoreError> {
-        unsupported()
-    }
-    /// Best first. A document whose title matches the query ranks above one that only
-    /// mentions it. Any user text is a valid query (it is never parsed as search syntax).
-    async fn search_knowledge(
-        &self,
-        _query: &str,
-        _limit: u32,
-    ) -> Result<Vec<KnowledgeHit>, StoreError> {
-        unsupported()
-    }
-
-    // Tasks.
-    async fn create_task(&self, _t: &Task) -> Result<(), StoreError> {
-        unsupported()
-    }
-    /// `user_id: None` reads any user's task (workers); `Some` only that user's.
-    async fn get_task(
-        &self,
-        _user_id: Option<&str>,
-        _id: &str,
-    ) -> Result<Option<Task>, StoreError> {
-        unsupported()
-    }
-    /// Atomically moves a `queued` or `running` task to `running` (a reclaimed task was
-    /// left `running` by a worker that died) and sets `started_at`; `None` when the task
-    /// is missing or already final, so it must not run.
-    async fn claim_task(&self, _id: &str, _now: Millis) -> Result<Option<Task>, StoreError> {
-        unsupported()
-    }
-    async fn set_task_progress(&self, _id: &str, _tokens: i64) -> Result<(), StoreError> {
-        unsupported()
-    }
-    /// Moves a `running` task to a final status; `false` when it was not running (already
-    /// finished or cancelled), so a task completes exactly once.
-    async fn finish_task(
-        &self,
-        _id: &str,
-        _status: TaskStatus,
-        _result: Option<&str>,
-        _reasoning: Option<&str>,
-        _error: Option<&str>,
-        _now: Millis,
-    ) -> Result<bool, StoreError> {
-        unsupported()
-    }
-    /// Cancels a `queued` or `running` task of this user; returns its status before, or
-    /// `None` when not found for this user. A final task is left as it is.
-    async fn cancel_task(
-        &self,
-        _user_id: &str,
-        _id: &str,
-        _now: Millis,
-    ) -> Result<Option<TaskStatus>, StoreError> {
-        unsupported()
-    }
-    /// `queued` and `running` tasks, oldest first (an embedded restart runs them again).
-    async fn list_unfinished_tasks(&self) -> Result<Vec<Task>, StoreError> {
-        unsupported()
-    }
-    /// 1-based place among queued tasks by creation time; `None` unless queued.
-    async fn task_position(&self, _id: &str) -> Result<Option<u64>, StoreError> {
-        unsupported()
-    }
-    async fn count_queued_tasks(&self) -> Result<u64, StoreError> {
-        unsupported()
-    }
-
-    /// Token usage per key and model recorded in `[from, to)`.
-    async fn usage_summary(&self, _from: Millis, _to: Millis) -> Result<Vec<UsageRow>, StoreError> {
-        unsupported()
-    }
-
-    /// Connection pool occupancy, for backends that pool connections.
-    fn pool_state(&self) -> Option<PoolState> {
-        None
-    }
+    async fn interrupt_streaming(&self, now: Millis) -> Result<u64, StoreError>;
 
     /// Takes the session's one running-generation slot for `generation_id`, run by
     /// `server_id`, until `expires_at`, in one conditional write. The slot is free when
@@ -476,6 +502,113 @@ pub trait Store: Send + Sync + 'static {
     /// session slot is held, unexpired, for that reply's generation by another server.
     async fn interrupt_streaming_of(&self, server_id: &str, now: Millis)
     -> Result<u64, StoreError>;
+}
+
+/// Agents, scenes and the knowledge base: names are unique; `create` of a taken name
+/// is a Conflict.
+#[async_trait]
+pub trait CatalogStore: Send + Sync + 'static {
+    // Agents.
+    async fn create_agent(&self, a: &Agent) -> Result<(), StoreError>;
+
+    /// Replaces the agent with `a.name`; `false` when there is none.
+    async fn update_agent(&self, a: &Agent) -> Result<bool, StoreError>;
+
+    async fn get_agent(&self, name: &str) -> Result<Option<Agent>, StoreError>;
+
+    /// By name.
+    async fn list_agents(&self) -> Result<Vec<Agent>, StoreError>;
+
+    async fn delete_agent(&self, name: &str) -> Result<bool, StoreError>;
+
+    // Scenes: as agents.
+    async fn create_scene(&self, s: &Scene) -> Result<(), StoreError>;
+
+    async fn update_scene(&self, s: &Scene) -> Result<bool, StoreError>;
+
+    async fn get_scene(&self, name: &str) -> Result<Option<Scene>, StoreError>;
+
+    async fn list_scenes(&self) -> Result<Vec<Scene>, StoreError>;
+
+    async fn delete_scene(&self, name: &str) -> Result<bool, StoreError>;
+
+    // Knowledge base with full-text search.
+    async fn add_knowledge(&self, d: &KnowledgeDoc) -> Result<(), StoreError>;
+
+    /// Best first. A document whose title matches the query ranks above one that only
+    /// mentions it. Any user text is a valid query (it is never parsed as search syntax).
+    async fn search_knowledge(
+        &self,
+        query: &str,
+        limit: u32,
+    ) -> Result<Vec<KnowledgeHit>, StoreError>;
+}
+
+/// Asynchronous prompt jobs.
+#[async_trait]
+pub trait TaskStore: Send + Sync + 'static {
+    // Tasks.
+    async fn create_task(&self, t: &Task) -> Result<(), StoreError>;
+
+    /// `user_id: None` reads any user's task (workers); `Some` only that user's.
+    async fn get_task(&self, user_id: Option<&str>, id: &str) -> Result<Option<Task>, StoreError>;
+
+    /// Atomically moves a `queued` or `running` task to `running` (a reclaimed task was
+    /// left `running` by a worker that died) and sets `started_at`; `None` when the task
+    /// is missing or already final, so it must not run.
+    async fn claim_task(&self, id: &str, now: Millis) -> Result<Option<Task>, StoreError>;
+
+    async fn set_task_progress(&self, id: &str, tokens: i64) -> Result<(), StoreError>;
+
+    /// Moves a `running` task to a final status; `false` when it was not running (already
+    /// finished or cancelled), so a task completes exactly once.
+    async fn finish_task(
+        &self,
+        id: &str,
+        status: TaskStatus,
+        result: Option<&str>,
+        reasoning: Option<&str>,
+        error: Option<&str>,
+        now: Millis,
+    ) -> Result<bool, StoreError>;
+
+    /// Cancels a `queued` or `running` task of this user; returns its status before, or
+    /// `None` when not found for this user. A final task is left as it is.
+    async fn cancel_task(
+        &self,
+        user_id: &str,
+        id: &str,
+        now: Millis,
+    ) -> Result<Option<TaskStatus>, StoreError>;
+
+    /// `queued` and `running` tasks, oldest first (an embedded restart runs them again).
+    async fn list_unfinished_tasks(&self) -> Result<Vec<Task>, StoreError>;
+
+    /// 1-based place among queued tasks by creation time; `None` unless queued.
+    async fn task_position(&self, id: &str) -> Result<Option<u64>, StoreError>;
+
+    async fn count_queued_tasks(&self) -> Result<u64, StoreError>;
+}
+
+/// Token usage, per request and summed.
+#[async_trait]
+pub trait UsageStore: Send + Sync + 'static {
+    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError>;
+
+    /// Token usage per key and model recorded in `[from, to)`.
+    async fn usage_summary(&self, from: Millis, to: Millis) -> Result<Vec<UsageRow>, StoreError>;
+}
+
+/// The whole contract: every role. Callers hold `Arc<dyn Store>`; a part of the code that
+/// needs one role can take that role alone.
+pub trait Store:
+    StoreHealth + KeyStore + SessionStore + CatalogStore + TaskStore + UsageStore
+{
+}
+
+impl<T: StoreHealth + KeyStore + SessionStore + CatalogStore + TaskStore + UsageStore + ?Sized>
+    Store for T
+{
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

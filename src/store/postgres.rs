@@ -25,10 +25,11 @@ use tokio_postgres::{Client, Config, NoTls, Row, SimpleQueryMessage};
 use super::codec::{
     BadValue, brief, check_final, json_list, parse_json_list, parse_role, role_str, search_terms,
 };
+use super::sql;
 use super::{
-    Agent, ApiKey, KnowledgeDoc, KnowledgeHit, MessageStatus, MessageUpdate, Millis, Scene,
-    Session, SessionCursor, Store, StoreError, StoredMessage, Task, TaskStatus, UsageRecord,
-    UsageRow, User, new_id, now_millis,
+    Agent, ApiKey, CatalogStore, KeyStore, KnowledgeDoc, KnowledgeHit, MessageStatus,
+    MessageUpdate, Millis, Scene, Session, SessionCursor, SessionStore, StoreError, StoreHealth,
+    StoredMessage, Task, TaskStatus, TaskStore, UsageRecord, UsageRow, UsageStore, User,
 };
 use crate::config::{DbPooler, StoreConfig};
 use crate::upstream::breaker::{Breaker, BreakerSettings};
@@ -146,9 +147,9 @@ impl PgConn {
                 self.broken.store(false, Ordering::Relaxed);
                 Ok(r?)
             }
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer from the database within {limit:?}"
-            ))),
+            Err(_) => Err(StoreError::Unavailable(
+                format!("no answer from the database within {limit:?}").into(),
+            )),
         }
     }
 }
@@ -181,10 +182,9 @@ impl ManageConnection for PgManager {
                 })
             }
             Ok(Err(e)) => Err(StoreError::from(e)),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "connecting took longer than {:?}",
-                self.connect_timeout
-            ))),
+            Err(_) => Err(StoreError::Unavailable(
+                format!("connecting took longer than {:?}", self.connect_timeout).into(),
+            )),
         };
         match &r {
             Ok(_) => self.health.success(),
@@ -247,10 +247,9 @@ fn typed<'p>(params: Params<'p>) -> Result<Typed<'p>, StoreError> {
                     _ => return Ok((p, ty.clone())),
                 }
             }
-            Err(StoreError::Backend(format!(
-                "parameter ${} has a type the store does not send",
-                i + 1
-            )))
+            Err(StoreError::Backend(
+                format!("parameter ${} has a type the store does not send", i + 1).into(),
+            ))
         })
         .collect()
 }
@@ -295,9 +294,9 @@ impl PgStore {
     /// Fails when the database cannot be reached, so a bad `DATABASE_URL` stops the start.
     pub async fn connect(url: &str, cfg: &StoreConfig) -> Result<Self, StoreError> {
         // The parse error never echoes the URL, which may hold a password.
-        let mut pg: Config = url
-            .parse()
-            .map_err(|e| StoreError::Backend(format!("invalid DATABASE_URL: {e}")))?;
+        let mut pg: Config = url.parse().map_err(|e| {
+            StoreError::Backend(format!("invalid DATABASE_URL: {e}").into()).with_source(e)
+        })?;
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(cfg.acquire_timeout);
         }
@@ -389,10 +388,13 @@ impl PgStore {
 
     async fn conn(&self) -> Result<Conn<'_>, StoreError> {
         if !self.health.breaker.allow() {
-            return Err(StoreError::Unavailable(self.down_message(format!(
-                "database unreachable; next try in {}s",
-                self.health.breaker.retry_after()
-            ))));
+            return Err(StoreError::Unavailable(
+                self.down_message(format!(
+                    "database unreachable; next try in {}s",
+                    self.health.breaker.retry_after()
+                ))
+                .into(),
+            ));
         }
         // Registered before waiting, so an opening during the wait is not missed.
         let opened = self.health.opened.notified();
@@ -400,7 +402,7 @@ impl PgStore {
             got = self.pool.get() => got,
             _ = opened => {
                 return Err(StoreError::Unavailable(
-                    self.down_message("database unreachable".into()),
+                    self.down_message("database unreachable".into()).into(),
                 ));
             }
         };
@@ -412,17 +414,20 @@ impl PgStore {
             }),
             Err(RunError::User(e)) => {
                 self.health
-                    .observe::<()>(&Err(StoreError::Unavailable(String::new())));
+                    .observe::<()>(&Err(StoreError::Unavailable(String::new().into())));
                 Err(e)
             }
             Err(RunError::TimedOut) => {
                 self.health.failure();
-                Err(StoreError::Unavailable(self.down_message(format!(
-                    "no database connection within {:?} ({} open, pool max {})",
-                    self.acquire_timeout,
-                    self.pool.state().connections,
-                    self.pool.config().max_size
-                ))))
+                Err(StoreError::Unavailable(
+                    self.down_message(format!(
+                        "no database connection within {:?} ({} open, pool max {})",
+                        self.acquire_timeout,
+                        self.pool.state().connections,
+                        self.pool.config().max_size
+                    ))
+                    .into(),
+                ))
             }
         }
     }
@@ -553,20 +558,21 @@ fn migration_error(e: refinery::Error) -> StoreError {
         }
         next = s.source();
     }
-    match cause.map(classify) {
+    let error = match cause.map(classify) {
         Some(StoreError::Unavailable(m)) => {
-            StoreError::Unavailable(format!("migrating postgres: {m}"))
+            StoreError::Unavailable(format!("migrating postgres: {m}").into())
         }
         Some(StoreError::Backend(m) | StoreError::Conflict(m) | StoreError::NotFound(m)) => {
-            StoreError::Backend(format!("migrating postgres: {step}: {m}"))
+            StoreError::Backend(format!("migrating postgres: {step}: {m}").into())
         }
-        None => StoreError::Backend(format!("migrating postgres: {step}")),
-    }
+        None => StoreError::Backend(format!("migrating postgres: {step}").into()),
+    };
+    error.with_source(e)
 }
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
-        classify(&e)
+        classify(&e).with_source(e)
     }
 }
 
@@ -574,30 +580,33 @@ fn classify(e: &tokio_postgres::Error) -> StoreError {
     if let Some(db) = e.as_db_error() {
         let code = db.code();
         if *code == SqlState::UNIQUE_VIOLATION {
-            return StoreError::Conflict(match db.constraint() {
-                Some(c) => format!("{} ({c})", db.message()),
-                None => db.message().to_owned(),
-            });
+            return StoreError::Conflict(
+                match db.constraint() {
+                    Some(c) => format!("{} ({c})", db.message()),
+                    None => db.message().to_owned(),
+                }
+                .into(),
+            );
         }
         if *code == SqlState::FOREIGN_KEY_VIOLATION {
-            return StoreError::NotFound(format!("referenced row: {}", db.message()));
+            return StoreError::NotFound(format!("referenced row: {}", db.message()).into());
         }
         // Connection exceptions, insufficient resources, operator intervention
         // (shutdown, recovery): the database, not the query, is the problem.
         return match &code.code()[..2] {
             "08" | "53" | "57" => {
-                StoreError::Unavailable(format!("{}: {}", code.code(), db.message()))
+                StoreError::Unavailable(format!("{}: {}", code.code(), db.message()).into())
             }
-            _ => StoreError::Backend(format!("{}: {}", code.code(), db.message())),
+            _ => StoreError::Backend(format!("{}: {}", code.code(), db.message()).into()),
         };
     }
     // Not from the server: the socket failed, closed or timed out, or a value did not
     // convert. Only the last is this query's fault.
     let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
     if e.is_closed() || io || e.to_string().contains("timeout") {
-        return StoreError::Unavailable(e.to_string());
+        return StoreError::Unavailable(e.to_string().into());
     }
-    StoreError::Backend(e.to_string())
+    StoreError::Backend(e.to_string().into())
 }
 
 fn user_row(r: &Row) -> Result<User, StoreError> {
@@ -638,7 +647,8 @@ fn message_row(r: &Row) -> Result<StoredMessage, StoreError> {
                 column,
                 value: value.to_owned(),
             }
-            .to_string(),
+            .to_string()
+            .into(),
         )
     };
     let role: &str = r.try_get(2)?;
@@ -661,7 +671,7 @@ fn message_row(r: &Row) -> Result<StoredMessage, StoreError> {
 }
 
 fn bad(e: BadValue) -> StoreError {
-    StoreError::Backend(e.to_string())
+    StoreError::Backend(e.to_string().into()).with_source(e)
 }
 
 fn agent_row(r: &Row) -> Result<Agent, StoreError> {
@@ -731,7 +741,7 @@ fn hit_row(r: &Row) -> Result<KnowledgeHit, StoreError> {
 }
 
 #[async_trait]
-impl Store for PgStore {
+impl StoreHealth for PgStore {
     fn backend(&self) -> &'static str {
         "postgres"
     }
@@ -741,47 +751,31 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn ensure_user(&self, name: &str) -> Result<User, StoreError> {
+    fn pool_state(&self) -> Option<super::PoolState> {
+        Some(PgStore::pool_state(self))
+    }
+}
+
+#[async_trait]
+impl KeyStore for PgStore {
+    async fn ensure_user(&self, user: &User) -> Result<User, StoreError> {
         let c = self.conn().await?;
         // Two statements, not one CTE: a CTE's SELECT cannot see a row that a concurrent
         // transaction committed while its INSERT waited on the conflict.
         c.execute(
-            "INSERT INTO users (id, name, created_at) VALUES ($1, $2, $3)
-             ON CONFLICT (name) DO NOTHING",
-            &[&new_id(), &name, &now_millis()],
+            sql::INSERT_USER.pg(),
+            &[&user.id, &user.name, &user.created_at],
         )
         .await?;
-        let row = c
-            .query_one(
-                "SELECT id, name, created_at FROM users WHERE name = $1",
-                &[&name],
-            )
-            .await?;
+        let row = c.query_one(sql::USER_BY_NAME.pg(), &[&user.name]).await?;
         user_row(&row)
     }
 
-    async fn create_api_key(
-        &self,
-        user_id: &str,
-        name: &str,
-        key_hash: &[u8; 32],
-        prefix: &str,
-        is_admin: bool,
-    ) -> Result<ApiKey, StoreError> {
-        let key = ApiKey {
-            id: new_id(),
-            user_id: user_id.to_owned(),
-            name: name.to_owned(),
-            prefix: prefix.to_owned(),
-            is_admin,
-            created_at: now_millis(),
-            revoked_at: None,
-        };
+    async fn create_api_key(&self, key: &ApiKey, key_hash: &[u8; 32]) -> Result<(), StoreError> {
         self.conn()
             .await?
             .execute(
-                "INSERT INTO api_keys (id, user_id, name, key_hash, prefix, is_admin, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                sql::INSERT_API_KEY.pg(),
                 &[
                     &key.id,
                     &key.user_id,
@@ -793,31 +787,23 @@ impl Store for PgStore {
                 ],
             )
             .await?;
-        Ok(key)
+        Ok(())
     }
 
     async fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
         let rows = self
             .conn()
             .await?
-            .query(
-                "SELECT id, user_id, name, prefix, is_admin, created_at, revoked_at
-                 FROM api_keys ORDER BY created_at, id",
-                &[],
-            )
+            .query(sql::LIST_API_KEYS.pg(), &[])
             .await?;
         rows.iter().map(key_row).collect()
     }
 
-    async fn revoke_api_key(&self, id_or_name: &str) -> Result<u64, StoreError> {
+    async fn revoke_api_key(&self, id_or_name: &str, now: Millis) -> Result<u64, StoreError> {
         let n = self
             .conn()
             .await?
-            .execute(
-                "UPDATE api_keys SET revoked_at = $2
-                 WHERE (id = $1 OR name = $1) AND revoked_at IS NULL",
-                &[&id_or_name, &now_millis()],
-            )
+            .execute(sql::REVOKE_API_KEY.pg(), &[&id_or_name, &now])
             .await?;
         Ok(n)
     }
@@ -826,11 +812,7 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "SELECT id, user_id, name, prefix, is_admin, created_at, revoked_at
-                 FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
-                &[&key_hash.as_slice()],
-            )
+            .query_opt(sql::API_KEY_BY_HASH.pg(), &[&key_hash.as_slice()])
             .await?;
         row.as_ref().map(key_row).transpose()
     }
@@ -839,35 +821,19 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "SELECT id, user_id, name, prefix, is_admin, created_at, revoked_at
-                 FROM api_keys WHERE id = $1 AND revoked_at IS NULL",
-                &[&id],
-            )
+            .query_opt(sql::API_KEY_BY_ID.pg(), &[&id])
             .await?;
         row.as_ref().map(key_row).transpose()
     }
+}
 
-    async fn create_session(
-        &self,
-        user_id: &str,
-        agent: Option<&str>,
-        title: Option<&str>,
-    ) -> Result<Session, StoreError> {
-        let now = now_millis();
-        let session = Session {
-            id: new_id(),
-            user_id: user_id.to_owned(),
-            agent: agent.map(str::to_owned),
-            title: title.map(str::to_owned),
-            created_at: now,
-            updated_at: now,
-        };
+#[async_trait]
+impl SessionStore for PgStore {
+    async fn create_session(&self, session: &Session) -> Result<(), StoreError> {
         self.conn()
             .await?
             .execute(
-                "INSERT INTO sessions (id, user_id, agent, title, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                sql::INSERT_SESSION.pg(),
                 &[
                     &session.id,
                     &session.user_id,
@@ -878,7 +844,7 @@ impl Store for PgStore {
                 ],
             )
             .await?;
-        Ok(session)
+        Ok(())
     }
 
     async fn list_sessions(
@@ -891,20 +857,12 @@ impl Store for PgStore {
         let limit = i64::from(limit);
         let rows = match after {
             None => {
-                c.query(
-                    "SELECT id, user_id, agent, title, created_at, updated_at
-                     FROM sessions WHERE user_id = $1
-                     ORDER BY updated_at DESC, id DESC LIMIT $2",
-                    &[&user_id, &limit],
-                )
-                .await?
+                c.query(sql::LIST_SESSIONS.pg(), &[&user_id, &limit])
+                    .await?
             }
-            // The row comparison matches the index order, so this is an index range scan.
             Some(cur) => {
                 c.query(
-                    "SELECT id, user_id, agent, title, created_at, updated_at
-                     FROM sessions WHERE user_id = $1 AND (updated_at, id) < ($2, $3)
-                     ORDER BY updated_at DESC, id DESC LIMIT $4",
+                    sql::LIST_SESSIONS_AFTER.pg(),
                     &[&user_id, &cur.updated_at, &cur.id, &limit],
                 )
                 .await?
@@ -917,24 +875,16 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "SELECT id, user_id, agent, title, created_at, updated_at
-                 FROM sessions WHERE id = $1 AND user_id = $2",
-                &[&id, &user_id],
-            )
+            .query_opt(sql::GET_SESSION.pg(), &[&id, &user_id])
             .await?;
         row.as_ref().map(session_row).transpose()
     }
 
     async fn delete_session(&self, user_id: &str, id: &str) -> Result<bool, StoreError> {
-        // Messages go with it through `ON DELETE CASCADE`.
         let n = self
             .conn()
             .await?
-            .execute(
-                "DELETE FROM sessions WHERE id = $1 AND user_id = $2",
-                &[&id, &user_id],
-            )
+            .execute(sql::DELETE_SESSION.pg(), &[&id, &user_id])
             .await?;
         Ok(n > 0)
     }
@@ -948,11 +898,7 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "UPDATE sessions SET title = $3 WHERE id = $1 AND user_id = $2
-                 RETURNING id, user_id, agent, title, created_at, updated_at",
-                &[&id, &user_id, &title],
-            )
+            .query_opt(sql::UPDATE_SESSION_TITLE.pg(), &[&id, &user_id, &title])
             .await?;
         row.as_ref().map(session_row).transpose()
     }
@@ -961,13 +907,7 @@ impl Store for PgStore {
         let rows = self
             .conn()
             .await?
-            .query(
-                "SELECT id, session_id, role, content, status, generation_id, model,
-                        prompt_tokens, completion_tokens, error, created_at, updated_at,
-                        reasoning
-                 FROM messages WHERE session_id = $1 ORDER BY created_at, id",
-                &[&session_id],
-            )
+            .query(sql::LIST_MESSAGES.pg(), &[&session_id])
             .await?;
         rows.iter().map(message_row).collect()
     }
@@ -1005,14 +945,17 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn update_message(&self, id: &str, u: &MessageUpdate) -> Result<(), StoreError> {
+    async fn update_message(
+        &self,
+        id: &str,
+        u: &MessageUpdate,
+        now: Millis,
+    ) -> Result<(), StoreError> {
         let n = self
             .conn()
             .await?
             .execute(
-                "UPDATE messages SET content = $2, status = $3, prompt_tokens = $4,
-                     completion_tokens = $5, error = $6, updated_at = $7, reasoning = $8
-                 WHERE id = $1",
+                sql::UPDATE_MESSAGE.pg(),
                 &[
                     &id,
                     &u.content,
@@ -1020,62 +963,88 @@ impl Store for PgStore {
                     &u.prompt_tokens,
                     &u.completion_tokens,
                     &u.error,
-                    &now_millis(),
+                    &now,
                     &u.reasoning,
                 ],
             )
             .await?;
         if n == 0 {
-            return Err(StoreError::NotFound(format!("message {id}")));
+            return Err(StoreError::NotFound(format!("message {id}").into()));
         }
         Ok(())
     }
 
-    async fn interrupt_streaming(&self) -> Result<u64, StoreError> {
+    async fn interrupt_streaming(&self, now: Millis) -> Result<u64, StoreError> {
         let n = self
             .conn()
             .await?
-            .execute(
-                "UPDATE messages SET status = 'interrupted', updated_at = $1
-                 WHERE status = 'streaming'",
-                &[&now_millis()],
-            )
+            .execute(sql::INTERRUPT_STREAMING.pg(), &[&now])
             .await?;
         Ok(n)
     }
 
-    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError> {
-        self.conn()
-            .await?
+    async fn claim_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+        server_id: &str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> Result<Option<String>, StoreError> {
+        let conn = self.conn().await?;
+        // One statement decides: concurrent claims of a session queue on its row lock and
+        // the later ones re-check the condition against the winner's values.
+        let n = conn
             .execute(
-                "INSERT INTO usage_records (id, user_id, key_id, session_id, provider, model,
-                     prompt_tokens, completion_tokens, created_at, reasoning_tokens)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                &[
-                    &new_id(),
-                    &r.user_id,
-                    &r.key_id,
-                    &r.session_id,
-                    &r.provider,
-                    &r.model,
-                    &r.prompt_tokens,
-                    &r.completion_tokens,
-                    &r.created_at,
-                    &r.reasoning_tokens,
-                ],
+                sql::CLAIM_GENERATION.pg(),
+                &[&session_id, &generation_id, &server_id, &now, &expires_at],
             )
             .await?;
-        Ok(())
+        if n == 1 {
+            return Ok(None);
+        }
+        let row = conn
+            .query_opt(sql::RUNNING_GENERATION.pg(), &[&session_id])
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("session {session_id}").into()))?;
+        Ok(Some(row.get::<_, Option<String>>(0).unwrap_or_default()))
     }
 
+    async fn release_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .await?
+            .execute(sql::RELEASE_GENERATION.pg(), &[&session_id, &generation_id])
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn interrupt_streaming_of(
+        &self,
+        server_id: &str,
+        now: Millis,
+    ) -> Result<u64, StoreError> {
+        let n = self
+            .conn()
+            .await?
+            .execute(sql::INTERRUPT_STREAMING_OF.pg(), &[&server_id, &now])
+            .await?;
+        Ok(n)
+    }
+}
+
+#[async_trait]
+impl CatalogStore for PgStore {
     async fn create_agent(&self, a: &Agent) -> Result<(), StoreError> {
         let fallback = json_list(&a.fallback_models)?;
         self.conn()
             .await?
             .execute(
-                "INSERT INTO agents (id, name, provider, model, system_prompt, temperature,
-                     max_tokens, fallback_models, knowledge, is_active, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                sql::INSERT_AGENT.pg(),
                 &[
                     &a.id,
                     &a.name,
@@ -1097,15 +1066,11 @@ impl Store for PgStore {
 
     async fn update_agent(&self, a: &Agent) -> Result<bool, StoreError> {
         let fallback = json_list(&a.fallback_models)?;
-        // The row keeps its id and created_at: the name is the agent's identity here.
         let n = self
             .conn()
             .await?
             .execute(
-                "UPDATE agents SET provider = $2, model = $3, system_prompt = $4,
-                     temperature = $5, max_tokens = $6, fallback_models = $7,
-                     knowledge = $8, is_active = $9, updated_at = $10
-                 WHERE name = $1",
+                sql::UPDATE_AGENT.pg(),
                 &[
                     &a.name,
                     &a.provider,
@@ -1127,28 +1092,13 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "SELECT id, name, provider, model, system_prompt, temperature, max_tokens,
-                        fallback_models, knowledge, is_active, created_at, updated_at
-                 FROM agents WHERE name = $1",
-                &[&name],
-            )
+            .query_opt(sql::GET_AGENT.pg(), &[&name])
             .await?;
         row.as_ref().map(agent_row).transpose()
     }
 
     async fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
-        // COLLATE "C": byte order, as SQLite sorts, whatever the database's locale.
-        let rows = self
-            .conn()
-            .await?
-            .query(
-                "SELECT id, name, provider, model, system_prompt, temperature, max_tokens,
-                        fallback_models, knowledge, is_active, created_at, updated_at
-                 FROM agents ORDER BY name COLLATE \"C\"",
-                &[],
-            )
-            .await?;
+        let rows = self.conn().await?.query(sql::LIST_AGENTS.pg(), &[]).await?;
         rows.iter().map(agent_row).collect()
     }
 
@@ -1156,7 +1106,7 @@ impl Store for PgStore {
         let n = self
             .conn()
             .await?
-            .execute("DELETE FROM agents WHERE name = $1", &[&name])
+            .execute(sql::DELETE_AGENT.pg(), &[&name])
             .await?;
         Ok(n > 0)
     }
@@ -1165,8 +1115,7 @@ impl Store for PgStore {
         self.conn()
             .await?
             .execute(
-                "INSERT INTO scenes (id, name, agent, template, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                sql::INSERT_SCENE.pg(),
                 &[
                     &s.id,
                     &s.name,
@@ -1181,12 +1130,11 @@ impl Store for PgStore {
     }
 
     async fn update_scene(&self, s: &Scene) -> Result<bool, StoreError> {
-        // As agents: id and created_at stay.
         let n = self
             .conn()
             .await?
             .execute(
-                "UPDATE scenes SET agent = $2, template = $3, updated_at = $4 WHERE name = $1",
+                sql::UPDATE_SCENE.pg(),
                 &[&s.name, &s.agent, &s.template, &s.updated_at],
             )
             .await?;
@@ -1197,25 +1145,13 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "SELECT id, name, agent, template, created_at, updated_at
-                 FROM scenes WHERE name = $1",
-                &[&name],
-            )
+            .query_opt(sql::GET_SCENE.pg(), &[&name])
             .await?;
         row.as_ref().map(scene_row).transpose()
     }
 
     async fn list_scenes(&self) -> Result<Vec<Scene>, StoreError> {
-        let rows = self
-            .conn()
-            .await?
-            .query(
-                "SELECT id, name, agent, template, created_at, updated_at
-                 FROM scenes ORDER BY name COLLATE \"C\"",
-                &[],
-            )
-            .await?;
+        let rows = self.conn().await?.query(sql::LIST_SCENES.pg(), &[]).await?;
         rows.iter().map(scene_row).collect()
     }
 
@@ -1223,7 +1159,7 @@ impl Store for PgStore {
         let n = self
             .conn()
             .await?
-            .execute("DELETE FROM scenes WHERE name = $1", &[&name])
+            .execute(sql::DELETE_SCENE.pg(), &[&name])
             .await?;
         Ok(n > 0)
     }
@@ -1234,8 +1170,7 @@ impl Store for PgStore {
         self.conn()
             .await?
             .execute(
-                "INSERT INTO knowledge_docs (id, title, content, tags, created_at)
-                 VALUES ($1, $2, $3, $4, $5)",
+                sql::INSERT_KNOWLEDGE.pg(),
                 &[&d.id, &d.title, &d.content, &tags, &d.created_at],
             )
             .await?;
@@ -1282,14 +1217,15 @@ impl Store for PgStore {
             .await?;
         rows.iter().map(hit_row).collect()
     }
+}
 
+#[async_trait]
+impl TaskStore for PgStore {
     async fn create_task(&self, t: &Task) -> Result<(), StoreError> {
         self.conn()
             .await?
             .execute(
-                "INSERT INTO tasks (id, user_id, key_id, agent, scene, input, status, result,
-                     error, progress_tokens, created_at, started_at, finished_at, reasoning)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                sql::INSERT_TASK.pg(),
                 &[
                     &t.id,
                     &t.user_id,
@@ -1315,12 +1251,7 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "SELECT id, user_id, key_id, agent, scene, input, status, result, error,
-                        progress_tokens, created_at, started_at, finished_at, reasoning
-                 FROM tasks WHERE id = $1 AND ($2::TEXT IS NULL OR user_id = $2)",
-                &[&id, &user_id],
-            )
+            .query_opt(sql::GET_TASK.pg(), &[&id, &user_id])
             .await?;
         row.as_ref().map(task_row).transpose()
     }
@@ -1331,13 +1262,7 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "UPDATE tasks SET status = 'running', started_at = $2
-                 WHERE id = $1 AND status IN ('queued', 'running')
-                 RETURNING id, user_id, key_id, agent, scene, input, status, result, error,
-                           progress_tokens, created_at, started_at, finished_at, reasoning",
-                &[&id, &now],
-            )
+            .query_opt(sql::CLAIM_TASK.pg(), &[&id, &now])
             .await?;
         row.as_ref().map(task_row).transpose()
     }
@@ -1347,10 +1272,7 @@ impl Store for PgStore {
         // finished elsewhere) must not change a settled record.
         self.conn()
             .await?
-            .execute(
-                "UPDATE tasks SET progress_tokens = $2 WHERE id = $1 AND status = 'running'",
-                &[&id, &tokens],
-            )
+            .execute(sql::SET_TASK_PROGRESS.pg(), &[&id, &tokens])
             .await?;
         Ok(())
     }
@@ -1369,9 +1291,7 @@ impl Store for PgStore {
             .conn()
             .await?
             .execute(
-                "UPDATE tasks SET status = $2, result = $3, error = $4, finished_at = $5,
-                     reasoning = $6
-                 WHERE id = $1 AND status = 'running'",
+                sql::FINISH_TASK.pg(),
                 &[&id, &status.as_str(), &result, &error, &now, &reasoning],
             )
             .await?;
@@ -1405,20 +1325,17 @@ impl Store for PgStore {
             };
             let before = task_status(row.try_get(0)?)?;
             if !before.is_final() {
-                tx.execute_typed(
-                    "UPDATE tasks SET status = 'cancelled', finished_at = $2 WHERE id = $1",
-                    &typed(&[&id, &now])?,
-                )
-                .await?;
+                tx.execute_typed(sql::CANCEL_TASK.pg(), &typed(&[&id, &now])?)
+                    .await?;
             }
             tx.commit().await?;
             Ok::<_, StoreError>(Some(before))
         })
         .await
         .unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(format!(
-                "no answer from the database within {limit:?}"
-            )))
+            Err(StoreError::Unavailable(
+                format!("no answer from the database within {limit:?}").into(),
+            ))
         });
         if r.is_ok() {
             c.inner.broken.store(false, Ordering::Relaxed);
@@ -1431,13 +1348,7 @@ impl Store for PgStore {
         let rows = self
             .conn()
             .await?
-            .query(
-                "SELECT id, user_id, key_id, agent, scene, input, status, result, error,
-                        progress_tokens, created_at, started_at, finished_at, reasoning
-                 FROM tasks WHERE status IN ('queued', 'running')
-                 ORDER BY created_at, id",
-                &[],
-            )
+            .query(sql::LIST_UNFINISHED_TASKS.pg(), &[])
             .await?;
         rows.iter().map(task_row).collect()
     }
@@ -1448,13 +1359,7 @@ impl Store for PgStore {
         let row = self
             .conn()
             .await?
-            .query_opt(
-                "SELECT (SELECT count(*) FROM tasks q
-                         WHERE q.status = 'queued'
-                           AND (q.created_at, q.id) <= (t.created_at, t.id))
-                 FROM tasks t WHERE t.id = $1 AND t.status = 'queued'",
-                &[&id],
-            )
+            .query_opt(sql::TASK_POSITION.pg(), &[&id])
             .await?;
         let n: Option<i64> = row.map(|r| r.try_get(0)).transpose()?;
         Ok(n.map(|n| n.max(0) as u64))
@@ -1464,24 +1369,42 @@ impl Store for PgStore {
         let n: i64 = self
             .conn()
             .await?
-            .query_one("SELECT count(*) FROM tasks WHERE status = 'queued'", &[])
+            .query_one(sql::COUNT_QUEUED_TASKS.pg(), &[])
             .await?
             .try_get(0)?;
         Ok(n.max(0) as u64)
+    }
+}
+
+#[async_trait]
+impl UsageStore for PgStore {
+    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError> {
+        self.conn()
+            .await?
+            .execute(
+                sql::INSERT_USAGE.pg(),
+                &[
+                    &r.id,
+                    &r.user_id,
+                    &r.key_id,
+                    &r.session_id,
+                    &r.provider,
+                    &r.model,
+                    &r.prompt_tokens,
+                    &r.completion_tokens,
+                    &r.created_at,
+                    &r.reasoning_tokens,
+                ],
+            )
+            .await?;
+        Ok(())
     }
 
     async fn usage_summary(&self, from: Millis, to: Millis) -> Result<Vec<UsageRow>, StoreError> {
         let rows = self
             .conn()
             .await?
-            .query(
-                "SELECT key_id, model, count(*), coalesce(sum(prompt_tokens), 0)::bigint, \
-                 coalesce(sum(completion_tokens), 0)::bigint, \
-                 coalesce(sum(reasoning_tokens), 0)::bigint FROM usage_records \
-                 WHERE created_at >= $1 AND created_at < $2 \
-                 GROUP BY key_id, model ORDER BY key_id, model",
-                &[&from, &to],
-            )
+            .query(sql::USAGE_SUMMARY.pg(), &[&from, &to])
             .await?;
         rows.iter()
             .map(|r| {
@@ -1496,93 +1419,12 @@ impl Store for PgStore {
             })
             .collect()
     }
-
-    fn pool_state(&self) -> Option<super::PoolState> {
-        Some(PgStore::pool_state(self))
-    }
-
-    async fn claim_generation(
-        &self,
-        session_id: &str,
-        generation_id: &str,
-        server_id: &str,
-        now: Millis,
-        expires_at: Millis,
-    ) -> Result<Option<String>, StoreError> {
-        let conn = self.conn().await?;
-        // One statement decides: concurrent claims of a session queue on its row lock and
-        // the later ones re-check the condition against the winner's values.
-        let n = conn
-            .execute(
-                "UPDATE sessions
-                 SET running_generation = $2, running_server = $3, running_expires = $5
-                 WHERE id = $1 AND (
-                     running_generation IS NULL
-                     OR running_expires < $4
-                     OR EXISTS (SELECT 1 FROM messages m
-                                WHERE m.session_id = sessions.id
-                                  AND m.generation_id = sessions.running_generation
-                                  AND m.status <> 'streaming'))",
-                &[&session_id, &generation_id, &server_id, &now, &expires_at],
-            )
-            .await?;
-        if n == 1 {
-            return Ok(None);
-        }
-        let row = conn
-            .query_opt(
-                "SELECT running_generation FROM sessions WHERE id = $1",
-                &[&session_id],
-            )
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("session {session_id}")))?;
-        Ok(Some(row.get::<_, Option<String>>(0).unwrap_or_default()))
-    }
-
-    async fn release_generation(
-        &self,
-        session_id: &str,
-        generation_id: &str,
-    ) -> Result<bool, StoreError> {
-        let n = self
-            .conn()
-            .await?
-            .execute(
-                "UPDATE sessions
-                 SET running_generation = NULL, running_server = NULL, running_expires = NULL
-                 WHERE id = $1 AND running_generation = $2",
-                &[&session_id, &generation_id],
-            )
-            .await?;
-        Ok(n == 1)
-    }
-
-    async fn interrupt_streaming_of(
-        &self,
-        server_id: &str,
-        now: Millis,
-    ) -> Result<u64, StoreError> {
-        let n = self
-            .conn()
-            .await?
-            .execute(
-                "UPDATE messages SET status = 'interrupted', updated_at = $2
-                 WHERE status = 'streaming' AND NOT EXISTS (
-                     SELECT 1 FROM sessions s
-                     WHERE s.id = messages.session_id
-                       AND s.running_generation = messages.generation_id
-                       AND s.running_server <> $1
-                       AND s.running_expires >= $2)",
-                &[&server_id, &now],
-            )
-            .await?;
-        Ok(n)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::now_millis;
 
     /// A store in a schema of its own on the test server (see tests/common/db.rs), dropped
     /// at the end by the caller.
@@ -1621,6 +1463,22 @@ mod tests {
         assert_eq!(store.pool_state().max, 1);
         drop(held);
         store.ping().await.unwrap();
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn every_shared_statement_prepares() {
+        let (store, admin, schema) = scratch(1, Duration::from_secs(5)).await;
+        let c = store.conn().await.unwrap();
+        for (name, s) in sql::ALL {
+            if let Err(e) = c.inner.client.prepare(s.pg()).await {
+                panic!("{name}: {e}");
+            }
+        }
+        drop(c);
         admin
             .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
             .await

@@ -19,10 +19,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::codec::{
     BadValue, brief, check_final, json_list, parse_json_list, parse_role, role_str, search_terms,
 };
+use super::sql;
 use super::{
-    Agent, ApiKey, KnowledgeDoc, KnowledgeHit, MessageStatus, MessageUpdate, Millis, Scene,
-    Session, SessionCursor, Store, StoreError, StoredMessage, Task, TaskStatus, UsageRecord,
-    UsageRow, User, new_id, now_millis,
+    Agent, ApiKey, CatalogStore, KeyStore, KnowledgeDoc, KnowledgeHit, MessageStatus,
+    MessageUpdate, Millis, Scene, Session, SessionCursor, SessionStore, StoreError, StoreHealth,
+    StoredMessage, Task, TaskStatus, TaskStore, UsageRecord, UsageRow, UsageStore, User,
 };
 use crate::config::StoreConfig;
 
@@ -76,7 +77,8 @@ impl SqliteStore {
         let n_readers = cfg.pool_size.clamp(1, MAX_READERS);
         let (path, writer, readers, applied) = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir).map_err(|e| {
-                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()).into())
+                    .with_source(e)
             })?;
             let path = dir.join(DB_FILE);
             let lock = migration_lock(&dir, busy)?;
@@ -84,7 +86,10 @@ impl SqliteStore {
             let report = embedded::migrations::runner()
                 .run(&mut writer)
                 .map_err(|e| {
-                    StoreError::Backend(format!("migrating {}: {}", path.display(), brief(&e)))
+                    StoreError::Backend(
+                        format!("migrating {}: {}", path.display(), brief(&e)).into(),
+                    )
+                    .with_source(e)
                 })?;
             let applied = report
                 .applied_migrations()
@@ -171,10 +176,13 @@ impl SqliteStore {
     }
 
     fn busy(&self, what: &str) -> StoreError {
-        StoreError::Unavailable(format!(
-            "no sqlite connection: waited {:?} for {what}",
-            self.acquire_timeout
-        ))
+        StoreError::Unavailable(
+            format!(
+                "no sqlite connection: waited {:?} for {what}",
+                self.acquire_timeout
+            )
+            .into(),
+        )
     }
 }
 
@@ -185,8 +193,10 @@ impl SqliteStore {
 /// exclusive SQLite transaction there, which the OS releases even if this process dies.
 fn migration_lock(dir: &Path, busy: Duration) -> Result<Connection, StoreError> {
     let path = dir.join(LOCK_FILE);
-    let lock = Connection::open(&path)
-        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let lock = Connection::open(&path).map_err(|e| {
+        StoreError::Unavailable(format!("cannot open {}: {e}", path.display()).into())
+            .with_source(e)
+    })?;
     // A long migration elsewhere is worth waiting for; a request timeout is not the bound.
     lock.busy_timeout(busy.max(Duration::from_secs(60)))?;
     lock.execute_batch("BEGIN EXCLUSIVE")?;
@@ -194,8 +204,10 @@ fn migration_lock(dir: &Path, busy: Duration) -> Result<Connection, StoreError> 
 }
 
 fn open_conn(path: &Path, busy: Duration, read_only: bool) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path)
-        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let conn = Connection::open(path).map_err(|e| {
+        StoreError::Unavailable(format!("cannot open {}: {e}", path.display()).into())
+            .with_source(e)
+    })?;
     // Another process (a second instance, `sluice keys`) may hold the write lock briefly.
     conn.busy_timeout(busy)?;
     // Every query is `prepare_cached`; room for all of them, with headroom for new ones.
@@ -204,10 +216,13 @@ fn open_conn(path: &Path, busy: Duration, read_only: bool) -> Result<Connection,
         let mode: String =
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Backend(format!(
-                "{} cannot use WAL (journal_mode is {mode}); is it on a network file system?",
-                path.display()
-            )));
+            return Err(StoreError::Backend(
+                format!(
+                    "{} cannot use WAL (journal_mode is {mode}); is it on a network file system?",
+                    path.display()
+                )
+                .into(),
+            ));
         }
     }
     // Per connection, not per file: SQLite forgets both on every open.
@@ -222,21 +237,27 @@ fn open_conn(path: &Path, busy: Duration, read_only: bool) -> Result<Connection,
 }
 
 fn join_error(e: tokio::task::JoinError) -> StoreError {
-    StoreError::Backend(format!("sqlite task failed: {e}"))
+    StoreError::Backend(format!("sqlite task failed: {e}").into()).with_source(e)
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
+        classify(&e).with_source(e)
+    }
+}
+
+fn classify(e: &rusqlite::Error) -> StoreError {
+    {
         use rusqlite::ErrorCode;
         use rusqlite::ffi;
-        if let rusqlite::Error::SqliteFailure(f, _) = &e {
+        if let rusqlite::Error::SqliteFailure(f, _) = e {
             match f.code {
                 ErrorCode::ConstraintViolation => match f.extended_code {
                     ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
-                        return StoreError::Conflict(e.to_string());
+                        return StoreError::Conflict(e.to_string().into());
                     }
                     ffi::SQLITE_CONSTRAINT_FOREIGNKEY => {
-                        return StoreError::NotFound(format!("referenced row: {e}"));
+                        return StoreError::NotFound(format!("referenced row: {e}").into());
                     }
                     _ => {}
                 },
@@ -244,11 +265,13 @@ impl From<rusqlite::Error> for StoreError {
                 | ErrorCode::DatabaseLocked
                 | ErrorCode::CannotOpen
                 | ErrorCode::DiskFull
-                | ErrorCode::SystemIoFailure => return StoreError::Unavailable(e.to_string()),
+                | ErrorCode::SystemIoFailure => {
+                    return StoreError::Unavailable(e.to_string().into());
+                }
                 _ => {}
             }
         }
-        StoreError::Backend(e.to_string())
+        StoreError::Backend(e.to_string().into())
     }
 }
 
@@ -391,7 +414,7 @@ fn fts5_any(terms: &[String]) -> String {
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl StoreHealth for SqliteStore {
     fn backend(&self) -> &'static str {
         "sqlite"
     }
@@ -404,82 +427,63 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn ensure_user(&self, name: &str) -> Result<User, StoreError> {
-        let name = name.to_owned();
+    /// One file, no pool to report.
+    fn pool_state(&self) -> Option<super::PoolState> {
+        None
+    }
+}
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn ensure_user(&self, user: &User) -> Result<User, StoreError> {
+        let new = user.clone();
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.prepare_cached(
-                "INSERT INTO users (id, name, created_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (name) DO NOTHING",
-            )?
-            .execute(params![new_id(), name, now_millis()])?;
+            tx.prepare_cached(sql::INSERT_USER.sqlite())?
+                .execute(params![new.id, new.name, new.created_at])?;
             let user = tx
-                .prepare_cached("SELECT id, name, created_at FROM users WHERE name = ?1")?
-                .query_row([&name], user_row)?;
+                .prepare_cached(sql::USER_BY_NAME.sqlite())?
+                .query_row([&new.name], user_row)?;
             tx.commit()?;
             Ok(user)
         })
         .await
     }
 
-    async fn create_api_key(
-        &self,
-        user_id: &str,
-        name: &str,
-        key_hash: &[u8; 32],
-        prefix: &str,
-        is_admin: bool,
-    ) -> Result<ApiKey, StoreError> {
-        let key = ApiKey {
-            id: new_id(),
-            user_id: user_id.to_owned(),
-            name: name.to_owned(),
-            prefix: prefix.to_owned(),
-            is_admin,
-            created_at: now_millis(),
-            revoked_at: None,
-        };
+    async fn create_api_key(&self, key: &ApiKey, key_hash: &[u8; 32]) -> Result<(), StoreError> {
+        let key = key.clone();
         let hash = *key_hash;
         self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO api_keys (id, user_id, name, key_hash, prefix, is_admin, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                key.id,
-                key.user_id,
-                key.name,
-                &hash[..],
-                key.prefix,
-                key.is_admin,
-                key.created_at
-            ])?;
-            Ok(key)
+            c.prepare_cached(sql::INSERT_API_KEY.sqlite())?
+                .execute(params![
+                    key.id,
+                    key.user_id,
+                    key.name,
+                    &hash[..],
+                    key.prefix,
+                    key.is_admin,
+                    key.created_at
+                ])?;
+            Ok(())
         })
         .await
     }
 
     async fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, user_id, name, prefix, is_admin, created_at, revoked_at
-                 FROM api_keys ORDER BY created_at, id",
-            )?;
+            let mut stmt = c.prepare_cached(sql::LIST_API_KEYS.sqlite())?;
             let keys = stmt.query_map([], key_row)?.collect::<Result<_, _>>()?;
             Ok(keys)
         })
         .await
     }
 
-    async fn revoke_api_key(&self, id_or_name: &str) -> Result<u64, StoreError> {
+    async fn revoke_api_key(&self, id_or_name: &str, now: Millis) -> Result<u64, StoreError> {
         let id_or_name = id_or_name.to_owned();
         self.write(move |c| {
             let n = c
-                .prepare_cached(
-                    "UPDATE api_keys SET revoked_at = ?2
-                     WHERE (id = ?1 OR name = ?1) AND revoked_at IS NULL",
-                )?
-                .execute(params![id_or_name, now_millis()])?;
+                .prepare_cached(sql::REVOKE_API_KEY.sqlite())?
+                .execute(params![id_or_name, now])?;
             Ok(n as u64)
         })
         .await
@@ -489,10 +493,7 @@ impl Store for SqliteStore {
         let hash = *key_hash;
         self.read(move |c| {
             let key = c
-                .prepare_cached(
-                    "SELECT id, user_id, name, prefix, is_admin, created_at, revoked_at
-                     FROM api_keys WHERE key_hash = ?1 AND revoked_at IS NULL",
-                )?
+                .prepare_cached(sql::API_KEY_BY_HASH.sqlite())?
                 .query_row([&hash[..]], key_row)
                 .optional()?;
             Ok(key)
@@ -504,46 +505,30 @@ impl Store for SqliteStore {
         let id = id.to_owned();
         self.read(move |c| {
             let key = c
-                .prepare_cached(
-                    "SELECT id, user_id, name, prefix, is_admin, created_at, revoked_at
-                     FROM api_keys WHERE id = ?1 AND revoked_at IS NULL",
-                )?
+                .prepare_cached(sql::API_KEY_BY_ID.sqlite())?
                 .query_row([&id], key_row)
                 .optional()?;
             Ok(key)
         })
         .await
     }
+}
 
-    async fn create_session(
-        &self,
-        user_id: &str,
-        agent: Option<&str>,
-        title: Option<&str>,
-    ) -> Result<Session, StoreError> {
-        let now = now_millis();
-        let session = Session {
-            id: new_id(),
-            user_id: user_id.to_owned(),
-            agent: agent.map(str::to_owned),
-            title: title.map(str::to_owned),
-            created_at: now,
-            updated_at: now,
-        };
+#[async_trait]
+impl SessionStore for SqliteStore {
+    async fn create_session(&self, s: &Session) -> Result<(), StoreError> {
+        let session = s.clone();
         self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO sessions (id, user_id, agent, title, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                session.id,
-                session.user_id,
-                session.agent,
-                session.title,
-                session.created_at,
-                session.updated_at
-            ])?;
-            Ok(session)
+            c.prepare_cached(sql::INSERT_SESSION.sqlite())?
+                .execute(params![
+                    session.id,
+                    session.user_id,
+                    session.agent,
+                    session.title,
+                    session.created_at,
+                    session.updated_at
+                ])?;
+            Ok(())
         })
         .await
     }
@@ -559,19 +544,11 @@ impl Store for SqliteStore {
         self.read(move |c| {
             let sessions = match after {
                 None => c
-                    .prepare_cached(
-                        "SELECT id, user_id, agent, title, created_at, updated_at
-                         FROM sessions WHERE user_id = ?1
-                         ORDER BY updated_at DESC, id DESC LIMIT ?2",
-                    )?
+                    .prepare_cached(sql::LIST_SESSIONS.sqlite())?
                     .query_map(params![user_id, limit], session_row)?
                     .collect::<Result<_, _>>()?,
                 Some(cur) => c
-                    .prepare_cached(
-                        "SELECT id, user_id, agent, title, created_at, updated_at
-                         FROM sessions WHERE user_id = ?1 AND (updated_at, id) < (?2, ?3)
-                         ORDER BY updated_at DESC, id DESC LIMIT ?4",
-                    )?
+                    .prepare_cached(sql::LIST_SESSIONS_AFTER.sqlite())?
                     .query_map(params![user_id, cur.updated_at, cur.id, limit], session_row)?
                     .collect::<Result<_, _>>()?,
             };
@@ -584,10 +561,7 @@ impl Store for SqliteStore {
         let (user_id, id) = (user_id.to_owned(), id.to_owned());
         self.read(move |c| {
             let s = c
-                .prepare_cached(
-                    "SELECT id, user_id, agent, title, created_at, updated_at
-                     FROM sessions WHERE id = ?1 AND user_id = ?2",
-                )?
+                .prepare_cached(sql::GET_SESSION.sqlite())?
                 .query_row(params![id, user_id], session_row)
                 .optional()?;
             Ok(s)
@@ -600,7 +574,7 @@ impl Store for SqliteStore {
         // Messages go with it through `ON DELETE CASCADE` (foreign_keys is on).
         self.write(move |c| {
             let n = c
-                .prepare_cached("DELETE FROM sessions WHERE id = ?1 AND user_id = ?2")?
+                .prepare_cached(sql::DELETE_SESSION.sqlite())?
                 .execute(params![id, user_id])?;
             Ok(n > 0)
         })
@@ -617,10 +591,7 @@ impl Store for SqliteStore {
         let title = title.map(str::to_owned);
         self.write(move |c| {
             let s = c
-                .prepare_cached(
-                    "UPDATE sessions SET title = ?3 WHERE id = ?1 AND user_id = ?2
-                     RETURNING id, user_id, agent, title, created_at, updated_at",
-                )?
+                .prepare_cached(sql::UPDATE_SESSION_TITLE.sqlite())?
                 .query_row(params![id, user_id, title], session_row)
                 .optional()?;
             Ok(s)
@@ -632,12 +603,7 @@ impl Store for SqliteStore {
         let session_id = session_id.to_owned();
         self.read(move |c| {
             let msgs = c
-                .prepare_cached(
-                    "SELECT id, session_id, role, content, status, generation_id, model,
-                            prompt_tokens, completion_tokens, error, created_at, updated_at,
-                            reasoning
-                     FROM messages WHERE session_id = ?1 ORDER BY created_at, id",
-                )?
+                .prepare_cached(sql::LIST_MESSAGES.sqlite())?
                 .query_map([&session_id], message_row)?
                 .collect::<Result<_, _>>()?;
             Ok(msgs)
@@ -649,28 +615,23 @@ impl Store for SqliteStore {
         let m = m.clone();
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.prepare_cached(
-                "INSERT INTO messages (id, session_id, role, content, status, generation_id,
-                     model, prompt_tokens, completion_tokens, error, created_at, updated_at,
-                     reasoning)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-            )?
-            .execute(params![
-                m.id,
-                m.session_id,
-                role_str(m.role),
-                m.content,
-                m.status.as_str(),
-                m.generation_id,
-                m.model,
-                m.prompt_tokens,
-                m.completion_tokens,
-                m.error,
-                m.created_at,
-                m.updated_at,
-                m.reasoning
-            ])?;
-            tx.prepare_cached("UPDATE sessions SET updated_at = ?2 WHERE id = ?1")?
+            tx.prepare_cached(sql::INSERT_MESSAGE.sqlite())?
+                .execute(params![
+                    m.id,
+                    m.session_id,
+                    role_str(m.role),
+                    m.content,
+                    m.status.as_str(),
+                    m.generation_id,
+                    m.model,
+                    m.prompt_tokens,
+                    m.completion_tokens,
+                    m.error,
+                    m.created_at,
+                    m.updated_at,
+                    m.reasoning
+                ])?;
+            tx.prepare_cached(sql::TOUCH_SESSION.sqlite())?
                 .execute(params![m.session_id, m.updated_at])?;
             tx.commit()?;
             Ok(())
@@ -678,16 +639,17 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn update_message(&self, id: &str, u: &MessageUpdate) -> Result<(), StoreError> {
+    async fn update_message(
+        &self,
+        id: &str,
+        u: &MessageUpdate,
+        now: Millis,
+    ) -> Result<(), StoreError> {
         let id = id.to_owned();
         let u = u.clone();
         self.write(move |c| {
             let n = c
-                .prepare_cached(
-                    "UPDATE messages SET content = ?2, status = ?3, prompt_tokens = ?4,
-                         completion_tokens = ?5, error = ?6, updated_at = ?7, reasoning = ?8
-                     WHERE id = ?1",
-                )?
+                .prepare_cached(sql::UPDATE_MESSAGE.sqlite())?
                 .execute(params![
                     id,
                     u.content,
@@ -695,78 +657,118 @@ impl Store for SqliteStore {
                     u.prompt_tokens,
                     u.completion_tokens,
                     u.error,
-                    now_millis(),
+                    now,
                     u.reasoning
                 ])?;
             if n == 0 {
-                return Err(StoreError::NotFound(format!("message {id}")));
+                return Err(StoreError::NotFound(format!("message {id}").into()));
             }
             Ok(())
         })
         .await
     }
 
-    async fn interrupt_streaming(&self) -> Result<u64, StoreError> {
-        self.write(|c| {
+    async fn interrupt_streaming(&self, now: Millis) -> Result<u64, StoreError> {
+        self.write(move |c| {
             let n = c
-                .prepare_cached(
-                    "UPDATE messages SET status = 'interrupted', updated_at = ?1
-                     WHERE status = 'streaming'",
-                )?
-                .execute([now_millis()])?;
+                .prepare_cached(sql::INTERRUPT_STREAMING.sqlite())?
+                .execute([now])?;
             Ok(n as u64)
         })
         .await
     }
 
-    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError> {
-        let r = r.clone();
+    async fn claim_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+        server_id: &str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> Result<Option<String>, StoreError> {
+        let (session_id, generation_id, server_id) = (
+            session_id.to_owned(),
+            generation_id.to_owned(),
+            server_id.to_owned(),
+        );
+        // The one writer connection serialises claims; the statement alone decides.
         self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO usage_records (id, user_id, key_id, session_id, provider, model,
-                     prompt_tokens, completion_tokens, created_at, reasoning_tokens)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )?
-            .execute(params![
-                new_id(),
-                r.user_id,
-                r.key_id,
-                r.session_id,
-                r.provider,
-                r.model,
-                r.prompt_tokens,
-                r.completion_tokens,
-                r.created_at,
-                r.reasoning_tokens
-            ])?;
-            Ok(())
+            let n = c
+                .prepare_cached(sql::CLAIM_GENERATION.sqlite())?
+                .execute(params![
+                    session_id,
+                    generation_id,
+                    server_id,
+                    now,
+                    expires_at
+                ])?;
+            if n == 1 {
+                return Ok(None);
+            }
+            let running: Option<Option<String>> = c
+                .prepare_cached(sql::RUNNING_GENERATION.sqlite())?
+                .query_row([&session_id], |r| r.get(0))
+                .optional()?;
+            match running {
+                Some(g) => Ok(Some(g.unwrap_or_default())),
+                None => Err(StoreError::NotFound(format!("session {session_id}").into())),
+            }
         })
         .await
     }
 
+    async fn release_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+    ) -> Result<bool, StoreError> {
+        let (session_id, generation_id) = (session_id.to_owned(), generation_id.to_owned());
+        self.write(move |c| {
+            let n = c
+                .prepare_cached(sql::RELEASE_GENERATION.sqlite())?
+                .execute([&session_id, &generation_id])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn interrupt_streaming_of(
+        &self,
+        server_id: &str,
+        now: Millis,
+    ) -> Result<u64, StoreError> {
+        let server_id = server_id.to_owned();
+        self.write(move |c| {
+            let n = c
+                .prepare_cached(sql::INTERRUPT_STREAMING_OF.sqlite())?
+                .execute(params![server_id, now])?;
+            Ok(n as u64)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl CatalogStore for SqliteStore {
     async fn create_agent(&self, a: &Agent) -> Result<(), StoreError> {
         let a = a.clone();
         let fallback = json_list(&a.fallback_models)?;
         self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO agents (id, name, provider, model, system_prompt, temperature,
-                     max_tokens, fallback_models, knowledge, is_active, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            )?
-            .execute(params![
-                a.id,
-                a.name,
-                a.provider,
-                a.model,
-                a.system_prompt,
-                a.temperature,
-                a.max_tokens,
-                fallback,
-                a.knowledge,
-                a.is_active,
-                a.created_at,
-                a.updated_at
-            ])?;
+            c.prepare_cached(sql::INSERT_AGENT.sqlite())?
+                .execute(params![
+                    a.id,
+                    a.name,
+                    a.provider,
+                    a.model,
+                    a.system_prompt,
+                    a.temperature,
+                    a.max_tokens,
+                    fallback,
+                    a.knowledge,
+                    a.is_active,
+                    a.created_at,
+                    a.updated_at
+                ])?;
             Ok(())
         })
         .await
@@ -775,15 +777,9 @@ impl Store for SqliteStore {
     async fn update_agent(&self, a: &Agent) -> Result<bool, StoreError> {
         let a = a.clone();
         let fallback = json_list(&a.fallback_models)?;
-        // The row keeps its id and created_at: the name is the agent's identity here.
         self.write(move |c| {
             let n = c
-                .prepare_cached(
-                    "UPDATE agents SET provider = ?2, model = ?3, system_prompt = ?4,
-                         temperature = ?5, max_tokens = ?6, fallback_models = ?7,
-                         knowledge = ?8, is_active = ?9, updated_at = ?10
-                     WHERE name = ?1",
-                )?
+                .prepare_cached(sql::UPDATE_AGENT.sqlite())?
                 .execute(params![
                     a.name,
                     a.provider,
@@ -805,11 +801,7 @@ impl Store for SqliteStore {
         let name = name.to_owned();
         self.read(move |c| {
             let a = c
-                .prepare_cached(
-                    "SELECT id, name, provider, model, system_prompt, temperature, max_tokens,
-                            fallback_models, knowledge, is_active, created_at, updated_at
-                     FROM agents WHERE name = ?1",
-                )?
+                .prepare_cached(sql::GET_AGENT.sqlite())?
                 .query_row([&name], agent_row)
                 .optional()?;
             Ok(a)
@@ -820,11 +812,7 @@ impl Store for SqliteStore {
     async fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
         self.read(|c| {
             let agents = c
-                .prepare_cached(
-                    "SELECT id, name, provider, model, system_prompt, temperature, max_tokens,
-                            fallback_models, knowledge, is_active, created_at, updated_at
-                     FROM agents ORDER BY name",
-                )?
+                .prepare_cached(sql::LIST_AGENTS.sqlite())?
                 .query_map([], agent_row)?
                 .collect::<Result<_, _>>()?;
             Ok(agents)
@@ -836,7 +824,7 @@ impl Store for SqliteStore {
         let name = name.to_owned();
         self.write(move |c| {
             let n = c
-                .prepare_cached("DELETE FROM agents WHERE name = ?1")?
+                .prepare_cached(sql::DELETE_AGENT.sqlite())?
                 .execute([&name])?;
             Ok(n > 0)
         })
@@ -846,18 +834,15 @@ impl Store for SqliteStore {
     async fn create_scene(&self, s: &Scene) -> Result<(), StoreError> {
         let s = s.clone();
         self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO scenes (id, name, agent, template, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                s.id,
-                s.name,
-                s.agent,
-                s.template,
-                s.created_at,
-                s.updated_at
-            ])?;
+            c.prepare_cached(sql::INSERT_SCENE.sqlite())?
+                .execute(params![
+                    s.id,
+                    s.name,
+                    s.agent,
+                    s.template,
+                    s.created_at,
+                    s.updated_at
+                ])?;
             Ok(())
         })
         .await
@@ -865,13 +850,9 @@ impl Store for SqliteStore {
 
     async fn update_scene(&self, s: &Scene) -> Result<bool, StoreError> {
         let s = s.clone();
-        // As agents: id and created_at stay.
         self.write(move |c| {
             let n = c
-                .prepare_cached(
-                    "UPDATE scenes SET agent = ?2, template = ?3, updated_at = ?4
-                     WHERE name = ?1",
-                )?
+                .prepare_cached(sql::UPDATE_SCENE.sqlite())?
                 .execute(params![s.name, s.agent, s.template, s.updated_at])?;
             Ok(n > 0)
         })
@@ -882,10 +863,7 @@ impl Store for SqliteStore {
         let name = name.to_owned();
         self.read(move |c| {
             let s = c
-                .prepare_cached(
-                    "SELECT id, name, agent, template, created_at, updated_at
-                     FROM scenes WHERE name = ?1",
-                )?
+                .prepare_cached(sql::GET_SCENE.sqlite())?
                 .query_row([&name], scene_row)
                 .optional()?;
             Ok(s)
@@ -896,10 +874,7 @@ impl Store for SqliteStore {
     async fn list_scenes(&self) -> Result<Vec<Scene>, StoreError> {
         self.read(|c| {
             let scenes = c
-                .prepare_cached(
-                    "SELECT id, name, agent, template, created_at, updated_at
-                     FROM scenes ORDER BY name",
-                )?
+                .prepare_cached(sql::LIST_SCENES.sqlite())?
                 .query_map([], scene_row)?
                 .collect::<Result<_, _>>()?;
             Ok(scenes)
@@ -911,7 +886,7 @@ impl Store for SqliteStore {
         let name = name.to_owned();
         self.write(move |c| {
             let n = c
-                .prepare_cached("DELETE FROM scenes WHERE name = ?1")?
+                .prepare_cached(sql::DELETE_SCENE.sqlite())?
                 .execute([&name])?;
             Ok(n > 0)
         })
@@ -923,11 +898,8 @@ impl Store for SqliteStore {
         let tags = json_list(&d.tags)?;
         // One statement, so the FTS trigger's insert commits with the row or not at all.
         self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO knowledge_docs (id, title, content, tags, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![d.id, d.title, d.content, tags, d.created_at])?;
+            c.prepare_cached(sql::INSERT_KNOWLEDGE.sqlite())?
+                .execute(params![d.id, d.title, d.content, tags, d.created_at])?;
             Ok(())
         })
         .await
@@ -963,31 +935,30 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl TaskStore for SqliteStore {
     async fn create_task(&self, t: &Task) -> Result<(), StoreError> {
         let t = t.clone();
         self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO tasks (id, user_id, key_id, agent, scene, input, status, result,
-                     error, progress_tokens, created_at, started_at, finished_at, reasoning)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-            )?
-            .execute(params![
-                t.id,
-                t.user_id,
-                t.key_id,
-                t.agent,
-                t.scene,
-                t.input,
-                t.status.as_str(),
-                t.result,
-                t.error,
-                t.progress_tokens,
-                t.created_at,
-                t.started_at,
-                t.finished_at,
-                t.reasoning
-            ])?;
+            c.prepare_cached(sql::INSERT_TASK.sqlite())?
+                .execute(params![
+                    t.id,
+                    t.user_id,
+                    t.key_id,
+                    t.agent,
+                    t.scene,
+                    t.input,
+                    t.status.as_str(),
+                    t.result,
+                    t.error,
+                    t.progress_tokens,
+                    t.created_at,
+                    t.started_at,
+                    t.finished_at,
+                    t.reasoning
+                ])?;
             Ok(())
         })
         .await
@@ -997,11 +968,7 @@ impl Store for SqliteStore {
         let (user_id, id) = (user_id.map(str::to_owned), id.to_owned());
         self.read(move |c| {
             let t = c
-                .prepare_cached(
-                    "SELECT id, user_id, key_id, agent, scene, input, status, result, error,
-                            progress_tokens, created_at, started_at, finished_at, reasoning
-                     FROM tasks WHERE id = ?1 AND (?2 IS NULL OR user_id = ?2)",
-                )?
+                .prepare_cached(sql::GET_TASK.sqlite())?
                 .query_row(params![id, user_id], task_row)
                 .optional()?;
             Ok(t)
@@ -1011,15 +978,9 @@ impl Store for SqliteStore {
 
     async fn claim_task(&self, id: &str, now: Millis) -> Result<Option<Task>, StoreError> {
         let id = id.to_owned();
-        // One statement: the status test and the move cannot be split by another writer.
         self.write(move |c| {
             let t = c
-                .prepare_cached(
-                    "UPDATE tasks SET status = 'running', started_at = ?2
-                     WHERE id = ?1 AND status IN ('queued', 'running')
-                     RETURNING id, user_id, key_id, agent, scene, input, status, result, error,
-                               progress_tokens, created_at, started_at, finished_at, reasoning",
-                )?
+                .prepare_cached(sql::CLAIM_TASK.sqlite())?
                 .query_row(params![id, now], task_row)
                 .optional()?;
             Ok(t)
@@ -1032,10 +993,8 @@ impl Store for SqliteStore {
         // Only while running: a late write of a worker that lost the task (cancelled,
         // finished elsewhere) must not change a settled record.
         self.write(move |c| {
-            c.prepare_cached(
-                "UPDATE tasks SET progress_tokens = ?2 WHERE id = ?1 AND status = 'running'",
-            )?
-            .execute(params![id, tokens])?;
+            c.prepare_cached(sql::SET_TASK_PROGRESS.sqlite())?
+                .execute(params![id, tokens])?;
             Ok(())
         })
         .await
@@ -1055,11 +1014,7 @@ impl Store for SqliteStore {
         let [result, reasoning, error] = [result, reasoning, error].map(|t| t.map(str::to_owned));
         self.write(move |c| {
             let n = c
-                .prepare_cached(
-                    "UPDATE tasks SET status = ?2, result = ?3, error = ?4, finished_at = ?5,
-                         reasoning = ?6
-                     WHERE id = ?1 AND status = 'running'",
-                )?
+                .prepare_cached(sql::FINISH_TASK.sqlite())?
                 .execute(params![id, status.as_str(), result, error, now, reasoning])?;
             Ok(n > 0)
         })
@@ -1088,10 +1043,8 @@ impl Store for SqliteStore {
             let before =
                 TaskStatus::parse(&before).ok_or_else(|| bad_value(0, "tasks.status", &before))?;
             if !before.is_final() {
-                tx.prepare_cached(
-                    "UPDATE tasks SET status = 'cancelled', finished_at = ?2 WHERE id = ?1",
-                )?
-                .execute(params![id, now])?;
+                tx.prepare_cached(sql::CANCEL_TASK.sqlite())?
+                    .execute(params![id, now])?;
             }
             tx.commit()?;
             Ok(Some(before))
@@ -1102,12 +1055,7 @@ impl Store for SqliteStore {
     async fn list_unfinished_tasks(&self) -> Result<Vec<Task>, StoreError> {
         self.read(|c| {
             let tasks = c
-                .prepare_cached(
-                    "SELECT id, user_id, key_id, agent, scene, input, status, result, error,
-                            progress_tokens, created_at, started_at, finished_at, reasoning
-                     FROM tasks WHERE status IN ('queued', 'running')
-                     ORDER BY created_at, id",
-                )?
+                .prepare_cached(sql::LIST_UNFINISHED_TASKS.sqlite())?
                 .query_map([], task_row)?
                 .collect::<Result<_, _>>()?;
             Ok(tasks)
@@ -1121,12 +1069,7 @@ impl Store for SqliteStore {
         // are distinct; the count is a range scan of tasks_status_created.
         self.read(move |c| {
             let n: Option<i64> = c
-                .prepare_cached(
-                    "SELECT (SELECT count(*) FROM tasks q
-                             WHERE q.status = 'queued'
-                               AND (q.created_at, q.id) <= (t.created_at, t.id))
-                     FROM tasks t WHERE t.id = ?1 AND t.status = 'queued'",
-                )?
+                .prepare_cached(sql::TASK_POSITION.sqlite())?
                 .query_row([&id], |r| r.get(0))
                 .optional()?;
             Ok(n.map(|n| n.max(0) as u64))
@@ -1137,22 +1080,40 @@ impl Store for SqliteStore {
     async fn count_queued_tasks(&self) -> Result<u64, StoreError> {
         self.read(|c| {
             let n: i64 = c
-                .prepare_cached("SELECT count(*) FROM tasks WHERE status = 'queued'")?
+                .prepare_cached(sql::COUNT_QUEUED_TASKS.sqlite())?
                 .query_row([], |r| r.get(0))?;
             Ok(n.max(0) as u64)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl UsageStore for SqliteStore {
+    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError> {
+        let r = r.clone();
+        self.write(move |c| {
+            c.prepare_cached(sql::INSERT_USAGE.sqlite())?
+                .execute(params![
+                    r.id,
+                    r.user_id,
+                    r.key_id,
+                    r.session_id,
+                    r.provider,
+                    r.model,
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                    r.created_at,
+                    r.reasoning_tokens
+                ])?;
+            Ok(())
         })
         .await
     }
 
     async fn usage_summary(&self, from: Millis, to: Millis) -> Result<Vec<UsageRow>, StoreError> {
         self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT key_id, model, count(*), coalesce(sum(prompt_tokens), 0), \
-                 coalesce(sum(completion_tokens), 0), coalesce(sum(reasoning_tokens), 0) \
-                 FROM usage_records \
-                 WHERE created_at >= ?1 AND created_at < ?2 \
-                 GROUP BY key_id, model ORDER BY key_id, model",
-            )?;
+            let mut stmt = c.prepare_cached(sql::USAGE_SUMMARY.sqlite())?;
             let rows = stmt
                 .query_map(rusqlite::params![from, to], |r| {
                     Ok(UsageRow {
@@ -1166,97 +1127,6 @@ impl Store for SqliteStore {
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
-        })
-        .await
-    }
-
-    async fn claim_generation(
-        &self,
-        session_id: &str,
-        generation_id: &str,
-        server_id: &str,
-        now: Millis,
-        expires_at: Millis,
-    ) -> Result<Option<String>, StoreError> {
-        let (session_id, generation_id, server_id) = (
-            session_id.to_owned(),
-            generation_id.to_owned(),
-            server_id.to_owned(),
-        );
-        // The one writer connection serialises claims; the statement alone decides.
-        self.write(move |c| {
-            let n = c
-                .prepare_cached(
-                    "UPDATE sessions
-                     SET running_generation = ?2, running_server = ?3, running_expires = ?5
-                     WHERE id = ?1 AND (
-                         running_generation IS NULL
-                         OR running_expires < ?4
-                         OR EXISTS (SELECT 1 FROM messages m
-                                    WHERE m.session_id = sessions.id
-                                      AND m.generation_id = sessions.running_generation
-                                      AND m.status <> 'streaming'))",
-                )?
-                .execute(params![
-                    session_id,
-                    generation_id,
-                    server_id,
-                    now,
-                    expires_at
-                ])?;
-            if n == 1 {
-                return Ok(None);
-            }
-            let running: Option<Option<String>> = c
-                .prepare_cached("SELECT running_generation FROM sessions WHERE id = ?1")?
-                .query_row([&session_id], |r| r.get(0))
-                .optional()?;
-            match running {
-                Some(g) => Ok(Some(g.unwrap_or_default())),
-                None => Err(StoreError::NotFound(format!("session {session_id}"))),
-            }
-        })
-        .await
-    }
-
-    async fn release_generation(
-        &self,
-        session_id: &str,
-        generation_id: &str,
-    ) -> Result<bool, StoreError> {
-        let (session_id, generation_id) = (session_id.to_owned(), generation_id.to_owned());
-        self.write(move |c| {
-            let n = c
-                .prepare_cached(
-                    "UPDATE sessions
-                     SET running_generation = NULL, running_server = NULL, running_expires = NULL
-                     WHERE id = ?1 AND running_generation = ?2",
-                )?
-                .execute([&session_id, &generation_id])?;
-            Ok(n == 1)
-        })
-        .await
-    }
-
-    async fn interrupt_streaming_of(
-        &self,
-        server_id: &str,
-        now: Millis,
-    ) -> Result<u64, StoreError> {
-        let server_id = server_id.to_owned();
-        self.write(move |c| {
-            let n = c
-                .prepare_cached(
-                    "UPDATE messages SET status = 'interrupted', updated_at = ?2
-                     WHERE status = 'streaming' AND NOT EXISTS (
-                         SELECT 1 FROM sessions s
-                         WHERE s.id = messages.session_id
-                           AND s.running_generation = messages.generation_id
-                           AND s.running_server <> ?1
-                           AND s.running_expires >= ?2)",
-                )?
-                .execute(params![server_id, now])?;
-            Ok(n as u64)
         })
         .await
     }
@@ -1292,6 +1162,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn every_shared_statement_prepares() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&cfg(dir.path())).await.unwrap();
+        store
+            .read(|c| {
+                for (name, s) in sql::ALL {
+                    c.prepare(s.sqlite())
+                        .map_err(|e| StoreError::Backend(format!("{name}: {e}").into()))?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
     async fn readers_cannot_write() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&cfg(dir.path())).await.unwrap();
@@ -1309,7 +1195,10 @@ mod tests {
         c.acquire_timeout = Duration::from_millis(20);
         let store = SqliteStore::open(&c).await.unwrap();
         let _held = store.writer.clone().lock_owned().await;
-        let err = store.ensure_user("x").await.unwrap_err();
+        let err = store
+            .ensure_user(&User::new("x", crate::store::now_millis()))
+            .await
+            .unwrap_err();
         assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
         // Reads do not queue behind the writer.
         store.ping().await.unwrap();

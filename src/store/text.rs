@@ -9,8 +9,9 @@ use std::borrow::Cow;
 use async_trait::async_trait;
 
 use super::{
-    Agent, ApiKey, KnowledgeDoc, KnowledgeHit, MessageUpdate, Millis, PoolState, Scene, Session,
-    SessionCursor, Store, StoreError, StoredMessage, Task, TaskStatus, UsageRecord, UsageRow, User,
+    Agent, ApiKey, CatalogStore, KeyStore, KnowledgeDoc, KnowledgeHit, MessageUpdate, Millis,
+    PoolState, Scene, Session, SessionCursor, SessionStore, StoreError, StoreHealth, StoredMessage,
+    Task, TaskStatus, TaskStore, UsageRecord, UsageRow, UsageStore, User,
 };
 
 /// `s` with each NUL replaced by U+FFFD; borrowed when there is none.
@@ -38,7 +39,7 @@ fn opt_ref(s: Option<&str>) -> Option<Cow<'_, str>> {
 pub struct NulSafe<S>(pub S);
 
 #[async_trait]
-impl<S: Store> Store for NulSafe<S> {
+impl<S: StoreHealth> StoreHealth for NulSafe<S> {
     fn backend(&self) -> &'static str {
         self.0.backend()
     }
@@ -47,35 +48,39 @@ impl<S: Store> Store for NulSafe<S> {
         self.0.ping().await
     }
 
-    async fn ensure_user(&self, name: &str) -> Result<User, StoreError> {
-        self.0.ensure_user(&nul_free(name)).await
+    fn pool_state(&self) -> Option<PoolState> {
+        self.0.pool_state()
+    }
+}
+
+#[async_trait]
+impl<S: KeyStore> KeyStore for NulSafe<S> {
+    async fn ensure_user(&self, user: &User) -> Result<User, StoreError> {
+        let user = User {
+            id: owned(&user.id),
+            name: owned(&user.name),
+            created_at: user.created_at,
+        };
+        self.0.ensure_user(&user).await
     }
 
-    async fn create_api_key(
-        &self,
-        user_id: &str,
-        name: &str,
-        key_hash: &[u8; 32],
-        prefix: &str,
-        is_admin: bool,
-    ) -> Result<ApiKey, StoreError> {
-        self.0
-            .create_api_key(
-                &nul_free(user_id),
-                &nul_free(name),
-                key_hash,
-                &nul_free(prefix),
-                is_admin,
-            )
-            .await
+    async fn create_api_key(&self, key: &ApiKey, key_hash: &[u8; 32]) -> Result<(), StoreError> {
+        let key = ApiKey {
+            id: owned(&key.id),
+            user_id: owned(&key.user_id),
+            name: owned(&key.name),
+            prefix: owned(&key.prefix),
+            ..key.clone()
+        };
+        self.0.create_api_key(&key, key_hash).await
     }
 
     async fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
         self.0.list_api_keys().await
     }
 
-    async fn revoke_api_key(&self, id_or_name: &str) -> Result<u64, StoreError> {
-        self.0.revoke_api_key(&nul_free(id_or_name)).await
+    async fn revoke_api_key(&self, id_or_name: &str, now: Millis) -> Result<u64, StoreError> {
+        self.0.revoke_api_key(&nul_free(id_or_name), now).await
     }
 
     async fn find_api_key(&self, key_hash: &[u8; 32]) -> Result<Option<ApiKey>, StoreError> {
@@ -85,20 +90,19 @@ impl<S: Store> Store for NulSafe<S> {
     async fn find_api_key_by_id(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
         self.0.find_api_key_by_id(&nul_free(id)).await
     }
+}
 
-    async fn create_session(
-        &self,
-        user_id: &str,
-        agent: Option<&str>,
-        title: Option<&str>,
-    ) -> Result<Session, StoreError> {
-        self.0
-            .create_session(
-                &nul_free(user_id),
-                opt_ref(agent).as_deref(),
-                opt_ref(title).as_deref(),
-            )
-            .await
+#[async_trait]
+impl<S: SessionStore> SessionStore for NulSafe<S> {
+    async fn create_session(&self, s: &Session) -> Result<(), StoreError> {
+        let s = Session {
+            id: owned(&s.id),
+            user_id: owned(&s.user_id),
+            agent: opt(&s.agent),
+            title: opt(&s.title),
+            ..s.clone()
+        };
+        self.0.create_session(&s).await
     }
 
     async fn list_sessions(
@@ -160,7 +164,12 @@ impl<S: Store> Store for NulSafe<S> {
         self.0.insert_message(&m).await
     }
 
-    async fn update_message(&self, id: &str, u: &MessageUpdate) -> Result<(), StoreError> {
+    async fn update_message(
+        &self,
+        id: &str,
+        u: &MessageUpdate,
+        now: Millis,
+    ) -> Result<(), StoreError> {
         let u = MessageUpdate {
             content: owned(&u.content),
             reasoning: opt(&u.reasoning),
@@ -169,25 +178,55 @@ impl<S: Store> Store for NulSafe<S> {
             completion_tokens: u.completion_tokens,
             error: opt(&u.error),
         };
-        self.0.update_message(&nul_free(id), &u).await
+        self.0.update_message(&nul_free(id), &u, now).await
     }
 
-    async fn interrupt_streaming(&self) -> Result<u64, StoreError> {
-        self.0.interrupt_streaming().await
+    async fn interrupt_streaming(&self, now: Millis) -> Result<u64, StoreError> {
+        self.0.interrupt_streaming(now).await
     }
 
-    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError> {
-        let r = UsageRecord {
-            user_id: owned(&r.user_id),
-            key_id: opt(&r.key_id),
-            session_id: opt(&r.session_id),
-            provider: owned(&r.provider),
-            model: owned(&r.model),
-            ..r.clone()
-        };
-        self.0.record_usage(&r).await
+    async fn claim_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+        server_id: &str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> Result<Option<String>, StoreError> {
+        self.0
+            .claim_generation(
+                &nul_free(session_id),
+                &nul_free(generation_id),
+                &nul_free(server_id),
+                now,
+                expires_at,
+            )
+            .await
     }
 
+    async fn release_generation(
+        &self,
+        session_id: &str,
+        generation_id: &str,
+    ) -> Result<bool, StoreError> {
+        self.0
+            .release_generation(&nul_free(session_id), &nul_free(generation_id))
+            .await
+    }
+
+    async fn interrupt_streaming_of(
+        &self,
+        server_id: &str,
+        now: Millis,
+    ) -> Result<u64, StoreError> {
+        self.0
+            .interrupt_streaming_of(&nul_free(server_id), now)
+            .await
+    }
+}
+
+#[async_trait]
+impl<S: CatalogStore> CatalogStore for NulSafe<S> {
     async fn create_agent(&self, a: &Agent) -> Result<(), StoreError> {
         self.0.create_agent(&agent(a)).await
     }
@@ -246,7 +285,10 @@ impl<S: Store> Store for NulSafe<S> {
     ) -> Result<Vec<KnowledgeHit>, StoreError> {
         self.0.search_knowledge(&nul_free(query), limit).await
     }
+}
 
+#[async_trait]
+impl<S: TaskStore> TaskStore for NulSafe<S> {
     async fn create_task(&self, t: &Task) -> Result<(), StoreError> {
         let t = Task {
             id: owned(&t.id),
@@ -320,52 +362,25 @@ impl<S: Store> Store for NulSafe<S> {
     async fn count_queued_tasks(&self) -> Result<u64, StoreError> {
         self.0.count_queued_tasks().await
     }
+}
+
+#[async_trait]
+impl<S: UsageStore> UsageStore for NulSafe<S> {
+    async fn record_usage(&self, r: &UsageRecord) -> Result<(), StoreError> {
+        let r = UsageRecord {
+            id: owned(&r.id),
+            user_id: owned(&r.user_id),
+            key_id: opt(&r.key_id),
+            session_id: opt(&r.session_id),
+            provider: owned(&r.provider),
+            model: owned(&r.model),
+            ..r.clone()
+        };
+        self.0.record_usage(&r).await
+    }
 
     async fn usage_summary(&self, from: Millis, to: Millis) -> Result<Vec<UsageRow>, StoreError> {
         self.0.usage_summary(from, to).await
-    }
-
-    fn pool_state(&self) -> Option<PoolState> {
-        self.0.pool_state()
-    }
-
-    async fn claim_generation(
-        &self,
-        session_id: &str,
-        generation_id: &str,
-        server_id: &str,
-        now: Millis,
-        expires_at: Millis,
-    ) -> Result<Option<String>, StoreError> {
-        self.0
-            .claim_generation(
-                &nul_free(session_id),
-                &nul_free(generation_id),
-                &nul_free(server_id),
-                now,
-                expires_at,
-            )
-            .await
-    }
-
-    async fn release_generation(
-        &self,
-        session_id: &str,
-        generation_id: &str,
-    ) -> Result<bool, StoreError> {
-        self.0
-            .release_generation(&nul_free(session_id), &nul_free(generation_id))
-            .await
-    }
-
-    async fn interrupt_streaming_of(
-        &self,
-        server_id: &str,
-        now: Millis,
-    ) -> Result<u64, StoreError> {
-        self.0
-            .interrupt_streaming_of(&nul_free(server_id), now)
-            .await
     }
 }
 

@@ -101,15 +101,14 @@ pub async fn api_key(server: &TestServer, user: &str, admin: bool) -> String {
         uuid::Uuid::new_v4().simple()
     );
     let store = &server.state.store;
-    let u = store.ensure_user(user).await.unwrap();
+    let now = sluice::store::now_millis();
+    let u = store
+        .ensure_user(&sluice::store::User::new(user, now))
+        .await
+        .unwrap();
+    let record = sluice::store::ApiKey::new(&u.id, user, &key[..12], admin, now);
     store
-        .create_api_key(
-            &u.id,
-            user,
-            &sluice::store::cli::hash_key(&key),
-            &key[..12],
-            admin,
-        )
+        .create_api_key(&record, &sluice::store::cli::hash_key(&key))
         .await
         .unwrap();
     key
