@@ -64,20 +64,6 @@ async fn closed_as_revoked(ws: &mut Ws) {
     }
 }
 
-async fn new_session(base: &str, key: &str) -> String {
-    let r = client()
-        .post(format!("{base}/api/sessions"))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 /// Reads a chat op's events until its final one.
 async fn until_final(ws: &mut Ws) -> Value {
     loop {
@@ -128,7 +114,7 @@ async fn a_key_revoked_by_the_admin_api_is_refused_on_its_open_websocket() {
     let (_mock, server) = keyed_server().await;
     let alice = api_key(&server, "alice", false).await;
     let admin = api_key(&server, "ops", true).await;
-    let session = new_session(&server.url, &alice).await;
+    let session = create_session(&server.url, Some(&alice)).await;
     let mut ws = open_ws(&server, &alice).await;
     send(
         &mut ws,
@@ -177,7 +163,7 @@ async fn a_key_revoked_by_the_admin_api_is_refused_on_its_open_websocket() {
 async fn a_key_revoked_in_the_store_is_refused_on_subscribe_and_its_ws_tokens_with_it() {
     let (_mock, server) = keyed_server().await;
     let alice = api_key(&server, "alice", false).await;
-    let session = new_session(&server.url, &alice).await;
+    let session = create_session(&server.url, Some(&alice)).await;
     let token = ws_token(&server.url, &alice).await;
     assert_eq!(ws_status_with_token(&server, &token).await, 101);
     let mut ws = open_ws(&server, &alice).await;
@@ -221,7 +207,7 @@ async fn a_key_revoked_on_one_instance_is_refused_on_the_other() {
     let b = TestServer::start(cfg).await;
     let alice = api_key(&a, "alice", false).await;
     let admin = api_key(&a, "ops", true).await;
-    let session = new_session(&b.url, &alice).await;
+    let session = create_session(&b.url, Some(&alice)).await;
     let mut ws = open_ws(&b, &alice).await;
     send(
         &mut ws,

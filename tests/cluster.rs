@@ -255,20 +255,6 @@ fn which_nginx() -> String {
     panic!("nginx is not installed; scripts/test.sh installs it");
 }
 
-async fn new_session(base: &str) -> String {
-    let r = client()
-        .post(format!("{base}/api/sessions"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{:?}", r.text().await);
-    r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 async fn post_message(base: &str, session: &str, sse: bool) -> reqwest::Response {
     let mut req = client()
         .post(format!("{base}/api/sessions/{session}/messages"))
@@ -360,7 +346,7 @@ async fn a_generation_on_one_instance_is_watched_live_and_resumed_on_the_others(
     })
     .await;
     let c = Cluster::start(3, &mock, REDIS).await;
-    let s = new_session(&c.url(0)).await;
+    let s = create_session(&c.url(0), None).await;
 
     // B and C follow the session before anything runs on A.
     let b = tokio::spawn(read_until_final(
@@ -400,7 +386,7 @@ async fn a_generation_on_one_instance_is_watched_live_and_resumed_on_the_others(
 async fn thinking_reaches_watchers_on_other_instances() {
     let upstream = reasoning_upstream(Duration::from_millis(20)).await;
     let c = Cluster::start_on(2, &upstream, REDIS).await;
-    let s = new_session(&c.url(0)).await;
+    let s = create_session(&c.url(0), None).await;
     let b = tokio::spawn(read_until_final(
         watch(&c.url(1), &s, None).await,
         WAIT,
@@ -434,7 +420,7 @@ async fn a_watcher_joining_mid_stream_elsewhere_gets_it_from_the_start() {
     })
     .await;
     let c = Cluster::start(2, &mock, REDIS).await;
-    let s = new_session(&c.url(0)).await;
+    let s = create_session(&c.url(0), None).await;
     let (seen, mut tokens) = token_signal();
     let a = tokio::spawn({
         let url = c.url(0);
@@ -469,7 +455,7 @@ async fn watchers_elsewhere_get_interrupted_when_the_owner_is_killed() {
     })
     .await;
     let c = Cluster::start(2, &mock, REDIS).await;
-    let s = new_session(&c.url(0)).await;
+    let s = create_session(&c.url(0), None).await;
     let (seen, mut tokens) = token_signal();
     let b = tokio::spawn(read_until_final(
         watch(&c.url(1), &s, None).await,
@@ -497,6 +483,9 @@ async fn watchers_elsewhere_get_interrupted_when_the_owner_is_killed() {
     let m = last_assistant(&messages(&c.url(1), &s).await);
     assert_eq!(m["status"], "interrupted");
     assert_eq!(m["content"].as_str().unwrap(), text_of(&b));
+    // Nor blocked: the user who presses Retry as soon as they see it gets a new reply.
+    let (status, body) = try_post(&c.url(1), &s).await;
+    assert_eq!(status, 202, "still blocked after `interrupted`: {body}");
 }
 
 /// A reply whose instance is killed while the model thinks is stored, by the instance that
@@ -505,7 +494,7 @@ async fn watchers_elsewhere_get_interrupted_when_the_owner_is_killed() {
 async fn a_lost_owners_reply_keeps_the_thinking_so_far() {
     let upstream = reasoning_upstream(Duration::from_millis(500)).await;
     let c = Cluster::start_on(2, &upstream, REDIS).await;
-    let s = new_session(&c.url(0)).await;
+    let s = create_session(&c.url(0), None).await;
     let (tx, mut thought) = tokio::sync::mpsc::channel(8);
     let b = tokio::spawn(read_until_final(
         watch(&c.url(1), &s, None).await,
@@ -626,7 +615,7 @@ async fn after_a_redis_restart_instances_resubscribe_and_fan_out_again() {
         .unwrap()
         .1
         .clone();
-    let s = new_session(&c.url(0)).await;
+    let s = create_session(&c.url(0), None).await;
     let channel = format!("{prefix}:ch:{s}");
 
     // B watches the session over one long-lived stream.
@@ -713,7 +702,7 @@ async fn through_nginx_tokens_arrive_one_by_one() {
     .await;
     let mut c = Cluster::start(3, &mock, REDIS).await;
     let front = c.start_nginx().await;
-    let s = new_session(&front).await;
+    let s = create_session(&front, None).await;
     let started = Instant::now();
     let mut arrivals = Vec::new();
     let events = read_until_final(post_message(&front, &s, true).await, WAIT, |e| {
@@ -762,7 +751,7 @@ async fn a_draining_instance_hands_its_clients_to_another_and_finishes_the_reply
     .await;
     let mut c = Cluster::start(3, &mock, REDIS).await;
     let front = c.start_nginx().await;
-    let s = new_session(&front).await;
+    let s = create_session(&front, None).await;
 
     // The session's traffic sticks to one instance: find it.
     let owner = client()
@@ -904,7 +893,7 @@ async fn a_rolling_restart_under_load_loses_no_token() {
     let mut clients = Vec::new();
     let mut sessions = Vec::new();
     for _ in 0..6 {
-        let s = new_session(&front).await;
+        let s = create_session(&front, None).await;
         sessions.push(s.clone());
         clients.push(tokio::spawn(converse(front.clone(), s, 4)));
     }
@@ -1086,7 +1075,7 @@ async fn one_generation_per_session_holds_while_redis_is_unreachable() {
     .await;
     let redis = OwnRedis::start(free_port()).await;
     let c = Cluster::start(2, &mock, &redis.url()).await;
-    let s = new_session(&c.url(0)).await;
+    let s = create_session(&c.url(0), None).await;
     let _ = redis.kill().await;
 
     let (status, a) = try_post(&c.url(0), &s).await;
@@ -1104,32 +1093,6 @@ async fn one_generation_per_session_holds_while_redis_is_unreachable() {
 }
 
 #[tokio::test]
-async fn a_session_whose_instance_was_lost_takes_a_new_message_at_once() {
-    let mock = mock(MockConfig {
-        tokens: 2000,
-        token_delay: Duration::from_millis(20),
-        ..Default::default()
-    })
-    .await;
-    let c = Cluster::start(2, &mock, REDIS).await;
-    let s = new_session(&c.url(0)).await;
-    let (seen, mut tokens) = token_signal();
-    let b = tokio::spawn(read_until_final(
-        watch(&c.url(1), &s, None).await,
-        SLOW_WAIT,
-        seen,
-    ));
-    post_message(&c.url(0), &s, false).await;
-    wait_tokens(&mut tokens, 5).await;
-    c.signal(0, "-KILL");
-    let b = b.await.unwrap();
-    assert_eq!(b.last().unwrap().event, "interrupted", "{b:?}");
-    // The user presses Retry as soon as they see it.
-    let (status, body) = try_post(&c.url(1), &s).await;
-    assert_eq!(status, 202, "still blocked after `interrupted`: {body}");
-}
-
-#[tokio::test]
 async fn an_instance_starting_without_redis_leaves_the_others_live_replies_alone() {
     let mock = mock(MockConfig {
         tokens: 200,
@@ -1138,7 +1101,7 @@ async fn an_instance_starting_without_redis_leaves_the_others_live_replies_alone
     })
     .await;
     let mut c = Cluster::start(1, &mock, REDIS).await;
-    let s = new_session(&c.url(0)).await;
+    let s = create_session(&c.url(0), None).await;
     let (seen, mut tokens) = token_signal();
     let a = tokio::spawn(read_until_final(
         watch(&c.url(0), &s, None).await,
@@ -1181,7 +1144,7 @@ async fn the_stream_list_of_any_instance_shows_the_whole_cluster() {
     let c = Cluster::start(2, &mock, REDIS).await;
     let mut running = Vec::new();
     for i in 0..2 {
-        let s = new_session(&c.url(i)).await;
+        let s = create_session(&c.url(i), None).await;
         let (seen, mut tokens) = token_signal();
         let w = tokio::spawn(read_until_final(
             watch(&c.url(i), &s, None).await,

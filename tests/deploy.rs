@@ -527,20 +527,6 @@ impl Drop for Cluster {
     }
 }
 
-async fn new_session(base: &str) -> String {
-    let r = common::client()
-        .post(format!("{base}/api/sessions"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 async fn get_ok(url: &str) -> Value {
     let r = common::client().get(url).send().await.unwrap();
     assert_eq!(r.status(), 200, "GET {url}");
@@ -696,7 +682,7 @@ async fn cluster_sh_runs_instances_behind_nginx_and_stops_them_all() {
     // reconnect, so nginx has nothing left to wait for.
     let mut watchers = Vec::new();
     for _ in 0..4 {
-        let session = new_session(&cluster.url("")).await;
+        let session = common::create_session(&cluster.url(""), None).await;
         let r = common::client()
             .get(cluster.url(&format!("/api/sessions/{session}/stream")))
             .send()

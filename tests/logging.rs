@@ -263,20 +263,6 @@ async fn wait_complete(url: &str, key: &str, session: &str) {
     }
 }
 
-async fn new_session(url: &str, key: &str) -> String {
-    let s: Value = client()
-        .post(format!("{url}/api/sessions"))
-        .bearer_auth(key)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    s["id"].as_str().unwrap().to_owned()
-}
-
 /// What the traced server wrote while a prompt went through `/v1`, a session and a
 /// WebSocket, and the secrets it was given: (log, prompt marker, API key, upstream key).
 async fn traced_run(wire: bool) -> (String, String, String, String) {
@@ -327,7 +313,7 @@ async fn traced_run(wire: bool) -> (String, String, String, String) {
     assert!(read_stream(resp).await.done);
 
     // A session message.
-    let s = new_session(&p.url, &key).await;
+    let s = create_session(&p.url, Some(&key)).await;
     let r = client()
         .post(format!("{}/api/sessions/{s}/messages", p.url))
         .bearer_auth(&key)
@@ -339,7 +325,7 @@ async fn traced_run(wire: bool) -> (String, String, String, String) {
     wait_complete(&p.url, &key, &s).await;
 
     // A WebSocket chat, followed to its end.
-    let s = new_session(&p.url, &key).await;
+    let s = create_session(&p.url, Some(&key)).await;
     let mut ws_req = format!("{}/ws", p.url.replace("http://", "ws://"))
         .into_client_request()
         .unwrap();

@@ -66,6 +66,15 @@ async fn new_key(
 }
 
 /// A session made as the chat service makes it.
+/// A user's id, made (or found) by name.
+async fn user(store: &dyn Store, name: &str) -> String {
+    store
+        .ensure_user(&User::new(name, now_millis()))
+        .await
+        .unwrap()
+        .id
+}
+
 async fn new_session(
     store: &dyn Store,
     user_id: &str,
@@ -451,16 +460,8 @@ async fn a_conflict_keeps_the_database_error_as_its_source(backend: Backend) {
 async fn sessions_crud_is_scoped_to_the_owner(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store
-        .ensure_user(&User::new("alice", now_millis()))
-        .await
-        .unwrap()
-        .id;
-    let bob = store
-        .ensure_user(&User::new("bob", now_millis()))
-        .await
-        .unwrap()
-        .id;
+    let alice = user(&*store, "alice").await;
+    let bob = user(&*store, "bob").await;
 
     let s = new_session(&*store, &alice, Some("helper"), Some("first chat")).await;
     assert_eq!(
@@ -549,16 +550,8 @@ fn message(session_id: &str, role: Role, content: &str, at: i64) -> StoredMessag
 async fn sessions_page_newest_first_with_a_cursor(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store
-        .ensure_user(&User::new("alice", now_millis()))
-        .await
-        .unwrap()
-        .id;
-    let bob = store
-        .ensure_user(&User::new("bob", now_millis()))
-        .await
-        .unwrap()
-        .id;
+    let alice = user(&*store, "alice").await;
+    let bob = user(&*store, "bob").await;
     let mut ids = Vec::new();
     for _ in 0..25 {
         ids.push(new_session(&*store, &alice, None, None).await.id);
@@ -618,11 +611,7 @@ async fn sessions_page_newest_first_with_a_cursor(backend: Backend) {
 async fn messages_round_trip_in_order_and_update(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store
-        .ensure_user(&User::new("alice", now_millis()))
-        .await
-        .unwrap()
-        .id;
+    let alice = user(&*store, "alice").await;
     let s = new_session(&*store, &alice, None, None).await;
     let t = s.created_at + 10;
 
@@ -740,11 +729,7 @@ async fn messages_round_trip_in_order_and_update(backend: Backend) {
 async fn deleting_a_session_deletes_its_messages(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store
-        .ensure_user(&User::new("alice", now_millis()))
-        .await
-        .unwrap()
-        .id;
+    let alice = user(&*store, "alice").await;
     let gone = new_session(&*store, &alice, None, None).await;
     let kept = new_session(&*store, &alice, None, None).await;
     for i in 0..3 {
@@ -785,11 +770,7 @@ async fn deleting_a_session_deletes_its_messages(backend: Backend) {
 async fn interrupt_streaming_marks_only_streaming_messages(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store
-        .ensure_user(&User::new("alice", now_millis()))
-        .await
-        .unwrap()
-        .id;
+    let alice = user(&*store, "alice").await;
     let mut expected = Vec::new();
     for status in [
         MessageStatus::Streaming,
@@ -821,11 +802,7 @@ async fn interrupt_streaming_marks_only_streaming_messages(backend: Backend) {
 async fn usage_is_recorded(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store
-        .ensure_user(&User::new("alice", now_millis()))
-        .await
-        .unwrap()
-        .id;
+    let alice = user(&*store, "alice").await;
     let record = |key_id: Option<&str>, session_id: Option<&str>| UsageRecord {
         id: new_id(),
         user_id: alice.clone(),
@@ -984,11 +961,7 @@ async fn knowledge_full_text_search_follows_writes(backend: Backend) {
 async fn concurrent_writes_and_reads_all_succeed(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store
-        .ensure_user(&User::new("alice", now_millis()))
-        .await
-        .unwrap()
-        .id;
+    let alice = user(&*store, "alice").await;
     let s = new_session(&*store, &alice, None, None).await;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..64 {
@@ -1305,16 +1278,8 @@ fn task(user_id: &str, created_at: i64) -> Task {
 async fn tasks_are_scoped_claimed_and_finished_once(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store
-        .ensure_user(&User::new("alice", now_millis()))
-        .await
-        .unwrap()
-        .id;
-    let bob = store
-        .ensure_user(&User::new("bob", now_millis()))
-        .await
-        .unwrap()
-        .id;
+    let alice = user(&*store, "alice").await;
+    let bob = user(&*store, "bob").await;
     let t = now_millis();
     let t1 = Task {
         key_id: Some("key-1".into()),
@@ -1449,11 +1414,7 @@ async fn tasks_are_scoped_claimed_and_finished_once(backend: Backend) {
 async fn a_task_finishes_once_under_racing_workers(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store
-        .ensure_user(&User::new("alice", now_millis()))
-        .await
-        .unwrap()
-        .id;
+    let alice = user(&*store, "alice").await;
     let t = task(&alice, now_millis());
     store.create_task(&t).await.unwrap();
     store
@@ -1488,16 +1449,8 @@ async fn a_task_finishes_once_under_racing_workers(backend: Backend) {
 async fn cancel_moves_only_the_owners_unfinished_tasks(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store
-        .ensure_user(&User::new("alice", now_millis()))
-        .await
-        .unwrap()
-        .id;
-    let bob = store
-        .ensure_user(&User::new("bob", now_millis()))
-        .await
-        .unwrap()
-        .id;
+    let alice = user(&*store, "alice").await;
+    let bob = user(&*store, "bob").await;
     let t = now_millis();
     let (queued, running, failed) = (task(&alice, t), task(&alice, t + 1), task(&alice, t + 2));
     for x in [&queued, &running, &failed] {
@@ -1599,16 +1552,8 @@ async fn cancel_moves_only_the_owners_unfinished_tasks(backend: Backend) {
 async fn queued_tasks_keep_their_creation_order(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store
-        .ensure_user(&User::new("alice", now_millis()))
-        .await
-        .unwrap()
-        .id;
-    let bob = store
-        .ensure_user(&User::new("bob", now_millis()))
-        .await
-        .unwrap()
-        .id;
+    let alice = user(&*store, "alice").await;
+    let bob = user(&*store, "bob").await;
     let t = now_millis();
     assert_eq!(store.count_queued_tasks().await.unwrap(), 0);
     assert!(store.list_unfinished_tasks().await.unwrap().is_empty());
@@ -1805,11 +1750,7 @@ fn streaming_reply(s: &str, g: &str) -> StoredMessage {
 async fn a_session_runs_one_generation_until_released_or_expired(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store
-        .ensure_user(&User::new("alice", now_millis()))
-        .await
-        .unwrap()
-        .id;
+    let alice = user(&*store, "alice").await;
     let s = new_session(&*store, &alice, None, None).await.id;
     let now = now_millis();
     let until = now + 60_000;
@@ -1883,11 +1824,7 @@ async fn a_session_runs_one_generation_until_released_or_expired(backend: Backen
 async fn a_session_is_free_once_its_generations_reply_has_ended(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store
-        .ensure_user(&User::new("alice", now_millis()))
-        .await
-        .unwrap()
-        .id;
+    let alice = user(&*store, "alice").await;
     let s = new_session(&*store, &alice, None, None).await.id;
     let now = now_millis();
     let until = now + 60_000;
@@ -1934,11 +1871,7 @@ async fn a_session_is_free_once_its_generations_reply_has_ended(backend: Backend
 async fn racing_claims_of_a_session_let_exactly_one_through(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store
-        .ensure_user(&User::new("alice", now_millis()))
-        .await
-        .unwrap()
-        .id;
+    let alice = user(&*store, "alice").await;
     let s = new_session(&*store, &alice, None, None).await.id;
     let now = now_millis();
     let claims = (0..16).map(|i| {
@@ -1967,11 +1900,7 @@ async fn racing_claims_of_a_session_let_exactly_one_through(backend: Backend) {
 async fn start_up_interrupts_only_replies_no_other_instance_holds(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = store
-        .ensure_user(&User::new("alice", now_millis()))
-        .await
-        .unwrap()
-        .id;
+    let alice = user(&*store, "alice").await;
     let now = now_millis();
     let until = now + 60_000;
     // (server holding the reply's session, hold expiry, reply still streaming after?)

@@ -155,6 +155,22 @@ pub async fn get_json_as(url: &str, key: &str) -> Value {
         .unwrap()
 }
 
+/// A new chat session at `base`, with `key` as its bearer if given; its id.
+pub async fn create_session(base: &str, key: Option<&str>) -> String {
+    let mut req = client()
+        .post(format!("{base}/api/sessions"))
+        .json(&serde_json::json!({}));
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 pub async fn post(url: &str, body: &Value) -> reqwest::Response {
     client().post(url).json(body).send().await.unwrap()
 }
