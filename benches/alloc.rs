@@ -146,13 +146,13 @@ async fn pair_for(mock: sluice::mock::MockServer) -> Pair {
     c.upstream.provider_concurrency = 1_000;
     c.chat.default_model = "mock".into();
     c.upstream.providers = vec![ProviderConfig::openai("mock", &mock.url(), None)];
-    let state = sluice::app::AppState::new(c).await.expect("config");
+    let state = sluice::state::AppState::new(c).await.expect("config");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sluice = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
     let s = stop.clone();
     tokio::spawn(async move {
-        let _ = sluice::app::serve(state, listener, async move { s.cancelled().await }).await;
+        let _ = sluice::server::serve(state, listener, async move { s.cancelled().await }).await;
     });
     Pair { mock, sluice, stop }
 }

@@ -14,6 +14,8 @@ pub mod hub;
 pub mod mock;
 pub mod ops;
 pub mod queue;
+pub mod server;
+pub mod state;
 pub mod store;
 pub mod tasks;
 pub mod transport;

@@ -83,7 +83,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::info!("{line}");
         }
         let systemd = sluice::ops::systemd::serving(&state, local);
-        sluice::app::serve(state, listener, systemd.stopping_on(shutdown_signal())).await?;
+        sluice::server::serve(state, listener, systemd.stopping_on(shutdown_signal())).await?;
         systemd.finish().await;
         tracing::info!("stopped");
         Ok(())
@@ -95,7 +95,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 async fn start(
     config: &Config,
     listener: &tokio::net::TcpListener,
-) -> anyhow::Result<Option<sluice::app::AppState>> {
+) -> anyhow::Result<Option<sluice::state::AppState>> {
     use sluice::ops::startup::{Start, StartState, build_waiting, starting_router};
     let state = StartState::new(&config.server.server_id);
     let dup = std::os::fd::AsFd::as_fd(listener)

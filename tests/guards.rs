@@ -68,7 +68,7 @@ async fn redis_minute() -> u64 {
     secs / 60
 }
 
-async fn new_key(state: &sluice::app::AppState, user: &str) -> (String, String) {
+async fn new_key(state: &sluice::state::AppState, user: &str) -> (String, String) {
     let key = format!(
         "{}test{}",
         sluice::store::cli::KEY_PREFIX,
@@ -305,7 +305,7 @@ async fn unreachable_quota_server(mock: &MockServer, fail_open: bool) -> (Served
     let mut cfg = keyed_config(mock);
     cfg.guards.quota_rpm = 100;
     cfg.guards.quota_fail_open = fail_open;
-    let mut state = sluice::app::AppState::new(cfg.clone()).await.unwrap();
+    let mut state = sluice::state::AppState::new(cfg.clone()).await.unwrap();
     let quota =
         sluice::guard::quota::Quota::connect("redis://127.0.0.1:1", "unused", &cfg.guards).await;
     assert!(
@@ -329,13 +329,13 @@ struct Served {
 }
 
 impl Served {
-    async fn start(state: sluice::app::AppState) -> Self {
+    async fn start(state: sluice::state::AppState) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let stop = CancellationToken::new();
         let s = stop.clone();
         let task = tokio::spawn(async move {
-            sluice::app::serve(state, listener, async move { s.cancelled().await }).await
+            sluice::server::serve(state, listener, async move { s.cancelled().await }).await
         });
         Self { url, stop, task }
     }

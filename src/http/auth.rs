@@ -8,9 +8,9 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::app::AppState;
 use crate::chat::service::Caller;
 use crate::error::ApiError;
+use crate::state::AppState;
 use crate::store::cli::{KEY_PREFIX, hash_key};
 
 /// The authenticated caller of a request.

@@ -10,8 +10,8 @@ use serde_json::json;
 
 use super::auth::Principal;
 use super::extract::ApiJson;
-use crate::app::AppState;
 use crate::error::ApiError;
+use crate::state::AppState;
 use crate::store::{Agent, KnowledgeDoc, Scene, StoreError, new_id, now_millis};
 
 pub fn router() -> Router<AppState> {

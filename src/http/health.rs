@@ -4,8 +4,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 
-use crate::app::AppState;
 use crate::ops::health;
+use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -17,8 +17,8 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
-use crate::app::AppState;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 /// An SSE response counted in `sluice_connections{transport="sse"}` while it is open.
 pub fn sse_response<S>(st: &AppState, events: S) -> Response

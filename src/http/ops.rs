@@ -13,8 +13,8 @@ use serde_json::json;
 
 use super::auth::Principal;
 use super::extract::OptionalJson;
-use crate::app::AppState;
 use crate::error::ApiError;
+use crate::state::AppState;
 use crate::store::now_millis;
 
 pub fn router() -> Router<AppState> {

@@ -10,8 +10,8 @@ use serde_json::json;
 
 use super::auth::Principal;
 use super::extract::{ApiJson, LastEventId, OptionalJson};
-use crate::app::AppState;
 use crate::error::ApiError;
+use crate::state::AppState;
 use crate::transport::events;
 
 pub fn router() -> Router<AppState> {

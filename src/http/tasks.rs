@@ -11,9 +11,9 @@ use serde_json::{Map, Value, json};
 
 use super::auth::Principal;
 use super::extract::{ApiJson, LastEventId};
-use crate::app::AppState;
 use crate::chat::Message;
 use crate::error::ApiError;
+use crate::state::AppState;
 use crate::store::Task;
 use crate::tasks::QueueError;
 use crate::tasks::service::TaskError;

@@ -10,9 +10,10 @@ use serde_json::json;
 
 use super::auth::Principal;
 use super::extract::RelayJson;
-use crate::app::{AppState, LogsAtEnd};
 use crate::cache::{self, CachedReply, ResponseCache};
 use crate::error::ApiError;
+use crate::server::LogsAtEnd;
+use crate::state::AppState;
 use crate::transport::openai::{self, CompletionRequest, ResponseMeta};
 use crate::upstream::{ModelInfo, Relay, UpstreamError};
 

@@ -11,9 +11,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::auth::{self, Principal, WS_TOKEN_TTL_MS, issue_ws_token};
-use crate::app::AppState;
 use crate::error::ApiError;
 use crate::guard::rate::{self as rate, Client, RouteClass};
+use crate::state::AppState;
 use crate::store::now_millis;
 use std::sync::Arc;
 

@@ -13,10 +13,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 
-use crate::app::{AppState, StartError};
 use crate::config::{AuthMode, Config};
 use crate::error::ApiError;
 use crate::ops::systemd;
+use crate::state::{AppState, StartError};
 
 /// The first pause between attempts; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);

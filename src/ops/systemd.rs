@@ -22,8 +22,8 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::AppState;
 use crate::ops::Lifecycle;
+use crate::state::AppState;
 
 /// Where notifications go: systemd's notification socket, if this process has one.
 #[derive(Clone, Debug, Default)]
@@ -180,7 +180,7 @@ impl Supervision {
         }
     }
 
-    /// Wraps the shutdown signal of `app::serve`: once it fires, systemd hears `STOPPING=1`
+    /// Wraps the shutdown signal of `server::serve`: once it fires, systemd hears `STOPPING=1`
     /// just before the drain starts, so `systemctl status` shows the instance going away
     /// while its streams finish.
     pub fn stopping_on(

@@ -22,14 +22,14 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct TestServer {
     pub url: String,
     /// The server's state, for driving its lifecycle (drain) directly.
-    pub state: sluice::app::AppState,
+    pub state: sluice::state::AppState,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl TestServer {
     pub async fn start(config: Config) -> Self {
-        let state = sluice::app::AppState::new(config)
+        let state = sluice::state::AppState::new(config)
             .await
             .expect("valid config");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -38,7 +38,7 @@ impl TestServer {
         let s = stop.clone();
         let st = state.clone();
         let task = tokio::spawn(async move {
-            sluice::app::serve(st, listener, async move { s.cancelled().await }).await
+            sluice::server::serve(st, listener, async move { s.cancelled().await }).await
         });
         Self {
             url,
