@@ -1,7 +1,6 @@
 //! sluice: a streaming LLM chat server.
 #![forbid(unsafe_code)]
 
-pub mod app;
 pub mod bench;
 pub mod cache;
 pub mod chat;

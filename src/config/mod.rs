@@ -24,10 +24,10 @@ pub use self::server::{ServerArgs, ServerConfig};
 pub use self::store::{DbPooler, StoreArgs, StoreConfig};
 pub use self::tasks::{TaskArgs, TaskConfig};
 pub use self::upstream::{
-    ANTHROPIC_DEFAULT_URL, DemoConfig, ModelRoute, OPENAI_DEFAULT_URL, ProviderConfig,
-    ProviderKind, UpstreamArgs, UpstreamConfig,
+    ANTHROPIC_DEFAULT_URL, DEFAULT_MAX_EVENT_BYTES, DemoConfig, ModelRoute, OPENAI_DEFAULT_URL,
+    ProviderConfig, ProviderKind, RetryPolicy, Timeouts, UpstreamArgs, UpstreamConfig,
 };
-pub use self::websocket::WsArgs;
+pub use self::websocket::{WsArgs, WsSettings};
 
 /// A credential. Its `Debug` output is redacted so a key never reaches a log line.
 #[derive(Clone, PartialEq, Eq)]

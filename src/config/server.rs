@@ -83,7 +83,7 @@ pub struct ServerConfig {
     /// without port.
     pub allowed_hosts: Vec<String>,
     pub ws_token_secret: Option<Secret>,
-    pub ws: crate::transport::ws::WsSettings,
+    pub ws: super::WsSettings,
     pub server_id: String,
     pub drain: Duration,
     /// How long a start waits for its dependencies; zero fails at the first refusal.
@@ -99,7 +99,7 @@ impl Default for ServerConfig {
             cors_origins: Vec::new(),
             allowed_hosts: Vec::new(),
             ws_token_secret: None,
-            ws: crate::transport::ws::WsSettings::default(),
+            ws: super::WsSettings::default(),
             server_id: new_server_id(),
             drain: Duration::from_secs(30),
             start_wait: Duration::from_secs(300),

@@ -7,10 +7,35 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{ConfigError, Secret, duration};
-use crate::upstream::{RetryPolicy, Timeouts};
 
 pub const OPENAI_DEFAULT_URL: &str = "https://api.openai.com/v1";
 pub const ANTHROPIC_DEFAULT_URL: &str = "https://api.anthropic.com/v1";
+
+/// Default of `BodyLimits::max_event_bytes` (`SLUICE_UPSTREAM_MAX_EVENT_BYTES`): far above
+/// any real chunk, a whole inline image included.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 8 << 20;
+
+/// Per-generation time limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// From sending the request to the first token (response head included).
+    pub first_token: Duration,
+    /// Longest silence allowed between two events once tokens flow.
+    pub idle: Duration,
+    /// Longest a whole generation may run.
+    pub total: Duration,
+}
+
+/// Retries of one provider before its first token.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Tries per provider, the first included; 1 disables retries.
+    pub max_attempts: u32,
+    pub base: Duration,
+    pub factor: f64,
+    /// Cap of one backoff; a `Retry-After` longer than this is not waited for.
+    pub max: Duration,
+}
 
 // Headings of `sluice --help`, the same as the sections of `.env.example`.
 const TIMEOUTS: &str = "Upstream timeouts and retries";
@@ -91,7 +116,7 @@ pub struct UpstreamArgs {
         long,
         env = "SLUICE_UPSTREAM_MAX_EVENT_BYTES",
         value_name = "SLUICE_UPSTREAM_MAX_EVENT_BYTES",
-        default_value_t = crate::upstream::sse::DEFAULT_MAX_EVENT_BYTES,
+        default_value_t = DEFAULT_MAX_EVENT_BYTES,
         help_heading = TIMEOUTS
     )]
     pub upstream_max_event_bytes: usize,
@@ -239,7 +264,7 @@ impl Default for UpstreamConfig {
                 factor: 2.0,
                 max: Duration::from_secs(10),
             },
-            max_event_bytes: crate::upstream::sse::DEFAULT_MAX_EVENT_BYTES,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             providers: Vec::new(),
             models: Vec::new(),
             demo: DemoConfig {

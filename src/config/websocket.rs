@@ -3,7 +3,33 @@
 use std::time::Duration;
 
 use super::{ConfigError, Secret, duration};
-use crate::transport::ws::WsSettings;
+
+/// The WebSocket transport's settings, as resolved from the arguments.
+#[derive(Debug, Clone)]
+pub struct WsSettings {
+    /// Interval of server pings; also how often silence is checked.
+    pub ping_every: Duration,
+    /// A peer silent (no frame, no pong) for this long is closed.
+    pub idle_timeout: Duration,
+    /// Largest text message accepted; larger closes with 1009.
+    pub max_message: usize,
+    /// Event frames queued per connection; the feeds wait for room.
+    pub queue: usize,
+    /// A client whose queue stays full this long, taking no frame, is not reading.
+    pub send_timeout: Duration,
+}
+
+impl Default for WsSettings {
+    fn default() -> Self {
+        Self {
+            ping_every: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            max_message: 64 * 1024,
+            queue: 1024,
+            send_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "WebSocket")]

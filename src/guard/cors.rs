@@ -2,43 +2,47 @@
 //! (`*` for any) may call the API from a page; with none listed the server sends no CORS
 //! headers at all, so browsers keep it same-origin.
 
-use axum::http::{HeaderName, HeaderValue, Method, header};
-use tower_http::cors::{AllowOrigin, CorsLayer};
-
 /// How long a browser may reuse a preflight answer.
-const PREFLIGHT_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+pub const PREFLIGHT_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// `None` when no origin is configured. Credentials (cookies) are allowed only when asked
-/// for; config validation refuses them together with `*`.
-pub fn layer(origins: &[String], credentials: bool) -> Option<CorsLayer> {
-    if origins.is_empty() {
+/// The origins a browser page may call the API from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origins {
+    Any,
+    /// Lower-cased, without a trailing slash: as browsers send `Origin`.
+    Listed(Vec<String>),
+}
+
+/// `None` when no origin is configured: no CORS at all.
+pub fn origins(configured: &[String]) -> Option<Origins> {
+    if configured.is_empty() {
         return None;
     }
-    let allow = if origins.iter().any(|o| o == "*") {
-        AllowOrigin::any()
-    } else {
-        // Browsers send `Origin` without a trailing slash, the config may have one.
-        AllowOrigin::list(origins.iter().filter_map(|o| {
-            HeaderValue::from_str(&o.trim_end_matches('/').to_ascii_lowercase()).ok()
-        }))
-    };
-    Some(
-        CorsLayer::new()
-            .allow_origin(allow)
-            .allow_methods([
-                Method::GET,
-                Method::POST,
-                Method::PUT,
-                Method::PATCH,
-                Method::DELETE,
-            ])
-            .allow_headers([
-                header::AUTHORIZATION,
-                header::CONTENT_TYPE,
-                HeaderName::from_static("last-event-id"),
-            ])
-            .expose_headers([header::RETRY_AFTER, HeaderName::from_static("x-request-id")])
-            .allow_credentials(credentials)
-            .max_age(PREFLIGHT_MAX_AGE),
-    )
+    if configured.iter().any(|o| o == "*") {
+        return Some(Origins::Any);
+    }
+    // Browsers send `Origin` without a trailing slash, the config may have one.
+    Some(Origins::Listed(
+        configured
+            .iter()
+            .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+            .collect(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn none_any_or_normalised_list() {
+        assert_eq!(origins(&[]), None);
+        let any = ["https://a.example".to_owned(), "*".to_owned()];
+        assert_eq!(origins(&any), Some(Origins::Any));
+        let listed = ["https://A.example/".to_owned()];
+        assert_eq!(
+            origins(&listed),
+            Some(Origins::Listed(vec!["https://a.example".to_owned()]))
+        );
+    }
 }

@@ -6,17 +6,9 @@
 
 use std::net::IpAddr;
 
-use axum::extract::{Request, State};
-use axum::http::header;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-
-use crate::app::AppState;
-use crate::error::ApiError;
-
 /// The host part of a `Host` value or URI authority: without port, brackets or a trailing
 /// dot, lower-cased.
-fn host_name(authority: &str) -> String {
+pub fn host_name(authority: &str) -> String {
     let h = authority.trim();
     let h = match h.strip_prefix('[') {
         // `[::1]:8080`: the address is inside the brackets.
@@ -36,27 +28,6 @@ fn is_loopback(name: &str) -> bool {
 pub fn allowed(authority: &str, allowed_hosts: &[String]) -> bool {
     let name = host_name(authority);
     is_loopback(&name) || allowed_hosts.iter().any(|a| a.eq_ignore_ascii_case(&name))
-}
-
-/// The middleware, mounted only on servers that need no key.
-pub async fn check(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    // HTTP/2 names the host in the URI; HTTP/1.1 in the header. A request naming none
-    // comes from no browser, so no page can have sent it.
-    let authority = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()));
-    match authority {
-        Some(a) if !allowed(a, &st.config.server.allowed_hosts) => ApiError::Forbidden(format!(
-            "host '{}' is not served: this server needs no API key, so it answers only to \
-             loopback names (localhost, 127.0.0.1, [::1]); to serve this name, add it to \
-             SLUICE_ALLOWED_HOSTS (or require keys with SLUICE_AUTH=required)",
-            host_name(a)
-        ))
-        .into_response(),
-        _ => next.run(req).await,
-    }
 }
 
 #[cfg(test)]

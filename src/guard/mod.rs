@@ -1,4 +1,5 @@
 //! Guards: rate limits, cluster-wide quotas, concurrency limits, CORS, the `Host` check.
+//! Plain limiters and decisions; `http::guards` turns them into middleware and responses.
 
 pub mod cors;
 pub mod host;

@@ -20,7 +20,6 @@ use tokio_util::task::TaskTracker;
 use crate::chat::{METER_EVERY, TokenMeter};
 
 use crate::config::GuardConfig;
-use crate::error::ApiError;
 
 /// Checks (`mode` "req") or adds tokens to (`mode` "tok") one key's current window.
 /// Returns `{verdict, seconds left in the window}`; verdict 0 = allowed, 1 = over the
@@ -70,27 +69,6 @@ impl RetryAfter {
     /// A spent quota (429), as opposed to an unknown one (503).
     pub fn is_over_quota(&self) -> bool {
         self.reason != Refusal::Unavailable
-    }
-}
-
-impl From<RetryAfter> for ApiError {
-    fn from(r: RetryAfter) -> Self {
-        let over = |what: &str| ApiError::TooManyRequests {
-            message: format!(
-                "this API key's {what} quota for the current minute is spent; retry after the time in the Retry-After header"
-            ),
-            code: "quota_exceeded",
-            retry_after: r.secs,
-        };
-        match r.reason {
-            Refusal::Requests => over("requests-per-minute"),
-            Refusal::Tokens => over("tokens-per-minute"),
-            Refusal::Unavailable => ApiError::Unavailable {
-                message: "the quota service is unavailable".into(),
-                code: "quota_unavailable",
-                retry_after: r.secs,
-            },
-        }
     }
 }
 

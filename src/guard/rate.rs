@@ -13,18 +13,11 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, Method};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota as Rate, RateLimiter};
+use http::HeaderMap;
 
-use crate::app::AppState;
 use crate::config::GuardConfig;
-use crate::error::ApiError;
-use crate::http::auth::{self, Principal};
-use crate::store::cli::hash_key;
 
 /// Routes limited together, each with its own per-minute rate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -94,6 +87,11 @@ impl RateLimits {
         }
     }
 
+    /// Whether `class` has a rate at all; a class without one is never counted.
+    pub fn is_limited(&self, class: RouteClass) -> bool {
+        self.limiter(class).is_some()
+    }
+
     fn limiter(&self, class: RouteClass) -> Option<&Limiter> {
         match class {
             RouteClass::Chat => self.chat.as_ref(),
@@ -127,14 +125,14 @@ impl RateLimits {
 
     /// How long `address` still has to wait after spending its budget of `class` on failed
     /// authentications.
-    async fn failing(&self, class: RouteClass, address: &Client) -> Option<Duration> {
+    pub async fn failing(&self, class: RouteClass, address: &Client) -> Option<Duration> {
         let Client::Ip(ip) = address else { return None };
         let until = self.failing.get(&(class, *ip)).await?;
         until.checked_duration_since(Instant::now())
     }
 
     /// Counts a failed authentication against `address`; `Err` once its budget is spent.
-    async fn failed(&self, class: RouteClass, address: &Client) -> Result<(), Duration> {
+    pub async fn failed(&self, class: RouteClass, address: &Client) -> Result<(), Duration> {
         let Err(wait) = self.check(class, address) else {
             return Ok(());
         };
@@ -144,6 +142,18 @@ impl RateLimits {
                 .await;
         }
         Err(wait)
+    }
+
+    /// Whether a bearer token with this SHA-256 was known to the store lately.
+    pub fn knows(&self, token_hash: &[u8; 32]) -> bool {
+        self.known.contains_key(token_hash)
+    }
+
+    /// Remembers a bearer token the store knew, by its SHA-256.
+    pub async fn remember(&self, token_hash: [u8; 32]) {
+        if !self.known.contains_key(&token_hash) {
+            self.known.insert(token_hash, ()).await;
+        }
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
@@ -207,141 +217,10 @@ fn coarse(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The class of a request, or `None` for what is never limited: health, metrics, the
-/// WebSocket upgrade (its messages have their own limits) and the UI.
-pub fn classify(method: &Method, path: &str) -> Option<RouteClass> {
-    // The admin gate's normal form, so the two never disagree on what is admin.
-    let path = crate::http::path::normalize(path);
-    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    match segs.as_slice() {
-        ["api", "admin", ..] => Some(RouteClass::Admin),
-        ["v1", "chat", "completions"] | ["api", "tasks"] if method == Method::POST => {
-            Some(RouteClass::Chat)
-        }
-        ["api", "sessions", _, "messages"] | ["api", "scenes", _, "run"]
-            if method == Method::POST =>
-        {
-            Some(RouteClass::Chat)
-        }
-        ["api", ..] | ["v1", ..] => Some(RouteClass::Api),
-        _ => None,
-    }
-}
-
-fn secs(wait: Duration) -> u64 {
+/// Whole seconds to put in `Retry-After` for a wait.
+pub fn secs(wait: Duration) -> u64 {
     // Rounded up: a client retrying after the header must pass.
     (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
-}
-
-/// The middleware: authentication (see the module doc), the local rate limit of the
-/// request's class, then, for chat requests with a key, the cluster-wide quota. The caller
-/// it found is handed to the handler, so the key is looked up once.
-pub async fn limit(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
-    let Some(class) = classify(req.method(), req.uri().path()) else {
-        return next.run(req).await;
-    };
-    let guards = &st.guards;
-    let quota = guards.quota.as_ref().filter(|_| class == RouteClass::Chat);
-    if guards.rate.limiter(class).is_none() && quota.is_none() {
-        return next.run(req).await;
-    }
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
-    let address = guards.rate.address(req.headers(), peer);
-    let who = match authenticate(&st, class, req.headers(), &address).await {
-        Ok(who) => who,
-        Err(e) => return e.into_response(),
-    };
-    let client = who.key_id.clone().map_or(address, Client::Key);
-    if let Err(e) = admit(&st, class, &client, who.key_id.as_deref()).await {
-        return e.into_response();
-    }
-    req.extensions_mut().insert(who);
-    next.run(req).await
-}
-
-fn too_many(wait: Duration) -> ApiError {
-    ApiError::TooManyRequests {
-        message: "rate limit exceeded; retry after the time in the Retry-After header".into(),
-        code: "rate_limited",
-        retry_after: secs(wait),
-    }
-}
-
-/// The caller of a request, with failed authentications counted against `address`: once
-/// its budget of `class` is spent, its bearer tokens get 429 without a store lookup.
-pub async fn authenticate(
-    st: &AppState,
-    class: RouteClass,
-    headers: &HeaderMap,
-    address: &Client,
-) -> Result<Principal, ApiError> {
-    let rate = &st.guards.rate;
-    let token = auth::bearer(headers)?;
-    if !auth::is_local(st, token) {
-        if let Some(wait) = rate.failing(class, address).await {
-            // Keys in use from the same address (an office's NAT) keep working.
-            let known = token.is_some_and(|t| rate.known.contains_key(&hash_key(t)));
-            if !known {
-                st.metrics.rate_limited();
-                return Err(too_many(wait));
-            }
-        }
-    }
-    match auth::authenticate(st, headers).await {
-        Ok(who) => {
-            if let Some(t) = token.filter(|_| who.key_id.is_some()) {
-                let hash = hash_key(t);
-                if !rate.known.contains_key(&hash) {
-                    rate.known.insert(hash, ()).await;
-                }
-            }
-            Ok(who)
-        }
-        Err(e @ ApiError::Unauthorized(_)) => match rate.failed(class, address).await {
-            Ok(()) => Err(e),
-            Err(wait) => {
-                st.metrics.rate_limited();
-                Err(too_many(wait))
-            }
-        },
-        other => other,
-    }
-}
-
-/// The checks one request of `class` from `client` passes: its rate limit, then for chat
-/// the key's quota (`key_id` when the caller is known already, as on a WebSocket opened
-/// with a token). Also applied to each `chat` op of a WebSocket.
-pub async fn admit(
-    st: &AppState,
-    class: RouteClass,
-    client: &Client,
-    key_id: Option<&str>,
-) -> Result<(), ApiError> {
-    let guards = &st.guards;
-    if let Err(wait) = guards.rate.check(class, client) {
-        st.metrics.rate_limited();
-        return Err(too_many(wait));
-    }
-    let quota = guards.quota.as_ref().filter(|_| class == RouteClass::Chat);
-    if let Some(quota) = quota {
-        let key_id = match (key_id, client) {
-            (Some(k), _) => Some(k.to_owned()),
-            (None, Client::Key(id)) => Some(id.clone()),
-            (None, Client::Ip(_)) => None,
-        };
-        if let Some(key_id) = key_id {
-            if let Err(refusal) = quota.check_request(&key_id).await {
-                if refusal.is_over_quota() {
-                    st.metrics.rate_limited();
-                }
-                return Err(ApiError::from(refusal));
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -368,38 +247,6 @@ mod tests {
 
     fn ip(s: &str) -> Client {
         Client::Ip(s.parse().unwrap())
-    }
-
-    #[test]
-    fn classes() {
-        let post = Method::POST;
-        let get = Method::GET;
-        assert_eq!(
-            classify(&post, "/v1/chat/completions"),
-            Some(RouteClass::Chat)
-        );
-        assert_eq!(
-            classify(&post, "/api/sessions/abc/messages"),
-            Some(RouteClass::Chat)
-        );
-        assert_eq!(classify(&post, "/api/tasks"), Some(RouteClass::Chat));
-        assert_eq!(classify(&post, "/api/scenes/x/run"), Some(RouteClass::Chat));
-        assert_eq!(classify(&get, "/api/tasks"), Some(RouteClass::Api));
-        assert_eq!(classify(&get, "/v1/models"), Some(RouteClass::Api));
-        assert_eq!(
-            classify(&get, "/API//%61dmin/keys"),
-            Some(RouteClass::Admin)
-        );
-        for free in [
-            "/health",
-            "/health/ready",
-            "/metrics",
-            "/ws",
-            "/",
-            "/ui/app.js",
-        ] {
-            assert_eq!(classify(&get, free), None, "{free}");
-        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod catalog;
 pub mod extract;
+pub mod guards;
 pub mod health;
 pub mod ops;
 pub mod path;

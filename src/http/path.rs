@@ -97,7 +97,8 @@ mod props {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::guard::rate::{RouteClass, classify};
+    use crate::guard::rate::RouteClass;
+    use crate::http::guards::classify;
 
     /// The admin routes' templates as the server declares them (src/http/ops.rs and
     /// src/http/auth.rs), beside non-admin routes with captures a spelling could land in.

@@ -12,7 +12,8 @@ use serde_json::json;
 
 use super::auth::{self, Principal, WS_TOKEN_TTL_MS, issue_ws_token};
 use crate::error::ApiError;
-use crate::guard::rate::{self as rate, Client, RouteClass};
+use crate::guard::rate::{Client, RouteClass};
+use crate::http::guards;
 use crate::state::AppState;
 use crate::store::now_millis;
 use std::sync::Arc;
@@ -79,7 +80,7 @@ async fn upgrade(
     auth::bearer(&headers)?;
     let who = match q.token {
         Some(t) => auth::ws_token_principal(&st, &t).await?,
-        None => rate::authenticate(&st, RouteClass::Api, &headers, &address).await?,
+        None => guards::authenticate(&st, RouteClass::Api, &headers, &address).await?,
     };
     st.ensure_accepting()?;
     let settings = st.config.server.ws.clone();
@@ -138,7 +139,7 @@ impl Admit for ChatAdmission {
     }
 
     async fn chat(&self) -> Result<(), Refusal> {
-        rate::admit(
+        guards::admit(
             &self.st,
             RouteClass::Chat,
             &self.client,

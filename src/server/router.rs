@@ -102,18 +102,18 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            crate::guard::rate::limit,
+            crate::http::guards::limit,
         ));
     // Only a server that needs no key checks `Host`: with keys, the key keeps other pages out.
     let routes = match state.local_user {
         Some(_) => routes.layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            crate::guard::host::check,
+            crate::http::guards::check_host,
         )),
         None => routes,
     };
     let routes = routes.layer(axum::middleware::from_fn(head_limit));
-    let routes = match crate::guard::cors::layer(
+    let routes = match crate::http::guards::cors_layer(
         &state.config.server.cors_origins,
         state.config.guards.cors_credentials,
     ) {

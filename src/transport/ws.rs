@@ -26,34 +26,9 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::chat::service::{Caller, ChatError, ChatService};
+pub use crate::config::WsSettings;
 use crate::hub::{End, Event, EventFeed};
 use crate::tasks::service::{TaskError, TaskService};
-
-#[derive(Debug, Clone)]
-pub struct WsSettings {
-    /// Interval of server pings; also how often silence is checked.
-    pub ping_every: Duration,
-    /// A peer silent (no frame, no pong) for this long is closed.
-    pub idle_timeout: Duration,
-    /// Largest text message accepted; larger closes with 1009.
-    pub max_message: usize,
-    /// Event frames queued per connection; the feeds wait for room.
-    pub queue: usize,
-    /// A client whose queue stays full this long, taking no frame, is not reading.
-    pub send_timeout: Duration,
-}
-
-impl Default for WsSettings {
-    fn default() -> Self {
-        Self {
-            ping_every: Duration::from_secs(25),
-            idle_timeout: Duration::from_secs(60),
-            max_message: 64 * 1024,
-            queue: 1024,
-            send_timeout: Duration::from_secs(10),
-        }
-    }
-}
 
 pub mod close {
     pub const NORMAL: u16 = 1000;
@@ -636,7 +611,7 @@ mod tests {
     ) {
         let mut cfg = crate::config::Config::default();
         cfg.store.data_dir = tempfile::tempdir().unwrap().keep();
-        let st = crate::app::AppState::new(cfg).await.unwrap();
+        let st = crate::state::AppState::new(cfg).await.unwrap();
         let (to_server, from_client) = fmpsc::unbounded();
         let (to_client, from_server) = fmpsc::unbounded::<Message>();
         let ctx = WsContext {

@@ -14,29 +14,8 @@ use tokio::time::{Instant, Sleep};
 use super::breaker::{Breaker, BreakerSettings};
 use super::{EventStream, Provider, TimeoutKind, UpstreamError};
 use crate::chat::{ChatRequest, Chunk};
+pub use crate::config::{RetryPolicy, Timeouts};
 use crate::ops::metrics::{Metrics, StreamGuard};
-
-/// Per-generation time limits.
-#[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
-    /// From sending the request to the first token (response head included).
-    pub first_token: Duration,
-    /// Longest silence allowed between two events once tokens flow.
-    pub idle: Duration,
-    /// Longest a whole generation may run.
-    pub total: Duration,
-}
-
-/// Retries of one provider before its first token.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Tries per provider, the first included; 1 disables retries.
-    pub max_attempts: u32,
-    pub base: Duration,
-    pub factor: f64,
-    /// Cap of one backoff; a `Retry-After` longer than this is not waited for.
-    pub max: Duration,
-}
 
 impl RetryPolicy {
     /// Exponential backoff with equal jitter: half the step is fixed, half random, so a

@@ -18,9 +18,7 @@ const MAX_ERROR_BODY: usize = 16 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 64 << 20;
 const H2_STREAM_WINDOW: u32 = 2 << 20;
 
-/// Default of [`BodyLimits::max_event_bytes`] (`SLUICE_UPSTREAM_MAX_EVENT_BYTES`): far above
-/// any real chunk, a whole inline image included.
-pub const DEFAULT_MAX_EVENT_BYTES: usize = 8 << 20;
+pub use crate::config::DEFAULT_MAX_EVENT_BYTES;
 
 /// Settings for the pooled HTTP client of one provider.
 #[derive(Debug, Clone)]

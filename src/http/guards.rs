@@ -1,0 +1,259 @@
+//! The guards as HTTP middleware: each asks its limiter in `guard` for a decision and
+//! answers a refusal with the status, headers and JSON body clients know.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use super::auth::{self, Principal};
+use crate::error::ApiError;
+use crate::guard::quota::{Refusal, RetryAfter};
+use crate::guard::rate::{self, Client, RouteClass};
+use crate::guard::{cors, host};
+use crate::state::AppState;
+use crate::store::cli::hash_key;
+
+/// The class of a request, or `None` for what is never limited: health, metrics, the
+/// WebSocket upgrade (its messages have their own limits) and the UI.
+pub fn classify(method: &Method, path: &str) -> Option<RouteClass> {
+    // The admin gate's normal form, so the two never disagree on what is admin.
+    let path = super::path::normalize(path);
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match segs.as_slice() {
+        ["api", "admin", ..] => Some(RouteClass::Admin),
+        ["v1", "chat", "completions"] | ["api", "tasks"] if method == Method::POST => {
+            Some(RouteClass::Chat)
+        }
+        ["api", "sessions", _, "messages"] | ["api", "scenes", _, "run"]
+            if method == Method::POST =>
+        {
+            Some(RouteClass::Chat)
+        }
+        ["api", ..] | ["v1", ..] => Some(RouteClass::Api),
+        _ => None,
+    }
+}
+
+/// The middleware: authentication (see the module doc), the local rate limit of the
+/// request's class, then, for chat requests with a key, the cluster-wide quota. The caller
+/// it found is handed to the handler, so the key is looked up once.
+pub async fn limit(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let Some(class) = classify(req.method(), req.uri().path()) else {
+        return next.run(req).await;
+    };
+    let guards = &st.guards;
+    let quota = guards.quota.as_ref().filter(|_| class == RouteClass::Chat);
+    if !guards.rate.is_limited(class) && quota.is_none() {
+        return next.run(req).await;
+    }
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let address = guards.rate.address(req.headers(), peer);
+    let who = match authenticate(&st, class, req.headers(), &address).await {
+        Ok(who) => who,
+        Err(e) => return e.into_response(),
+    };
+    let client = who.key_id.clone().map_or(address, Client::Key);
+    if let Err(e) = admit(&st, class, &client, who.key_id.as_deref()).await {
+        return e.into_response();
+    }
+    req.extensions_mut().insert(who);
+    next.run(req).await
+}
+
+fn too_many(wait: Duration) -> ApiError {
+    ApiError::TooManyRequests {
+        message: "rate limit exceeded; retry after the time in the Retry-After header".into(),
+        code: "rate_limited",
+        retry_after: rate::secs(wait),
+    }
+}
+
+/// The caller of a request, with failed authentications counted against `address`: once
+/// its budget of `class` is spent, its bearer tokens get 429 without a store lookup.
+pub async fn authenticate(
+    st: &AppState,
+    class: RouteClass,
+    headers: &HeaderMap,
+    address: &Client,
+) -> Result<Principal, ApiError> {
+    let rate = &st.guards.rate;
+    let token = auth::bearer(headers)?;
+    if !auth::is_local(st, token) {
+        if let Some(wait) = rate.failing(class, address).await {
+            // Keys in use from the same address (an office's NAT) keep working.
+            let known = token.is_some_and(|t| rate.knows(&hash_key(t)));
+            if !known {
+                st.metrics.rate_limited();
+                return Err(too_many(wait));
+            }
+        }
+    }
+    match auth::authenticate(st, headers).await {
+        Ok(who) => {
+            if let Some(t) = token.filter(|_| who.key_id.is_some()) {
+                rate.remember(hash_key(t)).await;
+            }
+            Ok(who)
+        }
+        Err(e @ ApiError::Unauthorized(_)) => match rate.failed(class, address).await {
+            Ok(()) => Err(e),
+            Err(wait) => {
+                st.metrics.rate_limited();
+                Err(too_many(wait))
+            }
+        },
+        other => other,
+    }
+}
+
+/// The checks one request of `class` from `client` passes: its rate limit, then for chat
+/// the key's quota (`key_id` when the caller is known already, as on a WebSocket opened
+/// with a token). Also applied to each `chat` op of a WebSocket.
+pub async fn admit(
+    st: &AppState,
+    class: RouteClass,
+    client: &Client,
+    key_id: Option<&str>,
+) -> Result<(), ApiError> {
+    let guards = &st.guards;
+    if let Err(wait) = guards.rate.check(class, client) {
+        st.metrics.rate_limited();
+        return Err(too_many(wait));
+    }
+    let quota = guards.quota.as_ref().filter(|_| class == RouteClass::Chat);
+    if let Some(quota) = quota {
+        let key_id = match (key_id, client) {
+            (Some(k), _) => Some(k.to_owned()),
+            (None, Client::Key(id)) => Some(id.clone()),
+            (None, Client::Ip(_)) => None,
+        };
+        if let Some(key_id) = key_id {
+            if let Err(refusal) = quota.check_request(&key_id).await {
+                if refusal.is_over_quota() {
+                    st.metrics.rate_limited();
+                }
+                return Err(ApiError::from(refusal));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `Host` check (see `guard::host`), mounted only on servers that need no key.
+pub async fn check_host(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    // HTTP/2 names the host in the URI; HTTP/1.1 in the header. A request naming none
+    // comes from no browser, so no page can have sent it.
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    match authority {
+        Some(a) if !host::allowed(a, &st.config.server.allowed_hosts) => {
+            ApiError::Forbidden(format!(
+                "host '{}' is not served: this server needs no API key, so it answers only to \
+             loopback names (localhost, 127.0.0.1, [::1]); to serve this name, add it to \
+             SLUICE_ALLOWED_HOSTS (or require keys with SLUICE_AUTH=required)",
+                host::host_name(a)
+            ))
+            .into_response()
+        }
+        _ => next.run(req).await,
+    }
+}
+
+/// The CORS layer; `None` when no origin is configured. Credentials (cookies) are allowed
+/// only when asked for; config validation refuses them together with `*`.
+pub fn cors_layer(origins: &[String], credentials: bool) -> Option<CorsLayer> {
+    let allow = match cors::origins(origins)? {
+        cors::Origins::Any => AllowOrigin::any(),
+        cors::Origins::Listed(list) => {
+            AllowOrigin::list(list.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+        }
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+            ])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([header::RETRY_AFTER, HeaderName::from_static("x-request-id")])
+            .allow_credentials(credentials)
+            .max_age(cors::PREFLIGHT_MAX_AGE),
+    )
+}
+
+impl From<RetryAfter> for ApiError {
+    fn from(r: RetryAfter) -> Self {
+        let over = |what: &str| ApiError::TooManyRequests {
+            message: format!(
+                "this API key's {what} quota for the current minute is spent; retry after the time in the Retry-After header"
+            ),
+            code: "quota_exceeded",
+            retry_after: r.secs,
+        };
+        match r.reason {
+            Refusal::Requests => over("requests-per-minute"),
+            Refusal::Tokens => over("tokens-per-minute"),
+            Refusal::Unavailable => ApiError::Unavailable {
+                message: "the quota service is unavailable".into(),
+                code: "quota_unavailable",
+                retry_after: r.secs,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes() {
+        let post = Method::POST;
+        let get = Method::GET;
+        assert_eq!(
+            classify(&post, "/v1/chat/completions"),
+            Some(RouteClass::Chat)
+        );
+        assert_eq!(
+            classify(&post, "/api/sessions/abc/messages"),
+            Some(RouteClass::Chat)
+        );
+        assert_eq!(classify(&post, "/api/tasks"), Some(RouteClass::Chat));
+        assert_eq!(classify(&post, "/api/scenes/x/run"), Some(RouteClass::Chat));
+        assert_eq!(classify(&get, "/api/tasks"), Some(RouteClass::Api));
+        assert_eq!(classify(&get, "/v1/models"), Some(RouteClass::Api));
+        assert_eq!(
+            classify(&get, "/API//%61dmin/keys"),
+            Some(RouteClass::Admin)
+        );
+        for free in [
+            "/health",
+            "/health/ready",
+            "/metrics",
+            "/ws",
+            "/",
+            "/ui/app.js",
+        ] {
+            assert_eq!(classify(&get, free), None, "{free}");
+        }
+    }
+}
