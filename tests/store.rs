@@ -75,6 +75,12 @@ async fn user(store: &dyn Store, name: &str) -> String {
         .id
 }
 
+/// A new session of the user `name`; its id.
+async fn session_of(store: &dyn Store, name: &str) -> String {
+    let owner = user(store, name).await;
+    new_session(store, &owner, None, None).await.id
+}
+
 async fn new_session(
     store: &dyn Store,
     user_id: &str,
@@ -1824,8 +1830,7 @@ async fn a_session_runs_one_generation_until_released_or_expired(backend: Backen
 async fn a_session_is_free_once_its_generations_reply_has_ended(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = user(&*store, "alice").await;
-    let s = new_session(&*store, &alice, None, None).await.id;
+    let s = session_of(&*store, "alice").await;
     let now = now_millis();
     let until = now + 60_000;
     assert_eq!(
@@ -1871,8 +1876,7 @@ async fn a_session_is_free_once_its_generations_reply_has_ended(backend: Backend
 async fn racing_claims_of_a_session_let_exactly_one_through(backend: Backend) {
     let db = fresh(backend).await;
     let store = open(&db).await;
-    let alice = user(&*store, "alice").await;
-    let s = new_session(&*store, &alice, None, None).await.id;
+    let s = session_of(&*store, "alice").await;
     let now = now_millis();
     let claims = (0..16).map(|i| {
         let (store, s) = (store.clone(), s.clone());
