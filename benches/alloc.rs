@@ -21,7 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use sluice::chat::ChunkEncoder;
+use sluice::domain::ChunkEncoder;
 use sluice::config::{Config, ProviderConfig};
 use sluice::hub::{EventKind, Hub};
 use sluice::mock::{MockConfig, token_text};

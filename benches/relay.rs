@@ -7,7 +7,7 @@ use std::hint::black_box;
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::StreamExt;
-use sluice::chat::ChunkEncoder;
+use sluice::domain::ChunkEncoder;
 use sluice::mock::token_text;
 use sluice::upstream::{openai, sse};
 

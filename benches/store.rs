@@ -13,7 +13,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use sluice::chat::Role;
+use sluice::domain::Role;
 use sluice::config::{DbPooler, StoreConfig};
 use sluice::store::postgres::PgStore;
 use sluice::store::{

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod chat;
 pub mod cluster;
 pub mod config;
+pub mod domain;
 pub mod error;
 pub mod guard;
 pub mod http;

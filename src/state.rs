@@ -120,7 +120,7 @@ impl AppState {
             settings: chat_settings(&config),
             stop: lifecycle.stop_token(),
             streams: streams.clone(),
-            meter: quota.clone().map(|q| q as Arc<dyn crate::chat::TokenMeter>),
+            meter: quota.clone().map(|q| q as Arc<dyn crate::domain::TokenMeter>),
             bus: bus.clone(),
             finals,
         }));

@@ -11,7 +11,7 @@ use std::process::Output;
 use std::sync::Arc;
 
 use common::db::{Backend, TestDb, fresh};
-use sluice::chat::Role;
+use sluice::domain::Role;
 use sluice::store::cli::{generate_key, hash_key};
 use sluice::store::postgres::PgStore;
 use sluice::store::sqlite::SqliteStore;

@@ -13,7 +13,7 @@ use common::db::{Backend, TestDb, fresh};
 use common::proxy::Proxy;
 use common::{TestServer, api_key, client, config_for, mock};
 use serde_json::{Value, json};
-use sluice::chat::Role;
+use sluice::domain::Role;
 use sluice::config::{AuthMode, Secret};
 use sluice::mock::MockConfig;
 use sluice::store::{

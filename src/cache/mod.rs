@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::chat::{ChatRequest, Chunk};
+use crate::domain::{ChatRequest, Chunk};
 
 /// A whole reply, replayed chunk by chunk on a hit: exactly what the live reply streamed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -102,13 +102,13 @@ impl ResponseCache for Tiered {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::{Message, Role};
+    use crate::domain::{Message, Role};
 
     fn req(t: Option<f64>) -> ChatRequest {
         ChatRequest {
             model: "m".into(),
             messages: vec![Message::new(Role::User, "hi")],
-            params: crate::chat::GenParams {
+            params: crate::domain::GenParams {
                 temperature: t,
                 ..Default::default()
             },

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{Map, Value};
 
-use super::{ChatRequest, GenParams, Message, Role};
+use crate::domain::{ChatRequest, GenParams, Message, Role};
 use crate::store::{Agent, KnowledgeHit, Store, StoreError, new_id, now_millis};
 
 /// The agent of sessions and tasks that name none; created at start if missing.

@@ -12,8 +12,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Chunk;
-use super::chunk::Payload;
+use crate::domain::Chunk;
+use crate::domain::chunk::Payload;
 use crate::hub::{Channel, End, EventKind, Hub};
 use crate::upstream::{Relay, UpstreamError};
 

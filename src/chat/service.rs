@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::agent::{DEFAULT_AGENT, build_request};
-use super::{ChatRequest, FinishReason, Message, Role, Usage};
+use crate::domain::{ChatRequest, FinishReason, Message, Role, Usage};
 use crate::cluster::Bus;
 use crate::guard::streams::{Limit, StreamLimits, StreamPermit};
 use crate::hub::{Channel, EventId, EventKind, Hub, SessionFeed};
@@ -92,7 +92,7 @@ pub struct ChatService {
     /// A generation holds a stream place of its caller until it ends.
     streams: Arc<StreamLimits>,
     /// Tokens-per-minute quotas, when configured.
-    meter: Option<Arc<dyn super::TokenMeter>>,
+    meter: Option<Arc<dyn crate::domain::TokenMeter>>,
     /// Carries generations to and from other instances.
     bus: Arc<dyn Bus>,
     /// Final writes of replies, kept and retried while the store is unreachable.
@@ -130,7 +130,7 @@ pub struct ChatParts {
     /// Fired when the drain window is over.
     pub stop: CancellationToken,
     pub streams: Arc<StreamLimits>,
-    pub meter: Option<Arc<dyn super::TokenMeter>>,
+    pub meter: Option<Arc<dyn crate::domain::TokenMeter>>,
     pub bus: Arc<dyn Bus>,
     pub finals: Arc<FinalWrites>,
 }
@@ -610,7 +610,7 @@ struct GenerationDeps {
     upstreams: Arc<Upstreams>,
     running: Arc<DashMap<String, Running>>,
     stop: CancellationToken,
-    meter: Option<Arc<dyn super::TokenMeter>>,
+    meter: Option<Arc<dyn crate::domain::TokenMeter>>,
     finals: Arc<FinalWrites>,
     /// Where a retried final write runs, so shutdown waits for it too.
     tasks: TaskTracker,

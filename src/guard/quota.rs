@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::aio::ConnectionManager;
 use tokio_util::task::TaskTracker;
 
-use crate::chat::{METER_EVERY, TokenMeter};
+use crate::domain::{METER_EVERY, TokenMeter};
 
 use crate::config::GuardConfig;
 

@@ -387,7 +387,7 @@ mod props {
     use serde_json::Value;
 
     use super::*;
-    use crate::chat::Message;
+    use crate::domain::Message;
     use crate::transport::openai::CompletionRequest;
 
     /// Shaped like the request types: unknown fields refused, optional and free-form parts.

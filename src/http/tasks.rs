@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 
 use super::auth::Principal;
 use super::extract::{ApiJson, LastEventId};
-use crate::chat::Message;
+use crate::domain::Message;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::Task;

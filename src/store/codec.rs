@@ -1,7 +1,7 @@
 //! Text forms of the enums both backends store, so the two cannot drift apart.
 
 use super::{StoreError, TaskStatus};
-use crate::chat::Role;
+use crate::domain::Role;
 
 /// The same spelling as the API's JSON.
 pub(super) fn role_str(role: Role) -> &'static str {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::chat::Role;
+use crate::domain::Role;
 use crate::config::StoreConfig;
 
 pub mod cli;

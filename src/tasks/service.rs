@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use super::{Delivery, QueueError, TaskQueue};
 use crate::chat::agent::{DEFAULT_AGENT, build_request, render};
 use crate::chat::service::{Caller, ChatError};
-use crate::chat::{Message, Role};
+use crate::domain::{Message, Role};
 use crate::hub::{Channel, EventId, EventKind, Hub, Subscription};
 use crate::store::finals::FinalWrites;
 use crate::store::{Agent, Store, StoreError, Task, TaskStatus, new_id, now_millis};

@@ -11,8 +11,8 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::sse::{PING, data_event};
-use crate::chat::chunk::Accumulator;
-use crate::chat::{ChatRequest, ChunkEncoder, FinishReason, GenParams, Message};
+use crate::domain::chunk::Accumulator;
+use crate::domain::{ChatRequest, ChunkEncoder, FinishReason, GenParams, Message};
 use crate::error::ErrorBody;
 use crate::upstream::{Relay, UpstreamError};
 
@@ -298,8 +298,8 @@ pub fn completion_json(meta: &ResponseMeta, reply: Accumulator) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::chunk::Payload;
-    use crate::chat::{Chunk, Usage};
+    use crate::domain::chunk::Payload;
+    use crate::domain::{Chunk, Usage};
     use serde_json::json;
 
     fn relay_of(events: Vec<Result<Chunk, UpstreamError>>) -> Relay {

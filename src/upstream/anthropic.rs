@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 
 use super::sse::{self, BodyLimits, ClientOptions};
 use super::{EventStream, Provider, UpstreamError};
-use crate::chat::{ChatRequest, Chunk, ChunkEncoder, FinishReason, Message, Role, Usage};
+use crate::domain::{ChatRequest, Chunk, ChunkEncoder, FinishReason, Message, Role, Usage};
 use crate::config::Secret;
 
 /// The API version sluice speaks; Anthropic requires it on every request.
@@ -746,7 +746,7 @@ impl Provider for Anthropic {
             self.name.clone(),
             ChunkEncoder::new(
                 &format!("chatcmpl-{}", uuid::Uuid::now_v7().simple()),
-                crate::chat::chunk::unix_now(),
+                crate::domain::chunk::unix_now(),
                 model,
             ),
             sse::events(self.name.clone(), self.limits.clone(), resp),
@@ -1250,8 +1250,8 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::chat::GenParams;
-    use crate::chat::chunk::Accumulator;
+    use crate::domain::GenParams;
+    use crate::domain::chunk::Accumulator;
     use bytes::Bytes;
 
     /// A stream recorded from the Messages API (ids shortened).
@@ -2027,7 +2027,7 @@ mod tests {
             json!({"max_completion_tokens": 321, "user": "u-1", "seed": 7}),
         );
         req.params.max_tokens = Some(999);
-        req.params.stop = Some(crate::chat::Stop::Many(vec!["END".into(), "\n\n".into()]));
+        req.params.stop = Some(crate::domain::Stop::Many(vec!["END".into(), "\n\n".into()]));
         let body = wire(&req);
         assert_eq!(body["max_tokens"], 321);
         assert_eq!(body["stop_sequences"], json!(["END", "\n\n"]));

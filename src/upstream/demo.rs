@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{EventStream, Provider, UpstreamError};
-use crate::chat::{ChatRequest, ChunkEncoder, FinishReason, Role, Usage};
+use crate::domain::{ChatRequest, ChunkEncoder, FinishReason, Role, Usage};
 
 pub struct Demo {
     /// Pause before the first token, like a real model's time to first token.
@@ -86,7 +86,7 @@ impl Provider for Demo {
         };
         let enc = ChunkEncoder::new(
             &format!("chatcmpl-{}", uuid::Uuid::now_v7().simple()),
-            crate::chat::chunk::unix_now(),
+            crate::domain::chunk::unix_now(),
             Self::NAME,
         );
         let (first, between) = (self.first_token, self.between);
@@ -107,7 +107,7 @@ impl Provider for Demo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::Message;
+    use crate::domain::Message;
     use futures::StreamExt;
 
     #[tokio::test(start_paused = true)]

@@ -17,7 +17,7 @@ use futures::stream::BoxStream;
 
 use std::sync::Arc;
 
-use crate::chat::{ChatRequest, Chunk};
+use crate::domain::{ChatRequest, Chunk};
 use crate::config::{ConfigError, ProviderKind, UpstreamConfig};
 
 pub use router::{

@@ -12,8 +12,8 @@ use serde_json::{Map, Value};
 
 use super::sse::{self, BodyLimits, ClientOptions, Polled, SseBody};
 use super::{EventStream, Provider, UpstreamError};
-use crate::chat::chunk::{self, Chunk, Payload};
-use crate::chat::{ChatRequest, GenParams, Message};
+use crate::domain::chunk::{self, Chunk, Payload};
+use crate::domain::{ChatRequest, GenParams, Message};
 use crate::config::Secret;
 
 pub struct OpenAi {
@@ -537,10 +537,10 @@ mod tests {
         assert_eq!(text(&whole), "Héllo 世界 🦀");
         assert!(whole.iter().any(|c| {
             c.as_ref()
-                .is_ok_and(|c| c.finish() == Some(&crate::chat::FinishReason::Stop))
+                .is_ok_and(|c| c.finish() == Some(&crate::domain::FinishReason::Stop))
         }));
         assert!(whole.iter().any(|c| c.as_ref().is_ok_and(|c| c.usage()
-            == Some(crate::chat::Usage {
+            == Some(crate::domain::Usage {
                 prompt_tokens: 5,
                 completion_tokens: 3,
                 ..Default::default()

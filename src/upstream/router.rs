@@ -13,7 +13,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::breaker::{Breaker, BreakerSettings};
 use super::{EventStream, Provider, TimeoutKind, UpstreamError};
-use crate::chat::{ChatRequest, Chunk};
+use crate::domain::{ChatRequest, Chunk};
 pub use crate::config::{RetryPolicy, Timeouts};
 use crate::ops::metrics::{Metrics, StreamGuard};
 
@@ -154,8 +154,8 @@ pub struct Relay {
 impl Relay {
     /// Reads the generation to its end: the whole reply, for clients that asked for no
     /// stream.
-    pub async fn collect(mut self) -> Result<crate::chat::chunk::Accumulator, UpstreamError> {
-        let mut reply = crate::chat::chunk::Accumulator::default();
+    pub async fn collect(mut self) -> Result<crate::domain::chunk::Accumulator, UpstreamError> {
+        let mut reply = crate::domain::chunk::Accumulator::default();
         while let Some(chunk) = self.events.next().await {
             reply.add(&chunk?);
         }
@@ -1025,7 +1025,7 @@ mod tests {
     async fn silence_after_a_token_is_an_idle_timeout() {
         let inner: EventStream = Box::pin(
             futures::stream::iter(vec![Ok(
-                crate::chat::ChunkEncoder::new("c", 0, "m").content("a")
+                crate::domain::ChunkEncoder::new("c", 0, "m").content("a")
             )])
             .chain(futures::stream::pending()),
         );
@@ -1052,7 +1052,7 @@ mod tests {
             async_stream::stream! {
                 for i in 0..10 {
                     tokio::time::sleep(Duration::from_millis(600)).await;
-                    yield Ok(crate::chat::ChunkEncoder::new("c", 0, "m").content(&format!("t{i}")));
+                    yield Ok(crate::domain::ChunkEncoder::new("c", 0, "m").content(&format!("t{i}")));
                 }
             }
             .chain(futures::stream::pending()),
