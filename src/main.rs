@@ -78,11 +78,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "listening on http://{local}"
         );
         for line in
-            sluice::ops::startup::next_steps(&state.config, state.upstreams.default_model(), local)
+            sluice::server::startup::next_steps(&state.config, state.upstreams.default_model(), local)
         {
             tracing::info!("{line}");
         }
-        let systemd = sluice::ops::systemd::serving(&state, local);
+        let systemd = sluice::server::systemd::serving(&state, local);
         sluice::server::serve(state, listener, systemd.stopping_on(shutdown_signal())).await?;
         systemd.finish().await;
         tracing::info!("stopped");
@@ -96,7 +96,7 @@ async fn start(
     config: &Config,
     listener: &tokio::net::TcpListener,
 ) -> anyhow::Result<Option<sluice::state::AppState>> {
-    use sluice::ops::startup::{Start, StartState, build_waiting, starting_router};
+    use sluice::server::startup::{Start, StartState, build_waiting, starting_router};
     let state = StartState::new(&config.server.server_id);
     let dup = std::os::fd::AsFd::as_fd(listener)
         .try_clone_to_owned()
@@ -115,7 +115,7 @@ async fn start(
     let built = build_waiting(
         config,
         &state,
-        sluice::ops::systemd::Notifier::from_env(),
+        sluice::server::systemd::Notifier::from_env(),
         sd_notify::watchdog_enabled(),
         shutdown_signal(),
     )

@@ -1,6 +1,8 @@
-//! Guards: rate limits, cluster-wide quotas, concurrency limits, CORS, the `Host` check.
+//! Guards: rate limits, cluster-wide quotas, concurrency limits, circuit breakers, CORS, the
+//! `Host` check.
 //! Plain limiters and decisions; `http::guards` turns them into middleware and responses.
 
+pub mod breaker;
 pub mod cors;
 pub mod host;
 pub mod quota;

@@ -12,7 +12,6 @@ use super::auth::Principal;
 use super::extract::RelayJson;
 use crate::cache::{self, CachedReply, ResponseCache};
 use crate::error::ApiError;
-use crate::server::LogsAtEnd;
 use crate::state::AppState;
 use crate::transport::openai::{self, CompletionRequest, ResponseMeta};
 use crate::upstream::{ModelInfo, Relay, UpstreamError};
@@ -96,7 +95,7 @@ async fn chat_completions(
         Json(openai::completion_json(&meta, completion)).into_response()
     };
     if logs_at_end {
-        response.extensions_mut().insert(LogsAtEnd);
+        response.extensions_mut().insert(super::LogsAtEnd);
     }
     Ok(response)
 }

@@ -1,9 +1,8 @@
-//! Operations: lifecycle (drain and shutdown), health and what start-up tells the operator.
+//! Operations: lifecycle (drain and shutdown), health and metrics: what the services report
+//! and the operator reads.
 
 pub mod health;
 pub mod lifecycle;
 pub mod metrics;
-pub mod startup;
-pub mod systemd;
 
 pub use lifecycle::Lifecycle;

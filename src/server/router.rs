@@ -11,14 +11,8 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
+use crate::http::LogsAtEnd;
 use crate::state::AppState;
-
-/// Marks a response whose request logs its own line when it ends: a relayed completion's
-/// `upstream call` line, in the request's span, carries what the access line would (method,
-/// route, request id, key id) and the reply's outcome. Formatting and writing a log line
-/// is about a tenth of a short completion's CPU, so it is written once.
-#[derive(Clone, Copy, Debug)]
-pub struct LogsAtEnd;
 
 /// The access line at INFO, except for responses marked [`LogsAtEnd`].
 #[derive(Clone, Copy, Debug)]

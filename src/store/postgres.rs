@@ -32,7 +32,7 @@ use super::{
     StoredMessage, Task, TaskStatus, TaskStore, UsageRecord, UsageRow, UsageStore, User,
 };
 use crate::config::{DbPooler, StoreConfig};
-use crate::upstream::breaker::{Breaker, BreakerSettings};
+use crate::guard::breaker::{Breaker, BreakerSettings};
 
 mod embedded {
     refinery::embed_migrations!("migrations/postgres");

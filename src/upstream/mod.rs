@@ -3,7 +3,6 @@
 //! provider chain.
 
 pub mod anthropic;
-pub mod breaker;
 pub mod demo;
 pub mod openai;
 mod router;
@@ -235,7 +234,7 @@ pub fn from_config(
     ups.set_limits(
         cfg.provider_concurrency,
         cfg.provider_queue,
-        breaker::BreakerSettings {
+        crate::guard::breaker::BreakerSettings {
             failures_to_open: cfg.breaker_failures,
             open_for: cfg.breaker_open,
             successes_to_close: cfg.breaker_successes,

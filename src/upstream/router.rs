@@ -11,7 +11,7 @@ use futures::{Stream, StreamExt};
 use rand::Rng;
 use tokio::time::{Instant, Sleep};
 
-use super::breaker::{Breaker, BreakerSettings};
+use crate::guard::breaker::{Breaker, BreakerSettings};
 use super::{EventStream, Provider, TimeoutKind, UpstreamError};
 use crate::domain::{ChatRequest, Chunk};
 pub use crate::config::{RetryPolicy, Timeouts};

@@ -1,6 +1,6 @@
-//! A circuit breaker per provider: after a run of failures the provider is skipped (the
-//! model's next provider is used, or the request fails fast) until a trial request after
-//! the open period shows it healthy again.
+//! A circuit breaker per provider (and one for the database): after a run of failures the
+//! provider is skipped (the model's next provider is used, or the request fails fast) until
+//! a trial request after the open period shows it healthy again.
 
 use std::time::Duration;
 

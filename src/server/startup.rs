@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::config::{AuthMode, Config};
 use crate::error::ApiError;
-use crate::ops::systemd;
+use crate::server::systemd;
 use crate::state::{AppState, StartError};
 
 /// The first pause between attempts; it doubles up to [`MAX_BACKOFF`].
