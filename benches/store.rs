@@ -13,8 +13,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use sluice::domain::Role;
 use sluice::config::{DbPooler, StoreConfig};
+use sluice::domain::Role;
 use sluice::store::postgres::PgStore;
 use sluice::store::{
     ApiKey, KeyStore, MessageStatus, Session, SessionStore, StoredMessage, User, new_id, now_millis,

@@ -77,9 +77,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             server_id = %state.config.server.server_id,
             "listening on http://{local}"
         );
-        for line in
-            sluice::server::startup::next_steps(&state.config, state.upstreams.default_model(), local)
-        {
+        for line in sluice::server::startup::next_steps(
+            &state.config,
+            state.upstreams.default_model(),
+            local,
+        ) {
             tracing::info!("{line}");
         }
         let systemd = sluice::server::systemd::serving(&state, local);

@@ -19,7 +19,7 @@ use crate::ops::metrics::Metrics;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::{QueueError, TaskQueue};
 use crate::store::finals::FinalWrites;
-use crate::store::{self, Store};
+use crate::store::{self, KeyStore, Store};
 use crate::tasks::service::{TaskService, TaskSettings};
 use crate::upstream::{self, Upstreams};
 
@@ -54,6 +54,8 @@ pub struct Shared {
     /// Drain and stop signals, checked before new work and watched by running streams.
     pub lifecycle: Arc<Lifecycle>,
     pub store: Arc<dyn Store>,
+    /// The store's keys, which every request's caller is looked up in.
+    pub keys: Arc<dyn KeyStore>,
     /// Sessions and their generations.
     pub chat: Arc<ChatService>,
     /// With auth off, requests without a key act as this user. Shared: the state is cloned
@@ -120,7 +122,9 @@ impl AppState {
             settings: chat_settings(&config),
             stop: lifecycle.stop_token(),
             streams: streams.clone(),
-            meter: quota.clone().map(|q| q as Arc<dyn crate::domain::TokenMeter>),
+            meter: quota
+                .clone()
+                .map(|q| q as Arc<dyn crate::domain::TokenMeter>),
             bus: bus.clone(),
             finals,
         }));
@@ -140,6 +144,7 @@ impl AppState {
             config: Arc::new(config),
             upstreams,
             lifecycle,
+            keys: store.clone(),
             store,
             chat,
             local_user,

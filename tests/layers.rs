@@ -157,7 +157,10 @@ fn layer_of(module: &str) -> Option<usize> {
 fn the_module_graph_has_no_cycle() {
     let graph = graph();
     // A scan that saw nothing would pass anything.
-    assert!(graph["server"].contains_key("http"), "the scan sees no edges");
+    assert!(
+        graph["server"].contains_key("http"),
+        "the scan sees no edges"
+    );
     if let Some(cycle) = find_cycle(&graph) {
         let steps: Vec<String> = cycle
             .windows(2)
@@ -203,7 +206,11 @@ fn domain_names_no_other_module() {
             found.push(format!("{at}: super::super::"));
         }
     }
-    assert!(found.is_empty(), "domain is not a leaf:\n{}", found.join("\n"));
+    assert!(
+        found.is_empty(),
+        "domain is not a leaf:\n{}",
+        found.join("\n")
+    );
 }
 
 #[test]
@@ -217,7 +224,10 @@ fn a_cycle_is_found_and_shown() {
         }
         g
     };
-    assert_eq!(find_cycle(&edges(&[("a", "b"), ("b", "c"), ("a", "c")])), None);
+    assert_eq!(
+        find_cycle(&edges(&[("a", "b"), ("b", "c"), ("a", "c")])),
+        None
+    );
     assert_eq!(
         find_cycle(&edges(&[("a", "b"), ("b", "c"), ("c", "b")])).unwrap(),
         ["b", "c", "b"]

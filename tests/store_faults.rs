@@ -13,8 +13,8 @@ use common::db::{Backend, TestDb, fresh};
 use common::proxy::Proxy;
 use common::{TestServer, api_key, client, config_for, mock};
 use serde_json::{Value, json};
-use sluice::domain::Role;
 use sluice::config::{AuthMode, Secret};
+use sluice::domain::Role;
 use sluice::mock::MockConfig;
 use sluice::store::{
     Agent, ApiKey, KnowledgeDoc, MessageStatus, MessageUpdate, Session, Store, StoreError,

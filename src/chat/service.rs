@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::agent::{DEFAULT_AGENT, build_request};
-use crate::domain::{ChatRequest, FinishReason, Message, Role, Usage};
 use crate::cluster::Bus;
+use crate::domain::{ChatRequest, FinishReason, Message, Role, Usage};
 use crate::guard::streams::{Limit, StreamLimits, StreamPermit};
 use crate::hub::{Channel, EventId, EventKind, Hub, SessionFeed};
 use crate::store::finals::FinalWrites;

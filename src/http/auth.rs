@@ -69,6 +69,25 @@ pub fn is_local(st: &AppState, token: Option<&str>) -> bool {
     st.local_user.is_some() && token.is_none_or(|t| !is_sluice_key(t))
 }
 
+/// A request's bearer token, read once, with the SHA-256 its key lookup needs computed once
+/// for the failure budget, the lookup and the known-keys set alike.
+pub struct Bearer<'a> {
+    pub token: Option<&'a str>,
+    /// `None` when no key is looked up: the local user, or no token.
+    pub hash: Option<[u8; 32]>,
+    /// Acts as the local user (see [`is_local`]).
+    pub local: bool,
+}
+
+impl<'a> Bearer<'a> {
+    pub fn read(st: &AppState, headers: &'a HeaderMap) -> Result<Self, ApiError> {
+        let token = bearer(headers)?;
+        let local = is_local(st, token);
+        let hash = token.filter(|_| !local).map(hash_key);
+        Ok(Self { token, hash, local })
+    }
+}
+
 fn local(user_id: &str) -> Principal {
     Principal {
         user_id: user_id.to_owned(),
@@ -87,19 +106,23 @@ fn store_unavailable(e: impl std::fmt::Display) -> ApiError {
 
 /// The caller a request's headers name, its key looked up in the store.
 pub async fn authenticate(st: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    resolve(st, &Bearer::read(st, headers)?).await
+}
+
+/// The caller `bearer` names: the local user, or its key's owner after one lookup.
+pub async fn resolve(st: &AppState, bearer: &Bearer<'_>) -> Result<Principal, ApiError> {
     // SDKs must send some key: where keys are not required, a placeholder that is not a
     // sluice key stands for the local user. A sluice key is always checked, so a typo in
     // a real key is still noticed.
-    let token = bearer(headers)?;
-    if let Some(user_id) = st.local_user.as_ref().filter(|_| is_local(st, token)) {
+    if let Some(user_id) = st.local_user.as_ref().filter(|_| bearer.local) {
         return Ok(local(user_id));
     }
-    let Some(token) = token else {
+    let Some(hash) = &bearer.hash else {
         return Err(ApiError::Unauthorized(
             "missing API key: send `Authorization: Bearer <key>`".into(),
         ));
     };
-    match st.store.find_api_key(&hash_key(token)).await {
+    match st.keys.find_api_key(hash).await {
         Ok(Some(key)) => {
             // The key's id (never the key) tags the request's log lines.
             tracing::Span::current().record("key_id", key.id.as_str());
@@ -128,7 +151,7 @@ pub async fn check_still_active(st: &AppState, key_id: Option<&str>) -> Result<(
     let Some(id) = key_id else {
         return Ok(());
     };
-    match st.store.find_api_key_by_id(id).await {
+    match st.keys.find_api_key_by_id(id).await {
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err(ApiError::Unauthorized(
             "this connection's API key has been revoked".into(),
@@ -141,9 +164,10 @@ impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        // The rate-limit middleware authenticated the request already.
-        if let Some(p) = parts.extensions.get::<Principal>() {
-            return Ok(p.clone());
+        // Resolved by `caller::resolve` when a limit or the admin gate needed it; taken,
+        // not cloned: a handler extracts its caller once.
+        if let Some(p) = parts.extensions.remove::<Principal>() {
+            return Ok(p);
         }
         authenticate(st, &parts.headers).await
     }
@@ -248,7 +272,7 @@ pub async fn ws_token_principal(st: &AppState, token: &str) -> Result<Principal,
             )),
         };
     };
-    match st.store.find_api_key_by_id(id).await {
+    match st.keys.find_api_key_by_id(id).await {
         Ok(Some(key)) => Ok(Principal {
             user_id: key.user_id,
             key_id: Some(key.id),

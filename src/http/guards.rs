@@ -1,10 +1,9 @@
 //! The guards as HTTP middleware: each asks its limiter in `guard` for a decision and
 //! answers a refusal with the status, headers and JSON body clients know.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -16,56 +15,37 @@ use crate::guard::quota::{Refusal, RetryAfter};
 use crate::guard::rate::{self, Client, RouteClass};
 use crate::guard::{cors, host};
 use crate::state::AppState;
-use crate::store::cli::hash_key;
 
 /// The class of a request, or `None` for what is never limited: health, metrics, the
 /// WebSocket upgrade (its messages have their own limits) and the UI.
 pub fn classify(method: &Method, path: &str) -> Option<RouteClass> {
-    // The admin gate's normal form, so the two never disagree on what is admin.
-    let path = super::path::normalize(path);
-    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    match segs.as_slice() {
-        ["api", "admin", ..] => Some(RouteClass::Admin),
-        ["v1", "chat", "completions"] | ["api", "tasks"] if method == Method::POST => {
-            Some(RouteClass::Chat)
-        }
-        ["api", "sessions", _, "messages"] | ["api", "scenes", _, "run"]
-            if method == Method::POST =>
+    classify_normal(method, &super::path::normalize(path))
+}
+
+/// [`classify`] of a path in the admin gate's normal form, so the two never disagree on
+/// what is admin.
+pub fn classify_normal(method: &Method, norm: &str) -> Option<RouteClass> {
+    let mut segs = norm.split('/').filter(|s| !s.is_empty());
+    let (first, second, third, fourth) = (segs.next(), segs.next(), segs.next(), segs.next());
+    let more = segs.next().is_some();
+    let post = method == Method::POST;
+    match (first, second, third, fourth) {
+        (Some("api"), Some("admin"), ..) => Some(RouteClass::Admin),
+        (Some("v1"), Some("chat"), Some("completions"), None)
+        | (Some("api"), Some("tasks"), None, None)
+            if post =>
         {
             Some(RouteClass::Chat)
         }
-        ["api", ..] | ["v1", ..] => Some(RouteClass::Api),
+        (Some("api"), Some("sessions"), Some(_), Some("messages"))
+        | (Some("api"), Some("scenes"), Some(_), Some("run"))
+            if post && !more =>
+        {
+            Some(RouteClass::Chat)
+        }
+        (Some("api"), ..) | (Some("v1"), ..) => Some(RouteClass::Api),
         _ => None,
     }
-}
-
-/// The middleware: authentication (see the module doc), the local rate limit of the
-/// request's class, then, for chat requests with a key, the cluster-wide quota. The caller
-/// it found is handed to the handler, so the key is looked up once.
-pub async fn limit(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
-    let Some(class) = classify(req.method(), req.uri().path()) else {
-        return next.run(req).await;
-    };
-    let guards = &st.guards;
-    let quota = guards.quota.as_ref().filter(|_| class == RouteClass::Chat);
-    if !guards.rate.is_limited(class) && quota.is_none() {
-        return next.run(req).await;
-    }
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
-    let address = guards.rate.address(req.headers(), peer);
-    let who = match authenticate(&st, class, req.headers(), &address).await {
-        Ok(who) => who,
-        Err(e) => return e.into_response(),
-    };
-    let client = who.key_id.clone().map_or(address, Client::Key);
-    if let Err(e) = admit(&st, class, &client, who.key_id.as_deref()).await {
-        return e.into_response();
-    }
-    req.extensions_mut().insert(who);
-    next.run(req).await
 }
 
 fn too_many(wait: Duration) -> ApiError {
@@ -85,21 +65,21 @@ pub async fn authenticate(
     address: &Client,
 ) -> Result<Principal, ApiError> {
     let rate = &st.guards.rate;
-    let token = auth::bearer(headers)?;
-    if !auth::is_local(st, token) {
+    let bearer = auth::Bearer::read(st, headers)?;
+    if !bearer.local {
         if let Some(wait) = rate.failing(class, address).await {
             // Keys in use from the same address (an office's NAT) keep working.
-            let known = token.is_some_and(|t| rate.knows(&hash_key(t)));
+            let known = bearer.hash.as_ref().is_some_and(|h| rate.knows(h));
             if !known {
                 st.metrics.rate_limited();
                 return Err(too_many(wait));
             }
         }
     }
-    match auth::authenticate(st, headers).await {
+    match auth::resolve(st, &bearer).await {
         Ok(who) => {
-            if let Some(t) = token.filter(|_| who.key_id.is_some()) {
-                rate.remember(hash_key(t)).await;
+            if let Some(hash) = bearer.hash.filter(|_| who.key_id.is_some()) {
+                rate.remember(hash).await;
             }
             Ok(who)
         }

@@ -1,6 +1,7 @@
 //! HTTP routes. Handlers stay thin: parse, call the domain, pick a response shape.
 
 pub mod auth;
+pub mod caller;
 pub mod catalog;
 pub mod extract;
 pub mod guards;

@@ -47,29 +47,6 @@ pub async fn track(State(st): State<AppState>, req: Request, next: Next) -> Resp
     resp
 }
 
-/// Every path that could reach an admin endpoint — whatever its case, repeated or trailing
-/// slashes, encoding, or method — needs an admin key before routing decides anything. The
-/// rate limits class paths by the same normal form ([`super::path`]).
-pub async fn guard_admin(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    if super::path::is_admin(req.uri().path()) {
-        let (mut parts, body) = req.into_parts();
-        let who =
-            match <Principal as axum::extract::FromRequestParts<AppState>>::from_request_parts(
-                &mut parts, &st,
-            )
-            .await
-            {
-                Ok(p) => p,
-                Err(e) => return e.into_response(),
-            };
-        if !who.is_admin {
-            return ApiError::Forbidden("this needs an admin key".into()).into_response();
-        }
-        return next.run(Request::from_parts(parts, body)).await;
-    }
-    next.run(req).await
-}
-
 /// Values read at scrape time rather than kept up to date.
 async fn refresh_gauges(st: &AppState) {
     if let Ok(depth) = st.tasks.queue().depth().await {

@@ -73,7 +73,7 @@ pub fn router(state: AppState) -> Router {
         }
         next.run(req).await
     };
-    // Innermost first: admin check, then authentication, rate limits and quotas, the Host
+    // Innermost first: the caller (authentication, rate limits, quotas, admin gate), the Host
     // check of keyless servers (before any key is looked up), the head limit, CORS outside
     // them so a 429 still carries CORS headers and preflights are never limited, then
     // metrics, request id and tracing around everything.
@@ -92,11 +92,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            crate::http::ops::guard_admin,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            crate::http::guards::limit,
+            crate::http::caller::resolve,
         ));
     // Only a server that needs no key checks `Host`: with keys, the key keeps other pages out.
     let routes = match state.local_user {

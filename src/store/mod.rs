@@ -8,8 +8,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::Role;
 use crate::config::StoreConfig;
+use crate::domain::Role;
 
 pub mod cli;
 mod codec;

@@ -8,8 +8,8 @@ use serde_json::{Map, Value, json};
 
 use super::sse::{self, BodyLimits, ClientOptions};
 use super::{EventStream, Provider, UpstreamError};
-use crate::domain::{ChatRequest, Chunk, ChunkEncoder, FinishReason, Message, Role, Usage};
 use crate::config::Secret;
+use crate::domain::{ChatRequest, Chunk, ChunkEncoder, FinishReason, Message, Role, Usage};
 
 /// The API version sluice speaks; Anthropic requires it on every request.
 const API_VERSION: &str = "2023-06-01";

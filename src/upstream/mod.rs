@@ -16,8 +16,8 @@ use futures::stream::BoxStream;
 
 use std::sync::Arc;
 
-use crate::domain::{ChatRequest, Chunk};
 use crate::config::{ConfigError, ProviderKind, UpstreamConfig};
+use crate::domain::{ChatRequest, Chunk};
 
 pub use router::{
     DefaultModel, ModelInfo, ModelMatch, Relay, RetryPolicy, Target, Timeouts, Upstreams,

@@ -12,9 +12,9 @@ use serde_json::{Map, Value};
 
 use super::sse::{self, BodyLimits, ClientOptions, Polled, SseBody};
 use super::{EventStream, Provider, UpstreamError};
+use crate::config::Secret;
 use crate::domain::chunk::{self, Chunk, Payload};
 use crate::domain::{ChatRequest, GenParams, Message};
-use crate::config::Secret;
 
 pub struct OpenAi {
     name: String,

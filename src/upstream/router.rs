@@ -11,10 +11,10 @@ use futures::{Stream, StreamExt};
 use rand::Rng;
 use tokio::time::{Instant, Sleep};
 
-use crate::guard::breaker::{Breaker, BreakerSettings};
 use super::{EventStream, Provider, TimeoutKind, UpstreamError};
-use crate::domain::{ChatRequest, Chunk};
 pub use crate::config::{RetryPolicy, Timeouts};
+use crate::domain::{ChatRequest, Chunk};
+use crate::guard::breaker::{Breaker, BreakerSettings};
 use crate::ops::metrics::{Metrics, StreamGuard};
 
 impl RetryPolicy {
