@@ -217,6 +217,16 @@ impl From<crate::chat::service::ChatError> for ApiError {
     }
 }
 
+impl From<crate::chat::completions::CompletionError> for ApiError {
+    fn from(e: crate::chat::completions::CompletionError) -> Self {
+        use crate::chat::completions::CompletionError;
+        match e {
+            CompletionError::Chat(e) => e.into(),
+            CompletionError::Upstream(e) => e.into(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::ResponseCache;
+use crate::chat::completions::{CompletionParts, Completions};
 use crate::chat::service::{ChatParts, ChatService, ChatSettings};
 use crate::cluster::redis::RedisBus;
 use crate::cluster::{Bus, LocalBus};
@@ -69,8 +70,8 @@ pub struct Shared {
     /// Replies to deterministic requests; `None` when turned off.
     pub cache: Option<Arc<dyn ResponseCache>>,
     pub guards: Arc<Guards>,
-    /// Identical deterministic requests in flight share one upstream call.
-    pub flights: Arc<crate::chat::flight::Flights>,
+    /// `/v1/chat/completions`: cache, single-flight, stream caps and metering.
+    pub completions: Arc<Completions>,
     /// Shares generations with the other instances.
     pub bus: Arc<dyn Bus>,
 }
@@ -133,6 +134,16 @@ impl AppState {
         )
         .await?;
         let cache = response_cache(&config).await;
+        let completions = Arc::new(Completions::new(CompletionParts {
+            upstreams: upstreams.clone(),
+            cache: cache.clone(),
+            flights,
+            streams: streams.clone(),
+            meter: quota
+                .clone()
+                .map(|q| q as Arc<dyn crate::domain::TokenMeter>),
+            metrics: metrics.clone(),
+        }));
         let guards = Arc::new(Guards {
             config: config.guards.clone(),
             rate: crate::guard::rate::RateLimits::new(&config.guards),
@@ -153,7 +164,7 @@ impl AppState {
             metrics,
             cache,
             guards,
-            flights,
+            completions,
             bus,
         })))
     }

@@ -2,6 +2,7 @@
 //! (`completions`), agents, and single-flight of identical requests.
 
 pub mod agent;
+pub mod completions;
 pub mod flight;
 pub mod service;
 
