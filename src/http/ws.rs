@@ -76,10 +76,13 @@ async fn upgrade(
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0);
     let address = st.guards.rate.address(&headers, peer);
-    // Two Authorization headers are refused even beside a token: the request is ambiguous.
-    auth::bearer(&headers)?;
     let who = match q.token {
-        Some(t) => auth::ws_token_principal(&st, &t).await?,
+        Some(t) => {
+            // Two Authorization headers are refused even beside a token: the request is
+            // ambiguous. (Without a token, authentication reads the header.)
+            auth::bearer(&headers)?;
+            auth::ws_token_principal(&st, &t).await?
+        }
         None => guards::authenticate(&st, RouteClass::Api, &headers, &address).await?,
     };
     st.ensure_accepting()?;
