@@ -303,3 +303,6 @@ impl FinishReason {
 }
 
 pub use chunk::{Chunk, ChunkEncoder};
+
+#[cfg(test)]
+mod mock_replies;
