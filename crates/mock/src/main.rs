@@ -21,9 +21,13 @@ struct Cli {
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> ExitCode {
+    // Before parsing, so `.env` values feed the env-backed flags; real env vars win.
+    let _ = dotenvy::dotenv();
     let args = Cli::parse().args;
+    // Logs go to stderr: stdout carries the line scripts read the port from.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
         .init();
     raise_open_file_limit();
     let result = tokio::runtime::Builder::new_multi_thread()
