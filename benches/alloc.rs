@@ -24,8 +24,8 @@ use serde_json::{Value, json};
 use sluice::config::{Config, ProviderConfig};
 use sluice::domain::ChunkEncoder;
 use sluice::hub::{EventKind, Hub};
-use sluice::mock::{MockConfig, token_text};
 use sluice::upstream::openai;
+use sluice_mock::{MockConfig, token_text};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use tokio_util::sync::CancellationToken;
 
@@ -121,13 +121,13 @@ fn pieces(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, f64)> {
 
 /// A mock replying `tokens` tokens 1 ms apart, and a sluice in front of it.
 struct Pair {
-    mock: sluice::mock::MockServer,
+    mock: sluice_mock::MockServer,
     sluice: String,
     stop: CancellationToken,
 }
 
 async fn pair(tokens: usize) -> Pair {
-    let mock = sluice::mock::spawn(MockConfig {
+    let mock = sluice_mock::spawn(MockConfig {
         tokens,
         token_delay: Duration::from_millis(1),
         ..MockConfig::default()
@@ -137,7 +137,7 @@ async fn pair(tokens: usize) -> Pair {
     pair_for(mock).await
 }
 
-async fn pair_for(mock: sluice::mock::MockServer) -> Pair {
+async fn pair_for(mock: sluice_mock::MockServer) -> Pair {
     let mut c = Config::default();
     c.store.data_dir = tempfile::tempdir().unwrap().keep();
     c.guards.rate_chat_per_min = 0;
@@ -266,7 +266,7 @@ fn held(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, f64)> {
         .build()
         .unwrap();
     let p = rt.block_on(async {
-        let mock = sluice::mock::spawn(MockConfig {
+        let mock = sluice_mock::spawn(MockConfig {
             tokens: 1_000,
             token_delay: Duration::from_secs(1),
             ..MockConfig::default()
@@ -330,6 +330,8 @@ fn held(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, f64)> {
     ]
 }
 
+// The table on stdout is what the bench reports.
+#[allow(clippy::print_stdout)]
 fn main() {
     check_heap_growth();
     // `cargo bench` passes `--bench`; under `cargo test` only the check above runs.

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::StreamExt;
 use sluice::domain::ChunkEncoder;
-use sluice::mock::token_text;
 use sluice::upstream::{openai, sse};
+use sluice_mock::token_text;
 
 /// A 64-token OpenAI stream as an upstream sends it, cut into network-sized pieces.
 fn upstream_body(tokens: usize, piece: usize) -> Vec<Bytes> {

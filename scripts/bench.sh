@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The load benchmark: sluice against the mock upstream, over loopback, on one machine.
 #
-# Every scenario runs twice, once straight to `sluice mock-upstream` and once through sluice
-# in front of it, so each figure is read against a baseline taken minutes apart in the
-# same run. sluice is pinned to one core; the mock and the load client (`sluice bench`)
-# share another, so sluice's core does nothing but relay.
+# Every scenario runs twice, once straight to the mock upstream (`sluice-mock`) and once
+# through sluice in front of it, so each figure is read against a baseline taken minutes
+# apart in the same run. sluice is pinned to one core; the mock and the load client
+# (`sluice-load`) share another, so sluice's core does nothing but relay.
 #
 #   scripts/bench.sh                      # every default scenario, about 3 minutes after the build
 #   HOLD_STREAMS=2000 scripts/bench.sh    # settings below, from the environment
@@ -114,7 +114,7 @@ for v in $(env | grep -oE '^SLUICE_[A-Z0-9_]+' || true); do UNSET+=(-u "$v"); do
 start_mock() {
     local out=$RUN/mock.$1.out name=$1
     shift
-    taskset -c "$LOAD_CPU" "$BIN" mock-upstream --addr 127.0.0.1:0 "$@" >"$out" 2>"$RUN/mock.$name.err" &
+    taskset -c "$LOAD_CPU" "$MOCK_BIN" --addr 127.0.0.1:0 "$@" >"$out" 2>"$RUN/mock.$name.err" &
     MOCK_PID=$!
     PIDS+=("$MOCK_PID")
     MOCK_PORT=$(port_from "$out" 'listening on http://127\.0\.0\.1:[0-9]+')
@@ -216,7 +216,7 @@ bench() {
     shift
     log "$name"
     perf_start "$name"
-    taskset -c "$LOAD_CPU" "$BIN" bench --label "$name" "$@" >"$OUT/$name.tmp"
+    taskset -c "$LOAD_CPU" "$LOAD_BIN" --label "$name" "$@" >"$OUT/$name.tmp"
     perf_stop "$name"
     python3 - "$OUT" "$name" "$NOISE" <<'EOF'
 import json, os, sys
@@ -300,9 +300,11 @@ fanout() {
     stop "$MOCK_PID"
 }
 
-log "cargo build --release"
-cargo build --release --quiet
+log "cargo build --release --workspace"
+cargo build --release --workspace --quiet
 BIN=$ROOT/target/release/sluice
+MOCK_BIN=$ROOT/target/release/sluice-mock
+LOAD_BIN=$ROOT/target/release/sluice-load
 BUILD_SECS=$(($(date +%s) - T0))
 rm -rf "$OUT"
 mkdir -p "$OUT"

@@ -28,8 +28,8 @@ ensure_node_packages
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
-log "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --quiet -- -D warnings
+log "cargo clippy --all-targets --workspace -- -D warnings"
+cargo clippy --all-targets --workspace --quiet -- -D warnings
 
 # A failure here fails the run after the Rust tests, so one run reports both.
 log "node --test ($NODE_TESTS)"
@@ -38,9 +38,9 @@ node_out=$PWD/target/test-output-node.txt
 node_status=0
 (cd "$NODE_TESTS" && node --test --test-reporter=tap) 2>&1 | tee "$node_out" || node_status=$?
 
-log "cargo test"
+log "cargo test --workspace"
 out=target/test-output.txt
-cargo test --quiet 2>&1 | tee "$out"
+cargo test --workspace --quiet 2>&1 | tee "$out"
 passed=$(grep -Eo '[0-9]+ passed' "$out" | awk '{s += $1} END {print s + 0}')
 failed=$(grep -Eo '[0-9]+ failed' "$out" | awk '{s += $1} END {print s + 0}')
 passed=$((passed + $(awk '/^# pass /{s += $3} END {print s + 0}' "$node_out")))

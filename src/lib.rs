@@ -1,7 +1,6 @@
 //! sluice: a streaming LLM chat server.
 #![forbid(unsafe_code)]
 
-pub mod bench;
 pub mod cache;
 pub mod chat;
 pub mod cluster;
@@ -11,7 +10,6 @@ pub mod error;
 pub mod guard;
 pub mod http;
 pub mod hub;
-pub mod mock;
 pub mod ops;
 pub mod queue;
 pub mod server;

@@ -21,15 +21,11 @@ struct Cli {
 enum Command {
     /// Serve the API (the default).
     Serve(Box<ServeArgs>),
-    /// An OpenAI-compatible fake upstream with latency knobs and fault injection.
-    MockUpstream(sluice::mock::MockArgs),
     /// Applies the store's migrations and exits (they also run at every start).
     Migrate,
     /// Manages API keys.
     #[command(subcommand)]
     Keys(sluice::store::cli::KeysCommand),
-    /// The load client of scripts/bench.sh.
-    Bench(sluice::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,8 +35,6 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(*args),
-        Some(Command::MockUpstream(args)) => mock_upstream(args),
-        Some(Command::Bench(args)) => bench(args),
         Some(Command::Migrate) => store_command(cli.serve, None),
         Some(Command::Keys(cmd)) => store_command(cli.serve, Some(cmd)),
     };
@@ -152,18 +146,6 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListe
     })
 }
 
-fn mock_upstream(args: sluice::mock::MockArgs) -> anyhow::Result<()> {
-    init_tracing(&LogConfig {
-        format: LogFormat::Text,
-        filter: "warn".into(),
-        wire: false,
-    })?;
-    raise_open_file_limit();
-    runtime()?
-        .block_on(sluice::mock::run(args))
-        .map_err(|e| anyhow::anyhow!("{e}"))
-}
-
 /// `migrate` and `keys` act on the store that `serve` would use, configured the same way.
 fn store_command(
     args: ServeArgs,
@@ -177,13 +159,6 @@ fn store_command(
         }
         Ok(())
     })
-}
-
-fn bench(args: sluice::bench::BenchArgs) -> anyhow::Result<()> {
-    raise_open_file_limit();
-    runtime()?
-        .block_on(sluice::bench::run(args))
-        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Crates logged at most at this level unless the log filter names them.

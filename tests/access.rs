@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 //! Who gets in: revoked keys on open WebSockets and ws-tokens (alone and across instances),
@@ -11,7 +12,7 @@ use common::*;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use sluice::config::{AuthMode, Config, RedisConfig, Secret};
-use sluice::mock::MockConfig;
+use sluice_mock::MockConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -22,7 +23,7 @@ fn redis_url() -> String {
     std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-async fn keyed_server() -> (sluice::mock::MockServer, TestServer) {
+async fn keyed_server() -> (sluice_mock::MockServer, TestServer) {
     let mock = mock(MockConfig::default()).await;
     let mut cfg = config_for(&mock);
     cfg.chat.auth = AuthMode::Required;
@@ -304,7 +305,7 @@ fn allowed_hosts_are_validated() {
     assert!(cfg.validate().is_ok());
 }
 
-async fn rate_limited_server() -> (sluice::mock::MockServer, TestServer) {
+async fn rate_limited_server() -> (sluice_mock::MockServer, TestServer) {
     let mock = mock(MockConfig::default()).await;
     let mut cfg = config_for(&mock);
     cfg.chat.auth = AuthMode::Required;

@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! Several real `sluice` processes sharing PostgreSQL and Redis, and nginx in front: live
 //! fan-out and resume across instances, a lost owner, a Redis restart, and draining.
 
@@ -15,7 +16,7 @@ use common::*;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use sluice::mock::{MockConfig, MockServer, full_reply};
+use sluice_mock::{MockConfig, MockServer, full_reply};
 use tokio::process::{Child, Command};
 
 /// Longer than `WAIT`: a lease must expire, or a Redis come back.

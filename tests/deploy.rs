@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! The deployment files as shipped: nginx/sluice.conf passes `nginx -t`, the systemd units
 //! pass `systemd-analyze verify`, scripts/install.sh puts everything where it belongs,
 //! scripts/cluster.sh runs instances behind nginx and stops every process it started, and

@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 //! The shipped documentation matches the code: `.env.example` names every variable sluice

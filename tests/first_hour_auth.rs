@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! What a newcomer meets first: SDKs with a placeholder key on a local server, a real
 //! provider's model by default (with `demo` still the demo), the model list and its entries,
 //! and a model picked per message.
@@ -11,7 +12,7 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use sluice::config::{AuthMode, ModelRoute};
-use sluice::mock::MockConfig;
+use sluice_mock::MockConfig;
 
 fn chat_body(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hello there"}]})

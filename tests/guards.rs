@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 //! Guards as a client sees them: rate limits per key and per IP, cluster-wide
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{Value, json};
 use sluice::config::{AuthMode, Config, RedisConfig, Secret};
-use sluice::mock::{MockConfig, MockServer, full_reply};
+use sluice_mock::{MockConfig, MockServer, full_reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -734,7 +735,7 @@ async fn a_cancelled_session_generation_is_charged_every_token_it_streamed() {
     use futures::StreamExt;
     let mock = mock(MockConfig {
         tokens: STREAMED as usize * 2,
-        fault: Some(sluice::mock::Fault::StallMid),
+        fault: Some(sluice_mock::Fault::StallMid),
         ..Default::default()
     })
     .await;
@@ -761,7 +762,7 @@ async fn a_session_generation_cut_by_an_upstream_error_is_charged_every_token_it
     use futures::StreamExt;
     let mock = mock(MockConfig {
         tokens: STREAMED as usize * 2,
-        fault: Some(sluice::mock::Fault::ErrorChunk),
+        fault: Some(sluice_mock::Fault::ErrorChunk),
         ..Default::default()
     })
     .await;

@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! Concurrency limits, per-provider limits, circuit breakers and single-flight.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
@@ -10,7 +11,7 @@ use common::*;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use sluice::mock::{MockConfig, full_reply};
+use sluice_mock::{MockConfig, full_reply};
 
 #[tokio::test]
 async fn the_stream_past_the_limit_gets_503() {
@@ -205,7 +206,7 @@ async fn breaker_opens_fails_fast_and_closes_after_recovery() {
 #[tokio::test]
 async fn an_open_circuit_falls_back_to_the_next_provider() {
     let broken = mock(MockConfig {
-        fault: Some(sluice::mock::Fault::ServerError),
+        fault: Some(sluice_mock::Fault::ServerError),
         ..Default::default()
     })
     .await;

@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! What a request writes to the log. Its own test binary: it installs the process's
 //! global tracing subscriber, which captures every line the server writes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -270,7 +271,7 @@ async fn traced_run(wire: bool) -> (String, String, String, String) {
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-    let mock = mock(sluice::mock::MockConfig::default()).await;
+    let mock = mock(sluice_mock::MockConfig::default()).await;
     let db = common::db::fresh(common::db::Backend::Postgres).await;
     let database_url = db.database_url().unwrap().to_owned();
     let prefix = format!("sluice-test-{}", sluice::store::new_id());
@@ -389,7 +390,7 @@ async fn log_wire_lets_the_libraries_log_what_passes_through() {
 #[tokio::test]
 async fn a_call_refused_as_upstream_busy_logs_its_line() {
     let lines = Lines::install();
-    let m = mock(sluice::mock::MockConfig::default()).await;
+    let m = mock(sluice_mock::MockConfig::default()).await;
     let mut config = config_for(&m);
     config.upstream.provider_concurrency = 1;
     config.upstream.provider_queue = std::time::Duration::from_millis(50);

@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! The OpenAI-compatible API in front of the mock upstream: streaming, faults, retries,
 //! timeouts, cancellation and request validation, as a client sees them and as the
 //! upstream saw them.
@@ -12,7 +13,7 @@ use common::*;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use sluice::mock::{MockConfig, full_reply};
+use sluice_mock::{MockConfig, full_reply};
 
 #[tokio::test]
 async fn tokens_arrive_one_by_one_before_upstream_finishes() {
@@ -357,7 +358,7 @@ async fn client_disconnect_closes_the_upstream_within_a_second() {
 #[tokio::test]
 async fn fallback_to_the_next_provider_of_a_model() {
     let broken = mock(MockConfig {
-        fault: Some(sluice::mock::Fault::ServerError),
+        fault: Some(sluice_mock::Fault::ServerError),
         ..Default::default()
     })
     .await;
@@ -393,7 +394,7 @@ async fn fallback_to_the_next_provider_of_a_model() {
 #[tokio::test]
 async fn a_target_that_stalls_before_its_first_token_falls_back_to_the_next() {
     let stalled = mock(MockConfig {
-        fault: Some(sluice::mock::Fault::StallFirst),
+        fault: Some(sluice_mock::Fault::StallFirst),
         ..Default::default()
     })
     .await;

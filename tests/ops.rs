@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! Operations: Prometheus metrics, the JSON summary, readiness, admin endpoints.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
@@ -12,7 +13,7 @@ use common::proxy::Proxy;
 use common::*;
 use serde_json::{Value, json};
 use sluice::config::{AuthMode, RedisConfig, Secret};
-use sluice::mock::{MockConfig, full_reply};
+use sluice_mock::{MockConfig, full_reply};
 
 /// Parses the exposition format strictly enough to reject anything malformed:
 /// `name{label="v",…} value` lines, `# HELP`/`# TYPE` comments, blank lines.

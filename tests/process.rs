@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! The real binary: what it prints at start, configuration errors before binding, and
 //! SIGTERM draining.
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use sluice::mock::{MockConfig, full_reply};
+use sluice_mock::{MockConfig, full_reply};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 

@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! `SLUICE_PROVIDER_CONCURRENCY` with Redis is one limit for the whole cluster: slots taken
 //! on one instance are missing on the others, an ended stream frees its slot for any of
 //! them, a killed instance's slots come back after their lease, and with Redis away each
@@ -14,7 +15,7 @@ use common::proxy::Proxy;
 use common::*;
 use serde_json::{Value, json};
 use sluice::config::{Config, RedisConfig, Secret};
-use sluice::mock::{MockConfig, MockServer};
+use sluice_mock::{MockConfig, MockServer};
 
 fn redis_url() -> String {
     std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())

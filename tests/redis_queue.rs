@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! The Redis Streams task queue against a real Redis (`SLUICE_TEST_REDIS_URL`, default
 //! `redis://127.0.0.1:6379`). Each test works under its own key prefix and deletes its keys,
 //! so runs sharing one Redis never see each other.

@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! The official Python SDKs as clients: each test starts the mock upstream and sluice, then
 //! runs one pytest file of tests/sdk/ with the venv's Python, which talks to sluice (and to
 //! the mock directly, to compare) as a user's code would. scripts/test.sh provisions the
@@ -13,7 +14,7 @@ use std::time::Duration;
 use common::*;
 use sha2::{Digest, Sha256};
 use sluice::config::{ProviderConfig, ProviderKind, Secret};
-use sluice::mock::{MockConfig, MockServer};
+use sluice_mock::{MockConfig, MockServer};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 

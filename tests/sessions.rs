@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! Chat sessions against both stores: CRUD, ownership, the hub's fan-out and resume, and the
 //! final state of every reply.
 
@@ -14,7 +15,7 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use sluice::config::{AuthMode, ProviderConfig};
-use sluice::mock::{Fault, MockConfig, MockServer, full_reply, token_text};
+use sluice_mock::{Fault, MockConfig, MockServer, full_reply, token_text};
 
 /// Runs a scenario once per store backend, as two tests.
 macro_rules! both_backends {

@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! The real binary started while PostgreSQL or Redis is away: it answers liveness, fails
 //! readiness naming what it waits for, becomes ready once the dependency answers, tells
 //! systemd `READY=1` only then, gives up after `SLUICE_START_WAIT_SECS`, and stops on SIGTERM.
@@ -13,7 +14,7 @@ use common::db::{self, Backend, TestDb};
 use common::proxy::Proxy;
 use common::*;
 use serde_json::{Value, json};
-use sluice::mock::{MockConfig, MockServer};
+use sluice_mock::{MockConfig, MockServer};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 

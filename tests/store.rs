@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! The store contract, run against every backend (`sqlite::*`, `postgres::*` and
 //! `pgbouncer::*`, PostgreSQL through PgBouncer in transaction mode), and the `migrate` /
 //! `keys` commands through the real binary.

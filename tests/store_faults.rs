@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! The store under faults: a PostgreSQL that hangs or refuses (through a TCP proxy the
 //! test controls), and text the database would refuse.
 
@@ -15,11 +16,11 @@ use common::{TestServer, api_key, client, config_for, mock};
 use serde_json::{Value, json};
 use sluice::config::{AuthMode, Secret};
 use sluice::domain::Role;
-use sluice::mock::MockConfig;
 use sluice::store::{
     Agent, ApiKey, KnowledgeDoc, MessageStatus, MessageUpdate, Session, Store, StoreError,
     StoredMessage, Task, TaskStatus, UsageRecord, User, new_id, now_millis,
 };
+use sluice_mock::MockConfig;
 
 crate::backend_tests!(
     nul_in_any_stored_text_becomes_the_replacement_character,
@@ -561,7 +562,7 @@ async fn a_reply_that_ends_while_the_database_is_away_is_stored_when_it_is_back(
     let m = stored_reply(&db, &session, Duration::from_secs(8)).await;
     assert_eq!(m.id, message_id);
     assert_eq!(m.status, MessageStatus::Complete);
-    assert_eq!(m.content, sluice::mock::full_reply(REPLY_TOKENS));
+    assert_eq!(m.content, sluice_mock::full_reply(REPLY_TOKENS));
     server.shutdown().await;
 }
 
@@ -579,7 +580,7 @@ async fn a_reply_not_stored_before_shutdown_is_stored_by_the_next_start() {
     let m = stored_reply(&db, &session, Duration::from_secs(2)).await;
     assert_eq!(m.id, message_id);
     assert_eq!(m.status, MessageStatus::Complete);
-    assert_eq!(m.content, sluice::mock::full_reply(REPLY_TOKENS));
+    assert_eq!(m.content, sluice_mock::full_reply(REPLY_TOKENS));
     server.shutdown().await;
 }
 
@@ -642,7 +643,7 @@ async fn a_task_that_ends_while_the_database_is_away_keeps_its_result() {
     assert_eq!(task.status, TaskStatus::Succeeded);
     assert_eq!(
         task.result.as_deref(),
-        Some(sluice::mock::full_reply(REPLY_TOKENS).as_str())
+        Some(sluice_mock::full_reply(REPLY_TOKENS).as_str())
     );
     server.shutdown().await;
 }

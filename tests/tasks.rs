@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! Prompt jobs: agents, scenes, knowledge and the task queue, against the embedded queue
 //! and Redis, SQLite and PostgreSQL.
 
@@ -14,7 +15,7 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use sluice::config::{AuthMode, ProviderConfig, RedisConfig, Secret};
-use sluice::mock::{Fault, MockConfig, MockServer, full_reply};
+use sluice_mock::{Fault, MockConfig, MockServer, full_reply};
 
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {$(

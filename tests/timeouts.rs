@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! Request bodies that never arrive, or arrive a byte at a time, do not hold a connection.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -8,12 +9,12 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures::StreamExt;
 use serde_json::json;
-use sluice::mock::{MockConfig, full_reply};
+use sluice_mock::{MockConfig, full_reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BODY_TIMEOUT: Duration = Duration::from_millis(400);
 
-async fn server() -> (sluice::mock::MockServer, TestServer) {
+async fn server() -> (sluice_mock::MockServer, TestServer) {
     let mock = mock(MockConfig::default()).await;
     let mut cfg = config_for(&mock);
     cfg.guards.body_timeout = BODY_TIMEOUT;

@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! The chat UI in a real browser: headless Chromium driven over WebDriver (fantoccini and
 //! Debian's chromedriver) against the real server and the mock upstream.
 //!
@@ -22,7 +23,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use sluice::config::{AuthMode, Config, ProviderConfig};
-use sluice::mock::{Fault, MockConfig, MockServer, full_reply};
+use sluice_mock::{Fault, MockConfig, MockServer, full_reply};
 use tokio_util::sync::CancellationToken;
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";

@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! What a hostile or broken upstream can make sluice hold: a line or event over
 //! `SLUICE_UPSTREAM_MAX_EVENT_BYTES` fails the stream as `upstream_malformed`, and sluice
 //! stops reading it.

@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! The WebSocket transport with a real tokio-tungstenite client against the real server.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
@@ -12,7 +13,7 @@ use eventsource_stream::Eventsource;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use sluice::config::{AuthMode, ProviderConfig};
-use sluice::mock::{MockConfig, MockServer, full_reply};
+use sluice_mock::{MockConfig, MockServer, full_reply};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;

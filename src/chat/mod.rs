@@ -6,5 +6,5 @@ pub mod completions;
 pub mod flight;
 pub mod service;
 
-/// The mock upstream names the chunk types by this path.
-pub use crate::domain::chunk;
+#[cfg(test)]
+mod mock_replies;

@@ -209,9 +209,10 @@ pub const WS_TOKEN_TTL_MS: i64 = 60_000;
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
+// HMAC accepts keys of any length (longer ones are hashed), so the error cannot occur.
+#[allow(clippy::unreachable)]
 fn mac(secret: &[u8]) -> HmacSha256 {
     use hmac::Mac;
-    // HMAC accepts keys of any length.
     <HmacSha256 as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable!())
 }
 

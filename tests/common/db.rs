@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! Fresh, isolated stores for tests: SQLite in a temp dir, PostgreSQL in a schema of its own,
 //! PostgreSQL through PgBouncer in a database of its own.
 //!

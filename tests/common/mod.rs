@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! Shared harness: the real server on 127.0.0.1:0 in front of the real mock upstream.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,7 +14,7 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::Value;
 use sluice::config::{Config, ProviderConfig};
-use sluice::mock::{MockConfig, MockServer, MockStats};
+use sluice_mock::{MockConfig, MockServer, MockStats};
 use tokio_util::sync::CancellationToken;
 
 /// Upper bound for anything a test waits on; generous because CI machines are shared.
@@ -82,7 +83,7 @@ pub fn config_for(mock: &MockServer) -> Config {
 }
 
 pub async fn mock(config: MockConfig) -> MockServer {
-    sluice::mock::spawn(config)
+    sluice_mock::spawn(config)
         .await
         .expect("mock upstream starts")
 }

@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! A PgBouncer in transaction mode in front of the test server, on a free port with its
 //! own ini in a temp dir. Pools are small (3 server connections per database), so a store's
 //! connections really do share server connections from one transaction to the next.

@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! A TCP proxy a test can switch off and on: from sluice's side, the database or Redis
 //! behind it goes away and comes back, without touching the shared servers.
 //!

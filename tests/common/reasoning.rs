@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! A short reasoning model for the session, WebSocket, cluster and UI tests: three pieces of
 //! thinking, then three of answer. The mock's `reasoning` scenario plays a whole recorded
 //! stream of about a hundred events, too long for tests that pace every piece to watch it

@@ -1,3 +1,4 @@
+#![allow(clippy::panic, clippy::print_stdout)] // a test fails by panicking and may show what it ran
 //! A WebSocket client's side of sluice's protocol: JSON ops out, JSON frames in.
 
 use futures::{SinkExt, StreamExt};

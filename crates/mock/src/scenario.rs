@@ -13,8 +13,6 @@ use std::sync::LazyLock;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
-use crate::chat::chunk::{Accumulator, Chunk, Payload};
-
 /// Which endpoint a request came in on, since each scenario belongs to one dialect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Api {
@@ -191,7 +189,7 @@ macro_rules! fixture {
         static $name: LazyLock<Fixture> = LazyLock::new(|| {
             Fixture::load(
                 $file,
-                include_str!(concat!("../../tests/fixtures/", $file)),
+                include_str!(concat!("../../../tests/fixtures/", $file)),
                 $api,
             )
         });
@@ -242,8 +240,7 @@ pub(crate) struct Recorded {
     pub(crate) token: bool,
     /// OpenAI's usage report (no choices), which OpenAI sends only when asked.
     usage_only: bool,
-    /// The event's data as an OpenAI chunk or as Anthropic JSON, to build a whole reply.
-    chunk: Option<Chunk>,
+    /// The event's data (an OpenAI chunk or an Anthropic event), to build a whole reply.
     json: Option<Value>,
 }
 
@@ -289,13 +286,7 @@ impl Fixture {
     /// `message` rebuilt from the events as the Anthropic SDKs do.
     pub(crate) fn whole(&self) -> Value {
         match self.api {
-            Api::OpenAi => {
-                let mut acc = Accumulator::default();
-                for chunk in self.events.iter().filter_map(|e| e.chunk.as_ref()) {
-                    acc.add(chunk);
-                }
-                acc.finish("", 0, "")
-            }
+            Api::OpenAi => openai_completion(self.events.iter().filter_map(|e| e.json.as_ref())),
             Api::Anthropic => anthropic_message(self.events.iter().filter_map(|e| e.json.as_ref())),
         }
     }
@@ -308,32 +299,190 @@ impl Recorded {
             .find_map(|l| l.strip_prefix("data:"))
             .map(str::trim)
             .unwrap_or_default();
-        let mut event = Recorded {
-            frame: Bytes::from_static(block.as_bytes()),
-            token: false,
-            usage_only: false,
-            chunk: None,
-            json: None,
+        // `[DONE]` and anything else that is not a JSON object is played but not read.
+        let json = serde_json::from_str::<Value>(data)
+            .ok()
+            .filter(Value::is_object);
+        let (token, usage_only) = match (&json, api) {
+            (None, _) => (false, false),
+            (Some(v), Api::OpenAi) => (openai_token(v), openai_usage_only(v)),
+            (Some(v), Api::Anthropic) => (
+                v.get("type").and_then(Value::as_str) == Some("content_block_delta"),
+                false,
+            ),
         };
-        match api {
-            Api::OpenAi => {
-                if let Ok(Payload::Chunk(c)) = Chunk::parse(data.as_bytes()) {
-                    event.token = c.is_token();
-                    event.usage_only = c.is_usage_only();
-                    event.chunk = Some(c);
+        Recorded {
+            frame: Bytes::from_static(block.as_bytes()),
+            token,
+            usage_only,
+            json,
+        }
+    }
+}
+
+/// Whether a chunk carries a piece of the reply, as sluice counts tokens: some choice's
+/// delta has text, reasoning, or any other non-null field but `role`.
+fn openai_token(chunk: &Value) -> bool {
+    let choices = chunk.get("choices").and_then(Value::as_array);
+    choices.into_iter().flatten().any(|c| {
+        let Some(delta) = c.get("delta").and_then(Value::as_object) else {
+            return false;
+        };
+        delta.iter().any(|(k, v)| match (k.as_str(), v) {
+            ("role", _) | (_, Value::Null) => false,
+            ("content" | "reasoning_content" | "reasoning", Value::String(t)) => !t.is_empty(),
+            ("content" | "reasoning_content" | "reasoning", _) => false,
+            _ => true,
+        })
+    })
+}
+
+/// OpenAI's usage report: usage and no choices.
+fn openai_usage_only(chunk: &Value) -> bool {
+    let no_choices = chunk
+        .get("choices")
+        .and_then(Value::as_array)
+        .is_none_or(Vec::is_empty);
+    no_choices && chunk.get("usage").is_some_and(|u| !u.is_null())
+}
+
+/// The `chat.completion` a streamed reply adds up to, merged as the OpenAI SDKs merge it:
+/// each choice's deltas into its `message` (strings appended, objects merged, list items
+/// with an `index` merged by it), logprobs lists joined, the last finish reason and usage
+/// kept; `id`, `created` and `model` as the chunks say.
+fn openai_completion<'a>(chunks: impl Iterator<Item = &'a Value>) -> Value {
+    let mut head = Map::new();
+    let mut choices: std::collections::BTreeMap<u64, Map<String, Value>> = Default::default();
+    let mut usage = None;
+    for chunk in chunks.filter_map(Value::as_object) {
+        for (k, v) in chunk {
+            match k.as_str() {
+                "choices" => {
+                    for c in v
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_object)
+                    {
+                        let index = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+                        add_choice(choices.entry(index).or_default(), c);
+                    }
+                }
+                "usage" if !v.is_null() => usage = Some(v.clone()),
+                "usage" | "object" => {}
+                _ if v.is_null() && head.contains_key(k) => {}
+                _ => {
+                    head.insert(k.clone(), v.clone());
                 }
             }
-            Api::Anthropic => {
-                let json = serde_json::from_str::<Value>(data).ok();
-                event.token = json
-                    .as_ref()
-                    .and_then(|v| v.get("type"))
-                    .and_then(Value::as_str)
-                    == Some("content_block_delta");
-                event.json = json;
+        }
+    }
+    head.entry("id").or_insert_with(|| "".into());
+    head.insert("object".into(), "chat.completion".into());
+    head.entry("created").or_insert_with(|| 0.into());
+    head.entry("model").or_insert_with(|| "".into());
+    choices.entry(0).or_default();
+    let mut out = Vec::with_capacity(choices.len());
+    for (index, mut c) in choices {
+        c.insert("index".into(), index.into());
+        let msg = c
+            .entry("message")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(msg) = msg {
+            msg.entry("role").or_insert_with(|| "assistant".into());
+            msg.entry("content").or_insert(Value::Null);
+            // Indexes place streamed fragments; a whole message's calls are in order.
+            if let Some(Value::Array(calls)) = msg.get_mut("tool_calls") {
+                for call in calls.iter_mut().filter_map(Value::as_object_mut) {
+                    call.remove("index");
+                }
             }
         }
-        event
+        c.entry("logprobs").or_insert(Value::Null);
+        if !matches!(c.get("finish_reason"), Some(Value::String(_))) {
+            c.insert("finish_reason".into(), "stop".into());
+        }
+        out.push(Value::Object(c));
+    }
+    head.insert("choices".into(), Value::Array(out));
+    if let Some(u) = usage {
+        head.insert("usage".into(), u);
+    }
+    Value::Object(head)
+}
+
+fn add_choice(acc: &mut Map<String, Value>, c: &Map<String, Value>) {
+    for (k, v) in c {
+        match (k.as_str(), v) {
+            ("delta", Value::Object(delta)) => {
+                let msg = acc
+                    .entry("message")
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if let Value::Object(msg) = msg {
+                    merge(msg, delta);
+                }
+            }
+            ("delta", _) => {}
+            ("logprobs", _) => match (acc.get_mut("logprobs"), v) {
+                (Some(Value::Object(have)), Value::Object(more)) => {
+                    for (lk, lv) in more {
+                        match (have.get_mut(lk), lv) {
+                            (Some(Value::Array(a)), Value::Array(b)) => a.extend(b.iter().cloned()),
+                            (Some(_), Value::Null) => {}
+                            _ => {
+                                have.insert(lk.clone(), lv.clone());
+                            }
+                        }
+                    }
+                }
+                (Some(_), Value::Null) => {}
+                _ => {
+                    acc.insert(k.clone(), v.clone());
+                }
+            },
+            _ if v.is_null() && acc.contains_key(k) => {}
+            _ => {
+                acc.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// Merges a delta into what came before it (the OpenAI SDKs' `accumulate_delta`).
+fn merge(acc: &mut Map<String, Value>, delta: &Map<String, Value>) {
+    for (k, dv) in delta {
+        let Some(av) = acc.get_mut(k).filter(|v| !v.is_null()) else {
+            acc.insert(k.clone(), dv.clone());
+            continue;
+        };
+        // `index` and `type` identify an entry rather than add to it; `role` is repeated
+        // by some servers in every delta.
+        if matches!(k.as_str(), "index" | "type" | "role") {
+            *av = dv.clone();
+            continue;
+        }
+        match (av, dv) {
+            (Value::String(a), Value::String(b)) => a.push_str(b),
+            (Value::Object(a), Value::Object(b)) => merge(a, b),
+            (Value::Array(a), Value::Array(b)) => {
+                for entry in b {
+                    let at = entry.get("index").and_then(Value::as_u64).and_then(|i| {
+                        a.iter()
+                            .position(|e| e.get("index").and_then(Value::as_u64) == Some(i))
+                    });
+                    match (at, entry) {
+                        (Some(at), Value::Object(more)) => {
+                            if let Some(Value::Object(have)) = a.get_mut(at) {
+                                merge(have, more);
+                            }
+                        }
+                        _ => a.push(entry.clone()),
+                    }
+                }
+            }
+            (_, Value::Null) => {}
+            (av, dv) => *av = dv.clone(),
+        }
     }
 }
 
@@ -457,7 +606,7 @@ mod tests {
                 let text = std::str::from_utf8(&e.frame).unwrap();
                 match f.api {
                     Api::OpenAi if text == "data: [DONE]\n\n" => {}
-                    Api::OpenAi => assert!(e.chunk.is_some(), "{}: {text}", f.file),
+                    Api::OpenAi => assert!(e.json.is_some(), "{}: {text}", f.file),
                     Api::Anthropic => {
                         let json = e.json.as_ref().expect(text);
                         let name = text.strip_prefix("event: ").unwrap();

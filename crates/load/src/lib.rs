@@ -1,8 +1,8 @@
-//! `sluice bench`: the load client of `scripts/bench.sh`.
+//! sluice-load: the load client of `scripts/bench.sh`.
 //!
 //! It sends OpenAI chat completion requests to one loopback endpoint — the mock upstream
 //! directly, or sluice in front of it, so every figure has a baseline from the same run —
-//! and prints one JSON report on stdout. Requests carry a `"mock"` object, which sluice
+//! and reports in one JSON object, which the binary prints on stdout. Requests carry a `"mock"` object, which sluice
 //! forwards untouched, so the mock produces the same reply either way.
 //!
 //! Scenarios:
@@ -117,7 +117,8 @@ pub struct BenchArgs {
     pub label: String,
 }
 
-pub async fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// Runs one scenario and returns its report.
+pub async fn run(args: BenchArgs) -> Result<Value, BenchError> {
     let target = Target::parse(&args.url)?;
     let baseline = args
         .baseline_url
@@ -165,8 +166,7 @@ pub async fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error + Send
         })
     })
     .await??;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(())
+    Ok(report)
 }
 
 /// The request body: a short conversation, and the mock's knobs for this reply.

@@ -1,4 +1,4 @@
-//! `sluice mock-upstream`: a fake OpenAI/Anthropic-compatible LLM server.
+//! sluice-mock: a fake OpenAI/Anthropic-compatible LLM server.
 //!
 //! It exists so integration tests, benchmarks and offline UI work have an
 //! upstream that is deterministic ([`token_text`]), fast enough never to be
@@ -41,11 +41,9 @@
 //! conversation that ends in a tool result (OpenAI: a last message of role `tool`;
 //! Anthropic: a `tool_result` block in the last user message) gets the scenario's final
 //! text answer instead. Not streamed, the OpenAI endpoint answers the `chat.completion`
-//! the chunks add up to ([`Accumulator`], as sluice builds its own), the Anthropic one the
+//! the chunks add up (merged as the OpenAI SDKs and sluice merge them), the Anthropic one the
 //! Messages API `message`. The `429` and `500` faults apply to scenarios as to plain
 //! replies; the stream-shape faults cannot be combined with one and get a `400`.
-//!
-//! [`Accumulator`]: crate::chat::chunk::Accumulator
 
 mod anthropic;
 mod knobs;
@@ -138,7 +136,7 @@ impl Default for MockConfig {
     }
 }
 
-/// Command-line / environment configuration of `sluice mock-upstream`.
+/// Command-line / environment configuration of the `sluice-mock` binary.
 #[derive(clap::Args, Debug, Clone)]
 pub struct MockArgs {
     /// Address to listen on (port 0 picks a free one).
@@ -475,47 +473,6 @@ async fn serve_shared(
     };
     let app = router(Arc::clone(&shared));
     listener::serve(CountingListener::new(listener, shared), app, signal).await
-}
-
-/// Entry point of `sluice mock-upstream`: binds `args.addr`, prints
-/// `mock-upstream listening on http://ADDR/v1` on stdout and serves until
-/// SIGINT/SIGTERM.
-pub async fn run(args: MockArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let config = args.config()?;
-    let listener = TcpListener::bind(args.addr.as_str()).await?;
-    let addr = listener.local_addr()?;
-    // Scripts wait for this exact line to learn the (possibly ephemeral)
-    // port; stdout is line-buffered, so it is flushed here.
-    println!("mock-upstream listening on http://{addr}/v1");
-    serve(listener, config, shutdown_signal()).await?;
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::warn!("mock: cannot listen for ctrl-c: {err}");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sig) => {
-                sig.recv().await;
-            }
-            Err(err) => {
-                tracing::warn!("mock: cannot listen for SIGTERM: {err}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
 }
 
 fn router(shared: Arc<Shared>) -> Router {
