@@ -6,7 +6,7 @@
 //! postgres://postgres@127.0.0.1:5432/test) and pgbouncer. `cargo bench --bench store`.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-#[path = "../tests/common/pgbouncer.rs"]
+#[path = "../tests/it/common/pgbouncer.rs"]
 mod pgbouncer;
 
 use std::hint::black_box;

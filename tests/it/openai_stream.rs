@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -468,7 +468,7 @@ async fn anthropic_stream_is_translated() {
 #[tokio::test]
 async fn recorded_anthropic_fixture_relays_through_the_api() {
     // A minimal upstream replaying a recorded Messages API stream in small pieces.
-    let fixture = include_str!("fixtures/anthropic_stream.txt");
+    let fixture = include_str!("../fixtures/anthropic_stream.txt");
     let app = axum::Router::new().route(
         "/v1/messages",
         axum::routing::post(move || async move {

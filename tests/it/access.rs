@@ -4,7 +4,7 @@
 //! Host names on servers without keys (DNS rebinding), forged keys against the rate
 //! limits, and requests with more than one `Authorization` header.
 
-mod common;
+use crate::common;
 
 use common::db::{self, Backend};
 use common::*;

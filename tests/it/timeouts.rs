@@ -1,7 +1,7 @@
 //! Request bodies that never arrive, or arrive a byte at a time, do not hold a connection.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

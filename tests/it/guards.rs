@@ -4,7 +4,7 @@
 //! quotas in Redis, input limits (body, content type, JSON, schema, request head, slow
 //! heads) and CORS.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

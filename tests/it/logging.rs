@@ -2,7 +2,7 @@
 //! global tracing subscriber, which captures every line the server writes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
