@@ -1,5 +1,4 @@
-//! What a request writes to the log. Its own test binary: it installs the process's
-//! global tracing subscriber, which captures every line the server writes.
+//! What a request writes to the log, captured by a subscriber scoped to the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
@@ -30,26 +29,23 @@ impl Write for Lines {
 }
 
 impl Lines {
-    /// The process's one subscriber, installed by whichever test comes first.
-    fn install() -> Self {
-        static LINES: std::sync::OnceLock<Lines> = std::sync::OnceLock::new();
-        LINES.get_or_init(Self::init).clone()
-    }
-
-    fn init() -> Self {
+    /// A subscriber of this test's own, in force while the guard lives. The test runs on a
+    /// current-thread runtime, so the server's tasks, on that thread too, write to it, and
+    /// tests running beside it in the same process do not.
+    fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
         let lines = Lines {
             text: Arc::default(),
             count: tokio::sync::watch::channel(0).0,
         };
         let writer = lines.clone();
-        tracing_subscriber::fmt()
+        let subscriber = tracing_subscriber::fmt()
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_env_filter("info")
             .with_writer(move || writer.clone())
-            .init();
-        lines
+            .finish();
+        (lines, tracing::subscriber::set_default(subscriber))
     }
 
     fn parsed(&self) -> Vec<Value> {
@@ -99,7 +95,7 @@ fn messages(lines: &[Value]) -> Vec<&str> {
 /// what the upstream call did; other requests keep their access line.
 #[tokio::test]
 async fn a_completion_logs_one_line_when_it_ends() {
-    let lines = Lines::install();
+    let (lines, _log) = Lines::capture();
     let (_mock, server) = mock_and_server().await;
     let has_call = |l: &[Value]| messages(l).contains(&"upstream call");
 
@@ -388,7 +384,7 @@ async fn log_wire_lets_the_libraries_log_what_passes_through() {
 /// task with the task.
 #[tokio::test]
 async fn a_call_refused_as_upstream_busy_logs_its_line() {
-    let lines = Lines::install();
+    let (lines, _log) = Lines::capture();
     let m = mock(sluice::mock::MockConfig::default()).await;
     let mut config = config_for(&m);
     config.upstream.provider_concurrency = 1;
