@@ -5,6 +5,7 @@
 //! limits, and requests with more than one `Authorization` header.
 
 use crate::common;
+use crate::common::need::redis_url;
 
 use common::db::{self, Backend};
 use common::*;
@@ -17,10 +18,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use common::ws::{Ws, next_json, send};
-
-fn redis_url() -> String {
-    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
 
 async fn keyed_server() -> (sluice::mock::MockServer, TestServer) {
     let mock = mock(MockConfig::default()).await;
@@ -192,6 +189,7 @@ async fn a_key_revoked_in_the_store_is_refused_on_subscribe_and_its_ws_tokens_wi
 
 #[tokio::test]
 async fn a_key_revoked_on_one_instance_is_refused_on_the_other() {
+    crate::require!(Postgres, Redis);
     let dbase = db::fresh(Backend::Postgres).await;
     let prefix = format!("sluice-access-{}", uuid::Uuid::new_v4().simple());
     let mock = mock(MockConfig::default()).await;

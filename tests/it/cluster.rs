@@ -335,17 +335,16 @@ async fn redis_cmd(url: &str, args: &[&str]) -> redis::Value {
     cmd.query_async(&mut conn).await.unwrap()
 }
 
-const REDIS: &str = "redis://127.0.0.1:6379";
-
 #[tokio::test]
 async fn a_generation_on_one_instance_is_watched_live_and_resumed_on_the_others() {
+    crate::require!(Postgres, Redis);
     let mock = mock(MockConfig {
         tokens: 40,
         token_delay: Duration::from_millis(20),
         ..Default::default()
     })
     .await;
-    let c = Cluster::start(3, &mock, REDIS).await;
+    let c = Cluster::start(3, &mock, &common::need::redis_url()).await;
     let s = create_session(&c.url(0), None).await;
 
     // B and C follow the session before anything runs on A.
@@ -384,8 +383,9 @@ async fn a_generation_on_one_instance_is_watched_live_and_resumed_on_the_others(
 /// gets the same sequence, resumes from a `reasoning` event there, and reads it stored.
 #[tokio::test]
 async fn thinking_reaches_watchers_on_other_instances() {
+    crate::require!(Postgres, Redis);
     let upstream = reasoning_upstream(Duration::from_millis(20)).await;
-    let c = Cluster::start_on(2, &upstream, REDIS).await;
+    let c = Cluster::start_on(2, &upstream, &common::need::redis_url()).await;
     let s = create_session(&c.url(0), None).await;
     let b = tokio::spawn(read_until_final(
         watch(&c.url(1), &s, None).await,
@@ -413,13 +413,14 @@ async fn thinking_reaches_watchers_on_other_instances() {
 
 #[tokio::test]
 async fn a_watcher_joining_mid_stream_elsewhere_gets_it_from_the_start() {
+    crate::require!(Postgres, Redis);
     let mock = mock(MockConfig {
         tokens: 60,
         token_delay: Duration::from_millis(20),
         ..Default::default()
     })
     .await;
-    let c = Cluster::start(2, &mock, REDIS).await;
+    let c = Cluster::start(2, &mock, &common::need::redis_url()).await;
     let s = create_session(&c.url(0), None).await;
     let (seen, mut tokens) = token_signal();
     let a = tokio::spawn({
@@ -448,13 +449,14 @@ async fn a_watcher_joining_mid_stream_elsewhere_gets_it_from_the_start() {
 
 #[tokio::test]
 async fn watchers_elsewhere_get_interrupted_when_the_owner_is_killed() {
+    crate::require!(Postgres, Redis);
     let mock = mock(MockConfig {
         tokens: 2000,
         token_delay: Duration::from_millis(20),
         ..Default::default()
     })
     .await;
-    let c = Cluster::start(2, &mock, REDIS).await;
+    let c = Cluster::start(2, &mock, &common::need::redis_url()).await;
     let s = create_session(&c.url(0), None).await;
     let (seen, mut tokens) = token_signal();
     let b = tokio::spawn(read_until_final(
@@ -492,8 +494,9 @@ async fn watchers_elsewhere_get_interrupted_when_the_owner_is_killed() {
 /// ends it, with the thinking streamed so far.
 #[tokio::test]
 async fn a_lost_owners_reply_keeps_the_thinking_so_far() {
+    crate::require!(Postgres, Redis);
     let upstream = reasoning_upstream(Duration::from_millis(500)).await;
-    let c = Cluster::start_on(2, &upstream, REDIS).await;
+    let c = Cluster::start_on(2, &upstream, &common::need::redis_url()).await;
     let s = create_session(&c.url(0), None).await;
     let (tx, mut thought) = tokio::sync::mpsc::channel(8);
     let b = tokio::spawn(read_until_final(
@@ -599,6 +602,7 @@ async fn numsub(url: &str, channel: &str) -> i64 {
 
 #[tokio::test]
 async fn after_a_redis_restart_instances_resubscribe_and_fan_out_again() {
+    crate::require!(Postgres, Redis);
     let mock = mock(MockConfig {
         tokens: 120,
         token_delay: Duration::from_millis(20),
@@ -694,13 +698,14 @@ async fn after_a_redis_restart_instances_resubscribe_and_fan_out_again() {
 
 #[tokio::test]
 async fn through_nginx_tokens_arrive_one_by_one() {
+    crate::require!(Postgres, Redis, Nginx);
     let mock = mock(MockConfig {
         tokens: 30,
         token_delay: Duration::from_millis(50),
         ..Default::default()
     })
     .await;
-    let mut c = Cluster::start(3, &mock, REDIS).await;
+    let mut c = Cluster::start(3, &mock, &common::need::redis_url()).await;
     let front = c.start_nginx().await;
     let s = create_session(&front, None).await;
     let started = Instant::now();
@@ -743,13 +748,14 @@ async fn through_nginx_tokens_arrive_one_by_one() {
 
 #[tokio::test]
 async fn a_draining_instance_hands_its_clients_to_another_and_finishes_the_reply() {
+    crate::require!(Postgres, Redis, Nginx);
     let mock = mock(MockConfig {
         tokens: 150,
         token_delay: Duration::from_millis(20),
         ..Default::default()
     })
     .await;
-    let mut c = Cluster::start(3, &mock, REDIS).await;
+    let mut c = Cluster::start(3, &mock, &common::need::redis_url()).await;
     let front = c.start_nginx().await;
     let s = create_session(&front, None).await;
 
@@ -882,13 +888,14 @@ async fn converse(front: String, session: String, generations: usize) -> Vec<Vec
 
 #[tokio::test]
 async fn a_rolling_restart_under_load_loses_no_token() {
+    crate::require!(Postgres, Redis, Nginx);
     let mock = mock(MockConfig {
         tokens: 100,
         token_delay: Duration::from_millis(20),
         ..Default::default()
     })
     .await;
-    let mut c = Cluster::start(3, &mock, REDIS).await;
+    let mut c = Cluster::start(3, &mock, &common::need::redis_url()).await;
     let front = c.start_nginx().await;
     let mut clients = Vec::new();
     let mut sessions = Vec::new();
@@ -969,7 +976,7 @@ async fn new_task(base: &str) -> String {
 
 /// Instance 0 serves the API only; instance 1 runs every task.
 async fn api_and_worker(mock: &MockServer) -> Cluster {
-    let mut c = Cluster::start(1, mock, REDIS).await;
+    let mut c = Cluster::start(1, mock, &common::need::redis_url()).await;
     c.instances.push(Instance {
         port: free_port(),
         child: None,
@@ -986,6 +993,7 @@ async fn api_and_worker(mock: &MockServer) -> Cluster {
 
 #[tokio::test]
 async fn a_task_running_on_another_instance_is_followed_from_this_one() {
+    crate::require!(Postgres, Redis);
     let mock = mock(MockConfig {
         tokens: 60,
         token_delay: Duration::from_millis(10),
@@ -1004,6 +1012,7 @@ async fn a_task_running_on_another_instance_is_followed_from_this_one() {
 
 #[tokio::test]
 async fn a_task_running_on_another_instance_is_cancelled_from_this_one() {
+    crate::require!(Postgres, Redis);
     let mock = mock(MockConfig {
         tokens: 3000,
         token_delay: Duration::from_millis(10),
@@ -1067,6 +1076,7 @@ async fn until_reply_ends(base: &str, session: &str) -> Value {
 
 #[tokio::test]
 async fn one_generation_per_session_holds_while_redis_is_unreachable() {
+    crate::require!(Postgres, Redis);
     let mock = mock(MockConfig {
         tokens: 150,
         token_delay: Duration::from_millis(20),
@@ -1094,13 +1104,14 @@ async fn one_generation_per_session_holds_while_redis_is_unreachable() {
 
 #[tokio::test]
 async fn an_instance_starting_without_redis_leaves_the_others_live_replies_alone() {
+    crate::require!(Postgres, Redis);
     let mock = mock(MockConfig {
         tokens: 200,
         token_delay: Duration::from_millis(20),
         ..Default::default()
     })
     .await;
-    let mut c = Cluster::start(1, &mock, REDIS).await;
+    let mut c = Cluster::start(1, &mock, &common::need::redis_url()).await;
     let s = create_session(&c.url(0), None).await;
     let (seen, mut tokens) = token_signal();
     let a = tokio::spawn(read_until_final(
@@ -1135,13 +1146,14 @@ async fn an_instance_starting_without_redis_leaves_the_others_live_replies_alone
 
 #[tokio::test]
 async fn the_stream_list_of_any_instance_shows_the_whole_cluster() {
+    crate::require!(Postgres, Redis);
     let mock = mock(MockConfig {
         tokens: 2000,
         token_delay: Duration::from_millis(20),
         ..Default::default()
     })
     .await;
-    let c = Cluster::start(2, &mock, REDIS).await;
+    let c = Cluster::start(2, &mock, &common::need::redis_url()).await;
     let mut running = Vec::new();
     for i in 0..2 {
         let s = create_session(&c.url(i), None).await;

@@ -164,6 +164,7 @@ fn assert_clean_nginx_t(out: &Output) {
 
 #[tokio::test]
 async fn nginx_t_passes_on_the_shipped_config() {
+    crate::require!(Nginx);
     let tmp = tempfile::tempdir().unwrap();
 
     // As scripts/cluster.sh runs it: the shipped file with the cluster's ports put in.
@@ -535,16 +536,14 @@ async fn get_ok(url: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_sh_runs_instances_behind_nginx_and_stops_them_all() {
+    crate::require!(Postgres, Redis, Nginx);
     nginx();
     let db = fresh(Backend::Postgres).await;
     let tmp = tempfile::tempdir().unwrap();
     let free = free_ports(3);
     let (ports, nginx_port) = (free[..2].to_vec(), free[2]);
     let dir = tmp.path().join("cluster");
-    let redis = std::env::var("SLUICE_TEST_REDIS_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
+    let redis = common::need::redis_url();
     let port_list: Vec<String> = ports.iter().map(u16::to_string).collect();
     let mut cluster = Cluster {
         env: vec![
@@ -902,6 +901,7 @@ async fn v1_client(
 /// one 502; `status` names an instance whose bus differs from its peers'.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_sh_restart_keeps_what_start_configured_and_nginx_always_has_an_instance() {
+    crate::require!(Redis, Nginx);
     nginx();
     let db = Database(format!("sluice_deploy_{:08x}", rand::random::<u32>()));
     let tmp = tempfile::tempdir().unwrap();
@@ -1184,6 +1184,7 @@ fn spellings(ip: &std::net::Ipv6Addr) -> Vec<String> {
 /// on IPv6 loopback too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_keeps_readiness_local_and_limits_ipv6_clients_per_64() {
+    crate::require!(Nginx);
     nginx();
     let tmp = tempfile::tempdir().unwrap();
     let free = free_ports(2);

@@ -5,6 +5,7 @@
 //! heads) and CORS.
 
 use crate::common;
+use crate::common::need::redis_url;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,10 +16,6 @@ use sluice::config::{AuthMode, Config, RedisConfig, Secret};
 use sluice::mock::{MockConfig, MockServer, full_reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-
-fn redis_url() -> String {
-    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
 
 /// Deletes every Redis key under a test's prefix when dropped.
 struct RedisPrefix(String);
@@ -221,6 +218,7 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
 
 #[tokio::test]
 async fn two_instances_share_one_quota_in_redis() {
+    crate::require!(Redis);
     let prefix = RedisPrefix::new();
     let mock = mock(MockConfig::default()).await;
     let mut cfg = keyed_config(&mock);
@@ -261,6 +259,7 @@ async fn two_instances_share_one_quota_in_redis() {
 
 #[tokio::test]
 async fn a_key_past_its_token_quota_is_refused_on_its_next_request() {
+    crate::require!(Redis);
     let prefix = RedisPrefix::new();
     let mock = mock(MockConfig::default()).await;
     let mut cfg = keyed_config(&mock);

@@ -273,8 +273,7 @@ async fn traced_run(wire: bool) -> (String, String, String, String) {
     let marker = format!("marker-{}", uuid::Uuid::new_v4().simple());
     let upstream_key = format!("sk-upstream-{}", uuid::Uuid::new_v4().simple());
     let mock_url = mock.url();
-    let redis_url =
-        std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis_url = common::need::redis_url();
     let envs = [
         ("DATABASE_URL", database_url.as_str()),
         ("REDIS_URL", redis_url.as_str()),
@@ -354,6 +353,7 @@ async fn traced_run(wire: bool) -> (String, String, String, String) {
 /// frames, bodies and statements: no prompt and no key may reach the log through them.
 #[tokio::test]
 async fn at_trace_level_no_prompt_or_key_reaches_the_log() {
+    crate::require!(Postgres, Redis);
     let (log, marker, key, upstream_key) = traced_run(false).await;
     assert!(log.contains(" DEBUG "), "not a debug-level log");
     for (what, secret) in [
@@ -372,6 +372,7 @@ async fn at_trace_level_no_prompt_or_key_reaches_the_log() {
 /// `SLUICE_LOG_WIRE=1` is the one way to see what passes through those libraries.
 #[tokio::test]
 async fn log_wire_lets_the_libraries_log_what_passes_through() {
+    crate::require!(Postgres, Redis);
     let (log, marker, _, _) = traced_run(true).await;
     assert!(
         log.contains(&marker),

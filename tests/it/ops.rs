@@ -77,6 +77,7 @@ fn value(m: &HashMap<String, f64>, series: &str) -> f64 {
 
 #[tokio::test]
 async fn counters_move_by_exactly_what_happened() {
+    crate::require!(Postgres, Redis);
     let (_mock, server) = mock_and_server().await;
     let (text, before) = scrape(&server.url).await;
     for name in [
@@ -188,7 +189,7 @@ async fn counters_move_by_exactly_what_happened() {
 async fn readiness_follows_postgres_and_redis() {
     let db = common::db::fresh(Backend::Postgres).await;
     let pg: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
-    let redis: std::net::SocketAddr = "127.0.0.1:6379".parse().unwrap();
+    let redis = common::need::redis_addr();
     let mut pg_proxy = Proxy::start(pg).await;
     let mut redis_proxy = Proxy::start(redis).await;
     let mock = mock(MockConfig::default()).await;
@@ -385,8 +386,7 @@ async fn admin_paths_need_an_admin_key_in_every_spelling() {
 #[tokio::test]
 async fn deterministic_replies_are_cached_until_cleared() {
     let prefix = format!("sluice-test-{}", uuid::Uuid::new_v4().simple());
-    let redis_url =
-        std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis_url = common::need::redis_url();
     let mock = mock(MockConfig::default()).await;
     let mut cfg = config_for(&mock);
     cfg.chat.auth = AuthMode::Off;

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use crate::common;
+use crate::common::need::redis_url;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -15,10 +16,6 @@ use common::*;
 use serde_json::{Value, json};
 use sluice::config::{Config, RedisConfig, Secret};
 use sluice::mock::{MockConfig, MockServer};
-
-fn redis_url() -> String {
-    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
 
 fn prefix() -> String {
     format!("sluice-test-{}", sluice::store::new_id())
@@ -63,6 +60,7 @@ async fn assert_busy(url: &str) {
 
 #[tokio::test]
 async fn two_instances_share_one_provider_limit() {
+    crate::require!(Redis);
     let mock = mock(MockConfig::default()).await;
     let prefix = prefix();
     let a = TestServer::start(config(
@@ -101,6 +99,7 @@ async fn two_instances_share_one_provider_limit() {
 
 #[tokio::test]
 async fn a_killed_instances_slots_come_back_after_their_lease() {
+    crate::require!(Redis);
     let mock = mock(MockConfig::default()).await;
     let prefix = prefix();
     let dir = tempfile::tempdir().unwrap();
@@ -171,8 +170,9 @@ async fn a_killed_instances_slots_come_back_after_their_lease() {
 
 #[tokio::test]
 async fn with_redis_away_each_instance_keeps_its_own_limit() {
+    crate::require!(Redis);
     let mock = mock(MockConfig::default()).await;
-    let mut proxy = Proxy::start("127.0.0.1:6379".parse().unwrap()).await;
+    let mut proxy = Proxy::start(common::need::redis_addr()).await;
     let s = TestServer::start(config(
         &mock,
         &format!("redis://{}/", proxy.addr),

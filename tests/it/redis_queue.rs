@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+use crate::common::need::redis_url;
 use std::collections::HashSet;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -17,10 +18,6 @@ use tokio::time::{Instant, timeout};
 
 /// Long enough that nothing is reclaimed in tests that are not about reclaiming.
 const NO_RECLAIM: Duration = Duration::from_secs(600);
-
-fn redis_url() -> String {
-    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
 
 /// A prefix of its own for one test; its keys are deleted when it drops, even after a failure.
 struct Prefix {
@@ -123,6 +120,7 @@ impl Drop for Prefix {
 
 #[tokio::test]
 async fn push_pop_ack_is_fifo_and_acked_entries_are_deleted() {
+    crate::require!(Redis);
     let prefix = Prefix::new();
     let q = prefix.queue(NO_RECLAIM).await;
     assert_eq!(q.backend(), "redis");
@@ -164,6 +162,7 @@ async fn push_pop_ack_is_fifo_and_acked_entries_are_deleted() {
 
 #[tokio::test]
 async fn pop_returns_none_after_wait_on_an_empty_stream() {
+    crate::require!(Redis);
     let prefix = Prefix::new();
     let q = prefix.queue(NO_RECLAIM).await;
     let started = Instant::now();
@@ -187,6 +186,7 @@ async fn pop_returns_none_after_wait_on_an_empty_stream() {
 
 #[tokio::test]
 async fn a_waiting_pop_gets_a_task_pushed_meanwhile() {
+    crate::require!(Redis);
     let prefix = Prefix::new();
     let q = Arc::new(prefix.queue(NO_RECLAIM).await);
     let waiter = {
@@ -215,6 +215,7 @@ async fn a_waiting_pop_gets_a_task_pushed_meanwhile() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_consumers_never_get_the_same_entry() {
+    crate::require!(Redis);
     let prefix = Prefix::new();
     let producer = prefix.queue(NO_RECLAIM).await;
     let ids: Vec<String> = (0..50).map(|i| format!("task-{i}")).collect();
@@ -256,6 +257,7 @@ async fn concurrent_consumers_never_get_the_same_entry() {
 
 #[tokio::test]
 async fn a_task_left_unacked_by_a_dead_consumer_is_redelivered_once_after_reclaim_idle() {
+    crate::require!(Redis);
     let reclaim_idle = Duration::from_millis(200);
     let prefix = Prefix::new();
     let dying = prefix.queue(reclaim_idle).await;
@@ -322,6 +324,7 @@ async fn a_task_left_unacked_by_a_dead_consumer_is_redelivered_once_after_reclai
 
 #[tokio::test]
 async fn a_pending_entry_deleted_meanwhile_is_skipped() {
+    crate::require!(Redis);
     let reclaim_idle = Duration::from_millis(100);
     let prefix = Prefix::new();
     let q = prefix.queue(reclaim_idle).await;
@@ -358,6 +361,7 @@ async fn a_pending_entry_deleted_meanwhile_is_skipped() {
 
 #[tokio::test]
 async fn a_lost_stream_and_group_are_recreated_and_nothing_pushed_meanwhile_is_missed() {
+    crate::require!(Redis);
     let prefix = Prefix::new();
     let q = prefix.queue(NO_RECLAIM).await;
     // What a Redis restarted without persistence looks like: no stream, no group.
@@ -376,6 +380,7 @@ async fn a_lost_stream_and_group_are_recreated_and_nothing_pushed_meanwhile_is_m
 
 #[tokio::test]
 async fn an_entry_without_a_task_id_is_dropped_not_delivered() {
+    crate::require!(Redis);
     let prefix = Prefix::new();
     let q = prefix.queue(NO_RECLAIM).await;
     let _: String = redis::cmd("XADD")
@@ -396,6 +401,7 @@ async fn an_entry_without_a_task_id_is_dropped_not_delivered() {
 
 #[tokio::test]
 async fn an_unreachable_redis_is_unavailable_in_bounded_time() {
+    crate::require!(Redis);
     for url in ["redis://127.0.0.1:1", "not a redis url"] {
         let result = timeout(
             Duration::from_secs(10),
@@ -441,6 +447,7 @@ async fn private_redis(port: u16) -> Option<Child> {
 
 #[tokio::test]
 async fn redis_going_down_is_unavailable_and_coming_back_is_reconnected() {
+    crate::require!(Redis);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -99,36 +99,43 @@ async fn run_openai(file: &str) {
 
 #[tokio::test]
 async fn sdk_plain_text_through_sluice_matches_direct() {
+    crate::require!(SdkVenv);
     run_openai("test_plain.py").await;
 }
 
 #[tokio::test]
 async fn sdk_tool_call_loop_matches_direct() {
+    crate::require!(SdkVenv);
     run_openai("test_tools.py").await;
 }
 
 #[tokio::test]
 async fn sdk_reasoning_logprobs_and_n_match_direct() {
+    crate::require!(SdkVenv);
     run_openai("test_features.py").await;
 }
 
 #[tokio::test]
 async fn sdk_every_message_shape_reaches_upstream_unchanged() {
+    crate::require!(SdkVenv);
     run_openai("test_messages.py").await;
 }
 
 #[tokio::test]
 async fn sdk_cached_tool_call_reply_replays_identically() {
+    crate::require!(SdkVenv);
     run_openai("test_cache.py").await;
 }
 
 #[tokio::test]
 async fn sdk_single_flight_pair_shares_one_upstream_reply() {
+    crate::require!(SdkVenv);
     run_openai("test_single_flight.py").await;
 }
 
 #[tokio::test]
 async fn sdk_readme_examples_run_as_written() {
+    crate::require!(SdkVenv);
     // The example names a real model; this upstream takes any name, and its process-wide
     // scenario answers with parallel tool calls, then (after the results) the answer.
     let mock = mock(MockConfig {
@@ -143,6 +150,7 @@ async fn sdk_readme_examples_run_as_written() {
 
 #[tokio::test]
 async fn sdk_placeholder_key_works_on_a_default_local_server() {
+    crate::require!(SdkVenv);
     // Auth `auto` on loopback, as a fresh install runs: no key is created.
     let (mock, server) = mock_and_server().await;
     let env = [
@@ -157,6 +165,7 @@ async fn sdk_placeholder_key_works_on_a_default_local_server() {
 
 #[tokio::test]
 async fn sdk_anthropic_tool_use_loop() {
+    crate::require!(SdkVenv);
     // The Anthropic dialect takes no body knobs and sluice forwards no client headers, so
     // the scenario is the mock's own setting.
     let mock = mock(MockConfig {

@@ -16,23 +16,8 @@ use serde_json::{Value, json};
 use sluice::config::{AuthMode, ProviderConfig};
 use sluice::mock::{Fault, MockConfig, MockServer, full_reply, token_text};
 
-/// Runs a scenario once per store backend, as two tests.
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn sqlite() {
-                super::$name(super::Backend::Sqlite).await
-            }
-            #[tokio::test]
-            async fn postgres() {
-                super::$name(super::Backend::Postgres).await
-            }
-        }
-    )*};
-}
-
-both_backends!(
+crate::backend_tests!(
+    sqlite, postgres;
     crud_and_pagination,
     other_keys_see_nothing,
     three_subscribers_get_every_token_in_order,

@@ -18,7 +18,6 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 const PG: &str = "127.0.0.1:5432";
-const REDIS: &str = "127.0.0.1:6379";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -197,6 +196,7 @@ async fn assert_waiting_for(p: &Proc, dependency: &str) {
 
 #[tokio::test]
 async fn postgres_away_at_start_is_waited_for_then_served() {
+    crate::require!(Postgres);
     let mock = mock(MockConfig::default()).await;
     let db = db::fresh(Backend::Postgres).await;
     let mut proxy = Proxy::start(PG.parse().unwrap()).await;
@@ -220,8 +220,9 @@ async fn postgres_away_at_start_is_waited_for_then_served() {
 
 #[tokio::test]
 async fn redis_blackholed_at_start_is_waited_for_then_served() {
+    crate::require!(Redis);
     let mock = mock(MockConfig::default()).await;
-    let mut proxy = Proxy::start(REDIS.parse().unwrap()).await;
+    let mut proxy = Proxy::start(common::need::redis_addr()).await;
     proxy.blackhole();
     let mut envs = redis_env(&proxy);
     envs.push(("OPENAI_BASE_URL", mock.url()));
@@ -240,7 +241,8 @@ async fn redis_blackholed_at_start_is_waited_for_then_served() {
 
 #[tokio::test]
 async fn the_wait_runs_out_with_a_message_naming_the_dependency_and_the_setting() {
-    let mut proxy = Proxy::start(REDIS.parse().unwrap()).await;
+    crate::require!(Redis);
+    let mut proxy = Proxy::start(common::need::redis_addr()).await;
     proxy.stop();
     let mut envs = redis_env(&proxy);
     envs.push(("SLUICE_START_WAIT_SECS", "2".into()));
@@ -257,6 +259,7 @@ async fn the_wait_runs_out_with_a_message_naming_the_dependency_and_the_setting(
 
 #[tokio::test]
 async fn no_wait_fails_at_once_as_before() {
+    crate::require!(Postgres);
     let mut proxy = Proxy::start(PG.parse().unwrap()).await;
     proxy.stop();
     let db = db::fresh(Backend::Postgres).await;
@@ -273,6 +276,7 @@ async fn no_wait_fails_at_once_as_before() {
 
 #[tokio::test]
 async fn sigterm_during_the_wait_exits_promptly_and_cleanly() {
+    crate::require!(Postgres);
     let db = db::fresh(Backend::Postgres).await;
     let mut proxy = Proxy::start(PG.parse().unwrap()).await;
     proxy.stop();
@@ -292,6 +296,7 @@ async fn sigterm_during_the_wait_exits_promptly_and_cleanly() {
 /// and `READY=1` only once it answers.
 #[tokio::test]
 async fn ready_reaches_systemd_only_once_the_dependency_answers() {
+    crate::require!(Postgres);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify.sock");
     let socket = tokio::net::UnixDatagram::bind(&path).unwrap();

@@ -1968,6 +1968,7 @@ async fn start_up_interrupts_only_replies_no_other_instance_holds(backend: Backe
 /// PgBouncer has server connections (3): no request fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_clients_create_and_list_sessions_through_pgbouncer() {
+    crate::require!(Postgres, PgBouncer);
     let db = fresh(Backend::PgBouncer).await;
     let mut cfg = common::base_config();
     cfg.store = db.config.clone();

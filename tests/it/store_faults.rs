@@ -66,6 +66,7 @@ async fn recovers_within(store: &dyn Store, limit: Duration) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_database_does_not_wedge_the_pool() {
+    crate::require!(Postgres);
     let (_db, mut proxy, store) = pg_behind_proxy(|c| {
         c.pool_size = 3;
         c.acquire_timeout = Duration::from_millis(700);
@@ -114,6 +115,7 @@ async fn a_hung_database_does_not_wedge_the_pool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusing_database_fails_fast_and_recovers_by_itself() {
+    crate::require!(Postgres);
     let (_db, mut proxy, store) = pg_behind_proxy(|c| {
         c.pool_size = 2;
         c.acquire_timeout = Duration::from_secs(3);
@@ -552,6 +554,7 @@ async fn stored_reply(db: &TestDb, session: &str, limit: Duration) -> sluice::st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_that_ends_while_the_database_is_away_is_stored_when_it_is_back() {
+    crate::require!(Postgres);
     let db = fresh(Backend::Postgres).await;
     let mut proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let data = tempfile::tempdir().unwrap();
@@ -567,6 +570,7 @@ async fn a_reply_that_ends_while_the_database_is_away_is_stored_when_it_is_back(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_not_stored_before_shutdown_is_stored_by_the_next_start() {
+    crate::require!(Postgres);
     let db = fresh(Backend::Postgres).await;
     let mut proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let data = tempfile::tempdir().unwrap();
@@ -585,6 +589,7 @@ async fn a_reply_not_stored_before_shutdown_is_stored_by_the_next_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_that_ends_while_the_database_is_away_keeps_its_result() {
+    crate::require!(Postgres);
     use eventsource_stream::Eventsource;
     use futures::StreamExt;
     let db = fresh(Backend::Postgres).await;
@@ -649,6 +654,7 @@ async fn a_task_that_ends_while_the_database_is_away_keeps_its_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_get_their_503_in_milliseconds_while_the_database_is_down() {
+    crate::require!(Postgres);
     let db = fresh(Backend::Postgres).await;
     let mut proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let data = tempfile::tempdir().unwrap();

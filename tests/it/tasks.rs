@@ -16,22 +16,8 @@ use serde_json::{Value, json};
 use sluice::config::{AuthMode, ProviderConfig, RedisConfig, Secret};
 use sluice::mock::{Fault, MockConfig, MockServer, full_reply};
 
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn sqlite() {
-                super::$name(super::Backend::Sqlite).await
-            }
-            #[tokio::test]
-            async fn postgres() {
-                super::$name(super::Backend::Postgres).await
-            }
-        }
-    )*};
-}
-
-both_backends!(
+crate::backend_tests!(
+    sqlite, postgres;
     scene_run_result_by_poll_and_by_sse,
     sync_returns_the_result,
     workers_bound_upstream_concurrency,
@@ -733,10 +719,10 @@ async fn a_reasoning_task_keeps_its_thinking_with_the_result(b: Backend) {
 /// reclaimed by another worker and completed exactly once.
 #[tokio::test]
 async fn redis_queue_reclaims_a_dead_workers_task_exactly_once() {
+    crate::require!(Postgres, Redis);
     use sluice::queue::TaskQueue;
     let prefix = format!("sluice-test-{}", uuid::Uuid::new_v4().simple());
-    let redis_url =
-        std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis_url = common::need::redis_url();
     let mock = mock(MockConfig {
         tokens: 4,
         ..Default::default()

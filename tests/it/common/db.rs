@@ -272,31 +272,42 @@ fn unix_secs() -> u64 {
 
 /// Runs each listed `async fn name(backend: Backend)` once per backend, as separate tests
 /// `sqlite::name`, `postgres::name` and `pgbouncer::name`, so a failure names its backend
-/// and runs in parallel.
+/// and runs in parallel. `backend_tests!(sqlite, postgres; a, b)` names the backends to use.
+/// A backend whose server is missing skips its tests (see `need`).
 #[macro_export]
 macro_rules! backend_tests {
+    (@list []; $($name:ident),*) => {};
+    (@list [$m:ident $(, $rest:ident)*]; $($name:ident),*) => {
+        $crate::backend_tests!(@mod $m; $($name),*);
+        $crate::backend_tests!(@list [$($rest),*]; $($name),*);
+    };
+    ($($m:ident),+ ; $($name:ident),* $(,)?) => {
+        $crate::backend_tests!(@list [$($m),+]; $($name),*);
+    };
     ($($name:ident),* $(,)?) => {
-        mod sqlite {
+        $crate::backend_tests!(sqlite, postgres, pgbouncer; $($name),*);
+    };
+    (@mod sqlite; $($name:ident),*) => {
+        $crate::backend_tests!(@tests sqlite, Sqlite, []; $($name),*);
+    };
+    (@mod postgres; $($name:ident),*) => {
+        $crate::backend_tests!(@tests postgres, Postgres, [Postgres]; $($name),*);
+    };
+    (@mod pgbouncer; $($name:ident),*) => {
+        $crate::backend_tests!(@tests pgbouncer, PgBouncer, [Postgres, PgBouncer]; $($name),*);
+    };
+    (@needs [$($need:ident),*]) => {
+        [$($crate::common::need::Need::$need),*]
+    };
+    (@tests $m:ident, $backend:ident, $needs:tt; $($name:ident),*) => {
+        mod $m {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name($crate::common::db::Backend::Sqlite).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::common::db::Backend::Postgres).await
-                }
-            )*
-        }
-        mod pgbouncer {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::common::db::Backend::PgBouncer).await
+                    if !$crate::common::need::have(&$crate::backend_tests!(@needs $needs)) {
+                        return;
+                    }
+                    super::$name($crate::common::db::Backend::$backend).await
                 }
             )*
         }

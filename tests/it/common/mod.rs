@@ -2,6 +2,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod db;
+pub mod need;
 pub mod pgbouncer;
 pub mod proxy;
 pub mod reasoning;
