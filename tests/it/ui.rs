@@ -1,8 +1,8 @@
 //! The chat UI in a real browser: headless Chromium driven over WebDriver (fantoccini and
 //! Debian's chromedriver) against the real server and the mock upstream.
 //!
-//! One chromedriver serves the whole file, so it runs as one test that plays every scenario
-//! (a few at a time, each with its own server and browsers) and reports each by name.
+//! Each scenario is a test of its own, with its own server and browsers; all share one
+//! chromedriver, started by the first of them, and a few run at a time.
 //! Screenshots of the main views go to `target/ui-screenshots/`; a failing scenario also
 //! leaves `FAILED-<scenario>-<n>.png` there.
 
@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use common::reasoning::{answer, reasoning_upstream, thinking};
 use common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
-use futures::StreamExt;
 use serde_json::{Value, json};
 use sluice::config::{AuthMode, Config, ProviderConfig};
 use sluice::mock::{Fault, MockConfig, MockServer, full_reply};
@@ -63,76 +62,35 @@ const LAST_REPLY_JS: &str = concat!(last_reply!(), "return reply;");
 
 type Scenario = fn(Arc<Ctx>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// One test per scenario, named as the scenario, played by [`play`].
 macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        vec![$((stringify!($name), (|ctx| Box::pin($name(ctx))) as Scenario)),*]
-    };
+    ($($name:ident => $scene:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            crate::require!(Chromium);
+            play(stringify!($name), |ctx| Box::pin($scene(ctx))).await;
+        }
+    )*};
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chat_ui_end_to_end_in_chromium() {
-    let driver = Arc::new(Driver::start().await);
-    std::fs::create_dir_all(shots_dir()).unwrap();
-    for f in std::fs::read_dir(shots_dir()).unwrap().flatten() {
-        if f.file_name().to_string_lossy().starts_with("FAILED-") {
-            let _ = std::fs::remove_file(f.path());
-        }
-    }
-    let all = scenarios![
-        reply_streams_token_by_token,
-        stop_button_and_escape_stop_the_reply,
-        reload_mid_reply_completes_exactly_once,
-        network_drop_mid_reply_resumes_without_a_gap,
-        two_windows_show_the_same_reply_live,
-        markup_in_replies_renders_as_text,
-        task_progress_and_result_over_websocket,
-        admin_view_for_admin_keys_only,
-        phone_width_layout,
-        upstream_failure_shows_plain_words_and_retries,
-        demo_provider_out_of_the_box,
-        reasoning_shows_collapsed_above_the_answer,
-        websocket_closes_cleanly_in_the_browser,
-        task_eventsource_stops_after_the_result,
-        model_picker_picks_the_replying_model_per_chat,
-        deep_nesting_renders_and_the_next_reply_too,
-    ];
-    // SLUICE_UI_ONLY=name,name plays only the scenarios whose names contain one of those.
-    let only = std::env::var("SLUICE_UI_ONLY").unwrap_or_default();
-    let all: Vec<_> = all
-        .into_iter()
-        .filter(|(name, _)| only.is_empty() || only.split(',').any(|o| name.contains(o.trim())))
-        .collect();
-    let started = Instant::now();
-    let results: Vec<(&str, Result<(), String>, Duration)> = futures::stream::iter(all)
-        .map(|(name, scenario)| play(driver.clone(), name, scenario))
-        .buffer_unordered(PARALLEL)
-        .collect()
-        .await;
-    if let Ok(d) = Arc::try_unwrap(driver) {
-        d.stop().await;
-    }
-    let mut failed = Vec::new();
-    for (name, result, took) in &results {
-        match result {
-            Ok(()) => println!("ok      {name} ({took:.1?})"),
-            Err(e) => {
-                println!("FAILED  {name} ({took:.1?}): {e}");
-                failed.push(format!("{name}: {e}"));
-            }
-        }
-    }
-    println!(
-        "{} scenarios in {:.1?}; screenshots in {}",
-        results.len(),
-        started.elapsed(),
-        shots_dir().display()
-    );
-    assert!(
-        failed.is_empty(),
-        "UI scenarios failed:\n{}",
-        failed.join("\n")
-    );
-}
+scenarios![
+    reply_streams_token_by_token => reply_streams_token_by_token_scene,
+    stop_button_and_escape_stop_the_reply => stop_button_and_escape_stop_the_reply_scene,
+    reload_mid_reply_completes_exactly_once => reload_mid_reply_completes_exactly_once_scene,
+    network_drop_mid_reply_resumes_without_a_gap => network_drop_mid_reply_resumes_without_a_gap_scene,
+    two_windows_show_the_same_reply_live => two_windows_show_the_same_reply_live_scene,
+    markup_in_replies_renders_as_text => markup_in_replies_renders_as_text_scene,
+    task_progress_and_result_over_websocket => task_progress_and_result_over_websocket_scene,
+    admin_view_for_admin_keys_only => admin_view_for_admin_keys_only_scene,
+    phone_width_layout => phone_width_layout_scene,
+    upstream_failure_shows_plain_words_and_retries => upstream_failure_shows_plain_words_and_retries_scene,
+    demo_provider_out_of_the_box => demo_provider_out_of_the_box_scene,
+    reasoning_shows_collapsed_above_the_answer => reasoning_shows_collapsed_above_the_answer_scene,
+    websocket_closes_cleanly_in_the_browser => websocket_closes_cleanly_in_the_browser_scene,
+    task_eventsource_stops_after_the_result => task_eventsource_stops_after_the_result_scene,
+    model_picker_picks_the_replying_model_per_chat => model_picker_picks_the_replying_model_per_chat_scene,
+    deep_nesting_renders_and_the_next_reply_too => deep_nesting_renders_and_the_next_reply_too_scene,
+];
 
 /// The files themselves, without a browser: strict headers, revalidation, JSON 404s, and
 /// nothing loaded from elsewhere (the binary must work offline).
@@ -212,14 +170,23 @@ async fn ui_files_are_served_embedded_with_strict_headers() {
     server.shutdown().await;
 }
 
-/// Runs one scenario in its own task, so a panic fails that scenario only, then closes
-/// every browser it opened (after a screenshot if it failed).
-async fn play(
-    driver: Arc<Driver>,
-    name: &'static str,
-    scenario: Scenario,
-) -> (&'static str, Result<(), String>, Duration) {
-    let t = Instant::now();
+/// Browsers running at once across all scenario tests.
+static RUNNING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(PARALLEL);
+
+/// Runs one scenario in its own task, so a panic is reported with its message, closes every
+/// browser it opened (after a screenshot if it failed), then fails the test if it failed.
+async fn play(name: &'static str, scenario: Scenario) {
+    let driver = Driver::shared().await;
+    let _turn = RUNNING.acquire().await.unwrap();
+    std::fs::create_dir_all(shots_dir()).unwrap();
+    for f in std::fs::read_dir(shots_dir()).unwrap().flatten() {
+        if f.file_name()
+            .to_string_lossy()
+            .starts_with(&format!("FAILED-{name}-"))
+        {
+            let _ = std::fs::remove_file(f.path());
+        }
+    }
     let ctx = Arc::new(Ctx {
         driver,
         browsers: Mutex::new(Vec::new()),
@@ -242,7 +209,7 @@ async fn play(
             Err(format!("did not finish within {SCENARIO_LIMIT:?}"))
         }
     };
-    // Bounded: a page that hangs (a script in a loop) must not hang the whole run.
+    // Bounded: a page that hangs (a script in a loop) must not hang the test.
     let browsers = std::mem::take(&mut *ctx.browsers.lock().unwrap());
     for (i, b) in browsers.into_iter().enumerate() {
         if result.is_err() {
@@ -252,7 +219,9 @@ async fn play(
         }
         let _ = tokio::time::timeout(CLEANUP, b.close()).await;
     }
-    (name, result, t.elapsed())
+    if let Err(e) = result {
+        panic!("{name}: {e}; screenshots in {}", shots_dir().display());
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -262,7 +231,7 @@ async fn play(
 /// Sign in (a wrong key is refused), send with Enter (Shift+Enter is a new line), watch the
 /// reply grow in the DOM, see usage and time to first token; then rename and delete the
 /// chat in the sidebar.
-async fn reply_streams_token_by_token(ctx: Arc<Ctx>) {
+async fn reply_streams_token_by_token_scene(ctx: Arc<Ctx>) {
     let n = 30;
     let (_mock, server) = env(
         MockConfig {
@@ -377,7 +346,7 @@ async fn reply_streams_token_by_token(ctx: Arc<Ctx>) {
 }
 
 /// The Stop button ends a reply mid-way, keeping exactly the text shown; Esc does the same.
-async fn stop_button_and_escape_stop_the_reply(ctx: Arc<Ctx>) {
+async fn stop_button_and_escape_stop_the_reply_scene(ctx: Arc<Ctx>) {
     let n = 400;
     let (_mock, server) = env(
         MockConfig {
@@ -436,7 +405,7 @@ async fn stop_button_and_escape_stop_the_reply(ctx: Arc<Ctx>) {
 
 /// A reload in the middle of a reply resumes from the last event id: the reply completes
 /// once, with no gap and no repeated word.
-async fn reload_mid_reply_completes_exactly_once(ctx: Arc<Ctx>) {
+async fn reload_mid_reply_completes_exactly_once_scene(ctx: Arc<Ctx>) {
     let n = 45;
     let (_mock, server) = env(
         MockConfig {
@@ -486,7 +455,7 @@ async fn reload_mid_reply_completes_exactly_once(ctx: Arc<Ctx>) {
 /// The network drops mid-reply (every connection through a proxy is cut): the page says
 /// it is reconnecting, resumes from the last event id and completes the reply with no gap
 /// and no repeated word.
-async fn network_drop_mid_reply_resumes_without_a_gap(ctx: Arc<Ctx>) {
+async fn network_drop_mid_reply_resumes_without_a_gap_scene(ctx: Arc<Ctx>) {
     let n = 60;
     let (_mock, server) = env(
         MockConfig {
@@ -548,7 +517,7 @@ async fn network_drop_mid_reply_resumes_without_a_gap(ctx: Arc<Ctx>) {
 
 /// Two windows on one session: a reply sent from one shows live in the other, with the
 /// same text.
-async fn two_windows_show_the_same_reply_live(ctx: Arc<Ctx>) {
+async fn two_windows_show_the_same_reply_live_scene(ctx: Arc<Ctx>) {
     let n = 40;
     let (_mock, server) = env(
         MockConfig {
@@ -612,7 +581,7 @@ async fn two_windows_show_the_same_reply_live(ctx: Arc<Ctx>) {
 
 /// Model output with `<script>`, `<img onerror>` and a `javascript:` link renders as text;
 /// Markdown (code blocks, bold, inline code) still renders.
-async fn markup_in_replies_renders_as_text(ctx: Arc<Ctx>) {
+async fn markup_in_replies_renders_as_text_scene(ctx: Arc<Ctx>) {
     let upstream = markup_upstream().await;
     let mut cfg = base_config();
     cfg.upstream.providers = vec![ProviderConfig::openai("markup", &upstream, None)];
@@ -660,7 +629,7 @@ async fn markup_in_replies_renders_as_text(ctx: Arc<Ctx>) {
 
 /// With auth off the page opens straight in. Run a scene with variables; the task's
 /// progress shows live over the WebSocket, then its result.
-async fn task_progress_and_result_over_websocket(ctx: Arc<Ctx>) {
+async fn task_progress_and_result_over_websocket_scene(ctx: Arc<Ctx>) {
     let n = 64;
     let (_mock, server) = env(
         MockConfig {
@@ -741,7 +710,7 @@ async fn task_progress_and_result_over_websocket(ctx: Arc<Ctx>) {
 
 /// The browser's own WebSocket: a close it starts is answered (1000, clean, not 1006),
 /// and a close the server starts reaches it with its code and reason, also clean.
-async fn websocket_closes_cleanly_in_the_browser(ctx: Arc<Ctx>) {
+async fn websocket_closes_cleanly_in_the_browser_scene(ctx: Arc<Ctx>) {
     let (_mock, server) = env(MockConfig::default(), |c| c.chat.auth = AuthMode::Off).await;
     let c = ctx.browser().await;
     c.goto(&server.url).await.unwrap();
@@ -782,7 +751,7 @@ async fn websocket_closes_cleanly_in_the_browser(ctx: Arc<Ctx>) {
 /// A browser's `EventSource` on a task's events opens once, gets the result, and ends
 /// CLOSED: its reconnect after the stream ends is answered 204, so it does not come back
 /// every 2 s. The same on a task that had already finished when it was opened.
-async fn task_eventsource_stops_after_the_result(ctx: Arc<Ctx>) {
+async fn task_eventsource_stops_after_the_result_scene(ctx: Arc<Ctx>) {
     let (_mock, server) = env(
         MockConfig {
             // Long enough to still run when the page opens its EventSource.
@@ -835,7 +804,7 @@ async fn task_eventsource_stops_after_the_result(ctx: Arc<Ctx>) {
 
 /// An admin key sees health, readiness, metrics, streams and the cache; a user key is
 /// refused in plain words and has no Admin tab.
-async fn admin_view_for_admin_keys_only(ctx: Arc<Ctx>) {
+async fn admin_view_for_admin_keys_only_scene(ctx: Arc<Ctx>) {
     let (_mock, server) = env(
         MockConfig {
             tokens: 400,
@@ -920,7 +889,7 @@ async fn admin_view_for_admin_keys_only(ctx: Arc<Ctx>) {
 }
 
 /// At 390 px wide the sidebar becomes a drawer behind a menu button and nothing overflows.
-async fn phone_width_layout(ctx: Arc<Ctx>) {
+async fn phone_width_layout_scene(ctx: Arc<Ctx>) {
     let n = 24;
     let (_mock, server) = env(
         MockConfig {
@@ -987,7 +956,7 @@ async fn phone_width_layout(ctx: Arc<Ctx>) {
 }
 
 /// An upstream failure shows in plain words with a Retry button, and the retry succeeds.
-async fn upstream_failure_shows_plain_words_and_retries(ctx: Arc<Ctx>) {
+async fn upstream_failure_shows_plain_words_and_retries_scene(ctx: Arc<Ctx>) {
     let n = 12;
     let (_mock, server) = env(
         MockConfig {
@@ -1034,7 +1003,7 @@ async fn upstream_failure_shows_plain_words_and_retries(ctx: Arc<Ctx>) {
 
 /// No configuration at all: the demo provider answers and the page opens without a key
 /// (loopback). Its screenshot is the one in the README.
-async fn demo_provider_out_of_the_box(ctx: Arc<Ctx>) {
+async fn demo_provider_out_of_the_box_scene(ctx: Arc<Ctx>) {
     let mut cfg = base_config();
     cfg.upstream.demo.first_token = Duration::from_millis(100);
     cfg.upstream.demo.between_tokens = Duration::from_millis(15);
@@ -1091,7 +1060,7 @@ async fn demo_provider_out_of_the_box(ctx: Arc<Ctx>) {
 /// The model picker lists `/v1/models`, starts at the default model (the upstream's own
 /// first model, as nothing is configured), and a pick answers the chat's replies and is
 /// remembered for that chat only, across a reload.
-async fn model_picker_picks_the_replying_model_per_chat(ctx: Arc<Ctx>) {
+async fn model_picker_picks_the_replying_model_per_chat_scene(ctx: Arc<Ctx>) {
     let mock = mock(MockConfig {
         tokens: 5,
         ..Default::default()
@@ -1178,7 +1147,7 @@ async fn model_picker_picks_the_replying_model_per_chat(ctx: Arc<Ctx>) {
 
 /// A reasoning model's thinking shows above its answer in a collapsed "Reasoning" box: live
 /// while it thinks, and from the history after a reload. Opening it shows the thinking.
-async fn reasoning_shows_collapsed_above_the_answer(ctx: Arc<Ctx>) {
+async fn reasoning_shows_collapsed_above_the_answer_scene(ctx: Arc<Ctx>) {
     let upstream = reasoning_upstream(Duration::from_millis(400)).await;
     let (_mock, server) = env(MockConfig::default(), |c| {
         c.upstream.providers = vec![ProviderConfig::openai("reasoner", &upstream, None)];
@@ -1252,30 +1221,35 @@ async fn reasoning_shows_collapsed_above_the_answer(ctx: Arc<Ctx>) {
 // Harness: chromedriver, servers, and the UI's moves
 // ---------------------------------------------------------------------------------------
 
+/// The chromedriver all scenarios share.
 struct Driver {
     url: String,
-    child: tokio::process::Child,
+    /// Its stdin is the process's end of the pipe: when the test process exits, the
+    /// shell reads end of file and ends its process group, chromedriver and browsers.
+    _watch: std::process::Child,
 }
 
 impl Driver {
+    /// Started by the first scenario; the later ones wait for it.
+    async fn shared() -> &'static Driver {
+        static DRIVER: tokio::sync::OnceCell<Driver> = tokio::sync::OnceCell::const_new();
+        DRIVER.get_or_init(Self::start).await
+    }
+
     async fn start() -> Self {
-        for bin in [CHROMEDRIVER, CHROMIUM] {
-            assert!(
-                Path::new(bin).exists(),
-                "{bin} is missing: the UI tests drive Debian's chromium with chromium-driver. \
-                 Run scripts/test.sh, which installs them (or: sudo apt-get install chromium chromium-driver)."
-            );
-        }
+        use std::os::unix::process::CommandExt;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = tokio::process::Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
+        let watch = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "{CHROMEDRIVER} --port={port} >/dev/null 2>&1 & read -r _; kill 0"
+            ))
+            .stdin(std::process::Stdio::piped())
+            .process_group(0)
             .spawn()
             .expect("chromedriver starts");
         let url = format!("http://127.0.0.1:{port}");
@@ -1291,7 +1265,7 @@ impl Driver {
             );
             tokio::time::sleep(POLL).await;
         }
-        Self { url, child }
+        Self { url, _watch: watch }
     }
 
     async fn browser(&self, width: u32, height: u32) -> Client {
@@ -1321,21 +1295,10 @@ impl Driver {
             .await
             .expect("a Chromium session starts")
     }
-
-    /// chromedriver's own shutdown ends its browsers too; a kill is the fallback.
-    async fn stop(mut self) {
-        let _ = client().get(format!("{}/shutdown", self.url)).send().await;
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
-    }
 }
 
 struct Ctx {
-    driver: Arc<Driver>,
+    driver: &'static Driver,
     /// Every browser a scenario opened, closed by the runner whatever happened.
     browsers: Mutex<Vec<Client>>,
 }
@@ -1626,7 +1589,7 @@ async fn watch(c: &Client, full: &str, script: &str) -> Vec<String> {
 
 /// A reply nested 10,000 quotes deep shows, its nesting bounded and the rest as text, and
 /// the reply after it renders too: no message can stop the conversation from painting.
-async fn deep_nesting_renders_and_the_next_reply_too(ctx: Arc<Ctx>) {
+async fn deep_nesting_renders_and_the_next_reply_too_scene(ctx: Arc<Ctx>) {
     let upstream = scripted_upstream(|prompt| {
         if prompt.contains("deep") {
             format!("{} bottom", ">".repeat(10_000))
