@@ -10,6 +10,7 @@ mod deploy;
 mod docs;
 mod first_hour_auth;
 mod guards;
+mod inproc;
 mod layers;
 mod limits;
 mod logging;

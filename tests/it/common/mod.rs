@@ -2,6 +2,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod db;
+pub mod inproc;
 pub mod need;
 pub mod pgbouncer;
 pub mod proxy;
@@ -96,12 +97,17 @@ pub async fn mock_and_server() -> (MockServer, TestServer) {
 
 /// A new key of `user` (created if need be), straight in the store.
 pub async fn api_key(server: &TestServer, user: &str, admin: bool) -> String {
+    store_key(&server.state, user, admin).await
+}
+
+/// A new key of `user` (created if need be) in the store of `state`.
+pub async fn store_key(state: &sluice::state::AppState, user: &str, admin: bool) -> String {
     let key = format!(
         "{}test{}",
         sluice::store::cli::KEY_PREFIX,
         uuid::Uuid::new_v4().simple()
     );
-    let store = &server.state.store;
+    let store = &state.store;
     let now = sluice::store::now_millis();
     let u = store
         .ensure_user(&sluice::store::User::new(user, now))
