@@ -2,14 +2,16 @@
 //! no socket (`common::inproc`).
 
 use std::path::Path;
+use std::time::Duration;
 
 use http::Method;
 use serde_json::{Value, json};
 use sluice::config::{AuthMode, ModelRoute};
-use sluice::mock::MockConfig;
+use sluice::mock::{MockConfig, full_reply};
 
 use crate::common::inproc::{App, RequestBuilder, api_key, mock_and_app};
 use crate::common::{base_config, body, config_for, mock};
+use crate::openai_stream::fixed_status_upstream;
 
 // From openai_stream.
 #[tokio::test]
@@ -474,5 +476,302 @@ async fn models_are_listed_and_each_can_be_retrieved() {
             .unwrap()
             .contains("no-such-model")
     );
+    server.shutdown().await;
+}
+
+// From openai_stream.
+#[tokio::test]
+async fn stream_and_non_stream_replies_match() {
+    let (mock, server) = mock_and_app().await;
+    let streamed = server
+        .post_stream(&server.chat_url(), &body(true, json!({"tokens": 20})))
+        .await;
+    assert!(streamed.done);
+    assert!(streamed.error.is_none());
+    assert_eq!(streamed.finish_reason.as_deref(), Some("stop"));
+
+    let resp = server
+        .post(&server.chat_url(), &body(false, json!({"tokens": 20})))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let whole: Value = resp.json().await.unwrap();
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(
+        whole["choices"][0]["message"]["content"],
+        streamed.text.as_str()
+    );
+    assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(whole["choices"][0]["finish_reason"], "stop");
+    assert_eq!(streamed.text, full_reply(20));
+    let usage = streamed
+        .usage
+        .expect("usage chunk when include_usage is set");
+    assert_eq!(whole["usage"], usage);
+    assert_eq!(usage["completion_tokens"], 20);
+    // sluice always asks the upstream for usage, whatever the client asked.
+    let upstream_saw = mock.stats().last_request.unwrap();
+    assert_eq!(upstream_saw["stream_options"]["include_usage"], true);
+    assert_eq!(upstream_saw["stream"], true);
+    assert_eq!(upstream_saw["model"], "mock-model");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn usage_chunk_only_when_asked() {
+    let (_mock, server) = mock_and_app().await;
+    let mut b = body(true, json!({"tokens": 3}));
+    b.as_object_mut().unwrap().remove("stream_options");
+    let r = server.post_stream(&server.chat_url(), &b).await;
+    assert!(r.done);
+    assert!(r.usage.is_none());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn rate_limit_before_first_token_is_retried_then_succeeds() {
+    let (mock, server) = mock_and_app().await;
+    let r = server
+        .post_stream(
+            &server.chat_url(),
+            &body(
+                true,
+                json!({"tokens": 4, "fault": "429", "fail_times": 2, "key": "a"}),
+            ),
+        )
+        .await;
+    assert!(r.done, "{r:?}");
+    assert_eq!(r.text, full_reply(4));
+    assert_eq!(mock.stats().chat_requests, 3, "two 429s, then the success");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_then_succeed() {
+    let (mock, server) = mock_and_app().await;
+    let resp = server
+        .post(
+            &server.chat_url(),
+            &body(
+                false,
+                json!({"tokens": 4, "fault": "500", "fail_times": 1, "key": "b"}),
+            ),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], full_reply(4));
+    assert_eq!(mock.stats().chat_requests, 2);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_retried_then_502() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut cfg = base_config();
+    cfg.upstream.providers = vec![sluice::config::ProviderConfig::openai(
+        "down",
+        &format!("http://127.0.0.1:{port}/v1"),
+        None,
+    )];
+    cfg.upstream.retry.base = Duration::from_millis(10);
+    let server = App::start(cfg).await;
+    let resp = server
+        .post(&server.chat_url(), &body(true, json!({})))
+        .await;
+    assert_eq!(resp.status(), 502);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstream_unreachable");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn fallback_to_the_next_provider_of_a_model() {
+    let broken = mock(MockConfig {
+        fault: Some(sluice::mock::Fault::ServerError),
+        ..Default::default()
+    })
+    .await;
+    let good = mock(MockConfig::default()).await;
+    let mut cfg = base_config();
+    cfg.upstream.retry.base = Duration::from_millis(5);
+    cfg.upstream.providers = vec![
+        sluice::config::ProviderConfig::openai("broken", &broken.url(), None),
+        sluice::config::ProviderConfig::openai("good", &good.url(), None),
+    ];
+    cfg.upstream.models = vec![sluice::config::ModelRoute {
+        name: "smart".into(),
+        targets: vec!["broken:big".into(), "good:small".into()],
+    }];
+    let server = App::start(cfg).await;
+    let mut b = body(true, json!({"tokens": 3}));
+    b["model"] = json!("smart");
+    let r = server.post_stream(&server.chat_url(), &b).await;
+    assert!(r.done);
+    assert_eq!(r.text, full_reply(3));
+    assert_eq!(broken.stats().chat_requests, 3);
+    assert_eq!(good.stats().chat_requests, 1);
+    assert_eq!(good.stats().last_request.unwrap()["model"], "small");
+    assert_eq!(
+        r.chunks[0]["model"], "small",
+        "chunks arrive as the upstream sent them: the model that answered"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn anthropic_stream_is_translated() {
+    // Anthropic takes no unknown body fields, so the knobs are the mock's process defaults.
+    let mock = mock(MockConfig {
+        tokens: 6,
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = base_config();
+    cfg.upstream.providers = vec![sluice::config::ProviderConfig {
+        name: "claude".into(),
+        kind: sluice::config::ProviderKind::Anthropic,
+        base_url: Some(mock.url()),
+        base_urls: vec![],
+        api_key: Some(sluice::config::Secret::new("test-key")),
+        api_key_env: None,
+        models: vec!["claude-*".into()],
+        http2: false,
+    }];
+    let server = App::start(cfg).await;
+    let mut b = body(true, json!({"tokens": 6}));
+    b["model"] = json!("claude-test");
+    b["messages"] = json!([
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "one two three"}
+    ]);
+    let r = server.post_stream(&server.chat_url(), &b).await;
+    assert!(r.done, "{r:?}");
+    assert_eq!(r.text, full_reply(6));
+    assert_eq!(r.finish_reason.as_deref(), Some("stop"));
+    assert_eq!(r.usage.unwrap()["completion_tokens"], 6);
+    let saw = mock.stats().last_request.unwrap();
+    assert_eq!(saw["system"], "be brief");
+    assert_eq!(saw["messages"][0]["role"], "user");
+    assert_eq!(saw["stream"], true);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn recorded_anthropic_fixture_relays_through_the_api() {
+    // A minimal upstream replaying a recorded Messages API stream in small pieces.
+    let fixture = include_str!("../fixtures/anthropic_stream.txt");
+    let app = axum::Router::new().route(
+        "/v1/messages",
+        axum::routing::post(move || async move {
+            let pieces: Vec<Result<bytes::Bytes, std::io::Error>> = fixture
+                .as_bytes()
+                .chunks(7)
+                .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+                .collect();
+            axum::response::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(axum::body::Body::from_stream(futures::stream::iter(pieces)))
+                .unwrap()
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut cfg = base_config();
+    cfg.upstream.providers = vec![sluice::config::ProviderConfig {
+        name: "claude".into(),
+        kind: sluice::config::ProviderKind::Anthropic,
+        base_url: Some(format!("http://{addr}/v1")),
+        base_urls: vec![],
+        api_key: None,
+        api_key_env: None,
+        models: vec![],
+        http2: false,
+    }];
+    let server = App::start(cfg).await;
+    let mut b = body(true, json!(null));
+    b["model"] = json!("claude-sonnet-4-5");
+    let r = server.post_stream(&server.chat_url(), &b).await;
+    assert!(r.done);
+    assert_eq!(r.text, "Hello! How can I help you today? Ça va — 世界 🦀");
+    assert_eq!(
+        r.usage.unwrap(),
+        json!({"prompt_tokens": 12, "completion_tokens": 15, "total_tokens": 27})
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn demo_provider_answers_with_zero_configuration() {
+    let mut cfg = base_config();
+    cfg.upstream.demo.first_token = Duration::from_millis(1);
+    cfg.upstream.demo.between_tokens = Duration::from_millis(1);
+    let server = App::start(cfg).await;
+    let mut b = body(true, json!(null));
+    b["model"] = json!("gpt-4o-mini");
+    let r = server.post_stream(&server.chat_url(), &b).await;
+    assert!(r.done);
+    assert!(r.text.contains("demo"));
+    assert!(r.chunks.len() > 10, "streamed in many chunks");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn other_4xx_are_never_retried() {
+    for (upstream, client_sees) in [(400, 400), (401, 502), (403, 502), (404, 404), (422, 422)] {
+        let (url, hits) = fixed_status_upstream(upstream).await;
+        let mut cfg = base_config();
+        cfg.upstream.retry.base = Duration::from_millis(5);
+        cfg.upstream.providers = vec![sluice::config::ProviderConfig::openai("u", &url, None)];
+        let server = App::start(cfg).await;
+        let resp = server
+            .post(&server.chat_url(), &body(true, json!({})))
+            .await;
+        assert_eq!(resp.status().as_u16(), client_sees, "upstream {upstream}");
+        let v: Value = resp.json().await.unwrap();
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("upstream says {upstream}")),
+            "{v}"
+        );
+        assert_eq!(
+            hits.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "upstream {upstream} retried"
+        );
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn persistent_rate_limit_fails_with_429_and_retry_after() {
+    let (mock, server) = mock_and_app().await;
+    let resp = server
+        .post(&server.chat_url(), &body(true, json!({"fault": "429"})))
+        .await;
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().get("retry-after").is_some());
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert!(v["error"]["message"].is_string());
+    assert_eq!(mock.stats().chat_requests, 3, "default of 3 tries");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn persistent_server_error_fails_with_502() {
+    let (mock, server) = mock_and_app().await;
+    let resp = server
+        .post(&server.chat_url(), &body(true, json!({"fault": "500"})))
+        .await;
+    assert_eq!(resp.status(), 502);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstream_error");
+    assert_eq!(mock.stats().chat_requests, 3);
     server.shutdown().await;
 }

@@ -57,6 +57,16 @@ impl App {
             .unwrap()
     }
 
+    /// `POST url` with a JSON body.
+    pub async fn post(&self, url: &str, body: &serde_json::Value) -> Response {
+        self.client().post(url).json(body).send().await.unwrap()
+    }
+
+    /// `POST url` with a JSON body, its answer read as a chat stream.
+    pub async fn post_stream(&self, url: &str, body: &serde_json::Value) -> super::StreamResult {
+        self.post(url, body).await.stream()
+    }
+
     pub fn client(&self) -> Client {
         Client {
             router: self.router.clone(),
