@@ -120,14 +120,7 @@ async fn refusal(resp: reqwest::Response) -> (u16, Option<u64>, String) {
 }
 
 async fn metric(url: &str, name: &str) -> f64 {
-    let text = client()
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(url).await;
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)

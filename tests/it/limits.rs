@@ -187,14 +187,7 @@ async fn breaker_opens_fails_fast_and_closes_after_recovery() {
         .await
         .unwrap();
     assert_eq!(ready["providers"][0]["circuit"], "closed", "{ready}");
-    let text = client()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&server.url).await;
     assert!(
         text.contains("sluice_circuit_state{provider=\"mock\"} 0"),
         "{text}"

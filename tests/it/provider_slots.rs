@@ -188,14 +188,7 @@ async fn with_redis_away_each_instance_keeps_its_own_limit() {
     // Streams did not wait on Redis beyond its short timeout.
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_busy(&s.chat_url()).await;
-    let metrics = client()
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&s.url).await;
     assert!(
         metrics.contains("sluice_provider_slots_shared{provider=\"mock\"} 0"),
         "{metrics}"

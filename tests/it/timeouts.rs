@@ -53,17 +53,6 @@ fn timeouts_counted(metrics: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn metrics(url: &str) -> String {
-    client()
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_head_then_silence_gets_408_within_the_body_timeout() {
     let (_mock, server) = server().await;
@@ -77,7 +66,7 @@ async fn a_head_then_silence_gets_408_within_the_body_timeout() {
     assert!(resp.contains("\"code\":\"request_timeout\""), "{resp}");
     assert!(took >= BODY_TIMEOUT - Duration::from_millis(50), "{took:?}");
     assert!(took < BODY_TIMEOUT * 5, "{took:?}");
-    assert_eq!(timeouts_counted(&metrics(&server.url).await), 1);
+    assert_eq!(timeouts_counted(&metrics_text(&server.url).await), 1);
     server.shutdown().await;
 }
 
@@ -124,7 +113,7 @@ async fn a_trickled_body_gets_408_and_a_normal_large_body_still_works() {
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], full_reply(2));
-    assert_eq!(timeouts_counted(&metrics(&server.url).await), 1);
+    assert_eq!(timeouts_counted(&metrics_text(&server.url).await), 1);
     server.shutdown().await;
 }
 

@@ -105,21 +105,13 @@ async fn an_endless_first_line_is_a_502_and_is_counted() {
     cfg.upstream.max_event_bytes = CAP;
     cfg.upstream.timeouts.first_token = Duration::from_secs(60);
     let server = TestServer::start(cfg).await;
-    let metrics = format!("{}/metrics", server.url);
     let series = "sluice_upstream_oversized_events_total{provider=\"raw\"}";
     let count = |text: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(series))
             .map(|v| v.trim().to_owned())
     };
-    let before = client()
-        .get(&metrics)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let before = metrics_text(&server.url).await;
     assert_eq!(count(&before).as_deref(), Some("0"), "{before}");
 
     let resp = tokio::time::timeout(WAIT, post(&server.chat_url(), &body(false, json!({}))))
@@ -132,14 +124,7 @@ async fn an_endless_first_line_is_a_502_and_is_counted() {
         .await
         .expect("the upstream connection stays open");
 
-    let after = client()
-        .get(&metrics)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let after = metrics_text(&server.url).await;
     assert_eq!(count(&after).as_deref(), Some("1"), "{after}");
     server.shutdown().await;
 }

@@ -137,6 +137,18 @@ pub fn body(stream: bool, knobs: Value) -> Value {
     })
 }
 
+/// What the server at `base` shows on `/metrics`.
+pub async fn metrics_text(base: &str) -> String {
+    client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// The JSON body of a GET.
 pub async fn get_json(url: &str) -> Value {
     client()
