@@ -66,23 +66,7 @@ async fn redis_minute() -> u64 {
 }
 
 async fn new_key(state: &sluice::state::AppState, user: &str) -> (String, String) {
-    let key = format!(
-        "{}test{}",
-        sluice::store::cli::KEY_PREFIX,
-        uuid::Uuid::new_v4().simple()
-    );
-    let store = &state.store;
-    let now = sluice::store::now_millis();
-    let u = store
-        .ensure_user(&sluice::store::User::new(user, now))
-        .await
-        .unwrap();
-    let k = sluice::store::ApiKey::new(&u.id, user, &key[..12], false, now);
-    store
-        .create_api_key(&k, &sluice::store::cli::hash_key(&key))
-        .await
-        .unwrap();
-    (key, k.id)
+    store_key_with_id(state, user, false).await
 }
 
 fn keyed_config(mock: &MockServer) -> Config {

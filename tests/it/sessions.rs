@@ -8,6 +8,7 @@ use crate::common;
 use std::time::Duration;
 
 use common::db::{Backend, TestDb};
+use common::env::TestEnv;
 use common::reasoning::{EVENTS, REASONING_TOKENS, answer, reasoning_upstream, thinking};
 use common::*;
 use eventsource_stream::Eventsource;
@@ -106,22 +107,21 @@ async fn env(backend: Backend, mock_cfg: MockConfig) -> Env {
 async fn env_with(
     backend: Backend,
     mock_cfg: MockConfig,
-    tweak: impl FnOnce(&mut sluice::config::Config),
+    tweak: impl FnOnce(&mut sluice::config::Config) + Send,
 ) -> Env {
-    let mock = mock(mock_cfg).await;
-    let db = common::db::fresh(backend).await;
-    let mut cfg = config_for(&mock);
-    cfg.store = db.config.clone();
-    cfg.chat.auth = AuthMode::Required;
-    cfg.chat.default_model = "mock-model".into();
-    tweak(&mut cfg);
-    let server = TestServer::start(cfg).await;
-    let key = api_key(&server, "alice", false).await;
+    let e = TestEnv::builder()
+        .mock(mock_cfg)
+        .backend(backend)
+        .keys_required()
+        .config(tweak)
+        .user_key()
+        .start()
+        .await;
     Env {
-        mock,
-        server,
-        db,
-        key,
+        mock: e.mock,
+        server: e.server,
+        db: e.db.unwrap(),
+        key: e.user.unwrap(),
     }
 }
 

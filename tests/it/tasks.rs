@@ -8,6 +8,7 @@ use crate::common;
 use std::time::Duration;
 
 use common::db::{Backend, TestDb};
+use common::env::TestEnv;
 use common::reasoning::{answer, reasoning_upstream, thinking};
 use common::*;
 use eventsource_stream::Eventsource;
@@ -41,24 +42,23 @@ struct Env {
 async fn env(
     b: Backend,
     mock_cfg: MockConfig,
-    tweak: impl FnOnce(&mut sluice::config::Config),
+    tweak: impl FnOnce(&mut sluice::config::Config) + Send,
 ) -> Env {
-    let mock = mock(mock_cfg).await;
-    let db = common::db::fresh(b).await;
-    let mut cfg = config_for(&mock);
-    cfg.store = db.config.clone();
-    cfg.chat.auth = AuthMode::Required;
-    cfg.chat.default_model = "mock-model".into();
-    tweak(&mut cfg);
-    let server = TestServer::start(cfg).await;
-    let admin = api_key(&server, "root", true).await;
-    let user = api_key(&server, "alice", false).await;
+    let e = TestEnv::builder()
+        .mock(mock_cfg)
+        .backend(b)
+        .keys_required()
+        .config(tweak)
+        .admin_key()
+        .user_key()
+        .start()
+        .await;
     Env {
-        mock,
-        server,
-        _db: db,
-        admin,
-        user,
+        mock: e.mock,
+        server: e.server,
+        _db: e.db.unwrap(),
+        admin: e.admin.unwrap(),
+        user: e.user.unwrap(),
     }
 }
 

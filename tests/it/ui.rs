@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::env::TestEnv;
 use common::reasoning::{answer, reasoning_upstream, thinking};
 use common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
@@ -1257,14 +1258,17 @@ async fn screenshot(c: &Client, name: &str) {
 }
 
 /// The mock upstream and the real server in front of it, keys required.
-async fn env(mock_cfg: MockConfig, tweak: impl FnOnce(&mut Config)) -> (MockServer, TestServer) {
-    let mock = mock(mock_cfg).await;
-    let mut cfg = config_for(&mock);
-    cfg.chat.auth = AuthMode::Required;
-    cfg.chat.default_model = "mock-model".into();
-    tweak(&mut cfg);
-    let server = TestServer::start(cfg).await;
-    (mock, server)
+async fn env(
+    mock_cfg: MockConfig,
+    tweak: impl FnOnce(&mut Config) + Send,
+) -> (MockServer, TestServer) {
+    let e = TestEnv::builder()
+        .mock(mock_cfg)
+        .keys_required()
+        .config(tweak)
+        .start()
+        .await;
+    (e.mock, e.server)
 }
 
 async fn messages(server: &TestServer, key: &str, session: &str) -> Vec<Value> {

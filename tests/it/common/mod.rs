@@ -2,6 +2,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod db;
+pub mod env;
 pub mod inproc;
 pub mod need;
 pub mod pgbouncer;
@@ -102,6 +103,15 @@ pub async fn api_key(server: &TestServer, user: &str, admin: bool) -> String {
 
 /// A new key of `user` (created if need be) in the store of `state`.
 pub async fn store_key(state: &sluice::state::AppState, user: &str, admin: bool) -> String {
+    store_key_with_id(state, user, admin).await.0
+}
+
+/// A new key of `user` (created if need be) in the store of `state`, and the key's id.
+pub async fn store_key_with_id(
+    state: &sluice::state::AppState,
+    user: &str,
+    admin: bool,
+) -> (String, String) {
     let key = format!(
         "{}test{}",
         sluice::store::cli::KEY_PREFIX,
@@ -118,7 +128,7 @@ pub async fn store_key(state: &sluice::state::AppState, user: &str, admin: bool)
         .create_api_key(&record, &sluice::store::cli::hash_key(&key))
         .await
         .unwrap();
-    key
+    (key, record.id)
 }
 
 pub fn client() -> reqwest::Client {
