@@ -10,7 +10,7 @@ use sluice::config::{AuthMode, ModelRoute};
 use sluice::mock::{MockConfig, full_reply};
 
 use crate::common::inproc::{App, RequestBuilder, api_key, mock_and_app};
-use crate::common::{base_config, body, config_for, mock};
+use crate::common::{base_config, body, config_for, fallback_config, mock};
 use crate::openai_stream::fixed_status_upstream;
 
 // From openai_stream.
@@ -595,16 +595,12 @@ async fn fallback_to_the_next_provider_of_a_model() {
     })
     .await;
     let good = mock(MockConfig::default()).await;
-    let mut cfg = base_config();
+    let mut cfg = fallback_config(
+        "smart",
+        ("broken", &broken, ":big"),
+        ("good", &good, ":small"),
+    );
     cfg.upstream.retry.base = Duration::from_millis(5);
-    cfg.upstream.providers = vec![
-        sluice::config::ProviderConfig::openai("broken", &broken.url(), None),
-        sluice::config::ProviderConfig::openai("good", &good.url(), None),
-    ];
-    cfg.upstream.models = vec![sluice::config::ModelRoute {
-        name: "smart".into(),
-        targets: vec!["broken:big".into(), "good:small".into()],
-    }];
     let server = App::start(cfg).await;
     let mut b = body(true, json!({"tokens": 3}));
     b["model"] = json!("smart");

@@ -203,17 +203,9 @@ async fn an_open_circuit_falls_back_to_the_next_provider() {
     })
     .await;
     let good = mock(MockConfig::default()).await;
-    let mut cfg = base_config();
+    let mut cfg = fallback_config("m", ("broken", &broken, ""), ("good", &good, ""));
     cfg.upstream.retry.max_attempts = 1;
     cfg.upstream.breaker_failures = 2;
-    cfg.upstream.providers = vec![
-        sluice::config::ProviderConfig::openai("broken", &broken.url(), None),
-        sluice::config::ProviderConfig::openai("good", &good.url(), None),
-    ];
-    cfg.upstream.models = vec![sluice::config::ModelRoute {
-        name: "m".into(),
-        targets: vec!["broken".into(), "good".into()],
-    }];
     let server = TestServer::start(cfg).await;
     let mut b = body(true, json!({"tokens": 2}));
     b["model"] = json!("m");

@@ -237,16 +237,12 @@ async fn a_target_that_stalls_before_its_first_token_falls_back_to_the_next() {
     })
     .await;
     let good = mock(MockConfig::default()).await;
-    let mut cfg = base_config();
+    let mut cfg = fallback_config(
+        "smart",
+        ("stalled", &stalled, ":big"),
+        ("good", &good, ":small"),
+    );
     cfg.upstream.timeouts.first_token = Duration::from_millis(300);
-    cfg.upstream.providers = vec![
-        sluice::config::ProviderConfig::openai("stalled", &stalled.url(), None),
-        sluice::config::ProviderConfig::openai("good", &good.url(), None),
-    ];
-    cfg.upstream.models = vec![sluice::config::ModelRoute {
-        name: "smart".into(),
-        targets: vec!["stalled:big".into(), "good:small".into()],
-    }];
     let server = TestServer::start(cfg).await;
     let mut b = body(true, json!({"tokens": 3}));
     b["model"] = json!("smart");

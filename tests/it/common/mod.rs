@@ -84,6 +84,29 @@ pub fn config_for(mock: &MockServer) -> Config {
     c
 }
 
+/// Embedded defaults with two providers, `first` and `second`, behind one model `name` whose
+/// targets are `first<first_model>` then `second<second_model>` (a model suffix such as
+/// `":big"`, or `""` for the provider's own).
+pub fn fallback_config(
+    name: &str,
+    first: (&str, &MockServer, &str),
+    second: (&str, &MockServer, &str),
+) -> Config {
+    let mut c = base_config();
+    c.upstream.providers = vec![
+        ProviderConfig::openai(first.0, &first.1.url(), None),
+        ProviderConfig::openai(second.0, &second.1.url(), None),
+    ];
+    c.upstream.models = vec![sluice::config::ModelRoute {
+        name: name.into(),
+        targets: vec![
+            format!("{}{}", first.0, first.2),
+            format!("{}{}", second.0, second.2),
+        ],
+    }];
+    c
+}
+
 pub async fn mock(config: MockConfig) -> MockServer {
     sluice::mock::spawn(config)
         .await
