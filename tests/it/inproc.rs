@@ -2,15 +2,19 @@
 //! no socket (`common::inproc`).
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use http::Method;
 use serde_json::{Value, json};
 use sluice::config::{AuthMode, ModelRoute};
-use sluice::mock::{MockConfig, full_reply};
+use sluice::mock::{MockConfig, MockServer, full_reply};
 
-use crate::common::inproc::{App, RequestBuilder, api_key, mock_and_app};
-use crate::common::{base_config, body, config_for, fallback_config, mock};
+use crate::common::db::{Backend, TestDb};
+use crate::common::inproc::{App, RequestBuilder, Response, api_key, mock_and_app};
+use crate::common::{
+    WAIT, base_config, body, config_for, fallback_config, mock, store_key_with_id,
+};
 use crate::openai_stream::fixed_status_upstream;
 
 // From openai_stream.
@@ -770,4 +774,529 @@ async fn persistent_server_error_fails_with_502() {
     assert_eq!(v["error"]["code"], "upstream_error");
     assert_eq!(mock.stats().chat_requests, 3);
     server.shutdown().await;
+}
+
+// From guards.
+/// A small chat request, with a key and an `X-Forwarded-For` if given.
+async fn chat(app: &App, key: Option<&str>, xff: Option<&str>) -> Response {
+    let mut req = app
+        .client()
+        .post(app.chat_url())
+        .json(&body(false, json!({"tokens": 2})));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    if let Some(x) = xff {
+        req = req.header("x-forwarded-for", x);
+    }
+    req.send().await.unwrap()
+}
+
+/// Status, `Retry-After` and the error code of a refused request.
+async fn refusal(resp: Response) -> (u16, Option<u64>, String) {
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    let v: Value = resp.json().await.unwrap();
+    (
+        status,
+        retry,
+        v["error"]["code"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+/// One unlabelled series of the app's `/metrics`.
+async fn metric(app: &App, name: &str) -> f64 {
+    let text = app
+        .client()
+        .get(format!("{}/metrics", app.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_key_over_its_rate_gets_429_and_other_keys_do_not() {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.chat.auth = AuthMode::Required;
+    cfg.guards.rate_chat_per_min = 6;
+    cfg.guards.rate_burst = 3;
+    let server = App::start(cfg).await;
+    let (alice, _) = store_key_with_id(&server.state, "alice", false).await;
+    let (bob, _) = store_key_with_id(&server.state, "bob", false).await;
+    let before = metric(&server, "sluice_rate_limited_total").await;
+
+    for i in 0..3 {
+        let r = chat(&server, Some(&alice), None).await;
+        assert_eq!(r.status(), 200, "request {i} is within the burst");
+    }
+    let (status, retry, code) = refusal(chat(&server, Some(&alice), None).await).await;
+    assert_eq!(status, 429);
+    // 6/min: one request every 10 s.
+    assert!(matches!(retry, Some(1..=10)), "Retry-After {retry:?}");
+    assert_eq!(code, "rate_limited");
+
+    let r = chat(&server, Some(&bob), None).await;
+    assert_eq!(r.status(), 200, "another key has its own budget");
+    // Other classes keep their own budgets (and health is never limited).
+    let r = server
+        .client()
+        .get(format!("{}/v1/models", server.url))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for _ in 0..10 {
+        let r = server
+            .client()
+            .get(format!("{}/health", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(
+        metric(&server, "sluice_rate_limited_total").await,
+        before + 1.0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn forwarded_for_is_believed_only_from_trusted_proxies() {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.guards.rate_chat_per_min = 6;
+    cfg.guards.rate_burst = 3;
+
+    // The test client is not a trusted proxy: its X-Forwarded-For is its own invention.
+    let direct = App::start(cfg.clone()).await;
+    for i in 0..3 {
+        let xff = format!("198.51.100.{i}");
+        let r = chat(&direct, None, Some(&xff)).await;
+        assert_eq!(r.status(), 200);
+    }
+    let (status, retry, code) = refusal(chat(&direct, None, Some("198.51.100.99")).await).await;
+    assert_eq!((status, code.as_str()), (429, "rate_limited"));
+    assert!(retry.unwrap() >= 1);
+    direct.shutdown().await;
+
+    // Behind a trusted proxy (127.0.0.1 here), each forwarded address is its own client.
+    cfg.guards.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    let proxied = App::start(cfg).await;
+    for i in 0..6 {
+        let xff = format!("6.6.6.6, 198.51.100.{i}");
+        let r = chat(&proxied, None, Some(&xff)).await;
+        assert_eq!(r.status(), 200, "client {i}");
+    }
+    // …and one of them still has its limit, whatever it writes on the left.
+    for i in 0..2 {
+        let xff = format!("7.7.7.{i}, 198.51.100.0");
+        assert_eq!(chat(&proxied, None, Some(&xff)).await.status(), 200);
+    }
+    let (status, _, _) = refusal(chat(&proxied, None, Some("198.51.100.0")).await).await;
+    assert_eq!(status, 429);
+    proxied.shutdown().await;
+}
+
+/// A server whose quota Redis cannot be reached. `AppState::new` would refuse the URL
+/// for the task queue, so the quota is put in after it.
+async fn unreachable_quota_server(mock: &MockServer, fail_open: bool) -> (App, String) {
+    let mut cfg = config_for(mock);
+    cfg.chat.auth = AuthMode::Required;
+    cfg.guards.quota_rpm = 100;
+    cfg.guards.quota_fail_open = fail_open;
+    let mut state = sluice::state::AppState::new(cfg.clone()).await.unwrap();
+    let quota =
+        sluice::guard::quota::Quota::connect("redis://127.0.0.1:1", "unused", &cfg.guards).await;
+    assert!(
+        quota.is_some(),
+        "a quota is configured even while Redis is down"
+    );
+    state.guards = Arc::new(sluice::guard::Guards {
+        config: cfg.guards.clone(),
+        rate: sluice::guard::rate::RateLimits::new(&cfg.guards),
+        quota: quota.map(Arc::new),
+        streams: state.guards.streams.clone(),
+    });
+    let (key, _) = store_key_with_id(&state, "alice", false).await;
+    (App::from_state(state), key)
+}
+
+#[tokio::test]
+async fn unreachable_quota_redis_fails_open_or_closed_as_configured() {
+    let mock = mock(MockConfig::default()).await;
+
+    let (open, key) = unreachable_quota_server(&mock, true).await;
+    let started = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(chat(&open, Some(&key), None).await.status(), 200);
+    }
+    assert!(
+        started.elapsed() < WAIT,
+        "an unreachable Redis costs bounded time"
+    );
+    open.shutdown().await;
+
+    let (closed, key) = unreachable_quota_server(&mock, false).await;
+    let (status, retry, code) = refusal(chat(&closed, Some(&key), None).await).await;
+    assert_eq!((status, code.as_str()), (503, "quota_unavailable"));
+    assert_eq!(retry, Some(1));
+    // Routes without a quota are unaffected.
+    let r = closed
+        .client()
+        .get(format!("{}/v1/models", closed.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    closed.shutdown().await;
+}
+
+// From sessions.
+/// An app with keys required and the mock's model the default, on a fresh store of
+/// `backend`, with a user's and an admin's key.
+struct Keyed {
+    app: App,
+    mock: MockServer,
+    user: String,
+    admin: String,
+    db: TestDb,
+}
+
+async fn keyed_app(backend: Backend, mock_cfg: MockConfig) -> Keyed {
+    let mock = mock(mock_cfg).await;
+    let db = crate::common::db::fresh(backend).await;
+    let mut cfg = config_for(&mock);
+    cfg.store = db.config.clone();
+    cfg.chat.auth = AuthMode::Required;
+    cfg.chat.default_model = "mock-model".into();
+    let app = App::start(cfg).await;
+    let user = api_key(&app, "alice", false).await;
+    let admin = api_key(&app, "root", true).await;
+    Keyed {
+        app,
+        mock,
+        user,
+        admin,
+        db,
+    }
+}
+
+impl Keyed {
+    fn req(&self, key: &str, m: Method, path: &str) -> RequestBuilder {
+        self.app
+            .client()
+            .request(m, format!("{}{path}", self.app.url))
+            .bearer_auth(key)
+    }
+
+    async fn call(&self, key: &str, m: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut r = self.req(key, m, path);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+    }
+
+    async fn new_session(&self) -> String {
+        let r = self
+            .req(&self.user, Method::POST, "/api/sessions")
+            .json(&json!({"title": "t"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn scene(&self, name: &str, template: &str) {
+        let (s, v) = self
+            .call(
+                &self.admin,
+                Method::POST,
+                "/api/scenes",
+                Some(json!({"name": name, "agent": "default", "template": template})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+}
+
+/// JSON nested 10,000 deep is refused with a 4xx — a 400 where it is read as free-form JSON
+/// (fields relayed to the provider, message content) — and the server keeps serving.
+#[tokio::test]
+async fn deeply_nested_json_is_refused_with_a_4xx() {
+    let e = keyed_app(Backend::Sqlite, MockConfig::default()).await;
+    let req = |m: Method, path: &str| e.req(&e.user, m, path);
+    let s = e.new_session().await;
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let relayed = [
+        format!(
+            r#"{{"model":"mock-model","messages":[{{"role":"user","content":"hi"}}],"x":{deep}}}"#
+        ),
+        format!(r#"{{"model":"mock-model","messages":[{{"role":"user","content":{deep}}}]}}"#),
+    ];
+    for body in relayed {
+        let r = req(Method::POST, "/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await.unwrap();
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("recursion limit"), "{msg}");
+    }
+    // A schema that wants something else there refuses it first (422).
+    let typed = [
+        ("/v1/chat/completions".to_owned(), deep.clone()),
+        (format!("/api/sessions/{s}/messages"), deep.clone()),
+        (
+            format!("/api/sessions/{s}/messages"),
+            format!(r#"{{"content":"hi","model":{deep}}}"#),
+        ),
+    ];
+    for (path, body) in typed {
+        let r = req(Method::POST, &path)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_client_error(), "{path}: {}", r.status());
+    }
+    let r = req(Method::GET, "/api/sessions").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    e.app.shutdown().await;
+}
+
+// From tasks.
+crate::backend_tests!(
+    sqlite, postgres;
+    crud_and_pagination,
+    revoked_key_is_refused,
+    sync_returns_the_result,
+    tasks_are_private,
+    template_errors_are_422,
+);
+
+async fn template_errors_are_422(b: Backend) {
+    let e = keyed_app(b, MockConfig::default()).await;
+    e.scene("pair", "{{a}} and {{b}}").await;
+    for (vars, field) in [
+        (json!({"a": 1}), "variables.b"),
+        (json!({"a": 1, "b": 2, "c": 3}), "variables.c"),
+    ] {
+        let (s, v) = e
+            .call(
+                &e.user,
+                Method::POST,
+                "/api/scenes/pair/run",
+                Some(json!({"variables": vars})),
+            )
+            .await;
+        assert_eq!(s, 422, "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().starts_with(field),
+            "{v}"
+        );
+    }
+    let (s, _) = e
+        .call(
+            &e.user,
+            Method::POST,
+            "/api/scenes/missing/run",
+            Some(json!({"variables": {}})),
+        )
+        .await;
+    assert_eq!(s, 404);
+    let (s, _) = e
+        .call(
+            &e.admin,
+            Method::POST,
+            "/api/scenes",
+            Some(json!({"name": "bad", "agent": "ghost", "template": "x"})),
+        )
+        .await;
+    assert_eq!(s, 422);
+    assert_eq!(e.mock.stats().chat_requests, 0);
+    e.app.shutdown().await;
+}
+
+async fn crud_and_pagination(b: Backend) {
+    let e = keyed_app(b, MockConfig::default()).await;
+    let mut ids = Vec::new();
+    for _ in 0..7 {
+        ids.push(e.new_session().await);
+    }
+    let got: Value = e
+        .req(&e.user, Method::GET, &format!("/api/sessions/{}", ids[0]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["id"], ids[0].as_str());
+    assert_eq!(got["title"], "t");
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = "/api/sessions?limit=3".to_owned();
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let page: Value = e
+            .req(&e.user, Method::GET, &path)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for s in page["data"].as_array().unwrap() {
+            seen.push(s["id"].as_str().unwrap().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    assert_eq!(seen, newest_first, "every session once, newest first");
+
+    let r = e
+        .req(&e.user, Method::PATCH, &format!("/api/sessions/{}", ids[1]))
+        .json(&json!({"title": "renamed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["title"], "renamed");
+    let r = e
+        .req(
+            &e.user,
+            Method::DELETE,
+            &format!("/api/sessions/{}", ids[1]),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = e
+        .req(&e.user, Method::GET, &format!("/api/sessions/{}", ids[1]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = e
+        .req(&e.user, Method::GET, "/api/sessions?cursor=garbage")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    e.app.shutdown().await;
+    drop(e.db);
+}
+
+async fn revoked_key_is_refused(b: Backend) {
+    let e = keyed_app(b, MockConfig::default()).await;
+    let s = e.new_session().await;
+    let ok = e
+        .req(&e.user, Method::GET, &format!("/api/sessions/{s}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let n = e
+        .app
+        .state
+        .store
+        .revoke_api_key("alice", sluice::store::now_millis())
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let r = e
+        .req(&e.user, Method::GET, &format!("/api/sessions/{s}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "invalid_api_key"
+    );
+    e.app.shutdown().await;
+}
+
+async fn sync_returns_the_result(b: Backend) {
+    let e = keyed_app(
+        b,
+        MockConfig {
+            tokens: 5,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (s, v) = e
+        .call(
+            &e.user,
+            Method::POST,
+            "/api/tasks?sync=true",
+            Some(json!({"messages": [{"role": "user", "content": "hi"}]})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["status"], "succeeded");
+    assert_eq!(v["result"], full_reply(5));
+    e.app.shutdown().await;
+}
+
+async fn tasks_are_private(b: Backend) {
+    let e = keyed_app(
+        b,
+        MockConfig {
+            tokens: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (_, v) = e
+        .call(
+            &e.user,
+            Method::POST,
+            "/api/tasks?sync=true",
+            Some(json!({"messages": [{"role": "user", "content": "x"}]})),
+        )
+        .await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    let other = api_key(&e.app, "mallory", false).await;
+    for (m, path) in [
+        (Method::GET, format!("/api/tasks/{id}")),
+        (Method::GET, format!("/api/tasks/{id}/events")),
+        (Method::DELETE, format!("/api/tasks/{id}")),
+    ] {
+        let (s, v) = e.call(&other, m, &path, None).await;
+        assert_eq!(s, 404, "{path}: {v}");
+    }
+    e.app.shutdown().await;
 }

@@ -45,7 +45,11 @@ impl Lines {
             .with_env_filter("info")
             .with_writer(move || writer.clone())
             .finish();
-        (lines, tracing::subscriber::set_default(subscriber))
+        let guard = tracing::subscriber::set_default(subscriber);
+        // Callsites first reached by other tests' threads while no subscriber wanted them
+        // may still hold that answer; ask again now that this one does.
+        tracing::callsite::rebuild_interest_cache();
+        (lines, guard)
     }
 
     fn parsed(&self) -> Vec<Value> {
@@ -76,10 +80,15 @@ impl Lines {
                 .collect()
         };
         let mut rx = self.count.subscribe();
-        tokio::time::timeout(WAIT, rx.wait_for(|_| done(&of(self.parsed()))))
+        if tokio::time::timeout(WAIT, rx.wait_for(|_| done(&of(self.parsed()))))
             .await
-            .expect("the request's lines within the wait")
-            .unwrap();
+            .is_err()
+        {
+            panic!(
+                "the lines of request {id} within the wait; all lines: {:#?}",
+                self.parsed()
+            );
+        }
         of(self.parsed())
     }
 }

@@ -19,7 +19,6 @@ use sluice::mock::{Fault, MockConfig, MockServer, full_reply, token_text};
 
 crate::backend_tests!(
     sqlite, postgres;
-    crud_and_pagination,
     other_keys_see_nothing,
     three_subscribers_get_every_token_in_order,
     resume_mid_stream_yields_exactly_the_rest,
@@ -29,7 +28,6 @@ crate::backend_tests!(
     cancel_keeps_the_partial_reply,
     upstream_failure_leaves_a_failed_reply,
     one_generation_at_a_time,
-    revoked_key_is_refused,
     history_survives_a_restart,
     a_reasoning_model_streams_its_thinking_before_the_answer,
     a_cancelled_reply_keeps_the_thinking_so_far,
@@ -255,82 +253,6 @@ fn assert_ids_increase(events: &[Ev]) {
         seqs.windows(2).all(|w| w[1] == w[0] + 1),
         "gap or duplicate: {seqs:?}"
     );
-}
-
-async fn crud_and_pagination(b: Backend) {
-    let e = env(b, MockConfig::default()).await;
-    let mut ids = Vec::new();
-    for _ in 0..7 {
-        ids.push(e.new_session().await);
-    }
-    let got: Value = e
-        .req(reqwest::Method::GET, &format!("/api/sessions/{}", ids[0]))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(got["id"], ids[0].as_str());
-    assert_eq!(got["title"], "t");
-
-    let mut seen = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let mut path = "/api/sessions?limit=3".to_owned();
-        if let Some(c) = &cursor {
-            path.push_str(&format!("&cursor={c}"));
-        }
-        let page: Value = e
-            .req(reqwest::Method::GET, &path)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        for s in page["data"].as_array().unwrap() {
-            seen.push(s["id"].as_str().unwrap().to_owned());
-        }
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => break,
-        }
-    }
-    let mut newest_first = ids.clone();
-    newest_first.reverse();
-    assert_eq!(seen, newest_first, "every session once, newest first");
-
-    let r = e
-        .req(reqwest::Method::PATCH, &format!("/api/sessions/{}", ids[1]))
-        .json(&json!({"title": "renamed"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.json::<Value>().await.unwrap()["title"], "renamed");
-    let r = e
-        .req(
-            reqwest::Method::DELETE,
-            &format!("/api/sessions/{}", ids[1]),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
-    let r = e
-        .req(reqwest::Method::GET, &format!("/api/sessions/{}", ids[1]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
-    let r = e
-        .req(reqwest::Method::GET, "/api/sessions?cursor=garbage")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 422);
-    e.server.shutdown().await;
-    drop(e.db);
 }
 
 async fn other_keys_see_nothing(b: Backend) {
@@ -718,36 +640,6 @@ async fn one_generation_at_a_time(b: Backend) {
     e.server.shutdown().await;
 }
 
-async fn revoked_key_is_refused(b: Backend) {
-    let e = env(b, MockConfig::default()).await;
-    let s = e.new_session().await;
-    let ok = e
-        .req(reqwest::Method::GET, &format!("/api/sessions/{s}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ok.status(), 200);
-    let n = e
-        .server
-        .state
-        .store
-        .revoke_api_key("alice", sluice::store::now_millis())
-        .await
-        .unwrap();
-    assert_eq!(n, 1);
-    let r = e
-        .req(reqwest::Method::GET, &format!("/api/sessions/{s}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["code"],
-        "invalid_api_key"
-    );
-    e.server.shutdown().await;
-}
-
 async fn history_survives_a_restart(b: Backend) {
     let e = env(
         b,
@@ -1025,59 +917,5 @@ async fn a_resume_id_at_or_past_the_end_replays_nothing_and_the_stream_stays_up(
         let want: Vec<&str> = second.iter().map(|ev| ev.id.as_str()).collect();
         assert_eq!(new, want, "resumed after {after}");
     }
-    e.server.shutdown().await;
-}
-
-/// JSON nested 10,000 deep is refused with a 4xx — a 400 where it is read as free-form JSON
-/// (fields relayed to the provider, message content) — and the server keeps serving.
-#[tokio::test]
-async fn deeply_nested_json_is_refused_with_a_4xx() {
-    let e = env(Backend::Sqlite, MockConfig::default()).await;
-    let s = e.new_session().await;
-    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
-    let relayed = [
-        format!(
-            r#"{{"model":"mock-model","messages":[{{"role":"user","content":"hi"}}],"x":{deep}}}"#
-        ),
-        format!(r#"{{"model":"mock-model","messages":[{{"role":"user","content":{deep}}}]}}"#),
-    ];
-    for body in relayed {
-        let r = e
-            .req(reqwest::Method::POST, "/v1/chat/completions")
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 400);
-        let v: Value = r.json().await.unwrap();
-        let msg = v["error"]["message"].as_str().unwrap();
-        assert!(msg.contains("recursion limit"), "{msg}");
-    }
-    // A schema that wants something else there refuses it first (422).
-    let typed = [
-        ("/v1/chat/completions".to_owned(), deep.clone()),
-        (format!("/api/sessions/{s}/messages"), deep.clone()),
-        (
-            format!("/api/sessions/{s}/messages"),
-            format!(r#"{{"content":"hi","model":{deep}}}"#),
-        ),
-    ];
-    for (path, body) in typed {
-        let r = e
-            .req(reqwest::Method::POST, &path)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_client_error(), "{path}: {}", r.status());
-    }
-    let r = e
-        .req(reqwest::Method::GET, "/api/sessions")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
     e.server.shutdown().await;
 }

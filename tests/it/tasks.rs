@@ -20,12 +20,9 @@ use sluice::mock::{Fault, MockConfig, MockServer, full_reply};
 crate::backend_tests!(
     sqlite, postgres;
     scene_run_result_by_poll_and_by_sse,
-    sync_returns_the_result,
     workers_bound_upstream_concurrency,
     cancel_stops_a_running_task_and_its_upstream,
     knowledge_ranks_titles_first_and_reaches_the_prompt,
-    template_errors_are_422,
-    tasks_are_private,
     restart_completes_queued_tasks,
     a_reasoning_task_keeps_its_thinking_with_the_result,
     a_task_whose_model_stalls_before_its_first_token_falls_back,
@@ -290,30 +287,6 @@ async fn a_task_whose_model_stalls_before_its_first_token_falls_back(b: Backend)
     e.server.shutdown().await;
 }
 
-async fn sync_returns_the_result(b: Backend) {
-    let e = env(
-        b,
-        MockConfig {
-            tokens: 5,
-            ..Default::default()
-        },
-        |_| {},
-    )
-    .await;
-    let (s, v) = e
-        .call(
-            &e.user,
-            reqwest::Method::POST,
-            "/api/tasks?sync=true",
-            Some(json!({"messages": [{"role": "user", "content": "hi"}]})),
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
-    assert_eq!(v["status"], "succeeded");
-    assert_eq!(v["result"], full_reply(5));
-    e.server.shutdown().await;
-}
-
 async fn workers_bound_upstream_concurrency(b: Backend) {
     let e = env(
         b,
@@ -479,80 +452,6 @@ async fn knowledge_ranks_titles_first_and_reaches_the_prompt(b: Backend) {
     assert!(system.starts_with("Be precise."), "{system}");
     assert!(system.contains("Aurora borealis"), "{system}");
     assert!(!system.contains("Kitchen tips"), "{system}");
-    e.server.shutdown().await;
-}
-
-async fn template_errors_are_422(b: Backend) {
-    let e = env(b, MockConfig::default(), |_| {}).await;
-    e.scene("pair", "{{a}} and {{b}}").await;
-    for (vars, field) in [
-        (json!({"a": 1}), "variables.b"),
-        (json!({"a": 1, "b": 2, "c": 3}), "variables.c"),
-    ] {
-        let (s, v) = e
-            .call(
-                &e.user,
-                reqwest::Method::POST,
-                "/api/scenes/pair/run",
-                Some(json!({"variables": vars})),
-            )
-            .await;
-        assert_eq!(s, 422, "{v}");
-        assert!(
-            v["error"]["message"].as_str().unwrap().starts_with(field),
-            "{v}"
-        );
-    }
-    let (s, _) = e
-        .call(
-            &e.user,
-            reqwest::Method::POST,
-            "/api/scenes/missing/run",
-            Some(json!({"variables": {}})),
-        )
-        .await;
-    assert_eq!(s, 404);
-    let (s, _) = e
-        .call(
-            &e.admin,
-            reqwest::Method::POST,
-            "/api/scenes",
-            Some(json!({"name": "bad", "agent": "ghost", "template": "x"})),
-        )
-        .await;
-    assert_eq!(s, 422);
-    assert_eq!(e.mock.stats().chat_requests, 0);
-    e.server.shutdown().await;
-}
-
-async fn tasks_are_private(b: Backend) {
-    let e = env(
-        b,
-        MockConfig {
-            tokens: 2,
-            ..Default::default()
-        },
-        |_| {},
-    )
-    .await;
-    let (_, v) = e
-        .call(
-            &e.user,
-            reqwest::Method::POST,
-            "/api/tasks?sync=true",
-            Some(json!({"messages": [{"role": "user", "content": "x"}]})),
-        )
-        .await;
-    let id = v["id"].as_str().unwrap().to_owned();
-    let other = api_key(&e.server, "mallory", false).await;
-    for (m, path) in [
-        (reqwest::Method::GET, format!("/api/tasks/{id}")),
-        (reqwest::Method::GET, format!("/api/tasks/{id}/events")),
-        (reqwest::Method::DELETE, format!("/api/tasks/{id}")),
-    ] {
-        let (s, v) = e.call(&other, m, &path, None).await;
-        assert_eq!(s, 404, "{path}: {v}");
-    }
     e.server.shutdown().await;
 }
 

@@ -33,6 +33,11 @@ impl App {
         let state = sluice::state::AppState::new(config)
             .await
             .expect("valid config");
+        Self::from_state(state)
+    }
+
+    /// An app over a state a test has put together itself.
+    pub fn from_state(state: sluice::state::AppState) -> Self {
         let router = sluice::server::router(state.clone());
         Self {
             url: "http://localhost".to_owned(),

@@ -35,6 +35,11 @@ impl TestServer {
         let state = sluice::state::AppState::new(config)
             .await
             .expect("valid config");
+        Self::serve(state).await
+    }
+
+    /// Serves a state a test has put together itself.
+    pub async fn serve(state: sluice::state::AppState) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let stop = CancellationToken::new();
