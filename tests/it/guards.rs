@@ -88,17 +88,8 @@ async fn chat(url: &str, key: Option<&str>, xff: Option<&str>) -> reqwest::Respo
 
 /// Status, `Retry-After` and the error code of a refused request.
 async fn refusal(resp: reqwest::Response) -> (u16, Option<u64>, String) {
-    let status = resp.status().as_u16();
-    let retry = resp
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().parse().unwrap());
-    let v: Value = resp.json().await.unwrap();
-    (
-        status,
-        retry,
-        v["error"]["code"].as_str().unwrap_or("").to_owned(),
-    )
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    refusal_of(status, &headers, &resp.bytes().await.unwrap())
 }
 
 #[tokio::test]

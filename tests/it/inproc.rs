@@ -794,17 +794,8 @@ async fn chat(app: &App, key: Option<&str>, xff: Option<&str>) -> Response {
 
 /// Status, `Retry-After` and the error code of a refused request.
 async fn refusal(resp: Response) -> (u16, Option<u64>, String) {
-    let status = resp.status().as_u16();
-    let retry = resp
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().parse().unwrap());
-    let v: Value = resp.json().await.unwrap();
-    (
-        status,
-        retry,
-        v["error"]["code"].as_str().unwrap_or("").to_owned(),
-    )
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    crate::common::refusal_of(status, &headers, &resp.bytes().await.unwrap())
 }
 
 /// One unlabelled series of the app's `/metrics`.

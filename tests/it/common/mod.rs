@@ -175,6 +175,20 @@ pub fn body(stream: bool, knobs: Value) -> Value {
     })
 }
 
+/// Status, `Retry-After` and the error code of a refused request's answer.
+pub fn refusal_of(
+    status: http::StatusCode,
+    headers: &http::HeaderMap,
+    body: &[u8],
+) -> (u16, Option<u64>, String) {
+    let retry = headers
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    let v: Value = serde_json::from_slice(body).unwrap();
+    let code = v["error"]["code"].as_str().unwrap_or("").to_owned();
+    (status.as_u16(), retry, code)
+}
+
 /// What the server at `base` shows on `/metrics`.
 pub async fn metrics_text(base: &str) -> String {
     client()
