@@ -348,6 +348,7 @@ const STREAMED: u64 = 20;
 
 #[tokio::test]
 async fn a_v1_stream_left_by_its_client_is_charged_every_token_it_streamed() {
+    crate::require!(Redis);
     use eventsource_stream::Eventsource;
     use futures::StreamExt;
     let mock = mock(MockConfig::default()).await;
@@ -383,6 +384,7 @@ async fn a_v1_stream_left_by_its_client_is_charged_every_token_it_streamed() {
 
 #[tokio::test]
 async fn a_v1_stream_cut_by_an_upstream_error_is_charged_every_token_it_streamed() {
+    crate::require!(Redis);
     let mock = mock(MockConfig::default()).await;
     let (server, prefix, key, key_id) = metered_server(&mock).await;
     let resp = client()
@@ -449,6 +451,7 @@ async fn session_after_tokens(
 
 #[tokio::test]
 async fn a_cancelled_session_generation_is_charged_every_token_it_streamed() {
+    crate::require!(Redis);
     use futures::StreamExt;
     let mock = mock(MockConfig {
         tokens: STREAMED as usize * 2,
@@ -476,6 +479,7 @@ async fn a_cancelled_session_generation_is_charged_every_token_it_streamed() {
 
 #[tokio::test]
 async fn a_session_generation_cut_by_an_upstream_error_is_charged_every_token_it_streamed() {
+    crate::require!(Redis);
     use futures::StreamExt;
     let mock = mock(MockConfig {
         tokens: STREAMED as usize * 2,

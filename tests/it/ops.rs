@@ -187,6 +187,7 @@ async fn counters_move_by_exactly_what_happened() {
 
 #[tokio::test]
 async fn readiness_follows_postgres_and_redis() {
+    crate::require!(Postgres, Redis);
     let db = common::db::fresh(Backend::Postgres).await;
     let pg: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
     let redis = common::need::redis_addr();
@@ -385,6 +386,7 @@ async fn admin_paths_need_an_admin_key_in_every_spelling() {
 
 #[tokio::test]
 async fn deterministic_replies_are_cached_until_cleared() {
+    crate::require!(Redis);
     let prefix = format!("sluice-test-{}", uuid::Uuid::new_v4().simple());
     let redis_url = common::need::redis_url();
     let mock = mock(MockConfig::default()).await;
