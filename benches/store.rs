@@ -4,9 +4,9 @@
 //! through PgBouncer in transaction mode (unnamed only: named ones break there). And the
 //! store's own calls both ways. Needs the test server (`SLUICE_TEST_DATABASE_URL`, default
 //! postgres://postgres@127.0.0.1:5432/test) and pgbouncer. `cargo bench --bench store`.
-#![allow(clippy::expect_used, clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-#[path = "../tests/common/pgbouncer.rs"]
+#[path = "../tests/it/common/pgbouncer.rs"]
 mod pgbouncer;
 
 use std::hint::black_box;

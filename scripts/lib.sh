@@ -60,7 +60,7 @@ nginx_bin() {
     return 1
 }
 
-# nginx for scripts/cluster.sh and the deployment tests (tests/deploy.rs). Only the
+# nginx for scripts/cluster.sh and the deployment tests (tests/it/deploy.rs). Only the
 # binary is needed: the cluster runs its own nginx with its own configuration, so
 # Debian's service is left as it is.
 ensure_nginx() {
@@ -77,7 +77,7 @@ pgbouncer_bin() {
     return 1
 }
 
-# PgBouncer for the store tests through a transaction pooler (tests/common/pgbouncer.rs).
+# PgBouncer for the store tests through a transaction pooler (tests/it/common/pgbouncer.rs).
 # Only the binary is needed: each test process runs its own PgBouncer with its own ini on a
 # free port, so Debian's service is left as it is.
 ensure_pgbouncer() {
@@ -87,7 +87,7 @@ ensure_pgbouncer() {
     fi
 }
 
-# The SDK tests (tests/sdk.rs) drive the official OpenAI and Anthropic Python SDKs from a
+# The SDK tests (tests/it/sdk.rs) drive the official OpenAI and Anthropic Python SDKs from a
 # venv of their own, pinned by tests/sdk/requirements.txt. The venv is rebuilt only when that
 # file's hash differs from the one recorded at the last install (or its interpreter is
 # gone), so a second run costs a hash.

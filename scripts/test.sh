@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 
-# The UI tests (tests/ui.rs) drive Debian's headless Chromium through chromedriver.
+# The UI tests (tests/it/ui.rs) drive Debian's headless Chromium through chromedriver.
 ensure_chromium() {
     if [ ! -x /usr/bin/chromedriver ] || [ ! -x /usr/bin/chromium ]; then
         log "installing Chromium and chromedriver"
@@ -40,7 +40,8 @@ node_status=0
 
 log "cargo test --workspace"
 out=target/test-output.txt
-cargo test --workspace --quiet 2>&1 | tee "$out"
+# Here every service is provisioned above: a test that finds one missing fails, not skips.
+SLUICE_TEST_REQUIRE_ALL=1 cargo test --workspace --quiet 2>&1 | tee "$out"
 passed=$(grep -Eo '[0-9]+ passed' "$out" | awk '{s += $1} END {print s + 0}')
 failed=$(grep -Eo '[0-9]+ failed' "$out" | awk '{s += $1} END {print s + 0}')
 passed=$((passed + $(awk '/^# pass /{s += $3} END {print s + 0}' "$node_out")))

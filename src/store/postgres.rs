@@ -1426,7 +1426,7 @@ mod tests {
     use super::*;
     use crate::store::now_millis;
 
-    /// A store in a schema of its own on the test server (see tests/common/db.rs), dropped
+    /// A store in a schema of its own on the test server (see tests/it/common/db.rs), dropped
     /// at the end by the caller.
     async fn scratch(
         pool_size: u32,

@@ -1,0 +1,104 @@
+//! One builder for a test's world: the mock upstream, a store, the server and its keys.
+//!
+//! `TestEnv::builder().mock(MockConfig { .. }).backend(Backend::Postgres).keys_required()
+//! .config(|c| ..).admin_key().start().await`
+
+use sluice::config::{AuthMode, Config};
+use sluice_mock::{MockConfig, MockServer};
+
+use super::db::{Backend, TestDb};
+use super::{TestServer, api_key, config_for, mock};
+
+pub struct TestEnv {
+    pub mock: MockServer,
+    pub server: TestServer,
+    /// The store, when a backend was asked for; dropped with the env.
+    pub db: Option<TestDb>,
+    /// The admin's key (user `root`), if asked for.
+    pub admin: Option<String>,
+    /// The key of user `alice`, if asked for.
+    pub user: Option<String>,
+}
+
+impl TestEnv {
+    pub fn builder<'a>() -> TestEnvBuilder<'a> {
+        TestEnvBuilder::default()
+    }
+}
+
+type Tweak<'a> = Box<dyn FnOnce(&mut Config) + Send + 'a>;
+
+#[derive(Default)]
+pub struct TestEnvBuilder<'a> {
+    mock: MockConfig,
+    backend: Option<Backend>,
+    keys_required: bool,
+    tweaks: Vec<Tweak<'a>>,
+    admin: bool,
+    user: bool,
+}
+
+impl<'a> TestEnvBuilder<'a> {
+    pub fn mock(mut self, mock: MockConfig) -> Self {
+        self.mock = mock;
+        self
+    }
+    /// A fresh store of this backend instead of the default SQLite in a temp dir.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+    /// Keys required, and the mock's model the default, as a server people sign in to runs.
+    pub fn keys_required(mut self) -> Self {
+        self.keys_required = true;
+        self
+    }
+    /// Changes to the config, applied last, in order.
+    pub fn config(mut self, tweak: impl FnOnce(&mut Config) + Send + 'a) -> Self {
+        self.tweaks.push(Box::new(tweak));
+        self
+    }
+    pub fn admin_key(mut self) -> Self {
+        self.admin = true;
+        self
+    }
+    pub fn user_key(mut self) -> Self {
+        self.user = true;
+        self
+    }
+
+    pub async fn start(self) -> TestEnv {
+        let mock = mock(self.mock).await;
+        let mut cfg = config_for(&mock);
+        let db = match self.backend {
+            Some(b) => Some(super::db::fresh(b).await),
+            None => None,
+        };
+        if let Some(db) = &db {
+            cfg.store = db.config.clone();
+        }
+        if self.keys_required {
+            cfg.chat.auth = AuthMode::Required;
+            cfg.chat.default_model = "mock-model".into();
+        }
+        for tweak in self.tweaks {
+            tweak(&mut cfg);
+        }
+        let server = TestServer::start(cfg).await;
+        let admin = match self.admin {
+            true => Some(api_key(&server, "root", true).await),
+            false => None,
+        };
+        let user = match self.user {
+            true => Some(api_key(&server, "alice", false).await),
+            false => None,
+        };
+        TestEnv {
+            mock,
+            server,
+            db,
+            admin,
+            user,
+        }
+    }
+}
