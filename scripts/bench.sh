@@ -10,6 +10,7 @@
 #   HOLD_STREAMS=2000 scripts/bench.sh    # settings below, from the environment
 #   SCENARIOS=fanout-cluster scripts/bench.sh   # 3 instances sharing Redis and PostgreSQL
 #   PROFILE=1 SCENARIOS=throughput scripts/bench.sh   # perf profiles of sluice as well
+#   SLUICE_BIN=/tmp/sluice-old PERF_DOC=0 scripts/bench.sh   # another build of the server, same mock and client
 #
 # Results: a table on stdout, every raw report and target/bench/results.json, from which
 # the results section of docs/performance.md is rewritten (PERF_DOC=0: left alone).
@@ -302,7 +303,8 @@ fanout() {
 
 log "cargo build --release --workspace"
 cargo build --release --workspace --quiet
-BIN=$ROOT/target/release/sluice
+# SLUICE_BIN: another build of the server, measured against the same mock and load client.
+BIN=${SLUICE_BIN:-$ROOT/target/release/sluice}
 MOCK_BIN=$ROOT/target/release/sluice-mock
 LOAD_BIN=$ROOT/target/release/sluice-load
 BUILD_SECS=$(($(date +%s) - T0))
