@@ -113,32 +113,23 @@ fn replay(model: &str, hit: CachedReply) -> Relay {
 
 /// Passes a live reply through and, if it ends well, stores it before the stream ends.
 fn record(relay: Relay, cache: Arc<dyn ResponseCache>, key: String) -> Relay {
-    let Relay {
-        provider,
-        model,
-        events,
-    } = relay;
-    let events = Box::pin(async_stream::stream! {
-        let mut events = events;
-        let mut reply = CachedReply { chunks: Vec::new() };
-        while let Some(ev) = futures::StreamExt::next(&mut events).await {
-            match &ev {
-                Ok(chunk) => reply.chunks.push(chunk.clone()),
-                // A failed reply is not cached.
-                Err(_) => {
-                    yield ev;
-                    return;
+    relay.map_events(|mut events| {
+        Box::pin(async_stream::stream! {
+            let mut reply = CachedReply { chunks: Vec::new() };
+            while let Some(ev) = futures::StreamExt::next(&mut events).await {
+                match &ev {
+                    Ok(chunk) => reply.chunks.push(chunk.clone()),
+                    // A failed reply is not cached.
+                    Err(_) => {
+                        yield ev;
+                        return;
+                    }
                 }
+                yield ev;
             }
-            yield ev;
-        }
-        cache.put(&key, &reply).await;
-    });
-    Relay {
-        provider,
-        model,
-        events,
-    }
+            cache.put(&key, &reply).await;
+        })
+    })
 }
 
 /// Counts the reply's tokens against the key's tokens-per-minute quota as they stream,
@@ -146,24 +137,15 @@ fn record(relay: Relay, cache: Arc<dyn ResponseCache>, key: String) -> Relay {
 /// a client that leaves, or an upstream error that ends the reply, still charges every
 /// token already relayed.
 fn metered(relay: Relay, mut tally: Tally) -> Relay {
-    let Relay {
-        provider,
-        model,
-        events,
-    } = relay;
-    let events = Box::pin(async_stream::stream! {
-        let mut events = events;
-        while let Some(ev) = futures::StreamExt::next(&mut events).await {
-            if ev.as_ref().is_ok_and(|c| c.is_token()) {
-                tally.token().await;
+    relay.map_events(|mut events| {
+        Box::pin(async_stream::stream! {
+            while let Some(ev) = futures::StreamExt::next(&mut events).await {
+                if ev.as_ref().is_ok_and(|c| c.is_token()) {
+                    tally.token().await;
+                }
+                yield ev;
             }
-            yield ev;
-        }
-        tally.flush().await;
-    });
-    Relay {
-        provider,
-        model,
-        events,
-    }
+            tally.flush().await;
+        })
+    })
 }

@@ -152,6 +152,14 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// The same generation with its events passed through `wrap` (recorded, metered…).
+    pub fn map_events(self, wrap: impl FnOnce(EventStream) -> EventStream) -> Self {
+        Self {
+            events: wrap(self.events),
+            ..self
+        }
+    }
+
     /// Reads the generation to its end: the whole reply, for clients that asked for no
     /// stream.
     pub async fn collect(mut self) -> Result<crate::domain::chunk::Accumulator, UpstreamError> {

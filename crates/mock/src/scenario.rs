@@ -184,44 +184,61 @@ fn ends_in_tool_result(api: Api, req: &Value) -> bool {
     }
 }
 
+/// A recorded stream, and for OpenAI the recorded non-streamed reply beside it
+/// (`name.json`): the mock serves both as recorded rather than adding the chunks up itself.
 macro_rules! fixture {
-    ($name:ident, $file:literal, $api:expr) => {
+    ($name:ident, $file:literal, Api::OpenAi) => {
         static $name: LazyLock<Fixture> = LazyLock::new(|| {
             Fixture::load(
-                $file,
-                include_str!(concat!("../../../tests/fixtures/", $file)),
-                $api,
+                concat!($file, ".sse"),
+                include_str!(concat!("../../../tests/fixtures/", $file, ".sse")),
+                Api::OpenAi,
+                Some(include_str!(concat!(
+                    "../../../tests/fixtures/",
+                    $file,
+                    ".json"
+                ))),
+            )
+        });
+    };
+    ($name:ident, $file:literal, Api::Anthropic) => {
+        static $name: LazyLock<Fixture> = LazyLock::new(|| {
+            Fixture::load(
+                concat!($file, ".sse"),
+                include_str!(concat!("../../../tests/fixtures/", $file, ".sse")),
+                Api::Anthropic,
+                None,
             )
         });
     };
 }
 
-fixture!(OPENAI_TOOL_CALL, "openai_tool_call.sse", Api::OpenAi);
+fixture!(OPENAI_TOOL_CALL, "openai_tool_call", Api::OpenAi);
 fixture!(
     OPENAI_TOOL_CALL_FINAL,
-    "openai_tool_call_final.sse",
+    "openai_tool_call_final",
     Api::OpenAi
 );
 fixture!(
     OPENAI_PARALLEL_TOOL_CALLS,
-    "openai_parallel_tool_calls.sse",
+    "openai_parallel_tool_calls",
     Api::OpenAi
 );
 fixture!(
     OPENAI_PARALLEL_TOOL_CALLS_FINAL,
-    "openai_parallel_tool_calls_final.sse",
+    "openai_parallel_tool_calls_final",
     Api::OpenAi
 );
-fixture!(OPENAI_REASONING, "openai_reasoning.sse", Api::OpenAi);
-fixture!(OPENAI_LOGPROBS, "openai_logprobs.sse", Api::OpenAi);
-fixture!(OPENAI_N, "openai_n.sse", Api::OpenAi);
-fixture!(ANTHROPIC_TOOL_USE, "anthropic_tool_use.sse", Api::Anthropic);
+fixture!(OPENAI_REASONING, "openai_reasoning", Api::OpenAi);
+fixture!(OPENAI_LOGPROBS, "openai_logprobs", Api::OpenAi);
+fixture!(OPENAI_N, "openai_n", Api::OpenAi);
+fixture!(ANTHROPIC_TOOL_USE, "anthropic_tool_use", Api::Anthropic);
 fixture!(
     ANTHROPIC_TOOL_USE_FINAL,
-    "anthropic_tool_use_final.sse",
+    "anthropic_tool_use_final",
     Api::Anthropic
 );
-fixture!(ANTHROPIC_THINKING, "anthropic_thinking.sse", Api::Anthropic);
+fixture!(ANTHROPIC_THINKING, "anthropic_thinking", Api::Anthropic);
 
 /// One recorded reply, split into its SSE events.
 pub(crate) struct Fixture {
@@ -229,8 +246,12 @@ pub(crate) struct Fixture {
     /// The file as recorded, which tests compare replies with.
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) text: &'static str,
+    /// Which dialect the recording speaks, which tests check its events against.
+    #[cfg_attr(not(test), allow(dead_code))]
     api: Api,
     events: Vec<Recorded>,
+    /// The recorded non-streamed reply (OpenAI's `chat.completion`).
+    whole: Option<&'static str>,
 }
 
 /// One SSE event of a fixture, borrowed from the embedded file.
@@ -245,7 +266,7 @@ pub(crate) struct Recorded {
 }
 
 impl Fixture {
-    fn load(file: &'static str, text: &'static str, api: Api) -> Self {
+    fn load(file: &'static str, text: &'static str, api: Api, whole: Option<&'static str>) -> Self {
         let mut events = Vec::new();
         let mut start = 0;
         for (at, _) in text.match_indices("\n\n") {
@@ -264,6 +285,7 @@ impl Fixture {
             text,
             api,
             events,
+            whole,
         }
     }
 
@@ -281,13 +303,15 @@ impl Fixture {
         self.events.iter().filter(|e| e.token).count()
     }
 
-    /// The non-streamed reply: OpenAI's `chat.completion` rebuilt from the chunks as the
-    /// OpenAI SDKs do (and as sluice does for its own non-streamed replies), or Anthropic's
+    /// The non-streamed reply: OpenAI's recorded `chat.completion`, or Anthropic's
     /// `message` rebuilt from the events as the Anthropic SDKs do.
     pub(crate) fn whole(&self) -> Value {
-        match self.api {
-            Api::OpenAi => openai_completion(self.events.iter().filter_map(|e| e.json.as_ref())),
-            Api::Anthropic => anthropic_message(self.events.iter().filter_map(|e| e.json.as_ref())),
+        match self.whole {
+            Some(text) => serde_json::from_str(text).unwrap_or_else(|e| {
+                tracing::warn!("mock fixture {}: its recorded reply: {e}", self.file);
+                Value::Null
+            }),
+            None => anthropic_message(self.events.iter().filter_map(|e| e.json.as_ref())),
         }
     }
 }
@@ -344,146 +368,6 @@ fn openai_usage_only(chunk: &Value) -> bool {
         .and_then(Value::as_array)
         .is_none_or(Vec::is_empty);
     no_choices && chunk.get("usage").is_some_and(|u| !u.is_null())
-}
-
-/// The `chat.completion` a streamed reply adds up to, merged as the OpenAI SDKs merge it:
-/// each choice's deltas into its `message` (strings appended, objects merged, list items
-/// with an `index` merged by it), logprobs lists joined, the last finish reason and usage
-/// kept; `id`, `created` and `model` as the chunks say.
-fn openai_completion<'a>(chunks: impl Iterator<Item = &'a Value>) -> Value {
-    let mut head = Map::new();
-    let mut choices: std::collections::BTreeMap<u64, Map<String, Value>> = Default::default();
-    let mut usage = None;
-    for chunk in chunks.filter_map(Value::as_object) {
-        for (k, v) in chunk {
-            match k.as_str() {
-                "choices" => {
-                    for c in v
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_object)
-                    {
-                        let index = c.get("index").and_then(Value::as_u64).unwrap_or(0);
-                        add_choice(choices.entry(index).or_default(), c);
-                    }
-                }
-                "usage" if !v.is_null() => usage = Some(v.clone()),
-                "usage" | "object" => {}
-                _ if v.is_null() && head.contains_key(k) => {}
-                _ => {
-                    head.insert(k.clone(), v.clone());
-                }
-            }
-        }
-    }
-    head.entry("id").or_insert_with(|| "".into());
-    head.insert("object".into(), "chat.completion".into());
-    head.entry("created").or_insert_with(|| 0.into());
-    head.entry("model").or_insert_with(|| "".into());
-    choices.entry(0).or_default();
-    let mut out = Vec::with_capacity(choices.len());
-    for (index, mut c) in choices {
-        c.insert("index".into(), index.into());
-        let msg = c
-            .entry("message")
-            .or_insert_with(|| Value::Object(Map::new()));
-        if let Value::Object(msg) = msg {
-            msg.entry("role").or_insert_with(|| "assistant".into());
-            msg.entry("content").or_insert(Value::Null);
-            // Indexes place streamed fragments; a whole message's calls are in order.
-            if let Some(Value::Array(calls)) = msg.get_mut("tool_calls") {
-                for call in calls.iter_mut().filter_map(Value::as_object_mut) {
-                    call.remove("index");
-                }
-            }
-        }
-        c.entry("logprobs").or_insert(Value::Null);
-        if !matches!(c.get("finish_reason"), Some(Value::String(_))) {
-            c.insert("finish_reason".into(), "stop".into());
-        }
-        out.push(Value::Object(c));
-    }
-    head.insert("choices".into(), Value::Array(out));
-    if let Some(u) = usage {
-        head.insert("usage".into(), u);
-    }
-    Value::Object(head)
-}
-
-fn add_choice(acc: &mut Map<String, Value>, c: &Map<String, Value>) {
-    for (k, v) in c {
-        match (k.as_str(), v) {
-            ("delta", Value::Object(delta)) => {
-                let msg = acc
-                    .entry("message")
-                    .or_insert_with(|| Value::Object(Map::new()));
-                if let Value::Object(msg) = msg {
-                    merge(msg, delta);
-                }
-            }
-            ("delta", _) => {}
-            ("logprobs", _) => match (acc.get_mut("logprobs"), v) {
-                (Some(Value::Object(have)), Value::Object(more)) => {
-                    for (lk, lv) in more {
-                        match (have.get_mut(lk), lv) {
-                            (Some(Value::Array(a)), Value::Array(b)) => a.extend(b.iter().cloned()),
-                            (Some(_), Value::Null) => {}
-                            _ => {
-                                have.insert(lk.clone(), lv.clone());
-                            }
-                        }
-                    }
-                }
-                (Some(_), Value::Null) => {}
-                _ => {
-                    acc.insert(k.clone(), v.clone());
-                }
-            },
-            _ if v.is_null() && acc.contains_key(k) => {}
-            _ => {
-                acc.insert(k.clone(), v.clone());
-            }
-        }
-    }
-}
-
-/// Merges a delta into what came before it (the OpenAI SDKs' `accumulate_delta`).
-fn merge(acc: &mut Map<String, Value>, delta: &Map<String, Value>) {
-    for (k, dv) in delta {
-        let Some(av) = acc.get_mut(k).filter(|v| !v.is_null()) else {
-            acc.insert(k.clone(), dv.clone());
-            continue;
-        };
-        // `index` and `type` identify an entry rather than add to it; `role` is repeated
-        // by some servers in every delta.
-        if matches!(k.as_str(), "index" | "type" | "role") {
-            *av = dv.clone();
-            continue;
-        }
-        match (av, dv) {
-            (Value::String(a), Value::String(b)) => a.push_str(b),
-            (Value::Object(a), Value::Object(b)) => merge(a, b),
-            (Value::Array(a), Value::Array(b)) => {
-                for entry in b {
-                    let at = entry.get("index").and_then(Value::as_u64).and_then(|i| {
-                        a.iter()
-                            .position(|e| e.get("index").and_then(Value::as_u64) == Some(i))
-                    });
-                    match (at, entry) {
-                        (Some(at), Value::Object(more)) => {
-                            if let Some(Value::Object(have)) = a.get_mut(at) {
-                                merge(have, more);
-                            }
-                        }
-                        _ => a.push(entry.clone()),
-                    }
-                }
-            }
-            (_, Value::Null) => {}
-            (av, dv) => *av = dv.clone(),
-        }
-    }
 }
 
 /// The Messages API `message` a streamed reply adds up to: `message_start`'s message, each
@@ -617,6 +501,7 @@ mod tests {
             }
             if f.api == Api::OpenAi {
                 assert!(f.text.ends_with("data: [DONE]\n\n"), "{}", f.file);
+                assert_eq!(f.whole()["object"], "chat.completion", "{}", f.file);
                 assert_eq!(f.events.iter().filter(|e| e.usage_only).count(), 1);
             } else {
                 assert!(
