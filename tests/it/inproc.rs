@@ -1003,6 +1003,13 @@ impl Keyed {
         (status, resp.json::<Value>().await.unwrap_or(Value::Null))
     }
 
+    /// The user's task with one message, run to its end before the answer.
+    async fn sync_task(&self, content: &str) -> (u16, Value) {
+        let body = json!({"messages": [{"role": "user", "content": content}]});
+        self.call(&self.user, Method::POST, "/api/tasks?sync=true", Some(body))
+            .await
+    }
+
     async fn new_session(&self) -> String {
         let r = self
             .req(&self.user, Method::POST, "/api/sessions")
@@ -1248,14 +1255,7 @@ async fn sync_returns_the_result(b: Backend) {
         },
     )
     .await;
-    let (s, v) = e
-        .call(
-            &e.user,
-            Method::POST,
-            "/api/tasks?sync=true",
-            Some(json!({"messages": [{"role": "user", "content": "hi"}]})),
-        )
-        .await;
+    let (s, v) = e.sync_task("hi").await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["status"], "succeeded");
     assert_eq!(v["result"], full_reply(5));
@@ -1271,14 +1271,7 @@ async fn tasks_are_private(b: Backend) {
         },
     )
     .await;
-    let (_, v) = e
-        .call(
-            &e.user,
-            Method::POST,
-            "/api/tasks?sync=true",
-            Some(json!({"messages": [{"role": "user", "content": "x"}]})),
-        )
-        .await;
+    let (_, v) = e.sync_task("x").await;
     let id = v["id"].as_str().unwrap().to_owned();
     let other = api_key(&e.app, "mallory", false).await;
     for (m, path) in [
