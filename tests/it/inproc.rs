@@ -11,6 +11,7 @@ use sluice::config::{AuthMode, ModelRoute};
 use sluice_mock::{MockConfig, MockServer, full_reply};
 
 use crate::common::db::{Backend, TestDb};
+use crate::common::env::TestEnv;
 use crate::common::inproc::{App, RequestBuilder, Response, api_key, mock_and_app};
 use crate::common::{
     WAIT, base_config, body, config_for, fallback_config, mock, store_key_with_id,
@@ -963,25 +964,25 @@ struct Keyed {
     mock: MockServer,
     user: String,
     admin: String,
-    db: TestDb,
+    db: Option<TestDb>,
 }
 
 async fn keyed_app(backend: Backend, mock_cfg: MockConfig) -> Keyed {
-    let mock = mock(mock_cfg).await;
-    let db = crate::common::db::fresh(backend).await;
-    let mut cfg = config_for(&mock);
-    cfg.store = db.config.clone();
-    cfg.chat.auth = AuthMode::Required;
-    cfg.chat.default_model = "mock-model".into();
-    let app = App::start(cfg).await;
+    let p = TestEnv::builder()
+        .mock(mock_cfg)
+        .backend(backend)
+        .keys_required()
+        .prepare()
+        .await;
+    let app = App::start(p.config).await;
     let user = api_key(&app, "alice", false).await;
     let admin = api_key(&app, "root", true).await;
     Keyed {
         app,
-        mock,
+        mock: p.mock,
         user,
         admin,
-        db,
+        db: p.db,
     }
 }
 

@@ -67,38 +67,60 @@ impl<'a> TestEnvBuilder<'a> {
         self
     }
 
-    pub async fn start(self) -> TestEnv {
+    /// The mock, the store and the config the builder describes, for a test that serves
+    /// them itself (the in-process tier); [`start`](Self::start) serves them on a socket.
+    pub async fn prepare(self) -> Prepared {
         let mock = mock(self.mock).await;
-        let mut cfg = config_for(&mock);
+        let mut config = config_for(&mock);
         let db = match self.backend {
             Some(b) => Some(super::db::fresh(b).await),
             None => None,
         };
         if let Some(db) = &db {
-            cfg.store = db.config.clone();
+            config.store = db.config.clone();
         }
         if self.keys_required {
-            cfg.chat.auth = AuthMode::Required;
-            cfg.chat.default_model = "mock-model".into();
+            config.chat.auth = AuthMode::Required;
+            config.chat.default_model = "mock-model".into();
         }
         for tweak in self.tweaks {
-            tweak(&mut cfg);
+            tweak(&mut config);
         }
-        let server = TestServer::start(cfg).await;
-        let admin = match self.admin {
+        Prepared {
+            mock,
+            db,
+            config,
+            admin: self.admin,
+            user: self.user,
+        }
+    }
+
+    pub async fn start(self) -> TestEnv {
+        let p = self.prepare().await;
+        let server = TestServer::start(p.config).await;
+        let admin = match p.admin {
             true => Some(api_key(&server, "root", true).await),
             false => None,
         };
-        let user = match self.user {
+        let user = match p.user {
             true => Some(api_key(&server, "alice", false).await),
             false => None,
         };
         TestEnv {
-            mock,
+            mock: p.mock,
             server,
-            db,
+            db: p.db,
             admin,
             user,
         }
     }
+}
+
+/// What [`TestEnvBuilder::prepare`] sets up; `admin` and `user` say which keys were asked for.
+pub struct Prepared {
+    pub mock: MockServer,
+    pub db: Option<TestDb>,
+    pub config: Config,
+    pub admin: bool,
+    pub user: bool,
 }
