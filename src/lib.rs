@@ -5,6 +5,7 @@ pub mod cache;
 pub mod chat;
 pub mod cluster;
 pub mod config;
+pub mod dialect;
 pub mod domain;
 pub mod error;
 pub mod guard;

@@ -15,8 +15,8 @@ const LAYERS: &[&[&str]] = &[
     // Leaves: the chat domain types, settings, the hub's channels, the task queue.
     &["domain", "config", "hub", "queue"],
     // Subsystems: limiters, reply cache, storage, the cluster bus, metrics and health,
-    // upstream providers.
-    &["guard", "cache", "store", "cluster", "ops", "upstream"],
+    // upstream providers, the client dialects (Responses, Messages).
+    &["guard", "cache", "store", "cluster", "ops", "upstream", "dialect"],
     // Services: sessions and completions, prompt jobs.
     &["chat", "tasks"],
     // What the services' results become on the wire: the error type, SSE/WebSocket framing.

@@ -1,0 +1,1 @@
+//! Anthropic's Messages API: requests in, events and messages out.

@@ -1,0 +1,1 @@
+//! OpenAI's Responses API: requests in, events and response objects out.
