@@ -260,6 +260,18 @@ async fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Arc<FinalWrites>
             );
         }
     }
+    // A stored response runs on the instance that took it: what this instance (all of
+    // them, for SQLite) left unfinished can no longer end.
+    let own = (store.backend() != "sqlite").then_some(config.server.server_id.as_str());
+    let n = store
+        .fail_unfinished_responses(own, store::now_millis())
+        .await?;
+    if n > 0 {
+        tracing::warn!(
+            responses = n,
+            "background responses cut by the last shutdown marked failed"
+        );
+    }
     Ok((store, finals))
 }
 

@@ -36,6 +36,12 @@ pub enum EventKind {
     Succeeded,
     Failed,
     Cancelled,
+    /// An event of a stored response (`/v1/responses`); its data is the event as the
+    /// client reads it, `type` and `sequence_number` included.
+    Response,
+    /// A response's last event (`response.completed`, `.failed`, `.incomplete`, or its
+    /// cancel).
+    ResponseEnd,
 }
 
 impl EventKind {
@@ -54,6 +60,8 @@ impl EventKind {
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
+            Self::Response => "response",
+            Self::ResponseEnd => "response_end",
         }
     }
 
@@ -72,6 +80,8 @@ impl EventKind {
             "succeeded" => Self::Succeeded,
             "failed" => Self::Failed,
             "cancelled" => Self::Cancelled,
+            "response" => Self::Response,
+            "response_end" => Self::ResponseEnd,
             _ => return None,
         })
     }
@@ -86,6 +96,7 @@ impl EventKind {
                 | Self::Succeeded
                 | Self::Failed
                 | Self::Cancelled
+                | Self::ResponseEnd
         )
     }
 }
@@ -298,6 +309,11 @@ impl Channel {
             self.tokens.fetch_add(1, Ordering::Relaxed);
         }
         seq
+    }
+
+    /// The kind of the last event held, if any: how a finished generation ended.
+    pub fn last_kind(&self) -> Option<EventKind> {
+        self.log.read().events.back().map(|e| e.kind)
     }
 
     /// Sequence number the next event will get.

@@ -397,6 +397,26 @@ pub struct Task {
     pub finished_at: Option<Millis>,
 }
 
+/// A response of the Responses API as stored: its object and input items as JSON text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResponse {
+    pub id: String,
+    pub user_id: String,
+    /// `queued`, `in_progress`, `completed`, `incomplete`, `failed` or `cancelled`; it
+    /// overrides the object's own `status`, which a restart cannot rewrite.
+    pub status: String,
+    /// The response object (JSON).
+    pub body: String,
+    /// Every input item the model was given, earlier responses' included (a JSON array).
+    pub input_items: String,
+    /// The instance running it while unfinished.
+    pub server: Option<String>,
+    /// When a cancel was asked, while unfinished.
+    pub cancel_at: Option<Millis>,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
 /// What readiness and metrics ask of the database.
 #[async_trait]
 pub trait StoreHealth: Send + Sync + 'static {
@@ -599,15 +619,65 @@ pub trait UsageStore: Send + Sync + 'static {
     async fn usage_summary(&self, from: Millis, to: Millis) -> Result<Vec<UsageRow>, StoreError>;
 }
 
+/// Stored responses of the Responses API.
+#[async_trait]
+pub trait ResponseStore: Send + Sync + 'static {
+    async fn insert_response(&self, r: &StoredResponse) -> Result<(), StoreError>;
+
+    /// Settles an unfinished response with its final `status` and object; `false` when it
+    /// was already settled (or is gone).
+    async fn finish_response(
+        &self,
+        id: &str,
+        status: &str,
+        body: &str,
+        now: Millis,
+    ) -> Result<bool, StoreError>;
+
+    /// `None` when it does not exist or belongs to another user.
+    async fn get_response(
+        &self,
+        user_id: &str,
+        id: &str,
+    ) -> Result<Option<StoredResponse>, StoreError>;
+
+    async fn delete_response(&self, user_id: &str, id: &str) -> Result<bool, StoreError>;
+
+    /// Marks an unfinished response of this user as asked to stop, for the instance
+    /// running it to read; `false` when none is unfinished.
+    async fn request_response_cancel(
+        &self,
+        user_id: &str,
+        id: &str,
+        now: Millis,
+    ) -> Result<bool, StoreError>;
+
+    /// Marks `failed` the unfinished responses of `server_id` (`None`: of every instance),
+    /// which nothing can still be running after a restart.
+    async fn fail_unfinished_responses(
+        &self,
+        server_id: Option<&str>,
+        now: Millis,
+    ) -> Result<u64, StoreError>;
+}
+
 /// The whole contract: every role. Callers hold `Arc<dyn Store>`; a part of the code that
 /// needs one role can take that role alone.
 pub trait Store:
-    StoreHealth + KeyStore + SessionStore + CatalogStore + TaskStore + UsageStore
+    StoreHealth + KeyStore + SessionStore + CatalogStore + TaskStore + UsageStore + ResponseStore
 {
 }
 
-impl<T: StoreHealth + KeyStore + SessionStore + CatalogStore + TaskStore + UsageStore + ?Sized>
-    Store for T
+impl<
+    T: StoreHealth
+        + KeyStore
+        + SessionStore
+        + CatalogStore
+        + TaskStore
+        + UsageStore
+        + ResponseStore
+        + ?Sized,
+> Store for T
 {
 }
 

@@ -28,8 +28,9 @@ use super::codec::{
 use super::sql;
 use super::{
     Agent, ApiKey, CatalogStore, KeyStore, KnowledgeDoc, KnowledgeHit, MessageStatus,
-    MessageUpdate, Millis, Scene, Session, SessionCursor, SessionStore, StoreError, StoreHealth,
-    StoredMessage, Task, TaskStatus, TaskStore, UsageRecord, UsageRow, UsageStore, User,
+    MessageUpdate, Millis, ResponseStore, Scene, Session, SessionCursor, SessionStore, StoreError,
+    StoreHealth, StoredMessage, StoredResponse, Task, TaskStatus, TaskStore, UsageRecord, UsageRow,
+    UsageStore, User,
 };
 use crate::config::{DbPooler, StoreConfig};
 use crate::guard::breaker::{Breaker, BreakerSettings};
@@ -1418,6 +1419,105 @@ impl UsageStore for PgStore {
                 })
             })
             .collect()
+    }
+}
+
+#[async_trait]
+impl ResponseStore for PgStore {
+    async fn insert_response(&self, r: &StoredResponse) -> Result<(), StoreError> {
+        self.conn()
+            .await?
+            .execute(
+                sql::INSERT_RESPONSE.pg(),
+                &[
+                    &r.id,
+                    &r.user_id,
+                    &r.status,
+                    &r.body,
+                    &r.input_items,
+                    &r.server,
+                    &r.created_at,
+                    &r.updated_at,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn finish_response(
+        &self,
+        id: &str,
+        status: &str,
+        body: &str,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .await?
+            .execute(sql::FINISH_RESPONSE.pg(), &[&id, &status, &body, &now])
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn get_response(
+        &self,
+        user_id: &str,
+        id: &str,
+    ) -> Result<Option<StoredResponse>, StoreError> {
+        let row = self
+            .conn()
+            .await?
+            .query_opt(sql::GET_RESPONSE.pg(), &[&id, &user_id])
+            .await?;
+        row.map(|r| {
+            Ok(StoredResponse {
+                id: r.try_get(0)?,
+                user_id: r.try_get(1)?,
+                status: r.try_get(2)?,
+                body: r.try_get(3)?,
+                input_items: r.try_get(4)?,
+                server: r.try_get(5)?,
+                cancel_at: r.try_get(6)?,
+                created_at: r.try_get(7)?,
+                updated_at: r.try_get(8)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn delete_response(&self, user_id: &str, id: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .await?
+            .execute(sql::DELETE_RESPONSE.pg(), &[&id, &user_id])
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn request_response_cancel(
+        &self,
+        user_id: &str,
+        id: &str,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .await?
+            .execute(sql::REQUEST_RESPONSE_CANCEL.pg(), &[&id, &user_id, &now])
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn fail_unfinished_responses(
+        &self,
+        server_id: Option<&str>,
+        now: Millis,
+    ) -> Result<u64, StoreError> {
+        self.conn()
+            .await?
+            .execute(sql::FAIL_UNFINISHED_RESPONSES.pg(), &[&server_id, &now])
+            .await
+            .map_err(Into::into)
     }
 }
 

@@ -321,6 +321,35 @@ pub const TASK_POSITION: Sql = shared!(
 );
 pub const COUNT_QUEUED_TASKS: Sql = shared!("SELECT count(*) FROM tasks WHERE status = 'queued'");
 
+// Stored responses (`/v1/responses`).
+
+pub const INSERT_RESPONSE: Sql = shared!(
+    "INSERT INTO responses (id, user_id, status, body, input_items, server, created_at,
+         updated_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+);
+/// Only an unfinished response moves: a response settles exactly once.
+pub const FINISH_RESPONSE: Sql = shared!(
+    "UPDATE responses SET status = $2, body = $3, updated_at = $4, server = NULL
+     WHERE id = $1 AND status IN ('queued', 'in_progress')"
+);
+pub const GET_RESPONSE: Sql = shared!(
+    "SELECT id, user_id, status, body, input_items, server, cancel_at, created_at, updated_at
+     FROM responses WHERE id = $1 AND user_id = $2"
+);
+pub const DELETE_RESPONSE: Sql = shared!("DELETE FROM responses WHERE id = $1 AND user_id = $2");
+pub const REQUEST_RESPONSE_CANCEL: Sql = shared!(
+    "UPDATE responses SET cancel_at = $3
+     WHERE id = $1 AND user_id = $2 AND status IN ('queued', 'in_progress')"
+);
+/// `$1` NULL: every unfinished response (an embedded instance restarting); else those of
+/// that instance.
+pub const FAIL_UNFINISHED_RESPONSES: Sql = shared!(
+    "UPDATE responses SET status = 'failed', server = NULL, updated_at = $2
+     WHERE status IN ('queued', 'in_progress')
+       AND (CAST($1 AS TEXT) IS NULL OR server = $1)"
+);
+
 /// Every shared statement, so a test can have each backend parse each one.
 #[cfg(test)]
 pub const ALL: &[(&str, Sql)] = &[
@@ -368,6 +397,12 @@ pub const ALL: &[(&str, Sql)] = &[
     ("LIST_UNFINISHED_TASKS", LIST_UNFINISHED_TASKS),
     ("TASK_POSITION", TASK_POSITION),
     ("COUNT_QUEUED_TASKS", COUNT_QUEUED_TASKS),
+    ("INSERT_RESPONSE", INSERT_RESPONSE),
+    ("FINISH_RESPONSE", FINISH_RESPONSE),
+    ("GET_RESPONSE", GET_RESPONSE),
+    ("DELETE_RESPONSE", DELETE_RESPONSE),
+    ("REQUEST_RESPONSE_CANCEL", REQUEST_RESPONSE_CANCEL),
+    ("FAIL_UNFINISHED_RESPONSES", FAIL_UNFINISHED_RESPONSES),
 ];
 
 #[cfg(test)]

@@ -22,8 +22,9 @@ use super::codec::{
 use super::sql;
 use super::{
     Agent, ApiKey, CatalogStore, KeyStore, KnowledgeDoc, KnowledgeHit, MessageStatus,
-    MessageUpdate, Millis, Scene, Session, SessionCursor, SessionStore, StoreError, StoreHealth,
-    StoredMessage, Task, TaskStatus, TaskStore, UsageRecord, UsageRow, UsageStore, User,
+    MessageUpdate, Millis, ResponseStore, Scene, Session, SessionCursor, SessionStore, StoreError,
+    StoreHealth, StoredMessage, StoredResponse, Task, TaskStatus, TaskStore, UsageRecord, UsageRow,
+    UsageStore, User,
 };
 use crate::config::StoreConfig;
 
@@ -1127,6 +1128,115 @@ impl UsageStore for SqliteStore {
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl ResponseStore for SqliteStore {
+    async fn insert_response(&self, r: &StoredResponse) -> Result<(), StoreError> {
+        let r = r.clone();
+        self.write(move |c| {
+            c.prepare_cached(sql::INSERT_RESPONSE.sqlite())?
+                .execute(params![
+                    r.id,
+                    r.user_id,
+                    r.status,
+                    r.body,
+                    r.input_items,
+                    r.server,
+                    r.created_at,
+                    r.updated_at
+                ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn finish_response(
+        &self,
+        id: &str,
+        status: &str,
+        body: &str,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        let (id, status, body) = (id.to_owned(), status.to_owned(), body.to_owned());
+        self.write(move |c| {
+            let n = c
+                .prepare_cached(sql::FINISH_RESPONSE.sqlite())?
+                .execute(params![id, status, body, now])?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn get_response(
+        &self,
+        user_id: &str,
+        id: &str,
+    ) -> Result<Option<StoredResponse>, StoreError> {
+        let (user_id, id) = (user_id.to_owned(), id.to_owned());
+        self.read(move |c| {
+            let r = c
+                .prepare_cached(sql::GET_RESPONSE.sqlite())?
+                .query_row(params![id, user_id], |r| {
+                    Ok(StoredResponse {
+                        id: r.get(0)?,
+                        user_id: r.get(1)?,
+                        status: r.get(2)?,
+                        body: r.get(3)?,
+                        input_items: r.get(4)?,
+                        server: r.get(5)?,
+                        cancel_at: r.get(6)?,
+                        created_at: r.get(7)?,
+                        updated_at: r.get(8)?,
+                    })
+                })
+                .optional()?;
+            Ok(r)
+        })
+        .await
+    }
+
+    async fn delete_response(&self, user_id: &str, id: &str) -> Result<bool, StoreError> {
+        let (user_id, id) = (user_id.to_owned(), id.to_owned());
+        self.write(move |c| {
+            let n = c
+                .prepare_cached(sql::DELETE_RESPONSE.sqlite())?
+                .execute(params![id, user_id])?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn request_response_cancel(
+        &self,
+        user_id: &str,
+        id: &str,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        let (user_id, id) = (user_id.to_owned(), id.to_owned());
+        self.write(move |c| {
+            let n = c
+                .prepare_cached(sql::REQUEST_RESPONSE_CANCEL.sqlite())?
+                .execute(params![id, user_id, now])?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn fail_unfinished_responses(
+        &self,
+        server_id: Option<&str>,
+        now: Millis,
+    ) -> Result<u64, StoreError> {
+        let server_id = server_id.map(str::to_owned);
+        self.write(move |c| {
+            let n = c
+                .prepare_cached(sql::FAIL_UNFINISHED_RESPONSES.sqlite())?
+                .execute(params![server_id, now])?;
+            Ok(n as u64)
         })
         .await
     }

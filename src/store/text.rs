@@ -10,8 +10,9 @@ use async_trait::async_trait;
 
 use super::{
     Agent, ApiKey, CatalogStore, KeyStore, KnowledgeDoc, KnowledgeHit, MessageUpdate, Millis,
-    PoolState, Scene, Session, SessionCursor, SessionStore, StoreError, StoreHealth, StoredMessage,
-    Task, TaskStatus, TaskStore, UsageRecord, UsageRow, UsageStore, User,
+    PoolState, ResponseStore, Scene, Session, SessionCursor, SessionStore, StoreError, StoreHealth,
+    StoredMessage, StoredResponse, Task, TaskStatus, TaskStore, UsageRecord, UsageRow, UsageStore,
+    User,
 };
 
 /// `s` with each NUL replaced by U+FFFD; borrowed when there is none.
@@ -381,6 +382,70 @@ impl<S: UsageStore> UsageStore for NulSafe<S> {
 
     async fn usage_summary(&self, from: Millis, to: Millis) -> Result<Vec<UsageRow>, StoreError> {
         self.0.usage_summary(from, to).await
+    }
+}
+
+#[async_trait]
+impl<S: ResponseStore> ResponseStore for NulSafe<S> {
+    async fn insert_response(&self, r: &StoredResponse) -> Result<(), StoreError> {
+        let r = StoredResponse {
+            id: owned(&r.id),
+            user_id: owned(&r.user_id),
+            status: owned(&r.status),
+            body: owned(&r.body),
+            input_items: owned(&r.input_items),
+            server: opt(&r.server),
+            ..r.clone()
+        };
+        self.0.insert_response(&r).await
+    }
+
+    async fn finish_response(
+        &self,
+        id: &str,
+        status: &str,
+        body: &str,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        self.0
+            .finish_response(&nul_free(id), &nul_free(status), &nul_free(body), now)
+            .await
+    }
+
+    async fn get_response(
+        &self,
+        user_id: &str,
+        id: &str,
+    ) -> Result<Option<StoredResponse>, StoreError> {
+        self.0.get_response(&nul_free(user_id), &nul_free(id)).await
+    }
+
+    async fn delete_response(&self, user_id: &str, id: &str) -> Result<bool, StoreError> {
+        self.0
+            .delete_response(&nul_free(user_id), &nul_free(id))
+            .await
+    }
+
+    async fn request_response_cancel(
+        &self,
+        user_id: &str,
+        id: &str,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        self.0
+            .request_response_cancel(&nul_free(user_id), &nul_free(id), now)
+            .await
+    }
+
+    async fn fail_unfinished_responses(
+        &self,
+        server_id: Option<&str>,
+        now: Millis,
+    ) -> Result<u64, StoreError> {
+        let server_id = opt_ref(server_id);
+        self.0
+            .fail_unfinished_responses(server_id.as_deref(), now)
+            .await
     }
 }
 

@@ -17,7 +17,8 @@ use sluice::store::postgres::PgStore;
 use sluice::store::sqlite::SqliteStore;
 use sluice::store::{
     Agent, ApiKey, KnowledgeDoc, MessageStatus, MessageUpdate, Scene, Session, SessionCursor,
-    Store, StoreError, StoredMessage, Task, TaskStatus, UsageRecord, User, new_id, now_millis,
+    Store, StoreError, StoredMessage, StoredResponse, Task, TaskStatus, UsageRecord, User, new_id,
+    now_millis,
 };
 
 crate::backend_tests!(
@@ -50,6 +51,7 @@ crate::backend_tests!(
     a_session_is_free_once_its_generations_reply_has_ended,
     racing_claims_of_a_session_let_exactly_one_through,
     start_up_interrupts_only_replies_no_other_instance_holds,
+    responses_are_scoped_settled_once_and_failed_at_restart,
 );
 
 /// A key made as `sluice keys create` makes it.
@@ -155,7 +157,12 @@ async fn migrations_apply_on_an_empty_database_and_are_idempotent(backend: Backe
     let db = fresh(backend).await;
     assert_eq!(
         open_and_report(&db).await,
-        ["V1__init", "V2__reasoning", "V3__running_generation"]
+        [
+            "V1__init",
+            "V2__reasoning",
+            "V3__running_generation",
+            "V4__responses"
+        ]
     );
     let objects = schema_objects(&db).await;
     for name in [
@@ -176,6 +183,8 @@ async fn migrations_apply_on_an_empty_database_and_are_idempotent(backend: Backe
         "usage_records_key_created",
         "tasks_user_created",
         "tasks_status_created",
+        "responses",
+        "responses_unfinished",
     ] {
         assert!(objects.contains(name), "{name} missing from {objects:?}");
     }
@@ -2016,4 +2025,100 @@ async fn twenty_clients_create_and_list_sessions_through_pgbouncer() {
         .get(0);
     assert_eq!(n, 200);
     server.shutdown().await;
+}
+
+fn stored_response(id: &str, user: &str, status: &str, server: Option<&str>) -> StoredResponse {
+    StoredResponse {
+        id: id.into(),
+        user_id: user.into(),
+        status: status.into(),
+        body: format!(r#"{{"id":"{id}","status":"{status}"}}"#),
+        input_items: r#"[{"type":"message","role":"user","content":"hi\u0000"}]"#.into(),
+        server: server.map(str::to_owned),
+        cancel_at: None,
+        created_at: 1,
+        updated_at: 1,
+    }
+}
+
+/// A stored response is its owner's alone, settles exactly once, takes a cancel request
+/// only while unfinished, and a restart fails the unfinished ones of the instance named.
+async fn responses_are_scoped_settled_once_and_failed_at_restart(backend: Backend) {
+    let db = fresh(backend).await;
+    let store = open(&db).await;
+    let (alice, bob) = (user(&*store, "alice").await, user(&*store, "bob").await);
+    let r = stored_response("resp_1", &alice, "in_progress", Some("a"));
+    store.insert_response(&r).await.unwrap();
+    assert_eq!(store.get_response(&alice, "resp_1").await.unwrap(), Some(r));
+    assert_eq!(store.get_response(&bob, "resp_1").await.unwrap(), None);
+    assert!(
+        !store
+            .request_response_cancel(&bob, "resp_1", 5)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .request_response_cancel(&alice, "resp_1", 5)
+            .await
+            .unwrap()
+    );
+    let got = store.get_response(&alice, "resp_1").await.unwrap().unwrap();
+    assert_eq!(got.cancel_at, Some(5));
+
+    assert!(
+        store
+            .finish_response("resp_1", "cancelled", "{}", 9)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .finish_response("resp_1", "completed", "{}", 10)
+            .await
+            .unwrap()
+    );
+    let got = store.get_response(&alice, "resp_1").await.unwrap().unwrap();
+    assert_eq!(
+        (got.status.as_str(), got.body.as_str()),
+        ("cancelled", "{}")
+    );
+    assert_eq!((got.server, got.updated_at), (None, 9));
+    assert!(
+        !store
+            .request_response_cancel(&alice, "resp_1", 11)
+            .await
+            .unwrap()
+    );
+
+    for (id, server) in [("resp_a", "a"), ("resp_b", "b")] {
+        let r = stored_response(id, &alice, "queued", Some(server));
+        store.insert_response(&r).await.unwrap();
+    }
+    assert_eq!(
+        store
+            .fail_unfinished_responses(Some("a"), 20)
+            .await
+            .unwrap(),
+        1
+    );
+    let status = |id: &'static str| {
+        let (store, alice) = (store.clone(), alice.clone());
+        async move {
+            store
+                .get_response(&alice, id)
+                .await
+                .unwrap()
+                .unwrap()
+                .status
+        }
+    };
+    assert_eq!(status("resp_a").await, "failed");
+    assert_eq!(status("resp_b").await, "queued");
+    assert_eq!(store.fail_unfinished_responses(None, 21).await.unwrap(), 1);
+    assert_eq!(status("resp_b").await, "failed");
+
+    assert!(!store.delete_response(&bob, "resp_a").await.unwrap());
+    assert!(store.delete_response(&alice, "resp_a").await.unwrap());
+    assert_eq!(store.get_response(&alice, "resp_a").await.unwrap(), None);
 }
