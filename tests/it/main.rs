@@ -24,6 +24,7 @@ mod ops;
 mod process;
 mod provider_slots;
 mod redis_queue;
+mod responses;
 mod sdk;
 mod sessions;
 mod start;
