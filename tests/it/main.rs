@@ -34,4 +34,5 @@ mod tasks;
 mod timeouts;
 mod ui;
 mod upstream_limits;
+mod vercel;
 mod ws;
