@@ -441,3 +441,58 @@ async fn an_upstream_failure_mid_stream_ends_with_response_failed() {
     assert_eq!(ev[ev.len() - 2].1["item"]["status"], "incomplete");
     server.shutdown().await;
 }
+
+/// A stream still running when the server stops serving ends as a response that failed,
+/// its open item closed, rather than being cut mid-event.
+#[tokio::test]
+async fn a_stream_running_at_shutdown_ends_with_response_failed() {
+    let (mock, server) = mock_and_server().await;
+    let resp = post(
+        &url(&server),
+        &request(true, json!({"fault": "endless", "token_ms": 20})),
+    )
+    .await;
+    let reader = tokio::spawn(events(resp));
+    wait_stats(&mock, WAIT, |s| s.active_streams == 1).await;
+    server.state.lifecycle.stop();
+    let ev = tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();
+    let (kind, last) = ev.last().unwrap();
+    assert_eq!(kind, "response.failed");
+    assert_eq!(last["response"]["error"]["code"], "server_error");
+    assert!(
+        last["response"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("shutting down")
+    );
+    assert_eq!(ev[ev.len() - 2].0, "response.output_item.done");
+    wait_stats(&mock, Duration::from_secs(2), |s| s.active_streams == 0).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn pings_keep_the_stream_alive_before_the_first_token() {
+    let mock = mock(sluice_mock::MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.server.ping_interval = Duration::from_millis(50);
+    let server = TestServer::start(cfg).await;
+    let resp = post(
+        &url(&server),
+        &request(true, json!({"tokens": 2, "first_token_ms": 600})),
+    )
+    .await;
+    let mut raw = String::new();
+    let mut bytes = resp.bytes_stream();
+    while let Some(chunk) = tokio::time::timeout(WAIT, bytes.next()).await.unwrap() {
+        raw.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let created = raw.find("event: response.created\n").expect("created");
+    let first_ping = raw.find(": ping\n\n").expect("a ping comment");
+    let first_token = raw
+        .find("event: response.output_text.delta\n")
+        .expect("a token");
+    assert!(created < first_ping && first_ping < first_token, "{raw}");
+    assert!(raw.ends_with("\n\n") && !raw.contains("[DONE]"));
+    assert!(raw.contains("event: response.completed\n"));
+    server.shutdown().await;
+}
