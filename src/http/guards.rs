@@ -32,6 +32,7 @@ pub fn classify_normal(method: &Method, norm: &str) -> Option<RouteClass> {
     match (first, second, third, fourth) {
         (Some("api"), Some("admin"), ..) => Some(RouteClass::Admin),
         (Some("v1"), Some("chat"), Some("completions"), None)
+        | (Some("v1"), Some("responses"), None, None)
         | (Some("api"), Some("tasks"), None, None)
             if post =>
         {
@@ -217,6 +218,7 @@ mod tests {
             classify(&post, "/api/sessions/abc/messages"),
             Some(RouteClass::Chat)
         );
+        assert_eq!(classify(&post, "/v1/responses"), Some(RouteClass::Chat));
         assert_eq!(classify(&post, "/api/tasks"), Some(RouteClass::Chat));
         assert_eq!(classify(&post, "/api/scenes/x/run"), Some(RouteClass::Chat));
         assert_eq!(classify(&get, "/api/tasks"), Some(RouteClass::Api));

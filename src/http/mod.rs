@@ -8,6 +8,7 @@ pub mod guards;
 pub mod health;
 pub mod ops;
 pub mod path;
+pub mod responses;
 pub mod sessions;
 pub mod tasks;
 pub mod ui;

@@ -79,6 +79,7 @@ pub fn router(state: AppState) -> Router {
     // metrics, request id and tracing around everything.
     let routes = Router::new()
         .merge(crate::http::v1::router())
+        .merge(crate::http::responses::router())
         .merge(crate::http::health::router())
         .merge(crate::http::sessions::router())
         .merge(crate::http::ws::router())

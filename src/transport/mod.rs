@@ -3,5 +3,6 @@
 
 pub mod events;
 pub mod openai;
+pub mod responses;
 pub mod sse;
 pub mod ws;

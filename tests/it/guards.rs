@@ -404,6 +404,29 @@ async fn a_v1_stream_cut_by_an_upstream_error_is_charged_every_token_it_streamed
     server.shutdown().await;
 }
 
+/// `/v1/responses` rides the same relay: its tokens are metered against the key's quota.
+#[tokio::test]
+async fn a_responses_stream_is_charged_every_token_it_streamed() {
+    crate::require!(Redis);
+    let mock = mock(MockConfig::default()).await;
+    let (server, prefix, key, key_id) = metered_server(&mock).await;
+    let resp = client()
+        .post(format!("{}/v1/responses", server.url))
+        .bearer_auth(&key)
+        .json(
+            &json!({"model": "mock-model", "stream": true, "input": "hi",
+            "mock": {"tokens": STREAMED}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("event: response.completed\n"), "{body}");
+    assert_counted(&prefix.0, &key_id, STREAMED).await;
+    server.shutdown().await;
+}
+
 /// A session's reply, read over SSE until `STREAMED` tokens have come.
 async fn session_after_tokens(
     server: &TestServer,

@@ -188,3 +188,34 @@ async fn sdk_anthropic_tool_use_loop() {
     pytest("test_anthropic.py", &urls(&server, &mock).await).await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn sdk_responses_text_tools_reasoning_and_fields() {
+    crate::require!(SdkVenv);
+    run_openai("test_responses.py").await;
+}
+
+#[tokio::test]
+async fn sdk_responses_over_an_anthropic_upstream() {
+    crate::require!(SdkVenv);
+    // The scenario is the mock's own setting: sluice forwards no knobs to Anthropic.
+    let mock = mock(MockConfig {
+        scenario: Some("tool_use".into()),
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = config_for(&mock);
+    cfg.upstream.providers = vec![ProviderConfig {
+        name: "claude".into(),
+        kind: ProviderKind::Anthropic,
+        base_url: Some(mock.url()),
+        base_urls: vec![],
+        api_key: Some(Secret::new("test-key")),
+        api_key_env: None,
+        models: vec!["claude-*".into()],
+        http2: false,
+    }];
+    let server = TestServer::start(cfg).await;
+    pytest("test_responses_anthropic.py", &urls(&server, &mock).await).await;
+    server.shutdown().await;
+}

@@ -35,3 +35,8 @@ def test_function_calling_example_runs():
 def test_streaming_example_runs():
     printed = run_block("delta.content")
     assert "built-in demo model" in printed, printed
+
+
+def test_responses_example_runs():
+    printed = run_block("client.responses.stream")
+    assert "built-in demo model" in printed, printed

@@ -19,6 +19,8 @@ pub enum Need {
     PgBouncer,
     Chromium,
     SdkVenv,
+    /// tests/node's packages (`npm ci` in tests/node), for the Vercel AI SDK test.
+    NodeModules,
 }
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -75,7 +77,7 @@ pub fn pgbouncer_bin() -> Option<PathBuf> {
 
 /// Why `need` is missing, or `None` if it is there; looked for once per process.
 pub fn missing(need: Need) -> Option<&'static str> {
-    static FOUND: [OnceLock<Option<&'static str>>; 6] = [const { OnceLock::new() }; 6];
+    static FOUND: [OnceLock<Option<&'static str>>; 7] = [const { OnceLock::new() }; 7];
     *FOUND[need as usize].get_or_init(|| {
         let ok = match need {
             Need::Postgres => answers(host_port(&super::db::server_url(), 5432)),
@@ -87,6 +89,11 @@ pub fn missing(need: Need) -> Option<&'static str> {
                     && Path::new("/usr/bin/chromedriver").exists()
             }
             Need::SdkVenv => Path::new(ROOT).join("target/sdk-venv/bin/python").exists(),
+            Need::NodeModules => {
+                let modules = Path::new(ROOT).join("tests/node/node_modules");
+                modules.join("ai/package.json").exists()
+                    && modules.join("@ai-sdk/openai/package.json").exists()
+            }
         };
         (!ok).then_some(match need {
             Need::Postgres => "PostgreSQL not reachable at SLUICE_TEST_DATABASE_URL",
@@ -95,6 +102,7 @@ pub fn missing(need: Need) -> Option<&'static str> {
             Need::PgBouncer => "pgbouncer not found",
             Need::Chromium => "chromium or chromedriver not found",
             Need::SdkVenv => "the SDK venv target/sdk-venv not found",
+            Need::NodeModules => "tests/node/node_modules (ai, @ai-sdk/openai) not installed",
         })
     })
 }
