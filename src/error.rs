@@ -227,6 +227,17 @@ impl From<crate::chat::completions::CompletionError> for ApiError {
     }
 }
 
+impl From<crate::chat::responses::ResponseError> for ApiError {
+    fn from(e: crate::chat::responses::ResponseError) -> Self {
+        use crate::chat::responses::ResponseError;
+        match e {
+            ResponseError::Chat(e) => e.into(),
+            ResponseError::Completion(e) => e.into(),
+            ResponseError::State(m) => Self::BadRequest(m),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();

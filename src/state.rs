@@ -6,6 +6,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::ResponseCache;
 use crate::chat::completions::{CompletionParts, Completions};
+use crate::chat::responses::{ResponseParts, Responses};
 use crate::chat::service::{ChatParts, ChatService, ChatSettings};
 use crate::cluster::redis::RedisBus;
 use crate::cluster::{Bus, LocalBus};
@@ -72,6 +73,8 @@ pub struct Shared {
     pub guards: Arc<Guards>,
     /// `/v1/chat/completions`: cache, single-flight, stream caps and metering.
     pub completions: Arc<Completions>,
+    /// `/v1/responses`: stored, chained and background responses.
+    pub responses: Arc<Responses>,
     /// Shares generations with the other instances.
     pub bus: Arc<dyn Bus>,
 }
@@ -144,6 +147,16 @@ impl AppState {
                 .map(|q| q as Arc<dyn crate::domain::TokenMeter>),
             metrics: metrics.clone(),
         }));
+        let responses = Arc::new(Responses::new(ResponseParts {
+            completions: completions.clone(),
+            upstreams: upstreams.clone(),
+            store: store.clone(),
+            hub: chat.hub().clone(),
+            bus: bus.clone(),
+            tasks: chat.tasks().clone(),
+            stop: lifecycle.stop_token(),
+            server_id: config.server.server_id.clone(),
+        }));
         let guards = Arc::new(Guards {
             config: config.guards.clone(),
             rate: crate::guard::rate::RateLimits::new(&config.guards),
@@ -165,6 +178,7 @@ impl AppState {
             cache,
             guards,
             completions,
+            responses,
             bus,
         })))
     }

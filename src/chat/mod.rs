@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod completions;
 pub mod flight;
+pub mod responses;
 pub mod service;
 
 #[cfg(test)]

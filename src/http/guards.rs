@@ -32,7 +32,7 @@ pub fn classify_normal(method: &Method, norm: &str) -> Option<RouteClass> {
     match (first, second, third, fourth) {
         (Some("api"), Some("admin"), ..) => Some(RouteClass::Admin),
         (Some("v1"), Some("chat"), Some("completions"), None)
-        | (Some("v1"), Some("responses"), None, None)
+        | (Some("v1"), Some("responses" | "messages"), None, None)
         | (Some("api"), Some("tasks"), None, None)
             if post =>
         {
@@ -219,6 +219,12 @@ mod tests {
             Some(RouteClass::Chat)
         );
         assert_eq!(classify(&post, "/v1/responses"), Some(RouteClass::Chat));
+        assert_eq!(classify(&post, "/v1/messages"), Some(RouteClass::Chat));
+        assert_eq!(classify(&get, "/v1/responses/r"), Some(RouteClass::Api));
+        assert_eq!(
+            classify(&post, "/v1/responses/r/cancel"),
+            Some(RouteClass::Api)
+        );
         assert_eq!(classify(&post, "/api/tasks"), Some(RouteClass::Chat));
         assert_eq!(classify(&post, "/api/scenes/x/run"), Some(RouteClass::Chat));
         assert_eq!(classify(&get, "/api/tasks"), Some(RouteClass::Api));

@@ -1,129 +1,113 @@
-//! The Responses API on the wire: a relay's chunks, through a
-//! [`ResponseBuilder`], as SSE events (`event: <type>` then `data: <json>`), or as the one
-//! response object they add up to.
+//! A response's events over SSE as the Responses API frames them: `event: <type>` and
+//! the event's JSON, `: ping` comments while nothing happens, no `[DONE]`.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{FutureExt, Stream, StreamExt};
-use serde_json::Value;
+use futures::Stream;
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use super::sse::PING;
-use crate::dialect::responses::{ResponseBuilder, ResponseEvent};
-use crate::upstream::{Relay, UpstreamError};
+use crate::chat::responses::ResponseFeed;
+use crate::hub::{End, Event, EventKind};
 
-/// Most chunks one frame gathers: a bound on one poll's work and buffer.
-const MAX_BATCH_EVENTS: usize = 256;
-
-/// Events produced by one step, as one SSE frame: one write for a chunk's several events.
-fn frame(events: &mut Vec<ResponseEvent>) -> Option<Bytes> {
-    if events.is_empty() {
-        return None;
-    }
-    let mut buf = Vec::with_capacity(
-        events
-            .iter()
-            .map(|e| e.data.len() + e.kind.len() + 16)
-            .sum(),
-    );
-    for e in events.drain(..) {
-        buf.extend_from_slice(b"event: ");
-        buf.extend_from_slice(e.kind.as_bytes());
-        buf.extend_from_slice(b"\ndata: ");
-        buf.extend_from_slice(e.data.as_bytes());
-        buf.extend_from_slice(b"\n\n");
-    }
-    Some(Bytes::from(buf))
+#[derive(Deserialize)]
+struct Typed<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: Cow<'a, str>,
 }
 
-/// The `response.error.code` for a relay that failed, in the API's vocabulary; the
-/// message says what happened.
-fn failure_code(e: &UpstreamError) -> &'static str {
-    match e {
-        UpstreamError::Status { status: 429, .. } => "rate_limit_exceeded",
-        _ => "server_error",
-    }
+/// The SSE frame of one hub event of a response. An `interrupted` event (its instance was
+/// lost) becomes `response.failed` with the same sequence number.
+fn frame(e: &Event, response_id: &str, out: &mut Vec<u8>) {
+    let data = e.data();
+    let failed;
+    let (kind, json): (Cow<'_, str>, &[u8]) = match e.kind {
+        EventKind::Response | EventKind::ResponseEnd => {
+            match serde_json::from_slice::<Typed<'_>>(&data) {
+                Ok(t) => (t.kind, &data[..]),
+                Err(_) => return,
+            }
+        }
+        EventKind::Interrupted => {
+            failed = serde_json::json!({
+                "type": "response.failed",
+                "sequence_number": e.seq,
+                "response": {
+                    "id": response_id,
+                    "object": "response",
+                    "status": "failed",
+                    "error": {
+                        "code": "server_error",
+                        "message": "the instance running this response stopped before it ended",
+                    },
+                    "output": [],
+                },
+            })
+            .to_string();
+            ("response.failed".into(), failed.as_bytes())
+        }
+        _ => return,
+    };
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(kind.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n\n");
 }
 
-/// Streams `relay` as Responses events: `response.created` first, a `response.completed`
-/// (or `.incomplete`, or `.failed`) last, `: ping` comments while the upstream is silent.
-/// Dropping the stream (the client went away) drops the upstream request with it; at
-/// `stop` (shutdown) the response fails cleanly.
-pub fn event_stream(
-    relay: Relay,
-    mut builder: ResponseBuilder,
+/// Frames a response's feed. Ends after its last event, or at `leave` (this instance is
+/// going away: a background response's reader resumes with `starting_after` elsewhere).
+pub fn sse(
+    feed: ResponseFeed,
+    response_id: String,
     ping_every: Duration,
-    stop: CancellationToken,
+    leave: CancellationToken,
 ) -> impl Stream<Item = Bytes> + Send + 'static {
     async_stream::stream! {
-        let mut out = Vec::with_capacity(8);
-        builder.begin(&mut out);
-        if let Some(f) = frame(&mut out) {
-            yield f;
-        }
-        let mut events = relay.events;
+        // The whole feed moves in: a field captured alone would leave the rest (the
+        // guard that cancels the response when its reader leaves) to drop right here.
+        let mut feed = feed;
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let stopped = stop.cancelled();
-        tokio::pin!(stopped);
+        let mut batch: Vec<Event> = Vec::with_capacity(64);
+        let left = leave.cancelled();
+        tokio::pin!(left);
         loop {
             tokio::select! {
                 biased;
-                ev = events.next() => {
-                    // This event and whatever else is ready now leave as one frame.
-                    let mut next = Some(ev);
-                    let mut batched = 0;
-                    let mut ended = false;
-                    while let Some(ev) = next.take() {
-                        match ev {
-                            Some(Ok(chunk)) => builder.push(&chunk, &mut out),
-                            Some(Err(e)) => {
-                                tracing::warn!(provider = %relay.provider, error = %e, "stream failed after it started");
-                                builder.fail(failure_code(&e), &e.to_string(), &mut out);
-                                ended = true;
-                            }
-                            None => {
-                                builder.complete(&mut out);
-                                ended = true;
-                            }
+                _ = &mut left => return,
+                r = feed.events.next_batch(&mut batch) => match r {
+                    Ok(()) => {
+                        let mut buf = Vec::with_capacity(batch.iter().map(|e| e.sse.len() + 32).sum());
+                        for e in &batch {
+                            frame(e, &response_id, &mut buf);
                         }
-                        batched += 1;
-                        if !ended && batched < MAX_BATCH_EVENTS {
-                            next = events.next().now_or_never();
+                        if !buf.is_empty() {
+                            yield Bytes::from(buf);
                         }
                     }
-                    if let Some(f) = frame(&mut out) {
-                        yield f;
-                    }
-                    if ended {
+                    Err(End::Finished) => return,
+                    Err(End::Lagged) => {
+                        yield lagged(&response_id);
                         return;
                     }
-                }
+                },
                 _ = ping.tick() => yield PING,
-                _ = &mut stopped => {
-                    builder.fail("server_error", "the server is shutting down; retry the request", &mut out);
-                    break;
-                }
             }
-        }
-        if let Some(f) = frame(&mut out) {
-            yield f;
         }
     }
 }
 
-/// Reads `relay` to its end through `builder`: the whole response object, for clients that
-/// asked for no stream. A relay that fails is the request's error.
-pub async fn collect(relay: Relay, mut builder: ResponseBuilder) -> Result<Value, UpstreamError> {
-    let mut events = relay.events;
-    let mut out = Vec::new();
-    builder.begin(&mut out);
-    while let Some(chunk) = events.next().await {
-        builder.push(&chunk?, &mut out);
-        // Nobody reads the events; only the object they build counts.
-        out.clear();
-    }
-    builder.complete(&mut out);
-    Ok(builder.response())
+fn lagged(response_id: &str) -> Bytes {
+    let event = serde_json::json!({
+        "type": "error",
+        "code": "lagged",
+        "message": format!("this client fell behind response {response_id}; stream it again with starting_after"),
+        "param": null,
+        "sequence_number": 0,
+    });
+    Bytes::from(format!("event: error\ndata: {event}\n\n"))
 }

@@ -1191,3 +1191,21 @@ async fn the_stream_list_of_any_instance_shows_the_whole_cluster() {
         w.abort();
     }
 }
+
+/// The official SDK drops a background response's stream on one instance and resumes it
+/// with `starting_after` on another, which also cancels one running on the first.
+#[tokio::test]
+async fn a_background_response_resumes_and_is_cancelled_on_another_instance() {
+    crate::require!(Postgres, Redis, SdkVenv);
+    let mock = mock(MockConfig::default()).await;
+    let c = Cluster::start(2, &mock, &common::need::redis_url()).await;
+    let env = [
+        ("SLUICE_BASE_URL", format!("{}/v1", c.url(0))),
+        ("SLUICE_OTHER_URL", format!("{}/v1", c.url(1))),
+        // Keyless on loopback: both instances act as the same local user.
+        ("SLUICE_API_KEY", "unused".to_owned()),
+        ("MOCK_BASE_URL", mock.url()),
+        ("MOCK_ROOT", format!("http://{}", mock.addr)),
+    ];
+    crate::sdk::pytest("test_responses_stored.py", &env).await;
+}

@@ -364,13 +364,13 @@ async fn bad_requests_are_4xx_naming_the_field() {
             "tool_choice",
         ),
         (
-            json!({"model": "mock-model", "input": "x", "background": true}),
+            json!({"model": "mock-model", "input": "x", "background": true, "store": false}),
             422,
             "background",
         ),
         (
             json!({"model": "mock-model", "input": "x", "previous_response_id": "resp_1"}),
-            422,
+            404,
             "previous_response_id",
         ),
         (json!({"model": "mock-model", "input": 5}), 422, "input"),

@@ -22,7 +22,7 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const PYTHON_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The venv's interpreter, if scripts/test.sh built it from the current requirements.
-fn venv_python() -> PathBuf {
+pub(crate) fn venv_python() -> PathBuf {
     let venv = Path::new(ROOT).join("target/sdk-venv");
     let python = venv.join("bin/python");
     let requirements = std::fs::read(Path::new(ROOT).join("tests/sdk/requirements.txt"))
@@ -40,7 +40,7 @@ fn venv_python() -> PathBuf {
 }
 
 /// Runs `tests/sdk/<file>` under pytest with `env`, failing with its output if it fails.
-async fn pytest(file: &str, env: &[(&str, String)]) {
+pub(crate) async fn pytest(file: &str, env: &[(&str, String)]) {
     let python = venv_python();
     let mut cmd = tokio::process::Command::new(python);
     cmd.args([
@@ -217,5 +217,18 @@ async fn sdk_responses_over_an_anthropic_upstream() {
     }];
     let server = TestServer::start(cfg).await;
     pytest("test_responses_anthropic.py", &urls(&server, &mock).await).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sdk_responses_stored_chained_background_and_resumed() {
+    crate::require!(SdkVenv);
+    let (mock, server) = mock_and_server().await;
+    let mut env = urls(&server, &mock).await;
+    env.push((
+        "SLUICE_OTHER_KEY",
+        api_key(&server, "someone-else", false).await,
+    ));
+    pytest("test_responses_stored.py", &env).await;
     server.shutdown().await;
 }
