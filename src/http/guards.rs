@@ -32,6 +32,7 @@ pub fn classify_normal(method: &Method, norm: &str) -> Option<RouteClass> {
     match (first, second, third, fourth) {
         (Some("api"), Some("admin"), ..) => Some(RouteClass::Admin),
         (Some("v1"), Some("chat"), Some("completions"), None)
+        | (Some("v1"), Some("messages"), None, None)
         | (Some("api"), Some("tasks"), None, None)
             if post =>
         {

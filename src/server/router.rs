@@ -79,6 +79,7 @@ pub fn router(state: AppState) -> Router {
     // metrics, request id and tracing around everything.
     let routes = Router::new()
         .merge(crate::http::v1::router())
+        .merge(crate::http::messages::router())
         .merge(crate::http::health::router())
         .merge(crate::http::sessions::router())
         .merge(crate::http::ws::router())
@@ -114,6 +115,10 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::http::ops::track,
+        ))
+        // Outside every layer that can refuse a request, so all its refusals are reshaped.
+        .layer(axum::middleware::from_fn(
+            crate::http::messages::anthropic_errors,
         ))
         .layer(
             ServiceBuilder::new()

@@ -16,7 +16,9 @@ const LAYERS: &[&[&str]] = &[
     &["domain", "config", "hub", "queue"],
     // Subsystems: limiters, reply cache, storage, the cluster bus, metrics and health,
     // upstream providers, the client dialects (Responses, Messages).
-    &["guard", "cache", "store", "cluster", "ops", "upstream", "dialect"],
+    &[
+        "guard", "cache", "store", "cluster", "ops", "upstream", "dialect",
+    ],
     // Services: sessions and completions, prompt jobs.
     &["chat", "tasks"],
     // What the services' results become on the wire: the error type, SSE/WebSocket framing.
