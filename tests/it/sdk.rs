@@ -188,3 +188,56 @@ async fn sdk_anthropic_tool_use_loop() {
     pytest("test_anthropic.py", &urls(&server, &mock).await).await;
     server.shutdown().await;
 }
+
+/// A sluice in front of a mock playing `scenario` on its Messages API endpoint, served by
+/// sluice's Anthropic provider for `claude-*` models.
+async fn claude_server(scenario: &str) -> (MockServer, TestServer) {
+    let mock = mock(MockConfig {
+        scenario: Some(scenario.into()),
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = config_for(&mock);
+    cfg.upstream.providers = vec![ProviderConfig {
+        name: "claude".into(),
+        kind: ProviderKind::Anthropic,
+        base_url: Some(mock.url()),
+        base_urls: vec![],
+        api_key: Some(Secret::new("test-key")),
+        api_key_env: None,
+        models: vec!["claude-*".into()],
+        http2: false,
+    }];
+    let server = TestServer::start(cfg).await;
+    (mock, server)
+}
+
+#[tokio::test]
+async fn sdk_anthropic_messages_from_an_openai_compatible_upstream() {
+    crate::require!(SdkVenv);
+    run_openai("test_anthropic_messages.py").await;
+}
+
+#[tokio::test]
+async fn sdk_anthropic_messages_tool_use_loop_through_the_anthropic_provider() {
+    crate::require!(SdkVenv);
+    let (mock, server) = claude_server("tool_use").await;
+    pytest(
+        "test_anthropic_messages_tool_use.py",
+        &urls(&server, &mock).await,
+    )
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sdk_anthropic_messages_thinking_through_the_anthropic_provider() {
+    crate::require!(SdkVenv);
+    let (mock, server) = claude_server("thinking").await;
+    pytest(
+        "test_anthropic_messages_thinking.py",
+        &urls(&server, &mock).await,
+    )
+    .await;
+    server.shutdown().await;
+}
