@@ -907,10 +907,10 @@ mod tests {
     use crate::domain::ChunkEncoder;
 
     fn body(v: Value) -> Map<String, Value> {
-        match v {
-            Value::Object(m) => m,
-            _ => unreachable!(),
-        }
+        let Value::Object(m) = v else {
+            panic!("a body is an object")
+        };
+        m
     }
 
     fn chat(v: Value) -> ChatRequest {

@@ -539,3 +539,22 @@ async fn a_client_leaving_mid_stream_aborts_the_upstream_call() {
     assert_eq!(s.aborted_streams, 1);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_spent_rate_limit_is_an_anthropic_rate_limit_error() {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.guards.rate_chat_per_min = 1;
+    cfg.guards.rate_burst = 1;
+    let server = TestServer::start(cfg).await;
+    let body = request("mock-model", json!({}));
+    assert_eq!(send(&server, &body).await.status(), 200);
+    let resp = send(&server, &body).await;
+    assert_eq!(resp.status(), 429);
+    assert!(
+        resp.headers().get("retry-after").is_some(),
+        "headers are kept"
+    );
+    anthropic_error(resp, 429, "rate_limit_error").await;
+    server.shutdown().await;
+}
