@@ -1130,6 +1130,32 @@ mod tests {
     }
 
     #[test]
+    fn a_redacted_block_and_unsigned_reasoning_close_as_they_came() {
+        let enc = ChunkEncoder::new("c", 1, "m");
+        let chunks = vec![
+            enc.delta(
+                &json!({"thinking_blocks": [{"index": 0, "type": "redacted_thinking",
+                "data": "opaque"}]}),
+            ),
+            enc.reasoning("hmm"),
+            enc.content("Hi"),
+        ];
+        let m = fold(&events_of(&chunks));
+        assert_eq!(
+            m["content"],
+            json!([
+                {"type": "redacted_thinking", "data": "opaque"},
+                {"type": "thinking", "thinking": "hmm", "signature": ""},
+                {"type": "text", "text": "Hi"},
+            ])
+        );
+        assert_eq!(
+            m["stop_reason"], "end_turn",
+            "no finish reads as the end of the turn"
+        );
+    }
+
+    #[test]
     fn sse_frames_name_their_event() {
         let e = Event::TextDelta {
             index: 0,

@@ -558,3 +558,76 @@ async fn a_spent_rate_limit_is_an_anthropic_rate_limit_error() {
     anthropic_error(resp, 429, "rate_limit_error").await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn pings_while_waiting_and_a_clean_end_at_shutdown() {
+    let mock = mock(MockConfig::default()).await;
+    let mut cfg = config_for(&mock);
+    cfg.server.ping_interval = Duration::from_millis(50);
+    let server = TestServer::start(cfg).await;
+    let body = request(
+        "mock-model",
+        json!({"stream": true, "mock": {"tokens": 2, "first_token_ms": 400}}),
+    );
+    let resp = send(&server, &body).await;
+    let mut raw = String::new();
+    let mut bytes = resp.bytes_stream();
+    while let Some(chunk) = tokio::time::timeout(WAIT, bytes.next()).await.unwrap() {
+        raw.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let ping = raw
+        .find("event: ping\ndata: {\"type\":\"ping\"}\n\n")
+        .expect("a ping event");
+    let first_block = raw.find("event: content_block_start").expect("a block");
+    assert!(
+        ping < first_block,
+        "ping came after the first token:\n{raw}"
+    );
+    assert!(raw.starts_with("event: message_start\n"), "{raw}");
+    assert!(raw.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+
+    // A stream still running when the server stops ends with an error event of its own.
+    let body = request(
+        "mock-model",
+        json!({"stream": true, "mock": {"fault": "endless", "token_ms": 5}}),
+    );
+    let resp = send(&server, &body).await;
+    let mut stream = resp.bytes_stream().eventsource();
+    stream.next().await.unwrap().unwrap();
+    server.state.lifecycle.stop();
+    let mut last = None;
+    while let Some(ev) = tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
+        last = Some(ev.unwrap());
+    }
+    let last = last.unwrap();
+    assert_eq!(last.event, "error");
+    let v: Value = serde_json::from_str(&last.data).unwrap();
+    assert_eq!(v["error"]["type"], "overloaded_error");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_draining_instance_refuses_in_anthropics_shape_and_placeholders_pass() {
+    let (_mock, server) = mock_and_server().await;
+    // A keyless local server: a placeholder in x-api-key is the local user, as in
+    // Authorization, and a mistyped sluice key is still refused.
+    let with_key = |key: &'static str| {
+        client()
+            .post(url(&server))
+            .header("x-api-key", key)
+            .json(&request("mock-model", json!({})))
+            .send()
+    };
+    assert_eq!(with_key("unused").await.unwrap().status(), 200);
+    anthropic_error(
+        with_key("sk-sluice-typo").await.unwrap(),
+        401,
+        "authentication_error",
+    )
+    .await;
+    server.state.lifecycle.start_drain();
+    let resp = send(&server, &request("mock-model", json!({}))).await;
+    assert!(resp.headers().get("retry-after").is_some());
+    anthropic_error(resp, 503, "overloaded_error").await;
+    server.shutdown().await;
+}
