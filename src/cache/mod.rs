@@ -46,6 +46,12 @@ pub fn key(req: &ChatRequest) -> String {
     h.update([0]);
     h.update(serde_json::to_vec(&req.params).unwrap_or_default());
     h.update([0]);
+    // Anthropic's `thinking` is not serialized with the parameters; only requests that
+    // carry one hash it, so every other key stays as it was.
+    if let Some(thinking) = &req.params.thinking {
+        h.update(serde_json::to_vec(thinking).unwrap_or_default());
+        h.update([0]);
+    }
     // Everything else in the body (tools, tool_choice, response_format, seed, n, logprobs…)
     // can change the answer; how it is delivered cannot.
     let mut extra = req.extra.clone();
@@ -151,6 +157,9 @@ mod tests {
             r.extra.insert(field.into(), value);
             assert_ne!(key(&r), base, "{field}");
         }
+        let mut r = req(Some(0.0));
+        r.params.thinking = Some(serde_json::json!({"type": "enabled", "budget_tokens": 2048}));
+        assert_ne!(key(&r), base, "thinking");
         let mut r = req(Some(0.0));
         r.extra.insert("stream".into(), serde_json::json!(true));
         r.extra.insert(

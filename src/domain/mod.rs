@@ -229,6 +229,11 @@ pub struct GenParams {
     pub max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop: Option<Stop>,
+    /// Anthropic's `thinking` object, from a client of the Messages API: the Anthropic
+    /// provider sends it as it is; never serialized, so no OpenAI-compatible upstream sees
+    /// it (they get the `reasoning_effort` the dialect derives from it).
+    #[serde(skip)]
+    pub thinking: Option<Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -33,11 +33,12 @@ impl Principal {
 /// The bearer token of a request: `None` without an `Authorization` header. More than one
 /// header is refused (400): which one counts would differ between sluice and the proxies
 /// in front of it, so an admin key could ride along with a user's. The one parser of the
-/// header, for the rate limits and the key check alike.
+/// header, for the rate limits and the key check alike. Without `Authorization`, an
+/// `x-api-key` header (how the Anthropic SDKs send their key) is the token.
 pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let Some(value) = values.next() else {
-        return Ok(None);
+        return api_key(headers);
     };
     if values.next().is_some() {
         return Err(ApiError::BadHeader(
@@ -55,6 +56,28 @@ pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
         .map(Some)
         .ok_or_else(|| {
             ApiError::Unauthorized("malformed Authorization header: expected `Bearer <key>`".into())
+        })
+}
+
+/// The `x-api-key` header's key, held to the same one-header rule as `Authorization`.
+fn api_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let mut values = headers.get_all("x-api-key").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::BadHeader(
+            "more than one x-api-key header: send exactly one".into(),
+        ));
+    }
+    value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !t.contains(' '))
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::Unauthorized("malformed x-api-key header: expected the key".into())
         })
 }
 

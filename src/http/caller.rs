@@ -136,17 +136,28 @@ mod tests {
         Router::new()
             .route("/v1/models", any(who))
             .route("/v1/chat/completions", any(who))
+            .route("/v1/messages", any(who))
             .route("/api/admin/keys", any(who))
             .layer(axum::middleware::from_fn_with_state(st.clone(), resolve))
             .with_state(st.clone())
     }
 
     async fn call(app: &Router, method: Method, path: &str, key: &str) -> StatusCode {
+        call_with(app, method, path, "authorization", &format!("Bearer {key}")).await
+    }
+
+    async fn call_with(
+        app: &Router,
+        method: Method,
+        path: &str,
+        header: &str,
+        value: &str,
+    ) -> StatusCode {
         let req = axum::http::Request::builder()
             .method(method)
             .uri(path)
             .header("host", "localhost")
-            .header("authorization", format!("Bearer {key}"))
+            .header(header, value)
             .body(Body::empty())
             .unwrap();
         app.clone().oneshot(req).await.unwrap().status()
@@ -183,6 +194,16 @@ mod tests {
                 let case = format!("{method} {path} (rate limits {rate_limits})");
                 assert_eq!(got, status, "{case}");
                 assert_eq!(after - before, 1, "{case}: key lookups");
+            }
+            // The Anthropic SDKs' `x-api-key` is the same key, looked up once too.
+            for (key, status) in [
+                (&user, StatusCode::OK),
+                (&"sk-sluice-nope".to_owned(), StatusCode::UNAUTHORIZED),
+            ] {
+                let before = keys.finds.load(Ordering::SeqCst);
+                let got = call_with(&app, Method::POST, "/v1/messages", "x-api-key", key).await;
+                assert_eq!(got, status, "x-api-key (rate limits {rate_limits})");
+                assert_eq!(keys.finds.load(Ordering::SeqCst) - before, 1);
             }
         }
     }

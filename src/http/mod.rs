@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod extract;
 pub mod guards;
 pub mod health;
+pub mod messages;
 pub mod ops;
 pub mod path;
 pub mod responses;

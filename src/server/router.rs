@@ -80,6 +80,7 @@ pub fn router(state: AppState) -> Router {
     let routes = Router::new()
         .merge(crate::http::v1::router())
         .merge(crate::http::responses::router())
+        .merge(crate::http::messages::router())
         .merge(crate::http::health::router())
         .merge(crate::http::sessions::router())
         .merge(crate::http::ws::router())
@@ -115,6 +116,10 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::http::ops::track,
+        ))
+        // Outside every layer that can refuse a request, so all its refusals are reshaped.
+        .layer(axum::middleware::from_fn(
+            crate::http::messages::anthropic_errors,
         ))
         .layer(
             ServiceBuilder::new()

@@ -2,6 +2,7 @@
 //! wire format.
 
 pub mod events;
+pub mod messages;
 pub mod openai;
 pub mod responses;
 pub mod sse;

@@ -104,7 +104,7 @@ fn to_wire<'a>(req: &'a ChatRequest, model: &'a str) -> Result<Body<'a>, String>
         .as_ref()
         .is_some_and(|c| matches!(block_type(c), "any" | "tool"));
     let mut messages = merge(turns);
-    let thinking = match thinking(extra)? {
+    let thinking = match thinking(req)? {
         Thinking::Off => None,
         Thinking::Explicit(t) => Some(t),
         // Anthropic refuses thinking with a forced tool, and in a tool loop whose last
@@ -649,8 +649,15 @@ enum Thinking {
     Explicit(Value),
 }
 
-fn thinking(extra: &Map<String, Value>) -> Result<Thinking, String> {
-    match present(extra, "thinking") {
+fn thinking(req: &ChatRequest) -> Result<Thinking, String> {
+    let extra = &req.extra;
+    // A Messages API client's own `thinking` comes in the parameters, not the extras.
+    match req
+        .params
+        .thinking
+        .as_ref()
+        .or_else(|| present(extra, "thinking"))
+    {
         None => {}
         Some(t @ Value::Object(_)) => return Ok(Thinking::Explicit(t.clone())),
         Some(_) => {
@@ -2018,6 +2025,18 @@ mod tests {
         let body = wire(&req);
         assert_eq!(body["thinking"], json!({"type": "disabled"}));
         assert_eq!(body["temperature"], 0.3);
+        // A Messages API client's `thinking` rides in the parameters, exact budget and all,
+        // beside the coarser `reasoning_effort` made for OpenAI-compatible upstreams.
+        let mut req = request(
+            json!([{"role": "user", "content": "hi"}]),
+            json!({"reasoning_effort": "medium"}),
+        );
+        req.params.thinking = Some(json!({"type": "enabled", "budget_tokens": 5000}));
+        let body = wire(&req);
+        assert_eq!(
+            body["thinking"],
+            json!({"type": "enabled", "budget_tokens": 5000})
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod inproc;
 mod layers;
 mod limits;
 mod logging;
+mod messages;
 mod openai_stream;
 mod ops;
 mod process;

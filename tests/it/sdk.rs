@@ -168,23 +168,7 @@ async fn sdk_anthropic_tool_use_loop() {
     crate::require!(SdkVenv);
     // The Anthropic dialect takes no body knobs and sluice forwards no client headers, so
     // the scenario is the mock's own setting.
-    let mock = mock(MockConfig {
-        scenario: Some("tool_use".into()),
-        ..Default::default()
-    })
-    .await;
-    let mut cfg = config_for(&mock);
-    cfg.upstream.providers = vec![ProviderConfig {
-        name: "claude".into(),
-        kind: ProviderKind::Anthropic,
-        base_url: Some(mock.url()),
-        base_urls: vec![],
-        api_key: Some(Secret::new("test-key")),
-        api_key_env: None,
-        models: vec!["claude-*".into()],
-        http2: false,
-    }];
-    let server = TestServer::start(cfg).await;
+    let (mock, server) = claude_server("tool_use").await;
     pytest("test_anthropic.py", &urls(&server, &mock).await).await;
     server.shutdown().await;
 }
@@ -199,8 +183,29 @@ async fn sdk_responses_text_tools_reasoning_and_fields() {
 async fn sdk_responses_over_an_anthropic_upstream() {
     crate::require!(SdkVenv);
     // The scenario is the mock's own setting: sluice forwards no knobs to Anthropic.
+    let (mock, server) = claude_server("tool_use").await;
+    pytest("test_responses_anthropic.py", &urls(&server, &mock).await).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sdk_responses_stored_chained_background_and_resumed() {
+    crate::require!(SdkVenv);
+    let (mock, server) = mock_and_server().await;
+    let mut env = urls(&server, &mock).await;
+    env.push((
+        "SLUICE_OTHER_KEY",
+        api_key(&server, "someone-else", false).await,
+    ));
+    pytest("test_responses_stored.py", &env).await;
+    server.shutdown().await;
+}
+
+/// A sluice in front of a mock playing `scenario` on its Messages API endpoint, served by
+/// sluice's Anthropic provider for `claude-*` models.
+async fn claude_server(scenario: &str) -> (MockServer, TestServer) {
     let mock = mock(MockConfig {
-        scenario: Some("tool_use".into()),
+        scenario: Some(scenario.into()),
         ..Default::default()
     })
     .await;
@@ -216,19 +221,35 @@ async fn sdk_responses_over_an_anthropic_upstream() {
         http2: false,
     }];
     let server = TestServer::start(cfg).await;
-    pytest("test_responses_anthropic.py", &urls(&server, &mock).await).await;
+    (mock, server)
+}
+
+#[tokio::test]
+async fn sdk_anthropic_messages_from_an_openai_compatible_upstream() {
+    crate::require!(SdkVenv);
+    run_openai("test_anthropic_messages.py").await;
+}
+
+#[tokio::test]
+async fn sdk_anthropic_messages_tool_use_loop_through_the_anthropic_provider() {
+    crate::require!(SdkVenv);
+    let (mock, server) = claude_server("tool_use").await;
+    pytest(
+        "test_anthropic_messages_tool_use.py",
+        &urls(&server, &mock).await,
+    )
+    .await;
     server.shutdown().await;
 }
 
 #[tokio::test]
-async fn sdk_responses_stored_chained_background_and_resumed() {
+async fn sdk_anthropic_messages_thinking_through_the_anthropic_provider() {
     crate::require!(SdkVenv);
-    let (mock, server) = mock_and_server().await;
-    let mut env = urls(&server, &mock).await;
-    env.push((
-        "SLUICE_OTHER_KEY",
-        api_key(&server, "someone-else", false).await,
-    ));
-    pytest("test_responses_stored.py", &env).await;
+    let (mock, server) = claude_server("thinking").await;
+    pytest(
+        "test_anthropic_messages_thinking.py",
+        &urls(&server, &mock).await,
+    )
+    .await;
     server.shutdown().await;
 }

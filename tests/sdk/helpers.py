@@ -46,6 +46,30 @@ def direct():
     return _client(MOCK_BASE_URL, "unused")
 
 
+def anthropic_sluice(api_key=None):
+    """The Anthropic SDK pointed at sluice (it adds `/v1/messages` to its base URL and sends
+    the key as `x-api-key`)."""
+    import anthropic
+
+    return anthropic.Anthropic(
+        base_url=SLUICE_BASE_URL.removesuffix("/v1"),
+        api_key=api_key or SLUICE_API_KEY,
+        max_retries=0,
+        timeout=30,
+    )
+
+
+ANTHROPIC_WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "The current weather in a city.",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+
+
 def scenario(name, **knobs):
     """The `extra_body` that picks a mock scenario; sluice forwards it to the mock."""
     return {"mock": {"scenario": name, **knobs}}

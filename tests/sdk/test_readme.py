@@ -40,3 +40,15 @@ def test_streaming_example_runs():
 def test_responses_example_runs():
     printed = run_block("client.responses.stream")
     assert "built-in demo model" in printed, printed
+
+
+def test_anthropic_example_runs():
+    # The Anthropic SDK takes the server's root as its base URL and adds /v1/messages.
+    code = readme_block("text_stream")
+    assert 'base_url="http://127.0.0.1:8080", api_key="unused"' in code
+    root = os.environ["SLUICE_BASE_URL"].removesuffix("/v1")
+    code = code.replace('"http://127.0.0.1:8080"', f'"{root}"')
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})
+    assert "built-in demo model" in out.getvalue(), out.getvalue()

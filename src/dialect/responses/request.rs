@@ -230,6 +230,7 @@ pub fn to_chat(req: &CreateResponse, history: &[Value]) -> Result<ChatRequest, S
             top_p: req.top_p,
             max_tokens: req.max_output_tokens,
             stop: None,
+            ..GenParams::default()
         },
         extra,
     })
