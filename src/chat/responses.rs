@@ -155,7 +155,7 @@ impl Responses {
             inserted: false,
             store: self.p.store.clone(),
             stop: self.p.stop.clone(),
-            poll_cancel: req.background && self.p.bus.is_shared(),
+            poll_cancel: req.background,
             running: self.running.clone(),
         };
         if req.background {
@@ -263,18 +263,24 @@ impl Responses {
         let stored = self.stored(caller, id).await?;
         let mut body: Value = serde_json::from_str(&stored.body).unwrap_or_else(|_| json!({}));
         let mut status = stored.status.clone();
-        if matches!(status.as_str(), "queued" | "in_progress") && !self.running.contains_key(id) {
-            let lost = match self.channel(id).await {
-                Some(ch) => ch.last_kind() == Some(EventKind::Interrupted),
-                None => false,
+        if matches!(status.as_str(), "queued" | "in_progress") {
+            // The store is written when a response starts and ends; how far it got is the
+            // channel's to say (or, for one running elsewhere, the shared replay log's).
+            let last = match self.p.hub.get(id) {
+                Some(ch) => ch.last_kind(),
+                None => self.p.bus.last_kind(id).await,
             };
-            if lost {
-                status = "failed".into();
-                body["error"] = lost_error();
-                self.p
-                    .store
-                    .finish_response(id, &status, &with_status(&body, &status), now_millis())
-                    .await?;
+            match last {
+                Some(EventKind::Interrupted) => {
+                    status = "failed".into();
+                    body["error"] = lost_error();
+                    self.p
+                        .store
+                        .finish_response(id, &status, &with_status(&body, &status), now_millis())
+                        .await?;
+                }
+                Some(EventKind::Response) => status = "in_progress".into(),
+                _ => {}
             }
         }
         if status == "failed" && body.get("error").is_none_or(Value::is_null) {

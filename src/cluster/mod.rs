@@ -65,6 +65,10 @@ pub trait Bus: Send + Sync {
     /// on another instance than the one running it).
     async fn fetch(&self, generation_id: &str) -> Option<Arc<Channel>>;
 
+    /// The kind of the last event in a generation's shared replay log, without copying the
+    /// generation here; `None` when there is no such log (or no bus).
+    async fn last_kind(&self, generation_id: &str) -> Option<crate::hub::EventKind>;
+
     /// The generations running on every instance; `None` when only this instance's are
     /// known (no bus, or Redis unreachable).
     async fn running(&self) -> Option<Vec<Running>>;
@@ -98,6 +102,10 @@ impl Bus for LocalBus {
     }
 
     async fn fetch(&self, _generation_id: &str) -> Option<Arc<Channel>> {
+        None
+    }
+
+    async fn last_kind(&self, _generation_id: &str) -> Option<crate::hub::EventKind> {
         None
     }
 

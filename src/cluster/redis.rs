@@ -209,6 +209,15 @@ impl Bus for RedisBus {
         self.inner.load(generation_id, None).await
     }
 
+    async fn last_kind(&self, generation_id: &str) -> Option<EventKind> {
+        self.inner
+            .last_entry(generation_id)
+            .await
+            .ok()
+            .flatten()
+            .map(|(_, kind)| kind)
+    }
+
     async fn running(&self) -> Option<Vec<super::Running>> {
         let inner = &self.inner;
         // Every running generation holds a lease in `live`, and its meta names its instance.

@@ -1517,7 +1517,6 @@ impl ResponseStore for PgStore {
             .await?
             .execute(sql::FAIL_UNFINISHED_RESPONSES.pg(), &[&server_id, &now])
             .await
-            .map_err(Into::into)
     }
 }
 

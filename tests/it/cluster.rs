@@ -1209,3 +1209,72 @@ async fn a_background_response_resumes_and_is_cancelled_on_another_instance() {
     ];
     crate::sdk::pytest("test_responses_stored.py", &env).await;
 }
+
+/// A background response whose instance is killed ends, for its reader on another
+/// instance, with `response.failed` right after the last event it got, and reads `failed`.
+#[tokio::test]
+async fn a_background_response_of_a_lost_instance_ends_as_failed() {
+    crate::require!(Postgres, Redis);
+    let mock = mock(MockConfig::default()).await;
+    let c = Cluster::start(2, &mock, &common::need::redis_url()).await;
+    let created: Value = client()
+        .post(format!("{}/v1/responses", c.url(0)))
+        .json(
+            &json!({"model": "mock-model", "input": "Go on", "background": true,
+                      "mock": {"tokens": 2000, "token_ms": 20}}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let resp = client()
+        .get(format!("{}/v1/responses/{id}?stream=true", c.url(1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut events = resp.bytes_stream().eventsource();
+    let mut got: Vec<Ev> = Vec::new();
+    let mut deltas = 0;
+    let mut killed = None;
+    let read = async {
+        while let Some(e) = events.next().await {
+            let e = Ev::from(e.unwrap());
+            deltas += usize::from(e.event == "response.output_text.delta");
+            let end = e.event.starts_with("response.")
+                && ["completed", "failed", "incomplete"]
+                    .iter()
+                    .any(|k| e.event.ends_with(k));
+            got.push(e);
+            if deltas == 5 && killed.is_none() {
+                c.signal(0, "-KILL");
+                killed = Some(Instant::now());
+            }
+            if end {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(SLOW_WAIT, read).await.unwrap();
+    let last = got.last().unwrap();
+    assert_eq!(last.event, "response.failed", "{:?}", &got[got.len() - 3..]);
+    assert_eq!(last.data["response"]["error"]["code"], "server_error");
+    assert!(killed.unwrap().elapsed() < Duration::from_secs(10));
+    let numbers: Vec<u64> = got
+        .iter()
+        .map(|e| e.data["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, (0..got.len() as u64).collect::<Vec<_>>());
+    let stored: Value = client()
+        .get(format!("{}/v1/responses/{id}", c.url(1)))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stored["status"], "failed", "{stored}");
+}

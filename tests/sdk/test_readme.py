@@ -52,3 +52,8 @@ def test_anthropic_example_runs():
     with contextlib.redirect_stdout(out):
         exec(compile(code, "README.md", "exec"), {})
     assert "built-in demo model" in out.getvalue(), out.getvalue()
+
+
+def test_background_resume_example_runs():
+    printed = run_block("starting_after")
+    assert "built-in demo model" in printed, printed
