@@ -43,6 +43,22 @@ where
     }))
 }
 
+/// [`sse_response`] that keeps `hold` (a stream permit) until the stream ends: the stream
+/// holds its place until the client or the upstream ends it.
+pub fn sse_holding<S, T>(st: &AppState, events: S, hold: T) -> Response
+where
+    S: Stream<Item = Bytes> + Send + 'static,
+    T: Send + 'static,
+{
+    sse_response(
+        st,
+        events.map(move |b| {
+            let _ = &hold;
+            b
+        }),
+    )
+}
+
 pub async fn not_found(uri: Uri) -> ApiError {
     ApiError::NotFound(format!("no route for {}", uri.path()))
 }

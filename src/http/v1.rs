@@ -56,14 +56,7 @@ async fn chat_completions(
             st.config.server.ping_interval,
             st.lifecycle.stop_token(),
         );
-        // The stream holds its place until the client or the upstream ends it.
-        super::sse_response(
-            &st,
-            futures::StreamExt::map(events, move |b| {
-                let _ = &permit;
-                b
-            }),
-        )
+        super::sse_holding(&st, events, permit)
     } else {
         let completion = relay.collect().await?;
         drop(permit);

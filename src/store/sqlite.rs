@@ -1258,7 +1258,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&cfg(dir.path())).await.unwrap();
         assert!(store.path().exists());
-        assert_eq!(store.applied_migrations().len(), 3);
+        assert_eq!(store.applied_migrations().len(), 4);
         let mode: String = store
             .read(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?))
             .await

@@ -13,8 +13,8 @@ use common::*;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use sluice::config::{AuthMode, ProviderConfig, ProviderKind, Secret};
-use sluice_mock::{MockConfig, MockServer, full_reply};
+use sluice::config::AuthMode;
+use sluice_mock::{MockConfig, full_reply};
 
 fn url(server: &TestServer) -> String {
     format!("{}/v1/messages", server.url)
@@ -94,21 +94,6 @@ fn joined(evs: &[(String, Value)], kind: &str, field: &str) -> String {
         .filter(|(_, d)| d["delta"]["type"] == kind)
         .map(|(_, d)| d["delta"][field].as_str().unwrap().to_owned())
         .collect()
-}
-
-fn claude_config(mock: &MockServer) -> sluice::config::Config {
-    let mut cfg = config_for(mock);
-    cfg.upstream.providers = vec![ProviderConfig {
-        name: "claude".into(),
-        kind: ProviderKind::Anthropic,
-        base_url: Some(mock.url()),
-        base_urls: vec![],
-        api_key: Some(Secret::new("test-key")),
-        api_key_env: None,
-        models: vec!["claude-*".into()],
-        http2: false,
-    }];
-    cfg
 }
 
 /// Asserts an Anthropic-shaped error with `status` and `kind`, returning its message.
@@ -298,12 +283,7 @@ async fn reasoning_of_an_openai_upstream_streams_as_a_thinking_block() {
 
 #[tokio::test]
 async fn anthropic_thinking_streams_with_its_signature_and_goes_back_signed() {
-    let mock = mock(MockConfig {
-        scenario: Some("thinking".into()),
-        ..Default::default()
-    })
-    .await;
-    let server = TestServer::start(claude_config(&mock)).await;
+    let (mock, server) = claude_server("thinking").await;
     let body = request(
         "claude-test",
         json!({"stream": true, "thinking": {"type": "enabled", "budget_tokens": 5000}}),
@@ -373,12 +353,7 @@ async fn anthropic_thinking_streams_with_its_signature_and_goes_back_signed() {
 
 #[tokio::test]
 async fn anthropic_tool_use_streams_its_blocks_and_takes_tool_results() {
-    let mock = mock(MockConfig {
-        scenario: Some("tool_use".into()),
-        ..Default::default()
-    })
-    .await;
-    let server = TestServer::start(claude_config(&mock)).await;
+    let (mock, server) = claude_server("tool_use").await;
     let tools = json!([{"name": "get_weather", "description": "Weather in a city",
         "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]);
     let body = request("claude-test", json!({"stream": true, "tools": tools}));

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use common::*;
 use sha2::{Digest, Sha256};
-use sluice::config::{ProviderConfig, ProviderKind, Secret};
 use sluice_mock::{MockConfig, MockServer};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -199,29 +198,6 @@ async fn sdk_responses_stored_chained_background_and_resumed() {
     ));
     pytest("test_responses_stored.py", &env).await;
     server.shutdown().await;
-}
-
-/// A sluice in front of a mock playing `scenario` on its Messages API endpoint, served by
-/// sluice's Anthropic provider for `claude-*` models.
-async fn claude_server(scenario: &str) -> (MockServer, TestServer) {
-    let mock = mock(MockConfig {
-        scenario: Some(scenario.into()),
-        ..Default::default()
-    })
-    .await;
-    let mut cfg = config_for(&mock);
-    cfg.upstream.providers = vec![ProviderConfig {
-        name: "claude".into(),
-        kind: ProviderKind::Anthropic,
-        base_url: Some(mock.url()),
-        base_urls: vec![],
-        api_key: Some(Secret::new("test-key")),
-        api_key_env: None,
-        models: vec!["claude-*".into()],
-        http2: false,
-    }];
-    let server = TestServer::start(cfg).await;
-    (mock, server)
 }
 
 #[tokio::test]

@@ -258,7 +258,7 @@ async fn a_database_of_the_first_schema_keeps_its_rows_through_the_reasoning_col
     }
     assert_eq!(
         open_and_report(&db).await,
-        ["V2__reasoning", "V3__running_generation"]
+        ["V2__reasoning", "V3__running_generation", "V4__responses"]
     );
     let store = open(&db).await;
     let m = store.list_messages("s1").await.unwrap().pop().unwrap();
@@ -1740,7 +1740,9 @@ async fn migrate_cli_is_idempotent(backend: Backend) {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let first = text(&out.stdout);
     assert!(
-        first.contains("applied 3 migration(s): V1__init, V2__reasoning, V3__running_generation"),
+        first.contains(
+            "applied 4 migration(s): V1__init, V2__reasoning, V3__running_generation, V4__responses"
+        ),
         "{first}"
     );
     let out = sluice(&db, &["migrate"]).await;

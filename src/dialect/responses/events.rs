@@ -230,6 +230,20 @@ impl ResponseBuilder {
         self.done
     }
 
+    /// Opens an output item: `response.output_item.added`.
+    fn add_item(&mut self, open: Open, out: &mut Vec<ResponseEvent>) {
+        let index = match &open {
+            Open::Text { index, .. } | Open::Call { index, .. } => *index,
+        };
+        let item = item_of(&open, "in_progress");
+        self.open.push(open);
+        self.emit(
+            out,
+            "response.output_item.added",
+            json!({"output_index": index, "item": item}),
+        );
+    }
+
     fn end(&mut self, out: &mut Vec<ResponseEvent>, kind: &'static str) {
         self.done = true;
         let response = self.response();
@@ -277,13 +291,7 @@ impl ResponseBuilder {
                 reasoning,
                 text: String::new(),
             };
-            let item = item_of(&open, "in_progress");
-            self.open.push(open);
-            self.emit(
-                out,
-                "response.output_item.added",
-                json!({"output_index": index, "item": item}),
-            );
+            self.add_item(open, out);
             self.emit(
                 out,
                 "response.content_part.added",
@@ -334,13 +342,7 @@ impl ResponseBuilder {
                 name: function.name.unwrap_or_default(),
                 arguments: String::new(),
             };
-            let item = item_of(&open, "in_progress");
-            self.open.push(open);
-            self.emit(
-                out,
-                "response.output_item.added",
-                json!({"output_index": index, "item": item}),
-            );
+            self.add_item(open, out);
         }
         let Some(fragment) = function.arguments.filter(|a| !a.is_empty()) else {
             return;

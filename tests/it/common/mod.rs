@@ -15,7 +15,7 @@ use std::time::Duration;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::Value;
-use sluice::config::{Config, ProviderConfig};
+use sluice::config::{Config, ProviderConfig, ProviderKind, Secret};
 use sluice_mock::{MockConfig, MockServer, MockStats};
 use tokio_util::sync::CancellationToken;
 
@@ -116,6 +116,35 @@ pub async fn mock(config: MockConfig) -> MockServer {
     sluice_mock::spawn(config)
         .await
         .expect("mock upstream starts")
+}
+
+/// `config_for(mock)` with sluice's Anthropic provider instead, for `claude-*` models, in
+/// front of the mock's Messages API endpoint.
+pub fn claude_config(mock: &MockServer) -> Config {
+    let mut cfg = config_for(mock);
+    cfg.upstream.providers = vec![ProviderConfig {
+        name: "claude".into(),
+        kind: ProviderKind::Anthropic,
+        base_url: Some(mock.url()),
+        base_urls: vec![],
+        api_key: Some(Secret::new("test-key")),
+        api_key_env: None,
+        models: vec!["claude-*".into()],
+        http2: false,
+    }];
+    cfg
+}
+
+/// A sluice in front of a mock playing `scenario` on its Messages API endpoint, through
+/// sluice's Anthropic provider ([`claude_config`]).
+pub async fn claude_server(scenario: &str) -> (MockServer, TestServer) {
+    let mock = mock(MockConfig {
+        scenario: Some(scenario.into()),
+        ..Default::default()
+    })
+    .await;
+    let server = TestServer::start(claude_config(&mock)).await;
+    (mock, server)
 }
 
 pub async fn mock_and_server() -> (MockServer, TestServer) {
