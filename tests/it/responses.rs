@@ -496,3 +496,32 @@ async fn pings_keep_the_stream_alive_before_the_first_token() {
     assert!(raw.contains("event: response.completed\n"));
     server.shutdown().await;
 }
+
+/// An Anthropic model's thinking, through sluice's Anthropic provider, is a `reasoning`
+/// item before the message, its text streamed as `response.reasoning_text.delta`; asking
+/// for `reasoning.effort` turns thinking on upstream.
+#[tokio::test]
+async fn anthropic_thinking_is_a_reasoning_item_before_the_message() {
+    let (mock, server) = claude_server("thinking").await;
+    let body = json!({"model": "claude-test", "stream": true, "input": "17 × 23?",
+                      "reasoning": {"effort": "low"}});
+    let ev = events(post(&url(&server), &body).await).await;
+    let items: Vec<&str> = ev
+        .iter()
+        .filter(|(k, _)| k == "response.output_item.done")
+        .map(|(_, v)| v["item"]["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(items, ["reasoning", "message"]);
+    let thought: String = ev
+        .iter()
+        .filter(|(k, _)| k == "response.reasoning_text.delta")
+        .map(|(_, v)| v["delta"].as_str().unwrap())
+        .collect();
+    assert!(!thought.is_empty());
+    let done = &ev.last().unwrap().1["response"];
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["output"][0]["content"][0]["text"], thought);
+    let sent = get_json(&format!("http://{}/_mock/requests/last", mock.addr)).await;
+    assert_eq!(sent["thinking"]["type"], "enabled", "{sent}");
+    server.shutdown().await;
+}
