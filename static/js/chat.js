@@ -250,9 +250,10 @@ export class Chat {
   }
 
   /**
-   * Merges the stored history with what the feed is showing. A reply the feed is following
-   * keeps its live text until the store has it final; from then on the stored text wins
-   * and late events for it are ignored, so nothing is ever appended twice.
+   * Merges the stored history with what the feed is showing. A reply the feed is following,
+   * or has seen end, keeps what the feed showed until the store has it final too (a history
+   * read answered before the reply ended may arrive after its end); from then on the stored
+   * text wins and late events for it are ignored, so nothing is ever appended twice.
    */
   async loadHistory(c) {
     const { data } = await api(`/api/sessions/${encodeURIComponent(c.id)}/messages`);
@@ -263,7 +264,7 @@ export class Chat {
     for (const hm of data) {
       seen.add(hm.id);
       let m = c.byId.get(hm.id);
-      if (m?.live && !FINAL.has(hm.status)) {
+      if (m && (m.live || FINAL.has(m.status)) && !FINAL.has(hm.status)) {
         next.push(m);
         continue;
       }
@@ -288,6 +289,8 @@ export class Chat {
     c.messages = next;
     c.byId = new Map(next.map((m) => [m.id, m]));
     this.paintAll(c);
+    // For tests and embedders: the page now shows the history it read.
+    document.dispatchEvent(new CustomEvent('sluice:history', { detail: { session: c.id } }));
   }
 
   scheduleHistory(c) {

@@ -77,6 +77,7 @@ macro_rules! scenarios {
 scenarios![
     reply_streams_token_by_token => reply_streams_token_by_token_scene,
     stop_button_and_escape_stop_the_reply => stop_button_and_escape_stop_the_reply_scene,
+    a_late_history_read_does_not_undo_an_ended_reply => a_late_history_read_does_not_undo_an_ended_reply_scene,
     reload_mid_reply_completes_exactly_once => reload_mid_reply_completes_exactly_once_scene,
     network_drop_mid_reply_resumes_without_a_gap => network_drop_mid_reply_resumes_without_a_gap_scene,
     two_windows_show_the_same_reply_live => two_windows_show_the_same_reply_live_scene,
@@ -323,6 +324,86 @@ async fn stop_button_and_escape_stop_the_reply_scene(ctx: Arc<Ctx>) {
         2,
         "both replies stay in the conversation"
     );
+    ctx.finish(server).await;
+}
+
+/// A history read the page made while a reply streamed, answered then but delivered after
+/// the reply ended (a slow network), leaves the ended reply as the feed showed it: before,
+/// the reply went back to the store's empty `streaming` state and stayed there.
+async fn a_late_history_read_does_not_undo_an_ended_reply_scene(ctx: Arc<Ctx>) {
+    let n = 20;
+    let (_mock, server) = env(
+        MockConfig {
+            tokens: n,
+            token_delay: Duration::from_millis(30),
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let key = api_key(&server, "erin", false).await;
+    let session: Value = client()
+        .post(format!("{}/api/sessions", server.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let session = session["id"].as_str().unwrap().to_owned();
+    let c = ctx.browser().await;
+    sign_in(&c, &server.url, &key).await;
+    c.goto(&format!("{}/#/chat/{session}", server.url))
+        .await
+        .unwrap();
+    wait_css(&c, "#input").await;
+    // From here every history read reaches the page 1.5 s after the server answered it.
+    js(
+        &c,
+        "window.__late = 0;
+         window.__histories = 0;
+         // Merges of a history read that came late (or of one after it).
+         document.addEventListener('sluice:history', () => {
+           if (window.__late > 0) window.__histories += 1;
+         });
+         const real = window.fetch;
+         window.fetch = async (url, opts) => {
+           const r = await real(url, opts);
+           if (!String(url).endsWith('/messages') || (opts?.method ?? 'GET') !== 'GET') return r;
+           const body = await r.text();
+           await new Promise((ok) => setTimeout(ok, 1500));
+           window.__late += 1;
+           return new Response(body, { status: r.status, headers: r.headers });
+         };
+         return true;",
+    )
+    .await;
+    // Another client sends the message: the page learns of the reply from its start event
+    // and reads the history then, while the reply streams.
+    let r = client()
+        .post(format!("{}/api/sessions/{session}/messages", server.url))
+        .bearer_auth(&key)
+        .json(&json!({"content": "Hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let full = full_reply(n);
+    wait_js(&c, "the reply complete", LAST_REPLY_JS, |v| {
+        v["status"] == "complete" && v["text"] == full.as_str()
+    })
+    .await;
+    wait_js(
+        &c,
+        "the late history read merged",
+        "return window.__histories;",
+        |v| v.as_u64().is_some_and(|n| n >= 1),
+    )
+    .await;
+    let after = js(&c, LAST_REPLY_JS).await;
+    assert_eq!(after["status"], "complete", "{after}");
+    assert_eq!(after["text"], full.as_str(), "{after}");
     ctx.finish(server).await;
 }
 
