@@ -525,3 +525,43 @@ async fn anthropic_thinking_is_a_reasoning_item_before_the_message() {
     assert_eq!(sent["thinking"]["type"], "enabled", "{sent}");
     server.shutdown().await;
 }
+
+/// The response cache serves both dialects as it serves `/v1/chat/completions`: a second
+/// deterministic request (temperature 0) is answered without an upstream call, with the
+/// same text, and metered as a hit.
+#[tokio::test]
+async fn the_reply_cache_serves_responses_and_messages() {
+    let (mock, server) = mock_and_server().await;
+    let responses = json!({"model": "mock-model", "input": "cache me", "temperature": 0});
+    let messages = json!({"model": "mock-model", "max_tokens": 64, "temperature": 0,
+                          "messages": [{"role": "user", "content": "cache me too"}]});
+    let text = |route: &str, v: &Value| -> String {
+        match route {
+            "responses" => v["output"][0]["content"][0]["text"].as_str().unwrap().into(),
+            _ => v["content"][0]["text"].as_str().unwrap().into(),
+        }
+    };
+    for (route, body) in [("responses", &responses), ("messages", &messages)] {
+        let before = mock.stats().chat_requests;
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let r = client()
+                .post(format!("{}/v1/{route}", server.url))
+                .json(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{route}");
+            seen.push(text(route, &r.json().await.unwrap()));
+        }
+        assert_eq!(mock.stats().chat_requests - before, 1, "{route}: one upstream call");
+        assert_eq!(seen[0], seen[1], "{route}");
+        assert_eq!(seen[0], full_reply(sluice_mock::MockConfig::default().tokens), "{route}");
+    }
+    let metrics = metrics_text(&server.url).await;
+    assert!(
+        metrics.contains("sluice_cache_requests_total{result=\"hit\"} 2"),
+        "{metrics}"
+    );
+    server.shutdown().await;
+}
