@@ -1,8 +1,9 @@
-//! `/v1/responses` as a service: a response runs as a job of its own that feeds its
-//! events to a hub channel, so one path serves a streamed, a whole and a background
-//! response. A stored response is kept in the store; a background one's channel is also
-//! exported to the cluster, so its stream resumes after any event, on any instance, from
-//! the same replay log as a session's generation.
+//! `/v1/responses` as a service: a response runs as a job of its own, so one path serves a
+//! streamed, a whole and a background response. A foreground job hands its events to its
+//! one reader through a bounded queue (a slow reader slows the upstream, as on
+//! `/v1/chat/completions`); a background job publishes them to a hub channel exported to
+//! the cluster, so its stream resumes after any event, on any instance, from the same
+//! replay log as a session's generation. A stored response is kept in the store.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use futures::StreamExt;
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
@@ -17,7 +19,7 @@ use super::completions::{CompletionError, Completions};
 use super::service::{Caller, ChatError};
 use crate::cluster::{Bus, Follow};
 use crate::dialect::responses::{self, CreateResponse, ResponseBuilder, ResponseEvent};
-use crate::hub::{Channel, End, EventKind, Hub, Subscription};
+use crate::hub::{Channel, End, Event, EventKind, Hub, Subscription};
 use crate::store::{Store, StoredResponse, now_millis};
 use crate::upstream::{UpstreamError, Upstreams};
 
@@ -81,9 +83,10 @@ pub enum Answer {
     Object(Value),
 }
 
-/// A response's events from the hub, with what must live as long as the reader.
+/// A response's events, with what must live as long as the reader.
 pub struct ResponseFeed {
-    pub events: Subscription,
+    id: String,
+    events: Events,
     /// A streamed (not background) response is cancelled when its reader goes away.
     _cancel_on_drop: Option<DropGuard>,
     /// Keeps this instance following a response that runs on another one.
@@ -92,9 +95,51 @@ pub struct ResponseFeed {
     pub background: bool,
 }
 
+enum Events {
+    /// A background response's channel, from a sequence number on.
+    Hub(Subscription, Vec<Event>),
+    /// A foreground response's one reader.
+    Queue(mpsc::Receiver<ResponseEvent>),
+}
+
+/// One event of a feed: from the hub (stored by kind, the JSON as the client reads it), or
+/// straight from the job.
+pub enum FeedEvent {
+    Hub(Event),
+    Direct(ResponseEvent),
+}
+
+/// Most events a feed hands out at once.
+const FEED_BATCH: usize = 64;
+
+/// Events a foreground job may run ahead of its reader before it waits for it.
+const QUEUE: usize = 64;
+
 impl ResponseFeed {
     pub fn response_id(&self) -> &str {
-        &self.events.channel().generation_id
+        &self.id
+    }
+
+    /// Waits for the next events and puts them in `out` (cleared first).
+    pub async fn next_batch(&mut self, out: &mut Vec<FeedEvent>) -> Result<(), End> {
+        out.clear();
+        match &mut self.events {
+            Events::Hub(sub, batch) => {
+                sub.next_batch(batch).await?;
+                out.extend(batch.drain(..).map(FeedEvent::Hub));
+            }
+            Events::Queue(rx) => {
+                let first = rx.recv().await.ok_or(End::Finished)?;
+                out.push(FeedEvent::Direct(first));
+                while out.len() < FEED_BATCH {
+                    match rx.try_recv() {
+                        Ok(ev) => out.push(FeedEvent::Direct(ev)),
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -181,7 +226,7 @@ impl Responses {
                     let relay = completions
                         .open(&job.caller.user_id, job.caller.key_id.as_deref(), chat)
                         .await;
-                    job.run(relay, ch).await
+                    job.run(relay, Sink::Hub(ch)).await
                 },
                 span,
             ));
@@ -189,7 +234,8 @@ impl Responses {
             self.p.tasks.spawn(self.p.bus.export(channel.clone()));
             let answer = if req.stream {
                 Answer::Events(ResponseFeed {
-                    events: channel.subscribe(None),
+                    id: id.clone(),
+                    events: Events::Hub(channel.subscribe(None), Vec::new()),
                     _cancel_on_drop: None,
                     _follow: None,
                     background: true,
@@ -210,15 +256,15 @@ impl Responses {
             .open(&caller.user_id, caller.key_id.as_deref(), chat)
             .await?;
         let logs_at_end = relay.own_call;
-        let channel = self.p.hub.detached(&id, &id, &caller.user_id);
-        let events = channel.subscribe(None);
+        let (tx, rx) = mpsc::channel(QUEUE);
         self.running.insert(id.clone(), cancel.clone());
         self.p.tasks.spawn(tracing::Instrument::instrument(
-            job.run(Ok(relay), channel),
+            job.run(Ok(relay), Sink::Queue(tx)),
             tracing::info_span!("response", response_id = %id),
         ));
         let feed = ResponseFeed {
-            events,
+            id,
+            events: Events::Queue(rx),
             _cancel_on_drop: Some(cancel.drop_guard()),
             _follow: None,
             background: false,
@@ -396,7 +442,8 @@ impl Responses {
                 })
             })?;
         Ok(ResponseFeed {
-            events: channel.subscribe(starting_after),
+            id: id.to_owned(),
+            events: Events::Hub(channel.subscribe(starting_after), Vec::new()),
             _cancel_on_drop: None,
             _follow: Some(follow),
             background: true,
@@ -453,8 +500,8 @@ async fn last_response(mut feed: ResponseFeed) -> Result<Value, ResponseError> {
     let mut batch = Vec::new();
     let mut last = None;
     loop {
-        match feed.events.next_batch(&mut batch).await {
-            Ok(()) => last = batch.last().cloned().or(last),
+        match feed.next_batch(&mut batch).await {
+            Ok(()) => last = batch.pop().or(last),
             Err(End::Finished) => break,
             Err(End::Lagged) => {
                 return Err(ResponseError::State(
@@ -463,10 +510,21 @@ async fn last_response(mut feed: ResponseFeed) -> Result<Value, ResponseError> {
             }
         }
     }
-    let event: Value = last
-        .and_then(|e| serde_json::from_slice(&e.data()).ok())
-        .unwrap_or(Value::Null);
+    let data = match last {
+        Some(FeedEvent::Direct(ev)) => ev.data.into_bytes(),
+        Some(FeedEvent::Hub(ev)) => ev.data().to_vec(),
+        None => Vec::new(),
+    };
+    let event: Value = serde_json::from_slice(&data).unwrap_or(Value::Null);
     Ok(event.get("response").cloned().unwrap_or(event))
+}
+
+/// Where a job's events go.
+enum Sink {
+    /// A background response's channel, numbered by the hub as the builder numbered them.
+    Hub(Arc<Channel>),
+    /// A foreground response's reader; a full queue makes the job wait for it.
+    Queue(mpsc::Sender<ResponseEvent>),
 }
 
 /// One response being produced: the relay's chunks through the builder, each event into
@@ -498,13 +556,13 @@ impl Job {
     async fn run(
         mut self,
         relay: Result<super::completions::Completion, CompletionError>,
-        channel: Arc<Channel>,
+        sink: Sink,
     ) {
         let mut out = Vec::new();
         self.builder.begin(&mut out);
-        self.publish(&channel, &mut out);
+        self.publish(&sink, &mut out).await;
         match relay {
-            Ok(completion) => self.relay(completion, &channel, &mut out).await,
+            Ok(completion) => self.relay(completion, &sink, &mut out).await,
             Err(e) => {
                 let (code, message) = failure(&e);
                 self.builder.fail(code, &message, &mut out);
@@ -514,7 +572,7 @@ impl Job {
         // Stored before the last event is published: whoever sees the response end (a
         // cancel waiting for it, a client that retrieves it) finds it settled.
         self.save().await;
-        self.publish(&channel, &mut out);
+        self.publish(&sink, &mut out).await;
     }
 
     async fn save(&mut self) {
@@ -551,7 +609,7 @@ impl Job {
     async fn relay(
         &mut self,
         completion: super::completions::Completion,
-        channel: &Channel,
+        sink: &Sink,
         out: &mut Vec<ResponseEvent>,
     ) {
         let super::completions::Completion {
@@ -600,22 +658,39 @@ impl Job {
                     }
                 },
             }
-            self.publish(channel, out);
+            self.publish(sink, out).await;
         }
     }
 
-    /// Hands the events to the channel; the hub numbers them as the builder did. The
-    /// relay's last events are left in `out` for [`run`](Self::run) to publish.
-    fn publish(&self, channel: &Channel, out: &mut Vec<ResponseEvent>) {
+    /// Hands the events on; the relay's last events are left in `out` for
+    /// [`run`](Self::run) to hand on once the response is stored. A reader that left, or
+    /// one still not reading at shutdown, gets nothing more.
+    async fn publish(&self, sink: &Sink, out: &mut Vec<ResponseEvent>) {
         let last = out.len().saturating_sub(1);
         for (i, ev) in out.drain(..).enumerate() {
-            let kind = if i == last && self.builder.is_final() {
-                EventKind::ResponseEnd
-            } else {
-                EventKind::Response
-            };
-            if channel.publish(kind, ev.data.as_bytes()) != Some(ev.seq) {
-                tracing::error!(response_id = %self.id, seq = ev.seq, "response event out of sequence");
+            match sink {
+                Sink::Hub(channel) => {
+                    let kind = if i == last && self.builder.is_final() {
+                        EventKind::ResponseEnd
+                    } else {
+                        EventKind::Response
+                    };
+                    if channel.publish(kind, ev.data.as_bytes()) != Some(ev.seq) {
+                        tracing::error!(response_id = %self.id, seq = ev.seq, "response event out of sequence");
+                    }
+                }
+                Sink::Queue(tx) => {
+                    // At shutdown only a reader that has stopped reading is given up on.
+                    let sent = tokio::select! {
+                        biased;
+                        sent = tx.send(ev) => sent.is_ok(),
+                        _ = self.stop.cancelled() => false,
+                    };
+                    if !sent {
+                        // Dropping the drain drops the events left.
+                        return;
+                    }
+                }
             }
         }
     }

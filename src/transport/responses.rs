@@ -10,7 +10,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use super::sse::PING;
-use crate::chat::responses::ResponseFeed;
+use crate::chat::responses::{FeedEvent, ResponseFeed};
 use crate::hub::{End, Event, EventKind};
 
 #[derive(Deserialize)]
@@ -19,9 +19,25 @@ struct Typed<'a> {
     kind: Cow<'a, str>,
 }
 
+/// The SSE frame of one event of a response.
+fn frame(e: &FeedEvent, response_id: &str, out: &mut Vec<u8>) {
+    match e {
+        FeedEvent::Direct(ev) => write(ev.kind, ev.data.as_bytes(), out),
+        FeedEvent::Hub(ev) => hub_frame(ev, response_id, out),
+    }
+}
+
+fn write(kind: &str, json: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(kind.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n\n");
+}
+
 /// The SSE frame of one hub event of a response. An `interrupted` event (its instance was
 /// lost) becomes `response.failed` with the same sequence number.
-fn frame(e: &Event, response_id: &str, out: &mut Vec<u8>) {
+fn hub_frame(e: &Event, response_id: &str, out: &mut Vec<u8>) {
     let data = e.data();
     let failed;
     let (kind, json): (Cow<'_, str>, &[u8]) = match e.kind {
@@ -51,11 +67,7 @@ fn frame(e: &Event, response_id: &str, out: &mut Vec<u8>) {
         }
         _ => return,
     };
-    out.extend_from_slice(b"event: ");
-    out.extend_from_slice(kind.as_bytes());
-    out.extend_from_slice(b"\ndata: ");
-    out.extend_from_slice(json);
-    out.extend_from_slice(b"\n\n");
+    write(&kind, json, out);
 }
 
 /// Frames a response's feed. Ends after its last event, or at `leave` (this instance is
@@ -72,16 +84,16 @@ pub fn sse(
         let mut feed = feed;
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut batch: Vec<Event> = Vec::with_capacity(64);
+        let mut batch: Vec<FeedEvent> = Vec::with_capacity(64);
         let left = leave.cancelled();
         tokio::pin!(left);
         loop {
             tokio::select! {
                 biased;
                 _ = &mut left => return,
-                r = feed.events.next_batch(&mut batch) => match r {
+                r = feed.next_batch(&mut batch) => match r {
                     Ok(()) => {
-                        let mut buf = Vec::with_capacity(batch.iter().map(|e| e.sse.len() + 32).sum());
+                        let mut buf = Vec::new();
                         for e in &batch {
                             frame(e, &response_id, &mut buf);
                         }

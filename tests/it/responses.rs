@@ -537,7 +537,10 @@ async fn the_reply_cache_serves_responses_and_messages() {
                           "messages": [{"role": "user", "content": "cache me too"}]});
     let text = |route: &str, v: &Value| -> String {
         match route {
-            "responses" => v["output"][0]["content"][0]["text"].as_str().unwrap().into(),
+            "responses" => v["output"][0]["content"][0]["text"]
+                .as_str()
+                .unwrap()
+                .into(),
             _ => v["content"][0]["text"].as_str().unwrap().into(),
         }
     };
@@ -554,9 +557,17 @@ async fn the_reply_cache_serves_responses_and_messages() {
             assert_eq!(r.status(), 200, "{route}");
             seen.push(text(route, &r.json().await.unwrap()));
         }
-        assert_eq!(mock.stats().chat_requests - before, 1, "{route}: one upstream call");
+        assert_eq!(
+            mock.stats().chat_requests - before,
+            1,
+            "{route}: one upstream call"
+        );
         assert_eq!(seen[0], seen[1], "{route}");
-        assert_eq!(seen[0], full_reply(sluice_mock::MockConfig::default().tokens), "{route}");
+        assert_eq!(
+            seen[0],
+            full_reply(sluice_mock::MockConfig::default().tokens),
+            "{route}"
+        );
     }
     let metrics = metrics_text(&server.url).await;
     assert!(
