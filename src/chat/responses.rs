@@ -19,6 +19,7 @@ use super::completions::{CompletionError, Completions};
 use super::service::{Caller, ChatError};
 use crate::cluster::{Bus, Follow};
 use crate::dialect::responses::{self, CreateResponse, ResponseBuilder, ResponseEvent};
+use crate::domain::ChatRequest;
 use crate::hub::{Channel, End, Event, EventKind, Hub, Subscription};
 use crate::store::{Store, StoredResponse, now_millis};
 use crate::upstream::{UpstreamError, Upstreams};
@@ -143,7 +144,8 @@ impl ResponseFeed {
     }
 }
 
-/// How often a job running in a cluster looks for a cancel asked on another instance.
+/// How often a background job looks for a cancel asked on another instance (or its
+/// response deleted there).
 const CANCEL_POLL: Duration = Duration::from_secs(1);
 
 /// How long a cancel waits for the job to write its last event before answering.
@@ -191,11 +193,11 @@ impl Responses {
             updated_at: now_millis(),
         });
         let cancel = CancellationToken::new();
-        let mut job = Job {
-            id: id.clone(),
+        let job = Job {
+            id,
             caller: caller.clone(),
             builder,
-            cancel: cancel.clone(),
+            cancel,
             record,
             inserted: false,
             store: self.p.store.clone(),
@@ -204,58 +206,82 @@ impl Responses {
             running: self.running.clone(),
         };
         if req.background {
-            // Refused now rather than as a failed response: the model must exist.
-            self.p.upstreams.resolve(&chat.model)?;
-            let queued = job.queued();
-            if let Some(record) = &job.record {
-                let record = StoredResponse {
-                    body: queued.to_string(),
-                    server: Some(self.p.server_id.clone()),
-                    ..record.clone()
-                };
-                self.p.store.insert_response(&record).await?;
-                job.inserted = true;
-            }
-            let channel = self.p.hub.create(&id, &id, &caller.user_id);
-            self.running.insert(id.clone(), cancel);
-            let completions = self.p.completions.clone();
-            let ch = channel.clone();
-            let span = tracing::info_span!("response", response_id = %id);
-            self.p.tasks.spawn(tracing::Instrument::instrument(
-                async move {
-                    let relay = completions
-                        .open(&job.caller.user_id, job.caller.key_id.as_deref(), chat)
-                        .await;
-                    job.run(relay, Sink::Hub(ch)).await
-                },
-                span,
-            ));
-            // Tracked with the job, so shutdown waits until its last event left too.
-            self.p.tasks.spawn(self.p.bus.export(channel.clone()));
-            let answer = if req.stream {
-                Answer::Events(ResponseFeed {
-                    id: id.clone(),
-                    events: Events::Hub(channel.subscribe(None), Vec::new()),
-                    _cancel_on_drop: None,
-                    _follow: None,
-                    background: true,
-                })
-            } else {
-                Answer::Object(queued)
-            };
-            return Ok(Created {
-                answer,
-                logs_at_end: false,
-            });
+            self.background(job, chat, req.stream).await
+        } else {
+            self.foreground(job, chat, req.stream).await
         }
-        // A foreground response opens its upstream call before answering, so a refusal
-        // (unknown model, every provider down) is the request's own HTTP error.
+    }
+
+    /// Stores the response as queued and runs it where no client waits for it; answers the
+    /// queued object, or (`stream`) its events from the start.
+    async fn background(
+        &self,
+        mut job: Job,
+        chat: ChatRequest,
+        stream: bool,
+    ) -> Result<Created, ResponseError> {
+        // Refused now rather than as a failed response: the model must exist.
+        self.p.upstreams.resolve(&chat.model)?;
+        let id = job.id.clone();
+        let queued = job.queued();
+        if let Some(record) = &job.record {
+            let record = StoredResponse {
+                body: queued.to_string(),
+                server: Some(self.p.server_id.clone()),
+                ..record.clone()
+            };
+            self.p.store.insert_response(&record).await?;
+            job.inserted = true;
+        }
+        let channel = self.p.hub.create(&id, &id, &job.caller.user_id);
+        self.running.insert(id.clone(), job.cancel.clone());
+        let completions = self.p.completions.clone();
+        let sink = Sink::Hub(channel.clone());
+        self.p.tasks.spawn(tracing::Instrument::instrument(
+            async move {
+                let relay = completions
+                    .open(&job.caller.user_id, job.caller.key_id.as_deref(), chat)
+                    .await;
+                job.run(relay, sink).await
+            },
+            tracing::info_span!("response", response_id = %id),
+        ));
+        // Tracked with the job, so shutdown waits until its last event left too.
+        self.p.tasks.spawn(self.p.bus.export(channel.clone()));
+        let answer = if stream {
+            Answer::Events(ResponseFeed {
+                id,
+                events: Events::Hub(channel.subscribe(None), Vec::new()),
+                _cancel_on_drop: None,
+                _follow: None,
+                background: true,
+            })
+        } else {
+            Answer::Object(queued)
+        };
+        Ok(Created {
+            answer,
+            logs_at_end: false,
+        })
+    }
+
+    /// Runs the response for the client that asked, which gets its events as they come
+    /// (`stream`) or the whole object; a client that leaves cancels it.
+    async fn foreground(
+        &self,
+        job: Job,
+        chat: ChatRequest,
+        stream: bool,
+    ) -> Result<Created, ResponseError> {
+        // The upstream call opens before the answer, so a refusal (unknown model, every
+        // provider down) is the request's own HTTP error.
         let relay = self
             .p
             .completions
-            .open(&caller.user_id, caller.key_id.as_deref(), chat)
+            .open(&job.caller.user_id, job.caller.key_id.as_deref(), chat)
             .await?;
         let logs_at_end = relay.own_call;
+        let (id, cancel) = (job.id.clone(), job.cancel.clone());
         let (tx, rx) = mpsc::channel(QUEUE);
         self.running.insert(id.clone(), cancel.clone());
         self.p.tasks.spawn(tracing::Instrument::instrument(
@@ -269,7 +295,7 @@ impl Responses {
             _follow: None,
             background: false,
         };
-        let answer = if req.stream {
+        let answer = if stream {
             Answer::Events(feed)
         } else {
             Answer::Object(last_response(feed).await?)
