@@ -7,22 +7,12 @@ import json
 import openai
 import pytest
 
-from helpers import MODEL, direct, last_request, scenario, sluice
+from helpers import MODEL, WEATHER_TOOL, direct, last_request, scenario, sluice
 
 QUESTION = "What is the weather in Paris and in Tokyo?"
 
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The current weather in a city.",
-    "strict": True,
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-        "additionalProperties": False,
-    },
-}
+# The same tool as the chat tests', in the Responses API's flat shape.
+WEATHER = {"type": "function", **WEATHER_TOOL["function"]}
 
 
 def direct_text(prompt, **extra_body):
