@@ -113,6 +113,9 @@ async fn the_default_provider_limit_lets_a_thousand_streams_through_at_once() {
     // Slow first tokens on a loaded machine are not what this test is about: only a 503
     // from a full limit is.
     cfg.upstream.timeouts.first_token = Duration::from_secs(60);
+    // Nor a gap between tokens while a loaded machine stalls this process: an idle
+    // timeout would end streams already open before the count below.
+    cfg.upstream.timeouts.idle = Duration::from_secs(60);
     // Nor is the circuit: a few connects to the mock that a loaded machine drops must not
     // turn the rest away as `circuit_open`.
     cfg.upstream.breaker_failures = u32::MAX;
@@ -122,7 +125,13 @@ async fn the_default_provider_limit_lets_a_thousand_streams_through_at_once() {
         let r = post(&server.chat_url(), &slow_endless).await;
         assert_eq!(r.status(), 200);
         let mut s = r.bytes_stream().eventsource();
-        s.next().await.unwrap().unwrap();
+        let first = s.next().await.unwrap().unwrap();
+        // A chunk of the mock's reply, not an error event standing in for one.
+        assert!(
+            first.data.contains("chat.completion.chunk"),
+            "{}",
+            first.data
+        );
         s
     });
     // At most 200 connects in flight: the point is a thousand open streams, not a thousand

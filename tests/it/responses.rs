@@ -8,6 +8,7 @@ use crate::common;
 
 use std::time::Duration;
 
+use common::env::TestEnv;
 use common::*;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
@@ -575,4 +576,49 @@ async fn the_reply_cache_serves_responses_and_messages() {
         "{metrics}"
     );
     server.shutdown().await;
+}
+
+/// A background response streamed again from a point its replay log no longer holds gets
+/// the API's `error` event (code `lagged`) instead of a stream with a hole; from a point it
+/// holds, exactly the rest.
+#[tokio::test]
+async fn resuming_before_what_the_log_holds_is_an_error_event() {
+    let e = TestEnv::builder()
+        .config(|c| c.chat.replay_max_events = 16)
+        .start()
+        .await;
+    let body = json!({"model": "mock-model", "input": "hi", "background": true,
+                      "stream": true, "mock": {"tokens": 40}});
+    let all = events(post(&url(&e.server), &body).await).await;
+    assert_eq!(all.last().unwrap().0, "response.completed");
+    let id = all[0].1["response"]["id"].as_str().unwrap().to_owned();
+    let again = |after: Option<usize>| {
+        let q = after.map_or(String::new(), |n| format!("&starting_after={n}"));
+        client()
+            .get(format!("{}/{id}?stream=true{q}", url(&e.server)))
+            .send()
+    };
+    let resp = again(None).await.unwrap();
+    let mut stream = resp.bytes_stream().eventsource();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.event, "error");
+    let err: Value = serde_json::from_str(&first.data).unwrap();
+    assert_eq!(err["type"], "error");
+    assert_eq!(err["code"], "lagged");
+    assert!(err["message"].as_str().unwrap().contains("starting_after"));
+    assert!(
+        stream.next().await.is_none(),
+        "the stream ends after the error"
+    );
+
+    let from = all.len() - 6;
+    let resp = again(Some(from)).await.unwrap();
+    let mut stream = resp.bytes_stream().eventsource();
+    let mut rest = Vec::new();
+    while let Some(ev) = tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
+        let ev = ev.unwrap();
+        rest.push((ev.event, serde_json::from_str::<Value>(&ev.data).unwrap()));
+    }
+    assert_eq!(rest, all[from + 1..].to_vec());
+    e.server.shutdown().await;
 }
