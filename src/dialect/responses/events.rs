@@ -113,13 +113,6 @@ impl ResponseBuilder {
         }
     }
 
-    /// `response.queued`, for a response that waits before it runs (status `queued`).
-    pub fn queued(&mut self, out: &mut Vec<ResponseEvent>) {
-        self.response.insert("status".into(), "queued".into());
-        let response = self.response();
-        self.emit(out, "response.queued", json!({"response": response}));
-    }
-
     /// `response.created` then `response.in_progress` (status in_progress).
     pub fn begin(&mut self, out: &mut Vec<ResponseEvent>) {
         self.response.insert("status".into(), "in_progress".into());

@@ -225,13 +225,10 @@ fn a_length_finish_is_incomplete_and_a_failure_is_failed() {
 fn cancel_ends_with_status_cancelled() {
     let mut b = builder(json!({"model": "m", "input": "hi", "background": true}));
     let mut out = Vec::new();
-    b.queued(&mut out);
     b.begin(&mut out);
     b.push(&ChunkEncoder::new("c", 1, "m").content("a"), &mut out);
     b.cancel(&mut out);
     let ev = parsed(&out);
-    assert_eq!(ev[0].0, "response.queued");
-    assert_eq!(ev[0].1["response"]["status"], "queued");
     let (kind, last) = ev.last().unwrap();
     assert_eq!(*kind, "response.incomplete");
     assert_eq!(last["response"]["status"], "cancelled");
